@@ -1,0 +1,1 @@
+"""Control-plane Celery side: routing, signing, publishing, reaper and scheduler (built in a later issue)."""

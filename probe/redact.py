@@ -1,0 +1,48 @@
+"""Replace secret values with ``***`` in everything the engine returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "***"
+MIN_PREFIX = 3  # a cut-off secret at the end of truncated output is masked from this many characters on
+
+
+class Redactor:
+    """Masks every occurrence of the given secret values, longest first, in strings and nested values."""
+
+    def __init__(self, secrets: Iterable[object] = ()) -> None:
+        values = {str(s) for s in secrets if s is not None and str(s) != ""}
+        self.values = sorted(values, key=len, reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+    def text(self, text: str) -> str:
+        """Return ``text`` with every secret masked."""
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+    def cut_text(self, text: str) -> str:
+        """Like ``text``, and also mask a secret's beginning left at the very end of cut-off output."""
+        text = self.text(text)
+        for value in self.values:
+            for size in range(min(len(value) - 1, len(text)), MIN_PREFIX - 1, -1):
+                if text.endswith(value[:size]):
+                    return text[:-size] + MASK
+        return text
+
+    def value(self, value: Any) -> Any:
+        """Return ``value`` with every string inside it masked (mappings and lists are copied)."""
+        if not self.values:
+            return value
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.value(k): self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.value(v) for v in value]
+        return value

@@ -1,0 +1,106 @@
+"""What a run returns: a TaskResult per task and a WorkflowResult, both serializable to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """A task's or a workflow's outcome."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ERROR = "error"
+    TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+DEFAULT_OUTPUT_LIMIT = 64 * 1024
+TRUNCATION_MARKER = "\n[... output truncated: {dropped} more bytes not shown ...]"
+
+
+def utcnow() -> str:
+    """Return the current time as an ISO 8601 UTC string with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def truncate(text: str, limit: int = DEFAULT_OUTPUT_LIMIT, dropped: int = 0) -> str:
+    """Return ``text`` cut to ``limit`` bytes of UTF-8, with a visible marker when anything was dropped.
+
+    ``dropped`` counts bytes the caller already discarded before ``text`` reached it.
+    """
+    data = text.encode("utf-8", "replace")
+    if len(data) > limit:
+        dropped += len(data) - limit
+        text = data[:limit].decode("utf-8", "ignore")
+    if dropped:
+        text += TRUNCATION_MARKER.format(dropped=dropped)
+    return text
+
+
+@dataclass
+class TaskResult:
+    """The result of one task of a workflow."""
+
+    name: str
+    type: str
+    status: Status
+    output: str = ""
+    error: str | None = None
+    metrics: dict[str, object] = field(default_factory=dict)
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+
+    @property
+    def success(self) -> bool:
+        """True when the task succeeded."""
+        return self.status is Status.SUCCEEDED
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the result as a JSON-ready mapping."""
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["success"] = self.success
+        return data
+
+
+@dataclass
+class WorkflowResult:
+    """The result of a whole workflow run: its status and every task's result in declared order."""
+
+    name: str
+    status: Status
+    tasks: list[TaskResult]
+    started_at: str
+    duration_ms: int
+    error: str | None = None
+
+    @property
+    def success(self) -> bool:
+        """True when the workflow succeeded."""
+        return self.status is Status.SUCCEEDED
+
+    def task(self, name: str) -> TaskResult:
+        """Return the result of the task called ``name``."""
+        return next(t for t in self.tasks if t.name == name)
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the result as a JSON-ready mapping."""
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "success": self.success,
+            "error": self.error,
+            "started_at": self.started_at,
+            "duration_ms": self.duration_ms,
+            "tasks": [t.to_dict() for t in self.tasks],
+        }
+
+    def to_json(self, **kwargs: object) -> str:
+        """Return the result as a JSON document."""
+        return json.dumps(self.to_dict(), **kwargs)  # type: ignore[arg-type]

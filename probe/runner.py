@@ -1,0 +1,294 @@
+"""Run a validated workflow: tasks in order, each on a supervised thread that timeouts and cancels can stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from probe.errors import TaskError, TaskStopped, WorkflowError
+from probe.redact import Redactor
+from probe.results import DEFAULT_OUTPUT_LIMIT, Status, TaskResult, WorkflowResult, truncate, utcnow
+from probe.tasktype import Outcome, TaskContext
+from probe.templates import Scope, TemplateError
+from probe.workflow import TaskSpec, Workflow
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+ABORT_GRACE = 2.0  # seconds a stopped task gets to return before it is abandoned
+CANCEL_POLL = 0.05
+FAILING = (Status.FAILED, Status.ERROR, Status.TIMED_OUT)
+
+
+def run_workflow(
+    workflow: Workflow,
+    *,
+    variables: Mapping[str, Any] | None = None,
+    secrets: Mapping[str, Any] | None = None,
+    cancel: threading.Event | None = None,
+    on_event: EventCallback | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    output_limit: int = DEFAULT_OUTPUT_LIMIT,
+) -> WorkflowResult:
+    """Run every task of ``workflow`` in order and return the result.
+
+    Parameters:
+        workflow: a workflow from ``load_workflow``.
+        variables: values given at run time; they win over the workflow's variables and the environment.
+        secrets: values for ``{{.secrets.NAME}}``; each is replaced by ``***`` in everything returned.
+        cancel: set it (from any thread) to stop the running task and cancel the rest.
+        on_event: called with a JSON-ready event when the workflow and each task starts and finishes,
+            and for each log line a task writes.
+        env: the environment placeholders may read (default: the process environment).
+        timeout: a limit for the whole run, shorter than the workflow's own.
+        output_limit: bytes of output kept per task (default 64 KiB).
+
+    Raises:
+        WorkflowError: a placeholder names a variable or secret that has no value (nothing has run).
+    """
+    env = os.environ if env is None else env
+    secrets = {k: str(v) for k, v in (secrets or {}).items()}
+    problems = workflow.missing_values(variables, secrets, env)
+    if problems:
+        raise WorkflowError(problems, workflow.source)
+    run = _Run(workflow, variables or {}, secrets, env, cancel, on_event, timeout, output_limit)
+    return run.execute()
+
+
+class _Run:
+    """The state of one workflow run."""
+
+    def __init__(
+        self,
+        workflow: Workflow,
+        variables: Mapping[str, Any],
+        secrets: dict[str, str],
+        env: Mapping[str, str],
+        cancel: threading.Event | None,
+        on_event: EventCallback | None,
+        timeout: float | None,
+        output_limit: int,
+    ) -> None:
+        self.workflow = workflow
+        self.cancel = cancel
+        self.on_event = on_event
+        self.output_limit = output_limit
+        self.redactor = Redactor(secrets.values())
+        self.results: dict[str, dict[str, Any]] = {}
+        outside = Scope({**env, **variables}, secrets)
+        values = {**env, **{k: outside.render(v) for k, v in workflow.variables.items()}, **variables}
+        self.scope = Scope(values, secrets, self.results)
+        limit = workflow.timeout if timeout is None else min(timeout, workflow.timeout)
+        self.started = time.monotonic()
+        self.deadline = self.started + limit
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Send one event to the callback; a failing callback is logged and never stops the run."""
+        if self.on_event is None:
+            return
+        payload = {"event": event, "workflow": self.workflow.name, "ts": utcnow(), **fields}
+        try:
+            self.on_event(payload)
+        except Exception:
+            log.exception("on_event callback failed for %s", event)
+
+    def execute(self) -> WorkflowResult:
+        started_at = utcnow()
+        self.emit("workflow_started", tasks=[t.name for t in self.workflow.tasks])
+        results: list[TaskResult] = []
+        status = Status.SUCCEEDED
+        error: str | None = None
+        for spec in self.workflow.tasks:
+            if status is not Status.SUCCEEDED:
+                left = Status.CANCELLED if status is Status.CANCELLED else Status.SKIPPED
+                results.append(TaskResult(spec.name, spec.type, left))
+                continue
+            result = self.run_task(spec)
+            results.append(result)
+            self.results[spec.name] = result.to_dict()
+            if result.status is Status.CANCELLED:
+                status, error = Status.CANCELLED, "the run was cancelled"
+            elif time.monotonic() >= self.deadline and result.status is Status.TIMED_OUT:
+                status, error = Status.TIMED_OUT, f"the workflow timed out during task '{spec.name}'"
+            elif result.status in FAILING and not spec.continue_on_error:
+                status, error = Status.FAILED, f"task '{spec.name}' {result.status.value}"
+        duration_ms = int((time.monotonic() - self.started) * 1000)
+        outcome = WorkflowResult(self.workflow.name, status, results, started_at, duration_ms, error)
+        self.emit("workflow_finished", status=status.value, error=error, duration_ms=duration_ms)
+        return outcome
+
+    def run_task(self, spec: TaskSpec) -> TaskResult:
+        """Run one task with its retries and return its (redacted) result."""
+        started_at, start = utcnow(), time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            self.emit("task_started", task=spec.name, type=spec.type, index=spec.index, attempt=attempts)
+            outcome, status = self.attempt(spec)
+            retry = status in FAILING and attempts <= spec.retries and not self._cancelled()
+            if retry and status is Status.TIMED_OUT and time.monotonic() >= self.deadline:
+                retry = False
+            if not retry:
+                break
+            self.emit(
+                "task_retrying",
+                task=spec.name,
+                index=spec.index,
+                attempt=attempts,
+                status=status.value,
+                error=self.redactor.text(outcome.error or ""),
+            )
+            if not self._sleep(spec.retry_delay):
+                status, outcome = Status.CANCELLED, Outcome(False, outcome.output, "cancelled while waiting to retry")
+                break
+        metrics = dict(self.redactor.value(outcome.metrics))
+        metrics["duration_ms"] = int((time.monotonic() - start) * 1000)
+        output = outcome.output
+        dropped = outcome.truncated_bytes
+        output = self.redactor.cut_text(output) if dropped else self.redactor.text(output)
+        result = TaskResult(
+            name=spec.name,
+            type=spec.type,
+            status=status,
+            output=truncate(output, self.output_limit, dropped),
+            error=self.redactor.text(outcome.error) if outcome.error else None,
+            metrics=metrics,
+            started_at=started_at,
+            finished_at=utcnow(),
+            attempts=attempts,
+        )
+        self.emit(
+            "task_finished",
+            task=spec.name,
+            type=spec.type,
+            index=spec.index,
+            status=status.value,
+            result=result.to_dict(),
+        )
+        return result
+
+    def _cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait before a retry; False when the run was cancelled meanwhile."""
+        end = min(time.monotonic() + seconds, self.deadline)
+        while (left := end - time.monotonic()) > 0:
+            if self.cancel is not None:
+                if self.cancel.wait(min(left, CANCEL_POLL * 4)):
+                    return False
+            else:
+                time.sleep(left)
+        return not self._cancelled()
+
+    def attempt(self, spec: TaskSpec) -> tuple[Outcome, Status]:
+        """Render the task's options, run it once under supervision, and classify the outcome."""
+        if self._cancelled():
+            return Outcome(False, error="cancelled before it started"), Status.CANCELLED
+        task_type = spec.task_type()
+        try:
+            config = self.prepare(spec, task_type.options)
+        except (TemplateError, ValueError) as exc:
+            return Outcome(False, error=str(exc)), Status.ERROR
+        instance = task_type()
+        problems = instance.check(config)
+        if problems:
+            return Outcome(False, error="; ".join(problems)), Status.ERROR
+        now = time.monotonic()
+        deadline = self.deadline
+        if spec.timeout is not None:
+            deadline = min(deadline, now + spec.timeout)
+        if isinstance(config.get("timeout"), (int, float)) and "timeout" in task_type.options:
+            deadline = min(deadline, now + float(config["timeout"]))
+        ctx = TaskContext(
+            task=spec.name,
+            deadline=deadline,
+            output_limit=self.output_limit,
+            emit_log=lambda level, message: self.emit(
+                "task_log", task=spec.name, level=level, message=self.redactor.text(message)
+            ),
+        )
+        return self.supervise(spec, instance.run, config, ctx)
+
+    def prepare(self, spec: TaskSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Return the task's options rendered, converted to their kinds, with defaults filled in."""
+        config: dict[str, Any] = {}
+        for key, option in options.items():
+            raw = spec.config.get(key)
+            if raw is None:
+                if option.default is not None:
+                    config[key] = option.default
+                continue
+            value = self.scope.render(raw)
+            try:
+                config[key] = option.coerce(value)
+            except ValueError as exc:
+                raise ValueError(f"option '{key}': {exc}") from None
+        return config
+
+    def supervise(
+        self,
+        spec: TaskSpec,
+        work: Callable[[dict[str, Any], TaskContext], Outcome],
+        config: dict[str, Any],
+        ctx: TaskContext,
+    ) -> tuple[Outcome, Status]:
+        """Run ``work`` on its own thread; stop it at its deadline or on cancel; classify what happened."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                box["outcome"] = work(config, ctx)
+            except BaseException as exc:  # reported as the task's error, never lost
+                box["error"] = exc
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=target, name=f"probe-task-{spec.name}", daemon=True)
+        thread.start()
+        while True:
+            left = ctx.deadline - time.monotonic()
+            if left <= 0:
+                ctx.abort("timed_out")
+                break
+            wait = min(left, CANCEL_POLL) if self.cancel is not None else left
+            if done.wait(wait):
+                break
+            if self._cancelled():
+                ctx.abort("cancelled")
+                break
+        abandoned = not done.wait(ABORT_GRACE) if ctx.stop.is_set() else False
+        return self.classify(spec, box, ctx, abandoned)
+
+    def classify(
+        self, spec: TaskSpec, box: dict[str, Any], ctx: TaskContext, abandoned: bool
+    ) -> tuple[Outcome, Status]:
+        outcome = box.get("outcome")
+        error = box.get("error")
+        partial = Outcome(False)
+        if isinstance(error, TaskError):
+            partial = Outcome(False, error.output, error.message, error.metrics)
+        if ctx.stop_reason is not None:
+            late = f"; the task did not stop within {ABORT_GRACE:.0f}s and was abandoned" if abandoned else ""
+            base = outcome if isinstance(outcome, Outcome) else partial
+            if ctx.stop_reason == "cancelled":
+                stopped = Outcome(False, base.output, f"cancelled{late}", base.metrics, base.truncated_bytes)
+                return stopped, Status.CANCELLED
+            which = "the workflow's timeout" if ctx.deadline >= self.deadline else "its timeout"
+            stopped = Outcome(False, base.output, f"timed out ({which}){late}", base.metrics, base.truncated_bytes)
+            return stopped, Status.TIMED_OUT
+        if isinstance(outcome, Outcome):
+            return outcome, Status.SUCCEEDED if outcome.ok else Status.FAILED
+        if isinstance(error, TaskError):
+            return partial, Status.ERROR
+        if isinstance(error, TaskStopped):
+            return Outcome(False, error="stopped"), Status.ERROR
+        log.error("task %s (%s) raised", spec.name, spec.type, exc_info=error)
+        return Outcome(False, error=f"internal error in task type '{spec.type}': {error!r}"), Status.ERROR

@@ -1,0 +1,7 @@
+"""The built-in task types, one module each; importing this package registers them."""
+
+from __future__ import annotations
+
+from probe.tasks import command, powershell
+
+__all__ = ["command", "powershell"]

@@ -1,0 +1,303 @@
+"""The task-type contract: options, the context a task runs in, its outcome, and the registry of types.
+
+A task type is a class with a ``name``, declared ``options`` and a ``run`` method, registered with
+``@register``. Built-in types live one module each under ``probe/tasks/``; other packages add theirs through
+the entry-point group ``probe.tasks`` (each entry point names a TaskType subclass).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from probe.durations import parse_duration
+from probe.errors import DuplicateTaskType, TaskStopped, UnknownTaskType
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "probe.tasks"
+ALL_PLATFORMS = frozenset({"linux", "darwin", "windows"})
+
+# Option kinds, as `probe tasks` shows them.
+KINDS = ("string", "integer", "number", "boolean", "duration", "list", "mapping", "any")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a task type accepts in its ``config``.
+
+    ``kind`` is one of KINDS, or several joined with ``|`` (``"string|list"``); ``items`` is the kind of a
+    list's items; ``choices`` limits the values.
+    """
+
+    kind: str = "string"
+    required: bool = False
+    default: Any = None
+    help: str = ""
+    items: str | None = None
+    choices: tuple[Any, ...] = ()
+
+    def coerce(self, value: Any) -> Any:
+        """Return ``value`` converted to this option's kind.
+
+        Raises:
+            ValueError: the value is not of this kind; the message says what was expected.
+        """
+        errors = []
+        for kind in self.kind.split("|"):
+            try:
+                result = _coerce(kind, value)
+                if kind == "list" and self.items:
+                    result = [_coerce(self.items, item) for item in result]
+            except ValueError as exc:
+                errors.append(str(exc))
+                continue
+            if self.choices and result not in self.choices:
+                raise ValueError(f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            return result
+        if len(errors) == 1:
+            raise ValueError(errors[0])
+        raise ValueError(f"expected {' or '.join(self.kind.split('|'))}, got {_kind_of(value)}")
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return "null" if value is None else type(value).__name__
+
+
+def _coerce(kind: str, value: Any) -> Any:
+    """Convert one value to one kind; strings that came from templates convert to numbers and booleans."""
+    if kind == "any":
+        return value
+    if kind == "string":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind == "integer":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind == "number":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+    elif kind == "duration":
+        return parse_duration(value)
+    elif kind == "list":
+        if isinstance(value, list):
+            return value
+    elif kind == "mapping":
+        if isinstance(value, dict):
+            return value
+    else:
+        raise ValueError(f"unknown option kind {kind!r}")
+    raise ValueError(f"expected {kind}, got {_kind_of(value)}")
+
+
+@dataclass
+class Outcome:
+    """What a task's ``run`` returns: whether it succeeded, its output, an error message and its metrics.
+
+    ``ok=False`` means the work ran and its check failed (a non-zero exit, an unexpected status code);
+    the task's status is then ``failed``. Work that could not be done at all raises TaskError instead.
+    """
+
+    ok: bool
+    output: str = ""
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    truncated_bytes: int = 0  # output the task read but did not keep; the engine shows a marker
+
+
+class TaskContext:
+    """What a running task may ask of the engine: its deadline, whether to stop, a way to be stopped, a log.
+
+    The engine calls every callback given to ``on_abort`` when the task times out or is cancelled, from
+    another thread; a task registers there whatever really stops its work (kill a process group, close a
+    socket or an SSH channel, interrupt a query).
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        deadline: float,
+        output_limit: int,
+        emit_log: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.output_limit = output_limit
+        self.stop = threading.Event()
+        self.stop_reason: str | None = None
+        self._aborts: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._emit_log = emit_log
+
+    def remaining(self) -> float:
+        """Seconds left before the task's deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def on_abort(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Register ``callback`` to stop the work; returns a function that unregisters it.
+
+        When the task is already stopping, the callback runs at once.
+        """
+        with self._lock:
+            if not self.stop.is_set():
+                self._aborts.append(callback)
+                return lambda: self._discard(callback)
+        _call_quietly(callback)
+        return lambda: None
+
+    def _discard(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._aborts:
+                self._aborts.remove(callback)
+
+    def abort(self, reason: str) -> None:
+        """Stop the task: record why (``timed_out`` or ``cancelled``) and run every abort callback once."""
+        with self._lock:
+            if self.stop.is_set():
+                return
+            self.stop_reason = reason
+            self.stop.set()
+            callbacks, self._aborts = self._aborts, []
+        for callback in callbacks:
+            _call_quietly(callback)
+
+    def check(self) -> None:
+        """Raise TaskStopped when the task must stop."""
+        if self.stop.is_set():
+            raise TaskStopped(self.stop_reason or "stopped")
+
+    def log(self, message: str, level: str = "info") -> None:
+        """Emit a log line of the workflow (the platform streams and stores these)."""
+        if self._emit_log is not None:
+            self._emit_log(level, message)
+
+
+def _call_quietly(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # an abort that fails must not stop the others
+        log.debug("abort callback %r failed", callback, exc_info=True)
+
+
+class TaskType:
+    """Base class of task types.
+
+    Subclasses set ``name``, ``summary`` and ``options``, may set ``platforms`` and override ``check``,
+    and implement ``run``.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Option]] = {}
+    platforms: ClassVar[frozenset[str]] = ALL_PLATFORMS
+
+    def check(self, config: Mapping[str, Any]) -> list[str]:
+        """Return problems with how options combine (each a message); values are already of their kinds.
+
+        Called at load time with the options whose values hold no template, and again before the task runs
+        with every option rendered.
+        """
+        return []
+
+    def run(self, config: dict[str, Any], ctx: TaskContext) -> Outcome:
+        """Do the task's work.
+
+        Parameters:
+            config: the task's options, rendered and converted to their kinds, defaults filled in.
+            ctx: the deadline, the stop flag and abort registration, and the workflow log.
+
+        Returns:
+            An Outcome; ``ok=False`` marks the task ``failed``.
+
+        Raises:
+            TaskError: the work could not be done; the task's status is ``error``.
+            TaskStopped: the work stopped because ``ctx.stop`` was set.
+        """
+        raise NotImplementedError
+
+
+class Registry(dict[str, type[TaskType]]):
+    """Task types by name; a missing name raises UnknownTaskType with a "did you mean" suggestion."""
+
+    def __missing__(self, name: str) -> type[TaskType]:
+        close = difflib.get_close_matches(name, list(self), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known types: {', '.join(sorted(self))}"
+        raise UnknownTaskType(f"unknown task type '{name}'{hint}")
+
+    def add(self, cls: type[TaskType]) -> type[TaskType]:
+        """Register ``cls`` under its name; a second type of the same name is an error."""
+        if not getattr(cls, "name", None):
+            raise DuplicateTaskType(f"task type {cls.__qualname__} has no name")
+        existing = self.get(cls.name)
+        if existing is not None and existing is not cls:
+            raise DuplicateTaskType(
+                f"task type '{cls.name}' is registered twice: {existing.__module__} and {cls.__module__}"
+            )
+        self[cls.name] = cls
+        return cls
+
+
+registry = Registry()
+_plugins_loaded = False
+
+
+def register(cls: type[TaskType]) -> type[TaskType]:
+    """Class decorator that registers a task type under its ``name``."""
+    return registry.add(cls)
+
+
+def load_plugins() -> None:
+    """Import the built-in task types and those of the ``probe.tasks`` entry-point group, once."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import probe.tasks  # noqa: F401  (registers the built-ins)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception:
+            log.warning("task type plugin %s (%s) could not be loaded", ep.name, ep.value, exc_info=True)
+            continue
+        if isinstance(cls, type) and issubclass(cls, TaskType) and registry.get(cls.name) is not cls:
+            registry.add(cls)
+
+
+def get_task_type(name: str) -> type[TaskType]:
+    """Return the task type called ``name``; raises UnknownTaskType with a suggestion when there is none."""
+    load_plugins()
+    return registry[name]

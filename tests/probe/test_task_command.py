@@ -1,0 +1,143 @@
+"""The command and powershell task types against real processes."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+
+import probe
+from probe.tasks import powershell
+from probe.tasks.command import SHELL_WITH_ARGS
+
+PY = sys.executable
+
+
+def test_arguments_are_passed_without_a_shell(run_yaml):
+    result = run_yaml(
+        f"""\
+        name: no-shell
+        tasks:
+          - name: argv
+            type: command
+            config:
+              command: {PY}
+              args: ["-c", "import sys; print(sys.argv[1:])", "$HOME", "a b", "; rm -rf /", "*"]
+        """
+    )
+    assert result.tasks[0].output == "['$HOME', 'a b', '; rm -rf /', '*']\n"
+
+
+def test_a_list_command_is_the_whole_argv(run_yaml):
+    result = run_yaml(
+        f"name: l\ntasks:\n  - {{name: a, type: command, config: {{command: ['{PY}', '-c', 'print(7)']}}}}\n"
+    )
+    assert result.tasks[0].output == "7\n"
+
+
+def test_shell_true_runs_one_command_line(run_yaml):
+    result = run_yaml(
+        "name: sh\ntasks:\n  - {name: a, type: command, config: {command: 'echo $((6 * 7)) | tr 4 x', shell: true}}\n"
+    )
+    assert result.tasks[0].output == "x2\n"
+
+
+def test_env_and_cwd_are_applied(run_yaml, tmp_path):
+    result = run_yaml(
+        f"""\
+        name: env
+        tasks:
+          - name: a
+            type: command
+            config:
+              command: {PY}
+              args: ["-c", "import os; print(os.environ['GREETING'], os.getcwd())"]
+              env: {{GREETING: hello}}
+              cwd: {tmp_path}
+        """
+    )
+    assert result.tasks[0].output == f"hello {tmp_path}\n"
+    assert "GREETING" not in os.environ
+
+
+def test_expected_exit_codes_decide_success(run_yaml):
+    result = run_yaml(
+        """\
+        name: codes
+        tasks:
+          - {name: three, type: command, config: {command: sh, args: ["-c", "exit 3"], expected_exit_codes: [0, 3]}}
+          - {name: zero, type: command, config: {command: "true", expected_exit_codes: [1]}}
+        """
+    )
+    assert result.tasks[0].status is probe.Status.SUCCEEDED
+    assert result.tasks[0].metrics["exit_code"] == 3
+    assert result.tasks[1].status is probe.Status.FAILED
+    assert result.tasks[1].error == "exit code 0 (expected 1)"
+
+
+def test_stdout_and_stderr_are_read_concurrently_without_deadlock(run_yaml):
+    script = "import sys\nfor _ in range(2000):\n    sys.stderr.write('e' * 100)\n    sys.stdout.write('o' * 100)\n"
+    result = run_yaml(
+        f"name: big\ntasks:\n  - name: a\n    type: command\n    timeout: 10s\n"
+        f"    config: {{command: {PY}, args: ['-c', {script!r}]}}\n"
+    )
+    assert result.tasks[0].status is probe.Status.SUCCEEDED
+    assert result.tasks[0].output.count("o") >= 64 * 1024 - 10
+
+
+def test_stderr_is_in_the_error_of_a_failed_command(run_yaml):
+    result = run_yaml(
+        "name: e\ntasks:\n  - name: a\n    type: command\n"
+        "    config: {command: sh, args: ['-c', 'echo broken >&2; exit 4']}\n"
+    )
+    assert result.tasks[0].error == "exit code 4 (expected 0): broken"
+    assert result.tasks[0].output == "broken\n"
+
+
+def test_a_missing_program_is_an_error(run_yaml):
+    result = run_yaml("name: m\ntasks:\n  - {name: a, type: command, config: {command: /no/such/program}}\n")
+    assert result.tasks[0].status is probe.Status.ERROR
+    assert result.tasks[0].error.startswith("cannot start /no/such/program")
+
+
+def test_a_background_child_holding_the_output_does_not_hang_the_task(run_yaml):
+    result = run_yaml(
+        "name: bg\ntasks:\n  - name: a\n    type: command\n    timeout: 10s\n"
+        "    config: {command: 'sleep 20 & echo started', shell: true}\n"
+    )
+    assert result.tasks[0].status is probe.Status.SUCCEEDED
+    assert result.tasks[0].metrics["duration_ms"] < 3000
+
+
+def test_args_with_shell_are_refused_at_load(load_error):
+    error = load_error("name: x\ntasks:\n  - {name: a, type: command, config: {command: ls, shell: true, args: [x]}}\n")
+    assert SHELL_WITH_ARGS in str(error)
+
+
+def test_powershell_scripts_are_passed_encoded_as_utf16(monkeypatch):
+    encoded = powershell.encode_script("Write-Output 'héllo'")
+    assert base64.b64decode(encoded).decode("utf-16-le") == "Write-Output 'héllo'"
+
+
+def test_powershell_without_a_powershell_on_the_host_is_a_clear_error(run_yaml, monkeypatch):
+    monkeypatch.setattr(powershell, "find_powershell", lambda: None)
+    result = run_yaml("name: p\ntasks:\n  - {name: a, type: powershell, config: {script: Get-Date}}\n")
+    assert result.tasks[0].status is probe.Status.ERROR
+    assert result.tasks[0].error == powershell.NO_POWERSHELL
+
+
+def test_powershell_runs_the_script_with_no_profile_and_its_exit_code(run_yaml, monkeypatch, tmp_path):
+    # A stand-in executable that records its arguments and decodes the script, in place of pwsh.
+    fake = tmp_path / "pwsh"
+    fake.write_text(
+        f"#!{PY}\nimport base64, sys\nargs = sys.argv[1:]\nprint(args[:3])\n"
+        "print(base64.b64decode(args[3]).decode('utf-16-le'))\nsys.exit(5)\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(powershell, "find_powershell", lambda: str(fake))
+    result = run_yaml(
+        "name: p\ntasks:\n  - name: a\n    type: powershell\n    config:\n      script: \"Exit 5 # 'quoted' $x\"\n"
+        "      expected_exit_codes: [5]\n"
+    )
+    assert result.tasks[0].status is probe.Status.SUCCEEDED, result.tasks[0].error
+    assert result.tasks[0].output == "['-NoProfile', '-NonInteractive', '-EncodedCommand']\nExit 5 # 'quoted' $x\n"

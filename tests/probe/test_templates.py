@@ -1,0 +1,64 @@
+"""Placeholders: the Go-template form, literals, typed values and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from probe.redact import Redactor
+from probe.templates import Scope, TemplateError
+
+SCOPE = Scope(
+    {"N": 5, "HOST": "web1", "LIST": [1, 2]},
+    {"PW": "pw"},
+    {"build": {"output": "ok", "status": "succeeded", "metrics": {"exit_code": 0}}},
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{{.N}}", 5),
+        ("{{ .N }}", 5),
+        ("port {{.N}}", "port 5"),
+        ("{{.HOST}}:{{.N}}", "web1:5"),
+        ("{{.LIST}}", [1, 2]),
+        ("x={{.LIST}}", "x=[1, 2]"),
+        ("{{.secrets.PW}}", "pw"),
+        ("{{.tasks.build.output}}/{{.tasks.build.status}}", "ok/succeeded"),
+        ("{{.tasks.build.metrics.exit_code}}", 0),
+        ("docker inspect -f '{{\"{{\"}}.State.Status}}'", "docker inspect -f '{{.State.Status}}'"),
+        ("no placeholders", "no placeholders"),
+    ],
+)
+def test_placeholders_render(text, expected):
+    assert SCOPE.render(text) == expected
+
+
+def test_mappings_and_lists_render_inside():
+    assert SCOPE.render({"a": ["{{.N}}", {"b": "{{.HOST}}"}], "c": 1}) == {"a": [5, {"b": "web1"}], "c": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{{.MISSING}}", "variable 'MISSING' is not defined"),
+        ("{{.secrets.NOPE}}", "secret 'NOPE' was not given"),
+        ("{{.tasks.other.output}}", "task 'other' has not run before this task"),
+        ("{{ HOST }}", "is not a placeholder this engine understands"),
+        ("{{.HOST", 'an opening "{{" has no closing "}}"'),
+        ("{{.tasks.build}}", "write task results as"),
+    ],
+)
+def test_bad_placeholders_are_clear_errors(text, message):
+    with pytest.raises(TemplateError, match=message.replace("(", r"\(").replace("{", r"\{")):
+        SCOPE.render(text)
+
+
+def test_the_redactor_masks_every_secret_longest_first():
+    redactor = Redactor(["abc", "abcdef", ""])
+    assert redactor.text("x abcdef y abc") == "x *** y ***"
+    assert redactor.value({"k": ["abc", 1]}) == {"k": ["***", 1]}
+
+
+def test_a_secret_cut_off_at_the_end_of_truncated_output_is_masked():
+    assert Redactor(["supersecret"]).cut_text("token=supers") == "token=***"
