@@ -44,7 +44,7 @@ class ProcessResult:
         return self.stdout or self.stderr
 
 
-class _Sink:
+class Sink:
     """Keeps the first ``limit`` bytes of a stream and counts the rest."""
 
     def __init__(self, limit: int) -> None:
@@ -131,7 +131,7 @@ def run_process(
         raise TaskError(f"cannot start {shown}: {exc.strerror if isinstance(exc, OSError) else exc}") from exc
 
     unregister = ctx.on_abort(lambda: kill_tree(proc))
-    out, err = _Sink(limit), _Sink(limit)
+    out, err = Sink(limit), Sink(limit)
     try:
         leftovers = (_pump_threads if WINDOWS else _pump_select)(proc, out, err)
         code = proc.wait()
@@ -147,7 +147,7 @@ def run_process(
     return ProcessResult(code, out.text(), err.text(), out.dropped + err.dropped, leftovers)
 
 
-def _pump_select(proc: subprocess.Popen[bytes], out: _Sink, err: _Sink) -> bool:
+def _pump_select(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> bool:
     """Read both pipes until EOF; returns True when leftover background processes had to be killed."""
     assert proc.stdout is not None and proc.stderr is not None
     sel = selectors.DefaultSelector()
@@ -175,10 +175,10 @@ def _pump_select(proc: subprocess.Popen[bytes], out: _Sink, err: _Sink) -> bool:
     return killed
 
 
-def _pump_threads(proc: subprocess.Popen[bytes], out: _Sink, err: _Sink) -> bool:
+def _pump_threads(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> bool:
     """Read both pipes on threads (Windows pipes cannot be selected)."""
 
-    def drain(stream: object, sink: _Sink) -> None:
+    def drain(stream: object, sink: Sink) -> None:
         while True:
             data = stream.read1(65536)  # type: ignore[attr-defined]
             if not data:
