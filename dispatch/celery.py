@@ -1,0 +1,43 @@
+"""The control plane's Celery app: the shared settings of DESIGN.md, its own queue, and the beat schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from dispatch.contract import CONTROL_QUEUE, DEFAULT_VISIBILITY_TIMEOUT, celery_settings
+
+REAP_TASK = "control.reap_leases"  # running attempts whose lease expired -> lost, then retried or failed
+SWEEP_TASK = "control.sweep_pending"  # pending jobs whose publish never happened -> published
+
+
+def beat_schedule(reaper_interval: float, sweeper_interval: float) -> dict[str, dict[str, Any]]:
+    """The periodic control-plane work, sent by name to the control queue."""
+    return {
+        "reap-expired-leases": {"task": REAP_TASK, "schedule": reaper_interval, "options": {"queue": CONTROL_QUEUE}},
+        "sweep-unpublished-jobs": {
+            "task": SWEEP_TASK,
+            "schedule": sweeper_interval,
+            "options": {"queue": CONTROL_QUEUE},
+        },
+    }
+
+
+def make_celery(
+    broker_url: str,
+    *,
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT,
+    reaper_interval: float = 10.0,
+    sweeper_interval: float = 5.0,
+    name: str = "control-plane",
+) -> Celery:
+    """Return the control plane's Celery app configured for ``broker_url``."""
+    app = Celery(name)
+    app.conf.update(celery_settings(broker_url, visibility_timeout))
+    app.conf.update(
+        task_queues=None,
+        beat_schedule=beat_schedule(reaper_interval, sweeper_interval),
+        beat_max_loop_interval=min(reaper_interval, sweeper_interval, 5.0),
+    )
+    return app

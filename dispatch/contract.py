@@ -1,0 +1,105 @@
+"""What the control plane and the agents agree on: task and queue names, envelope fields, Celery settings.
+
+Standard library only: the agent imports this module and nothing else of ``dispatch``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+RUN_JOB_TASK = "workers.run_job"  # the agent's task, sent by name
+CONTROL_QUEUE = "control"  # the control plane's own Celery work
+PLATFORMS = ("linux", "windows", "darwin")
+ENVELOPE_VERSION = 1
+ENVELOPE_FIELDS = (
+    "v",
+    "aud",
+    "tenant",
+    "project",
+    "job_id",
+    "attempt",
+    "iat",
+    "exp",
+    "nonce",
+    "name",
+    "workflow",
+    "variables",
+)
+DEFAULT_VISIBILITY_TIMEOUT = 12 * 3600  # longer than the longest job a workflow may declare
+MAX_PRIORITY = 9
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return ``value`` if it can be part of a queue name (letters, digits, '-' and '_'), else raise ValueError."""
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} must be 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def agent_queue(tenant: str, agent_id: str) -> str:
+    """The queue of jobs pinned to one agent."""
+    return f"agent.{check_name('tenant', tenant)}.{check_name('agent id', agent_id)}"
+
+
+def shared_queue(tenant: str, project: str, platform: str) -> str:
+    """The queue shared by every agent of a project and platform."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+    return f"tenant.{check_name('tenant', tenant)}.{check_name('project', project)}.{platform}"
+
+
+def task_id(job_id: str, attempt: int) -> str:
+    """The Celery task id of one attempt of a job."""
+    return f"{job_id}:{attempt}"
+
+
+def celery_priority(priority: int) -> int:
+    """Map an API priority (0 lowest .. 9 most urgent) onto Valkey's (0 served first)."""
+    return MAX_PRIORITY - max(0, min(MAX_PRIORITY, priority))
+
+
+def canonical_json(payload: dict[str, Any]) -> bytes:
+    """The exact bytes an envelope's signature covers."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def transport_options(visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> dict[str, Any]:
+    """The broker transport options every process uses, identical everywhere."""
+    return {
+        "visibility_timeout": visibility_timeout,
+        "priority_steps": list(range(MAX_PRIORITY + 1)),
+        "queue_order_strategy": "priority",
+        "sep": ":",
+        "socket_timeout": 30,
+        "socket_connect_timeout": 10,
+        "socket_keepalive": True,
+        "retry_on_timeout": True,
+        "health_check_interval": 25,
+    }
+
+
+def celery_settings(broker_url: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> dict[str, Any]:
+    """The Celery settings of DESIGN.md shared by the control plane, the agents and Flower."""
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options(visibility_timeout),
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_ignore_result": True,
+        "task_default_queue": CONTROL_QUEUE,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+    }

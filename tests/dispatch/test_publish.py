@@ -1,0 +1,95 @@
+"""Publishing job attempts onto Valkey: routing, priorities, task ids, JSON only, signed, no secrets."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from dispatch.celery import make_celery
+from dispatch.contract import RUN_JOB_TASK, agent_queue, celery_priority, shared_queue
+from dispatch.publish import JobMessage, Publisher, PublishError
+from dispatch.signing import Signer, generate_keypair, load_signing_key
+from workers.envelope import Verifier
+
+PRIVATE, PUBLIC = generate_keypair()
+
+
+@pytest.fixture
+def publisher(valkey_server):
+    client = valkey_server.client()
+    client.flushdb()
+    celery = make_celery(valkey_server.url)
+    yield Publisher(celery, Signer(load_signing_key(PRIVATE)))
+    celery.close()
+    client.flushdb()
+
+
+def message(**overrides) -> JobMessage:
+    fields = {
+        "job_id": "job-1",
+        "attempt": 1,
+        "tenant": "acme",
+        "project": "web",
+        "platform": "linux",
+        "name": "deploy",
+        "workflow": "name: deploy\ntasks: []\n",
+        "variables": {"HOST": "web1"},
+        **overrides,
+    }
+    return JobMessage(**fields)
+
+
+def queued(valkey_server, queue: str) -> list[dict]:
+    client = valkey_server.client()
+    keys = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+    return [json.loads(raw) for key in keys for raw in client.lrange(key, 0, -1)]
+
+
+def test_a_job_without_an_agent_goes_to_its_projects_platform_queue(publisher, valkey_server):
+    assert publisher.publish(message()) == "tenant.acme.web.linux"
+    [raw] = queued(valkey_server, shared_queue("acme", "web", "linux"))
+    assert raw["headers"]["task"] == RUN_JOB_TASK
+    assert raw["headers"]["id"] == "job-1:1"
+    assert raw["content-type"] == "application/json"
+
+
+def test_a_pinned_job_goes_to_its_agents_queue(publisher, valkey_server):
+    assert publisher.publish(message(agent_id="a1", attempt=2)) == "agent.acme.a1"
+    [raw] = queued(valkey_server, agent_queue("acme", "a1"))
+    assert raw["headers"]["id"] == "job-1:2"
+
+
+def test_the_message_body_is_a_signed_envelope_the_agent_verifies(publisher, valkey_server):
+    publisher.publish(message(agent_id="a1"))
+    [raw] = queued(valkey_server, agent_queue("acme", "a1"))
+    args, kwargs, _ = json.loads(base64.b64decode(raw["body"]))
+    assert args == []
+    envelope = Verifier(PUBLIC, tenant="acme", project="web", agent_id="a1", platform="linux").verify(kwargs)
+    assert (envelope.job_id, envelope.attempt, envelope.variables) == ("job-1", 1, {"HOST": "web1"})
+
+
+def test_urgent_jobs_land_in_the_bucket_served_first(publisher, valkey_server):
+    publisher.publish(message(job_id="urgent", priority=9))
+    publisher.publish(message(job_id="lazy", priority=0))
+    client = valkey_server.client()
+    queue = shared_queue("acme", "web", "linux")
+    assert celery_priority(9) == 0 and celery_priority(0) == 9
+    assert [json.loads(r)["headers"]["id"] for r in client.lrange(queue, 0, -1)] == ["urgent:1"]
+    assert [json.loads(r)["headers"]["id"] for r in client.lrange(f"{queue}:9", 0, -1)] == ["lazy:1"]
+
+
+def test_a_broker_that_cannot_be_reached_is_a_publish_error():
+    celery = make_celery("redis://127.0.0.1:1/0")
+    publisher = Publisher(celery, Signer(load_signing_key(PRIVATE)))
+    with pytest.raises(PublishError, match="could not publish job job-1"):
+        publisher.publish(message())
+
+
+def test_every_process_shares_the_same_json_only_settings():
+    conf = make_celery("redis://127.0.0.1:6379/0").conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss
+    assert conf.broker_transport_options["visibility_timeout"] >= 12 * 3600

@@ -1,0 +1,61 @@
+"""``automation agent``: register this host, heartbeat, and run a Celery worker on its queues.
+
+The agent's commands reach the ``automation`` command through the ``automation.commands`` entry-point group,
+so the control plane's code never imports the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from workers.app import make_agent
+from workers.client import ControlPlaneError
+from workers.heartbeat import register
+from workers.settings import SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """Start the agent in the foreground; returns when the worker stops."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"automation agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s [agent %(name)s] %(message)s")
+    agent = make_agent(settings)
+    try:
+        register(agent.client, settings)
+    except ControlPlaneError as exc:
+        print(f"automation agent: cannot register with {settings.control_plane_url}: {exc}", file=sys.stderr)
+        return 1
+    agent.heartbeat.start()
+    log.info("consuming %s", ", ".join(agent.queues))
+    try:
+        agent.celery.worker_main(agent.worker_argv())
+    finally:
+        agent.heartbeat.stop()
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``agent`` to the ``automation`` command (entry point ``automation.commands``)."""
+    parser = subparsers.add_parser(
+        "agent",
+        help="run this host's agent (configured by environment variables)",
+        description="Register this host with the control plane and run its jobs. Reads CONTROL_PLANE_URL, "
+        "TENANT_ID, PROJECT_ID, AGENT_ID, JWT_TOKEN, VALKEY_URL, JOB_VERIFY_KEY and optionally "
+        "LOG_LEVEL, HEARTBEAT_INTERVAL, AGENT_CONCURRENCY.",
+    )
+    parser.set_defaults(func=run_agent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent without the ``automation`` command (``python -m workers``)."""
+    parser = argparse.ArgumentParser(prog="automation")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["agent", *(argv or [])])
+    return int(args.func(args))

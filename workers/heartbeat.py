@@ -1,0 +1,89 @@
+"""The agent's registration and heartbeat: keeps it online, renews its leases, and brings cancel requests."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from probe.tasks.powershell import find_powershell
+from probe.tasktype import load_plugins, registry
+from workers.client import ControlPlane, ControlPlaneError
+from workers.jobs import Inflight
+from workers.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+def agent_version() -> str:
+    """The installed version of the platform."""
+    try:
+        return version("automation-platform")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def task_types() -> list[str]:
+    """The task types this host can run: every registered type, powershell only where a PowerShell exists."""
+    load_plugins()
+    return sorted(name for name in registry if name != "powershell" or find_powershell() is not None)
+
+
+def registration(settings: AgentSettings) -> dict[str, Any]:
+    """The body of this agent's registration."""
+    return {
+        "agent_id": settings.agent_id,
+        "project_id": settings.project_id,
+        "hostname": settings.hostname,
+        "platform": settings.platform,
+        "version": agent_version(),
+        "task_types": task_types(),
+        "max_concurrent_jobs": settings.concurrency,
+    }
+
+
+def register(client: ControlPlane, settings: AgentSettings) -> None:
+    """Register (or update) this agent; raises ControlPlaneError if the control plane refuses."""
+    reply = client.call("POST", "/agents", registration(settings), deadline=120)
+    if not reply.ok:
+        raise ControlPlaneError(f"registration refused: HTTP {reply.status} {reply.body.get('message', '')}")
+    log.info("registered as agent %s (%s, %s)", settings.agent_id, settings.platform, settings.hostname)
+
+
+class Heartbeat(threading.Thread):
+    """Sends a heartbeat every interval with the running jobs; passes cancel requests on to them."""
+
+    def __init__(self, client: ControlPlane, settings: AgentSettings, inflight: Inflight) -> None:
+        super().__init__(name="agent-heartbeat", daemon=True)
+        self.client, self.settings, self.inflight = client, settings, inflight
+        self.stopping = threading.Event()
+
+    def beat(self) -> None:
+        """Send one heartbeat and act on the reply."""
+        running = [{"job_id": j.job_id, "attempt": j.attempt} for j in self.inflight.snapshot()]
+        reply = self.client.call(
+            "POST",
+            f"/agents/{self.settings.agent_id}/heartbeat",
+            {"running": running},
+            deadline=self.settings.heartbeat_interval,
+        )
+        if reply.ok:
+            self.inflight.cancel(list(reply.body.get("cancel") or []))
+        else:
+            log.warning("heartbeat refused: HTTP %s %s", reply.status, reply.body.get("message", ""))
+
+    def run(self) -> None:
+        """Beat until stopped; a failed beat is logged and the next one tried on time."""
+        while not self.stopping.is_set():
+            try:
+                self.beat()
+            except ControlPlaneError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat crashed; trying again")
+            self.stopping.wait(self.settings.heartbeat_interval)
+
+    def stop(self) -> None:
+        """Stop beating."""
+        self.stopping.set()

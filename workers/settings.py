@@ -1,0 +1,87 @@
+"""The agent's settings: read once from the environment into a frozen dataclass, in the entry point."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+REQUIRED = ("CONTROL_PLANE_URL", "TENANT_ID", "PROJECT_ID", "AGENT_ID", "JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY")
+
+
+class SettingsError(Exception):
+    """Raised when the agent's environment lacks a setting or holds a malformed one."""
+
+
+def this_platform() -> str:
+    """The platform name of this host as queues use it: linux, windows or darwin."""
+    name = platform.system().lower()
+    return {"windows": "windows", "darwin": "darwin"}.get(name, "linux")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything the agent needs, from environment variables (see docs/CONFIGURATION.md)."""
+
+    control_plane_url: str
+    tenant_id: str
+    project_id: str
+    agent_id: str
+    jwt_token: str
+    valkey_url: str
+    verify_key: str
+    log_level: str = "INFO"
+    heartbeat_interval: float = 30.0
+    concurrency: int = 1
+    platform: str = "linux"
+    hostname: str = ""
+    visibility_timeout: int = 12 * 3600
+    request_timeout: float = 10.0
+    report_deadline: float = 300.0  # how long a result is retried before the agent gives up on it
+    ca_file: str | None = None
+
+    @property
+    def api(self) -> str:
+        """The control plane's API root."""
+        return self.control_plane_url.rstrip("/") + "/api/v1"
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, kind: type = float) -> float:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be more than zero, got {raw!r}")
+    return float(value)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
+    """Read the agent's settings from ``environ`` (default: the process environment)."""
+    env = os.environ if environ is None else environ
+    missing = [name for name in REQUIRED if not env.get(name)]
+    if missing:
+        raise SettingsError(f"the agent needs these environment variables: {', '.join(missing)}")
+    return AgentSettings(
+        control_plane_url=env["CONTROL_PLANE_URL"],
+        tenant_id=env["TENANT_ID"],
+        project_id=env["PROJECT_ID"],
+        agent_id=env["AGENT_ID"],
+        jwt_token=env["JWT_TOKEN"],
+        valkey_url=env["VALKEY_URL"],
+        verify_key=env["JOB_VERIFY_KEY"],
+        log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        heartbeat_interval=_number(env, "HEARTBEAT_INTERVAL", 30.0),
+        concurrency=int(_number(env, "AGENT_CONCURRENCY", 1, int)),
+        platform=env.get("AGENT_PLATFORM") or this_platform(),
+        hostname=env.get("AGENT_HOSTNAME") or socket.gethostname(),
+        visibility_timeout=int(_number(env, "BROKER_VISIBILITY_TIMEOUT", 12 * 3600, int)),
+        request_timeout=_number(env, "CONTROL_PLANE_TIMEOUT", 10.0),
+        report_deadline=_number(env, "REPORT_DEADLINE", 300.0),
+        ca_file=env.get("CONTROL_PLANE_CA_FILE") or None,
+    )
