@@ -156,7 +156,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(exc.describe(), file=sys.stderr)
             status = EXIT_INVALID
             continue
-        print(f"{path}: valid ({len(workflow.tasks)} tasks)")
+        count = len(workflow.tasks)
+        print(f"{path}: valid ({count} task{'' if count == 1 else 's'})")
     return status
 
 

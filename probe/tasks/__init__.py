@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from probe.tasks import command, db, powershell, ssh
+from probe.tasks import command, db, downloadexec, http, powershell, ssh
 
-__all__ = ["command", "db", "powershell", "ssh"]
+__all__ = ["command", "db", "downloadexec", "http", "powershell", "ssh"]

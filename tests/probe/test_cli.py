@@ -118,7 +118,7 @@ def test_validate_reports_every_error_of_every_file(tmp_path: Path):
     bad.write_text("name: b\nfoo: 1\ntasks:\n  - {name: a, type: command, config: {}}\n")
     proc = probe_cli("validate", str(good), str(bad))
     assert proc.returncode == 2
-    assert f"{good}: valid (1 tasks)" in proc.stdout
+    assert f"{good}: valid (1 task)" in proc.stdout
     assert proc.stderr.splitlines() == [
         f"{bad}: unknown key 'foo' (line 2)",
         f"{bad}: tasks[0] (a).config: required option 'command' is missing (line 4)",
