@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -33,7 +33,7 @@ class ProcessResult:
     stdout: str
     stderr: str
     dropped: int = 0
-    leftovers_killed: bool = False
+    leftovers: str | None = None  # "killed" or "detached": see _pump_poll
 
     @property
     def output(self) -> str:
@@ -133,7 +133,7 @@ def run_process(
     unregister = ctx.on_abort(lambda: kill_tree(proc))
     out, err = Sink(limit), Sink(limit)
     try:
-        leftovers = (_pump_threads if WINDOWS else _pump_select)(proc, out, err)
+        leftovers = (_pump_threads if WINDOWS else _pump_poll)(proc, out, err)
         code = proc.wait()
     finally:
         unregister()
@@ -147,35 +147,45 @@ def run_process(
     return ProcessResult(code, out.text(), err.text(), out.dropped + err.dropped, leftovers)
 
 
-def _pump_select(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> bool:
-    """Read both pipes until EOF; returns True when leftover background processes had to be killed."""
+def _pump_poll(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> str | None:
+    """Read both pipes until EOF; says what became of background processes that still held them.
+
+    Returns ``None`` normally, ``"killed"`` when leftovers of the process group held the pipes and were killed,
+    or ``"detached"`` when something outside the group (a ``setsid`` daemon) kept them open and reading stopped.
+    """
     assert proc.stdout is not None and proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    sinks = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    poller = select.poll()
+    for fd in sinks:
+        poller.register(fd, select.POLLIN)
     exited_at: float | None = None
-    killed = False
-    try:
-        while sel.get_map():
-            for key, _ in sel.select(timeout=0.1):
-                data = os.read(key.fd, 65536)
-                if data:
-                    key.data.feed(data)
-                else:
-                    sel.unregister(key.fileobj)
-            if exited_at is None:
-                if proc.poll() is not None:
-                    exited_at = time.monotonic()
-            elif time.monotonic() - exited_at > PIPE_GRACE and not killed:
-                # The process is gone but something it started still holds our pipes: end that too.
-                kill_tree(proc)
-                killed = True
-    finally:
-        sel.close()
-    return killed
+    leftovers: str | None = None
+    next_check = time.monotonic() + 0.1
+    while sinks:
+        events = poller.poll(100)
+        for fd, _ in events:
+            data = os.read(fd, 65536)
+            if data:
+                sinks[fd].feed(data)
+            else:
+                poller.unregister(fd)
+                del sinks[fd]
+        now = time.monotonic()
+        if events and now < next_check:
+            continue
+        next_check = now + 0.1
+        if exited_at is None:
+            if proc.poll() is not None:
+                exited_at = now
+        elif now - exited_at > 2 * PIPE_GRACE:
+            return "detached"  # the holder left the process group; stop waiting for it
+        elif now - exited_at > PIPE_GRACE and leftovers is None:
+            kill_tree(proc)  # the process is gone but what it started still holds our pipes
+            leftovers = "killed"
+    return leftovers
 
 
-def _pump_threads(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> bool:
+def _pump_threads(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> str | None:
     """Read both pipes on threads (Windows pipes cannot be selected)."""
 
     def drain(stream: object, sink: Sink) -> None:
@@ -192,12 +202,12 @@ def _pump_threads(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> bool:
     for t in threads:
         t.start()
     proc.wait()
-    killed = False
+    leftovers: str | None = None
     for t in threads:
         t.join(PIPE_GRACE)
-        if t.is_alive() and not killed:
+        if t.is_alive() and leftovers is None:
             kill_tree(proc)
-            killed = True
+            leftovers = "killed"
     for t in threads:
-        t.join()
-    return killed
+        t.join(PIPE_GRACE)
+    return "detached" if any(t.is_alive() for t in threads) else leftovers

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -63,10 +63,18 @@ class TaskResult:
 
     def to_dict(self) -> dict[str, object]:
         """Return the result as a JSON-ready mapping."""
-        data = asdict(self)
-        data["status"] = self.status.value
-        data["success"] = self.success
-        return data
+        return {
+            "name": self.name,
+            "type": self.type,
+            "status": self.status.value,
+            "success": self.success,
+            "output": self.output,
+            "error": self.error,
+            "metrics": dict(self.metrics),
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "attempts": self.attempts,
+        }
 
 
 @dataclass

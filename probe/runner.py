@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +24,37 @@ EventCallback = Callable[[dict[str, Any]], None]
 ABORT_GRACE = 2.0  # seconds a stopped task gets to return before it is abandoned
 CANCEL_POLL = 0.05
 FAILING = (Status.FAILED, Status.ERROR, Status.TIMED_OUT)
+
+
+class _Worker:
+    """A thread that runs one task at a time for a workflow run; replaced when a task has to be abandoned."""
+
+    def __init__(self, name: str) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], Outcome], dict[str, Any], threading.Event] | None]
+        self.jobs = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            work, box, done = item
+            try:
+                box["outcome"] = work()
+            except BaseException as exc:  # reported as the task's error, never lost
+                box["error"] = exc
+            finally:
+                done.set()
+
+    def submit(self, work: Callable[[], Outcome]) -> tuple[dict[str, Any], threading.Event]:
+        """Start ``work``; returns where its outcome or exception will be and the event set when it ends."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self.jobs.put((work, box, done))
+        return box, done
+
+    def close(self) -> None:
+        """Let the thread end once its current work is done."""
+        self.jobs.put(None)
 
 
 def run_workflow(
@@ -87,6 +119,7 @@ class _Run:
         limit = workflow.timeout if timeout is None else min(timeout, workflow.timeout)
         self.started = time.monotonic()
         self.deadline = self.started + limit
+        self.worker: _Worker | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
         """Send one event to the callback; a failing callback is logged and never stops the run."""
@@ -99,6 +132,13 @@ class _Run:
             log.exception("on_event callback failed for %s", event)
 
     def execute(self) -> WorkflowResult:
+        try:
+            return self._execute()
+        finally:
+            if self.worker is not None:
+                self.worker.close()
+
+    def _execute(self) -> WorkflowResult:
         started_at = utcnow()
         self.emit("workflow_started", tasks=[t.name for t in self.workflow.tasks])
         results: list[TaskResult] = []
@@ -111,7 +151,8 @@ class _Run:
                 continue
             result = self.run_task(spec)
             results.append(result)
-            self.results[spec.name] = result.to_dict()
+            self.results[spec.name] = {"output": result.output, "error": result.error,
+                                       "status": result.status.value, "metrics": result.metrics}
             if result.status is Status.CANCELLED:
                 status, error = Status.CANCELLED, "the run was cancelled"
             elif time.monotonic() >= self.deadline and result.status is Status.TIMED_OUT:
@@ -163,14 +204,9 @@ class _Run:
             finished_at=utcnow(),
             attempts=attempts,
         )
-        self.emit(
-            "task_finished",
-            task=spec.name,
-            type=spec.type,
-            index=spec.index,
-            status=status.value,
-            result=result.to_dict(),
-        )
+        if self.on_event is not None:
+            self.emit("task_finished", task=spec.name, type=spec.type, index=spec.index, status=status.value,
+                      result=result.to_dict())
         return result
 
     def _cancelled(self) -> bool:
@@ -240,19 +276,9 @@ class _Run:
         ctx: TaskContext,
     ) -> tuple[Outcome, Status]:
         """Run ``work`` on its own thread; stop it at its deadline or on cancel; classify what happened."""
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def target() -> None:
-            try:
-                box["outcome"] = work(config, ctx)
-            except BaseException as exc:  # reported as the task's error, never lost
-                box["error"] = exc
-            finally:
-                done.set()
-
-        thread = threading.Thread(target=target, name=f"probe-task-{spec.name}", daemon=True)
-        thread.start()
+        if self.worker is None:
+            self.worker = _Worker(f"probe-{self.workflow.name}")
+        box, done = self.worker.submit(lambda: work(config, ctx))
         while True:
             left = ctx.deadline - time.monotonic()
             if left <= 0:
@@ -265,6 +291,9 @@ class _Run:
                 ctx.abort("cancelled")
                 break
         abandoned = not done.wait(ABORT_GRACE) if ctx.stop.is_set() else False
+        if abandoned and self.worker is not None:
+            self.worker.close()  # it is stuck in the abandoned task; the next task gets a new thread
+            self.worker = None
         return self.classify(spec, box, ctx, abandoned)
 
     def classify(

@@ -8,6 +8,7 @@ the entry-point group ``probe.tasks`` (each entry point names a TaskType subclas
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import threading
 import time
@@ -250,18 +251,41 @@ class TaskType:
 
 
 class Registry(dict[str, type[TaskType]]):
-    """Task types by name; a missing name raises UnknownTaskType with a "did you mean" suggestion."""
+    """Task types by name; a missing name raises UnknownTaskType with a "did you mean" suggestion.
+
+    Built-in types are known by name first (``lazy``: name -> ``"module:Class"``) and imported only when a
+    workflow uses them; types of other packages come from the ``probe.tasks`` entry-point group.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lazy: dict[str, str] = {}
+        self.plugins_loaded = False
 
     def __missing__(self, name: str) -> type[TaskType]:
-        close = difflib.get_close_matches(name, list(self), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known types: {', '.join(sorted(self))}"
+        target = self.lazy.get(name)
+        if target is not None:
+            module, _, attr = target.partition(":")
+            cls = getattr(importlib.import_module(module), attr)
+            return self.add(cls) if dict.get(self, name) is None else dict.__getitem__(self, name)
+        if not self.plugins_loaded:
+            self.load_entry_points()
+            if dict.get(self, name) is not None:
+                return dict.__getitem__(self, name)
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known types: {', '.join(sorted(names))}"
         raise UnknownTaskType(f"unknown task type '{name}'{hint}")
+
+    def names(self) -> list[str]:
+        """Every known task type name, imported or not."""
+        return sorted(set(self) | set(self.lazy))
 
     def add(self, cls: type[TaskType]) -> type[TaskType]:
         """Register ``cls`` under its name; a second type of the same name is an error."""
         if not getattr(cls, "name", None):
             raise DuplicateTaskType(f"task type {cls.__qualname__} has no name")
-        existing = self.get(cls.name)
+        existing = dict.get(self, cls.name)
         if existing is not None and existing is not cls:
             raise DuplicateTaskType(
                 f"task type '{cls.name}' is registered twice: {existing.__module__} and {cls.__module__}"
@@ -269,9 +293,30 @@ class Registry(dict[str, type[TaskType]]):
         self[cls.name] = cls
         return cls
 
+    def load_entry_points(self) -> None:
+        """Register the task types of the ``probe.tasks`` entry-point group, once."""
+        self.plugins_loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in self.lazy:
+                continue
+            try:
+                cls = ep.load()
+            except Exception:
+                log.warning("task type plugin %s (%s) could not be loaded", ep.name, ep.value, exc_info=True)
+                continue
+            if isinstance(cls, type) and issubclass(cls, TaskType) and dict.get(self, cls.name) is not cls:
+                self.add(cls)
 
-registry = Registry()
-_plugins_loaded = False
+
+def _builtins() -> Registry:
+    from probe.tasks import BUILTINS
+
+    known = Registry()
+    known.lazy.update(BUILTINS)
+    return known
+
+
+registry = _builtins()
 
 
 def register(cls: type[TaskType]) -> type[TaskType]:
@@ -280,24 +325,13 @@ def register(cls: type[TaskType]) -> type[TaskType]:
 
 
 def load_plugins() -> None:
-    """Import the built-in task types and those of the ``probe.tasks`` entry-point group, once."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    import probe.tasks  # noqa: F401  (registers the built-ins)
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception:
-            log.warning("task type plugin %s (%s) could not be loaded", ep.name, ep.value, exc_info=True)
-            continue
-        if isinstance(cls, type) and issubclass(cls, TaskType) and registry.get(cls.name) is not cls:
-            registry.add(cls)
+    """Import every built-in task type and those of the ``probe.tasks`` entry-point group."""
+    for name in list(registry.lazy):
+        get_task_type(name)  # importing registers it
+    if not registry.plugins_loaded:
+        registry.load_entry_points()
 
 
 def get_task_type(name: str) -> type[TaskType]:
     """Return the task type called ``name``; raises UnknownTaskType with a suggestion when there is none."""
-    load_plugins()
     return registry[name]

@@ -67,6 +67,8 @@ class CommandTask(TaskType):
         outcome = exit_outcome(
             result.exit_code, result.output, result.stderr, config["expected_exit_codes"], result.dropped
         )
-        if result.leftovers_killed:
+        if result.leftovers == "killed":
             ctx.log("background processes still holding the output were stopped when the command ended", "warning")
+        elif result.leftovers == "detached":
+            ctx.log("a detached background process still holds the output; stopped reading it", "warning")
         return outcome

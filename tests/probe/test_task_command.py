@@ -141,3 +141,15 @@ def test_powershell_runs_the_script_with_no_profile_and_its_exit_code(run_yaml, 
     )
     assert result.tasks[0].status is probe.Status.SUCCEEDED, result.tasks[0].error
     assert result.tasks[0].output == "['-NoProfile', '-NonInteractive', '-EncodedCommand']\nExit 5 # 'quoted' $x\n"
+
+
+def test_a_detached_daemon_holding_the_output_does_not_hang_the_task(run_yaml):
+    events: list[dict] = []
+    result = run_yaml(
+        "name: bg\ntasks:\n  - name: a\n    type: command\n    timeout: 20s\n"
+        "    config: {command: 'setsid sleep 8 & echo started', shell: true}\n",
+        on_event=events.append,
+    )
+    assert result.tasks[0].status is probe.Status.SUCCEEDED
+    assert result.tasks[0].metrics["duration_ms"] < 4000
+    assert any(e["event"] == "task_log" and "detached" in e["message"] for e in events)
