@@ -286,10 +286,12 @@ class Registry(dict[str, type[TaskType]]):
         if not getattr(cls, "name", None):
             raise DuplicateTaskType(f"task type {cls.__qualname__} has no name")
         existing = dict.get(self, cls.name)
-        if existing is not None and existing is not cls:
-            raise DuplicateTaskType(
-                f"task type '{cls.name}' is registered twice: {existing.__module__} and {cls.__module__}"
-            )
+        builtin = self.lazy.get(cls.name)
+        if (existing is not None and existing is not cls) or (
+            builtin is not None and builtin != f"{cls.__module__}:{cls.__qualname__}"
+        ):
+            first = existing.__module__ if existing is not None else builtin
+            raise DuplicateTaskType(f"task type '{cls.name}' is registered twice: {first} and {cls.__module__}")
         self[cls.name] = cls
         return cls
 
