@@ -5,11 +5,20 @@ written to that file. A timeout or a cancel closes the connection after killing 
 group from a second channel, because sshd leaves a non-pty command running when its channel closes.
 """
 
+# What comes from Fabric: the connection (``fabric.Connection`` with a Config that reads no ssh_config,
+# Invoke or Fabric files), authentication (``connect_kwargs``), ``open()`` and the SFTP upload (``put``).
+# What goes below it, to paramiko: the host keys, because Fabric's client adds unknown keys on its own
+# (``trust_only`` replaces that on ``conn.client``); the TCP socket, opened here so that a cancel ends a slow
+# connect (Fabric hands it on as ``connect_kwargs["sock"]``); and the command, run on a channel of
+# ``conn.transport``, because ``conn.run()`` keeps all of the output in memory and waits as long as a
+# background child holds it open, where this task keeps a bounded part and stops at its deadline or a cancel.
+
 from __future__ import annotations
 
 import errno
 import getpass
 import logging
+import math
 import os
 import re
 import select
@@ -20,10 +29,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import fabric
 import paramiko
 
 from probe.errors import TaskError
 from probe.process import ProcessResult, Sink
+from probe.tasks._ssh_host_keys import known_hosts_name, trust_only
 from probe.tasks.command import exit_outcome
 from probe.tasktype import Option, Outcome, TaskContext, TaskType, register
 
@@ -69,11 +80,6 @@ REAP_SCRIPT = (
 REAP_COMMAND = "exec /bin/sh -c " + shlex.quote(REAP_SCRIPT)
 
 
-def known_hosts_name(host: str, port: int) -> str:
-    """Return the host as known_hosts writes it: ``host`` on port 22, else ``[host]:port``."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
 def remote_command(command: str, env: Mapping[str, Any] | None, workdir: str | None) -> str:
     """Return the command line sent to the remote shell, with ``env`` exported and ``workdir`` entered first.
 
@@ -108,24 +114,6 @@ def load_key(path: str, passphrase: str | None) -> paramiko.PKey:
         raise TaskError(KEY_ENCRYPTED.format(path=key_path))
     reason = "wrong key_passphrase, or not a private key" if passphrase else "not an ed25519, ecdsa or rsa private key"
     raise TaskError(KEY_UNREADABLE.format(path=key_path, reason=reason))
-
-
-class _RejectUnknown(paramiko.MissingHostKeyPolicy):
-    """Refuse a server whose key is not in known_hosts, and never add it anywhere."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        """Refuse the key."""
-        raise TaskError(self.message)
-
-
-class _AcceptUnverified(paramiko.MissingHostKeyPolicy):
-    """Accept any host key without recording it (insecure_ignore_host_key)."""
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        """Accept the key."""
 
 
 @register
@@ -201,7 +189,7 @@ class _Session:
         self.host: str = config["host"]
         self.port: int = config["port"]
         self.sock: socket.socket | None = None
-        self.client: paramiko.SSHClient | None = None
+        self.conn: fabric.Connection | None = None
         self.command_channel: paramiko.Channel | None = None
         self.lines: list[str] = []
         self.metrics: dict[str, Any] = {}
@@ -237,47 +225,46 @@ class _Session:
         return TaskError(message, output="\n".join(self.lines), metrics=self.metrics)
 
     def connect(self, pkey: paramiko.PKey | None) -> None:
-        """Open the TCP connection, verify the host key and authenticate."""
+        """Open the TCP connection, then the Fabric connection on it: verify the host key and authenticate."""
         config, ctx = self.config, self.ctx
         insecure = config["insecure_ignore_host_key"]
         known_hosts = Path(config["known_hosts"]).expanduser()
         where = known_hosts_name(self.host, self.port)
-        client = paramiko.SSHClient()
         if insecure:
-            client.set_missing_host_key_policy(_AcceptUnverified())
             self.lines.append(HOST_KEY_NOT_VERIFIED.format(host=self.host, port=self.port))
             ctx.log(self.lines[-1], "warning")
-        else:
-            if known_hosts.exists():
-                try:
-                    client.get_host_keys().load(str(known_hosts))  # load() never records a file to save to
-                except OSError as exc:
-                    raise TaskError(KNOWN_HOSTS_UNREADABLE.format(path=known_hosts, reason=exc.strerror)) from exc
-            client.set_missing_host_key_policy(
-                _RejectUnknown(UNKNOWN_HOST_KEY.format(host=where, known_hosts=known_hosts))
-            )
         self.sock = sock = self.open_socket()
-        self.client = client
-        ctx.check()  # an abort before self.client was set could not close it
         user = config.get("user") or getpass.getuser()
         password = config.get("password")
         agent = pkey is None and password is None
         wait = max(ctx.remaining(), 0.1)
+        connect_kwargs = {
+            "sock": sock,
+            "pkey": pkey,
+            "password": password,
+            "allow_agent": agent,
+            "look_for_keys": agent,
+            "banner_timeout": wait,
+            "auth_timeout": wait,
+            "channel_timeout": wait,
+        }
+        # Fabric rounds connect_timeout down to whole seconds, and 0 would mean none; the abort still comes on time.
+        self.conn = conn = fabric.Connection(
+            self.host,
+            user=user,
+            port=self.port,
+            config=fabric_config(),
+            connect_timeout=math.ceil(wait),
+            connect_kwargs=connect_kwargs,
+        )
+        unknown = UNKNOWN_HOST_KEY.format(host=where, known_hosts=known_hosts)
         try:
-            client.connect(
-                self.host,
-                self.port,
-                username=user,
-                password=password,
-                pkey=pkey,
-                sock=sock,
-                timeout=wait,
-                banner_timeout=wait,
-                auth_timeout=wait,
-                channel_timeout=wait,
-                allow_agent=agent,
-                look_for_keys=agent,
-            )
+            trust_only(conn.client, None if insecure else known_hosts, unknown)
+        except OSError as exc:
+            raise TaskError(KNOWN_HOSTS_UNREADABLE.format(path=known_hosts, reason=exc.strerror)) from exc
+        ctx.check()  # an abort before self.conn was set could not close it
+        try:
+            conn.open()
         except paramiko.BadHostKeyException:
             raise self.fail(CHANGED_HOST_KEY.format(host=where, known_hosts=known_hosts)) from None
         except paramiko.AuthenticationException:
@@ -315,20 +302,20 @@ class _Session:
         raise self.fail(CONNECT_FAILED.format(host=self.host, port=self.port, reason=reason))
 
     def upload(self, local: Path, remote: str) -> None:
-        """Copy the local file to the host with SFTP; a remote path ending in / gets the file's name."""
-        assert self.client is not None
+        """Copy the local file to the host with SFTP; into a directory (or a path ending in /) under its name."""
+        assert self.conn is not None
         if remote.endswith("/"):
             remote += local.name
         if remote.startswith("~/"):
             remote = remote[2:]  # SFTP starts in the home directory and does not expand ~
         try:
-            sftp = self.client.open_sftp()
+            self.conn.sftp()  # started here to tell a server without SFTP from a failed copy
         except (OSError, EOFError, paramiko.SSHException) as exc:
             reason = f"the server did not start SFTP ({exc or type(exc).__name__})"
             raise self.fail(UPLOAD_FAILED.format(local=local, host=self.host, remote=remote, reason=reason)) from None
         try:
-            with sftp:
-                size = sftp.put(str(local), remote).st_size or 0
+            remote = self.conn.put(str(local), remote, preserve_mode=False).remote
+            size = self.conn.sftp().stat(remote).st_size or 0
         except (OSError, EOFError, paramiko.SSHException) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             raise self.fail(UPLOAD_FAILED.format(local=local, host=self.host, remote=remote, reason=reason)) from None
@@ -338,11 +325,9 @@ class _Session:
 
     def execute(self, line: str) -> ProcessResult:
         """Run one command line and read its output, each stream kept up to the output limit."""
-        assert self.client is not None
-        transport = self.client.get_transport()
-        assert transport is not None
+        assert self.conn is not None and self.conn.transport is not None
         try:
-            channel = transport.open_session(timeout=max(self.ctx.remaining(), 0.1))
+            channel = self.conn.transport.open_session(timeout=max(self.ctx.remaining(), 0.1))
             self.command_channel = channel
             channel.exec_command(line)
             channel.shutdown_write()  # no input: a command that reads stdin sees its end at once
@@ -374,16 +359,14 @@ class _Session:
 
     def abort(self) -> None:
         """Stop the work from another thread: kill the remote command, then close the connection."""
-        channel, client = self.command_channel, self.client
-        if channel is not None and client is not None and not channel.closed:
-            self.reap(client)
+        channel, conn = self.command_channel, self.conn
+        if channel is not None and conn is not None and conn.transport is not None and not channel.closed:
+            self.reap(conn.transport)
         self.close()
 
-    def reap(self, client: paramiko.SSHClient) -> None:
+    def reap(self, transport: paramiko.Transport) -> None:
         """Kill the process groups of this connection's remote commands, from a second channel."""
         try:
-            transport = client.get_transport()
-            assert transport is not None
             reaper = transport.open_session(timeout=REAP_WAIT)
             reaper.exec_command(REAP_COMMAND)
             if not reaper.status_event.wait(REAP_WAIT) or reaper.recv_exit_status() != 0:
@@ -394,7 +377,18 @@ class _Session:
 
     def close(self) -> None:
         """Close the connection (safe to call twice, from any thread)."""
-        if self.client is not None:
-            self.client.close()
+        if self.conn is not None:
+            self.conn.close()  # SFTP and the transport, once open() has returned
+            self.conn.client.close()  # a handshake still in progress
         if self.sock is not None:
             self.sock.close()
+
+
+def fabric_config() -> fabric.Config:
+    """Return a Fabric config of its defaults alone: no ssh_config, Invoke or Fabric file is read.
+
+    ``lazy`` skips the /etc and ~ config files; ``load_ssh_configs`` keeps ssh_config out even if
+    ``load_ssh_config()`` runs later. No gateway and no agent forwarding.
+    """
+    overrides = {"load_ssh_configs": False, "ssh_config_path": None, "gateway": None, "forward_agent": False}
+    return fabric.Config(overrides=overrides, runtime_ssh_path=None, lazy=True)

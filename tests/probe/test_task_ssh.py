@@ -200,6 +200,17 @@ def test_an_upload_alone_into_a_directory_keeps_the_file_name(sshd_server, tmp_p
     assert "exit_code" not in result.metrics
 
 
+def test_an_upload_to_an_existing_directory_lands_inside_it_and_reports_the_full_path(sshd_server, tmp_path):
+    local = tmp_path / "tool.sh"
+    local.write_text("#!/bin/sh\n")
+    target = tmp_path / "bin"
+    target.mkdir()
+    result = run_ssh(server_config(sshd_server, upload={"local": str(local), "remote": str(target)}))
+    assert result.status is Status.SUCCEEDED, result.error
+    assert (target / "tool.sh").read_text() == "#!/bin/sh\n"
+    assert result.output == f"uploaded {local} to {sshd_server.host}:{target}/tool.sh (10 bytes)\n"
+
+
 def test_an_upload_to_a_missing_directory_is_an_error_and_the_command_does_not_run(sshd_server, tmp_path):
     local = tmp_path / "a.txt"
     local.write_text("x")
@@ -261,6 +272,19 @@ def test_insecure_ignore_host_key_connects_and_warns_first(sshd_server, tmp_path
     assert result.output == f"{warning}\nin\n"
     assert any(e["event"] == "task_log" and e["level"] == "warning" for e in events)
     assert not known_hosts.exists()
+
+
+def test_the_users_ssh_and_fabric_config_files_are_not_read(sshd_server, tmp_path, monkeypatch):
+    home, marker = tmp_path / "home", tmp_path / "proxy-ran"
+    (home / ".ssh").mkdir(parents=True)
+    redirect = f"Host *\n  HostName 192.0.2.1\n  User nobody\n  ProxyCommand touch {marker}\n"
+    (home / ".ssh" / "config").write_text(redirect)
+    (home / ".fabric.yaml").write_text(f"load_ssh_configs: true\ngateway: touch {marker}\n")
+    monkeypatch.setenv("HOME", str(home))
+    result = run_ssh(server_config(sshd_server, command="echo direct"))
+    assert result.status is Status.SUCCEEDED, result.error
+    assert result.output == "direct\n"
+    assert not marker.exists()
 
 
 def test_a_key_the_server_does_not_accept_is_an_authentication_error(sshd_server, tmp_path):
