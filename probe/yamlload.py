@@ -22,6 +22,8 @@ ALIAS_BOMB = "the document expands to more than {limit} values through YAML alia
 DUPLICATE_KEY = "duplicate key '{key}' (first at line {first})"
 
 
+# libyaml's parser when PyYAML was built with it: the same safe constructor, about 10x faster.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
 
 
@@ -57,7 +59,7 @@ def line_of(value: Any, key: str | int | None = None) -> int | None:
 class _Builder:
     """Turns a composed YAML node graph into Node/NodeList/scalars, counting values to stop alias bombs."""
 
-    def __init__(self, loader: yaml.SafeLoader) -> None:
+    def __init__(self, loader: Any) -> None:
         self.loader = loader
         self.count = 0
         self.problems: list[Problem] = []
@@ -111,15 +113,18 @@ def load_yaml(text: str | bytes, source: str | None = None) -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise WorkflowError(f"the document is not UTF-8 text ({exc.reason} at byte {exc.start})", source) from exc
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters such as NUL
+        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc, text)), source) from exc
     try:
         root = loader.get_single_node()
     except yaml.composer.ComposerError as exc:
         if "expected a single document" in str(exc):
-            raise WorkflowError(Problem("", MULTIPLE_DOCUMENTS, _mark_line(exc)), source) from exc
-        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc)), source) from exc
+            raise WorkflowError(Problem("", MULTIPLE_DOCUMENTS, _mark_line(exc, text)), source) from exc
+        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc, text)), source) from exc
     except yaml.YAMLError as exc:
-        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc)), source) from exc
+        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc, text)), source) from exc
     finally:
         loader.dispose()
     if root is None:
@@ -131,7 +136,7 @@ def load_yaml(text: str | bytes, source: str | None = None) -> Any:
         exc.source = source
         raise WorkflowError(exc.problems, source) from None
     except yaml.YAMLError as exc:
-        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc)), source) from exc
+        raise WorkflowError(Problem("", _yaml_message(exc), _mark_line(exc, text)), source) from exc
     except RecursionError:
         raise WorkflowError(ALIAS_BOMB.format(limit=MAX_NODES), source) from None
     if builder.problems:
@@ -139,7 +144,11 @@ def load_yaml(text: str | bytes, source: str | None = None) -> Any:
     return value
 
 
-def _mark_line(exc: yaml.YAMLError) -> int | None:
+def _mark_line(exc: yaml.YAMLError, text: str) -> int | None:
+    """The line a YAML error points at (a reader error knows only its character position)."""
+    position = getattr(exc, "position", None)
+    if isinstance(position, int):
+        return text.count("\n", 0, position) + 1
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     return mark.line + 1 if mark is not None else None
 

@@ -100,7 +100,7 @@ class JobRunner:
         secrets = claim.body.get("secrets") or {}
         with self.inflight.track(job_id, attempt) as running:
             try:
-                workflow = probe.load_workflow(envelope.workflow, name=envelope.name)
+                workflow = probe.load_workflow(envelope.workflow.encode(), name=envelope.name)
                 result = probe.run_workflow(
                     workflow,
                     variables=envelope.variables,

@@ -189,6 +189,12 @@ def test_unsafe_yaml_tags_are_not_constructed(load_error):
     assert "invalid YAML" in str(error)
 
 
+def test_control_characters_are_refused_with_their_line(load_error):
+    error = load_error("name: x\ntasks: []\ndescription: a\x00b\n")
+    assert "control characters are not allowed" in str(error)
+    assert error.line == 3
+
+
 def test_an_empty_document_is_refused(load_error):
     assert "empty" in str(load_error("# nothing\n"))
 
