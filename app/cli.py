@@ -1,10 +1,16 @@
-"""The ``automation`` command: administration of the platform (its commands arrive with the control plane)."""
+"""The ``automation`` command: set up tenants and projects, mint tokens, migrate the database."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+
+from app.errors import AppError
+from probe.durations import parse_duration
+
+HELP = "Administer the automation platform (configured by the environment: see docs/CONFIGURATION.md)."
 
 
 def _version() -> str:
@@ -14,13 +20,152 @@ def _version() -> str:
         return "unknown"
 
 
+class CommandError(AppError):
+    """Raised when a command cannot do what it was asked; the message is printed and the exit code is 1."""
+
+
+def _in_app(work: Callable[[], int]) -> int:
+    from app import create_app
+
+    app = create_app()
+    with app.app_context():
+        return work()
+
+
+def token_create(args: argparse.Namespace) -> int:
+    """Print a signed token for a tenant, project and role (the design document's gen-token tool)."""
+    from flask import current_app
+
+    from app.auth.tokens import TokenError, issue_token
+    from app.extensions import db
+    from app.tenants.models import Project, Tenant
+
+    try:
+        ttl = int(parse_duration(args.ttl)) if args.ttl is not None else None
+    except ValueError as exc:
+        raise CommandError(f"--ttl: {exc}") from None
+
+    def work() -> int:
+        lifetime = ttl if ttl is not None else int(current_app.config["JWT_DEFAULT_TTL"])
+        if db.session.get(Tenant, args.tenant) is None:
+            raise CommandError(f"tenant '{args.tenant}' does not exist: create it with 'automation tenant create'")
+        if args.project and db.session.get(Project, (args.tenant, args.project)) is None:
+            raise CommandError(f"project '{args.project}' does not exist in tenant '{args.tenant}'")
+        try:
+            token = issue_token(
+                current_app.config["JWT_SECRET"],
+                tenant_id=args.tenant,
+                role=args.role,
+                project_id=args.project,
+                agent_id=args.agent_id,
+                subject=args.subject,
+                ttl=lifetime,
+            )
+        except TokenError as exc:
+            raise CommandError(str(exc)) from None
+        print(token)
+        return 0
+
+    return _in_app(work)
+
+
+def tenant_create(args: argparse.Namespace) -> int:
+    """Create a tenant."""
+    from app.errors import AppError
+    from app.tenants import service
+
+    def work() -> int:
+        try:
+            tenant = service.create_tenant(caller=None, tenant_id=args.tenant_id, name=args.name)
+        except AppError as exc:
+            raise CommandError(exc.message) from None
+        print(f"created tenant {tenant.id}")
+        return 0
+
+    return _in_app(work)
+
+
+def project_create(args: argparse.Namespace) -> int:
+    """Create a project in a tenant."""
+    from app.errors import AppError
+    from app.tenants import service
+
+    def work() -> int:
+        try:
+            project = service.create_project(
+                caller=None, tenant_id=args.tenant, project_id=args.project_id, name=args.name
+            )
+        except AppError as exc:
+            raise CommandError(exc.message) from None
+        print(f"created project {project.tenant_id}/{project.id}")
+        return 0
+
+    return _in_app(work)
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    """Bring the database schema up to date."""
+    from flask_migrate import upgrade
+
+    def work() -> int:
+        upgrade(revision=args.revision)
+        return 0
+
+    return _in_app(work)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    from app.auth.tokens import ROLES
+    from app.columns import SLUG_PATTERN
+
+    slug = f"an id matching {SLUG_PATTERN}"
+    parser = argparse.ArgumentParser(prog="automation", description=HELP)
+    parser.add_argument("--version", action="version", version=f"automation {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    token = commands.add_parser("token", help="mint API tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="print a signed token")
+    create.add_argument("--tenant", required=True, help="the tenant the token belongs to")
+    create.add_argument("--project", help="limit the token to one project")
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--agent-id", help="the agent (role agent only)")
+    create.add_argument("--subject", help="who the token names (default: derived from the role)")
+    create.add_argument("--ttl", help="lifetime, such as 30m, 24h or 30d (default: JWT_DEFAULT_TTL, 24h)")
+    create.set_defaults(run=token_create)
+
+    tenant = commands.add_parser("tenant", help="manage tenants").add_subparsers(dest="action", required=True)
+    create = tenant.add_parser("create", help="create a tenant")
+    create.add_argument("tenant_id", help=slug)
+    create.add_argument("--name", help="a display name (default: the id)")
+    create.set_defaults(run=tenant_create)
+
+    project = commands.add_parser("project", help="manage projects").add_subparsers(dest="action", required=True)
+    create = project.add_parser("create", help="create a project in a tenant")
+    create.add_argument("project_id", help=slug)
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="a display name (default: the id)")
+    create.set_defaults(run=project_create)
+
+    database = commands.add_parser("db", help="the database schema").add_subparsers(dest="action", required=True)
+    upgrade = database.add_parser("upgrade", help="apply the migrations")
+    upgrade.add_argument("--revision", default="head")
+    upgrade.set_defaults(run=db_upgrade)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``automation`` command line; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="automation", description="Administer the automation platform.")
-    parser.add_argument("--version", action="version", version=f"automation {_version()}")
-    parser.parse_args(argv)
-    parser.print_help(sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args))
+    except CommandError as exc:
+        print(f"automation: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -139,6 +139,7 @@ class ServerProcess:
         *,
         ready: Callable[[], bool],
         timeout: float = 30.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """Start the server and wait until `ready()` holds; on failure stop it and raise with its log."""
         if self.running:
@@ -152,6 +153,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,  # only calls prctl, safe after fork
+                env=None if env is None else dict(env),
             )
         deadline = time.monotonic() + timeout
         last_error = "the readiness check never passed"
@@ -166,6 +168,22 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 self._fail(f"was not ready after {timeout:.0f}s ({last_error})")
             time.sleep(0.05)
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    def kill(self) -> None:
+        """Kill the server and its children at once (SIGKILL), as a crash would."""
+        if self._process is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self._process.pid).children(recursive=True):
+                child.kill()
+        self._process.kill()
+        self._process.wait()
+        self._process = None
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the server and its children; do nothing if it is not running."""

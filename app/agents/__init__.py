@@ -1,0 +1,1 @@
+"""Agents: the Celery workers on managed hosts, their registration and heartbeats."""

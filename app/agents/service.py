@@ -1,0 +1,114 @@
+"""Agent services: register, list, read, heartbeat (renewing leases) and delete."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import delete, func, select, update
+
+from app.agents.models import Agent
+from app.agents.schemas import AgentListQuery, AgentRegister
+from app.audit import service as audit
+from app.auth.guard import check_project, check_tenant, deny
+from app.auth.tokens import Principal
+from app.columns import utcnow
+from app.errors import NOT_FOUND, NotFound, Unprocessable
+from app.extensions import db
+from app.jobs.models import Job, JobAttempt
+from app.jobs.states import AttemptState
+from app.tenants.models import Project
+
+OTHER_AGENT = "an agent token may act only on its own agent record"
+NO_PROJECT = "name the project: give project_id (the token is not limited to one)"
+UNKNOWN_PROJECT = "project '{project}' does not exist in this tenant"
+
+
+def scoped(caller: Principal, agent_id: str) -> Agent:
+    """Return the agent if the caller may see it: 404 outside its tenant, 403 for another agent's token."""
+    agent = db.session.get(Agent, (caller.tenant_id, agent_id))
+    if agent is None or (caller.project_id is not None and agent.project_id != caller.project_id):
+        raise NotFound(NOT_FOUND.format(kind="agent", id=agent_id))
+    if caller.role == "agent" and caller.agent_id != agent_id:
+        raise deny(caller, OTHER_AGENT, agent_id=agent_id)
+    return agent
+
+
+def register_agent(*, caller: Principal, data: AgentRegister) -> tuple[Agent, bool]:
+    """Create or update an agent's registration; return it and whether it is new."""
+    check_tenant(caller, data.tenant_id)
+    if caller.role == "agent" and caller.agent_id != data.agent_id:
+        raise deny(caller, OTHER_AGENT, agent_id=data.agent_id)
+    project_id = check_project(caller, data.project_id)
+    if project_id is None:
+        raise Unprocessable(NO_PROJECT, code="unknown_project")
+    if db.session.get(Project, (caller.tenant_id, project_id)) is None:
+        raise Unprocessable(UNKNOWN_PROJECT.format(project=project_id), code="unknown_project")
+    now = utcnow()
+    agent = db.session.get(Agent, (caller.tenant_id, data.agent_id))
+    created = agent is None
+    if agent is None:
+        agent = Agent(tenant_id=caller.tenant_id, id=data.agent_id, registered_at=now)
+        db.session.add(agent)
+    fields = data.model_dump(exclude={"agent_id", "tenant_id", "project_id"})
+    for key, value in fields.items():
+        setattr(agent, key, value)
+    agent.project_id = project_id
+    agent.updated_at = now
+    agent.last_heartbeat_at = now
+    audit.record(
+        action="agent.registered",
+        principal=caller,
+        target_type="agent",
+        target_id=data.agent_id,
+        details={"project_id": project_id, "platform": data.platform, "new": created},
+    )
+    db.session.commit()
+    return agent, created
+
+
+def list_agents(*, caller: Principal, params: AgentListQuery) -> tuple[list[Agent], int]:
+    """Return a page of the caller's agents and how many match in all."""
+    check_tenant(caller, params.tenant_id)
+    query = select(Agent).where(Agent.tenant_id == caller.tenant_id)
+    project_id = check_project(caller, params.project_id)
+    if project_id is not None:
+        query = query.where(Agent.project_id == project_id)
+    if params.platform is not None:
+        query = query.where(Agent.platform == params.platform)
+    if params.status is not None:
+        cutoff = utcnow() - timedelta(seconds=current_app.config["AGENT_OFFLINE_AFTER"])
+        online = Agent.last_heartbeat_at >= cutoff
+        query = query.where(online if params.status == "online" else (Agent.last_heartbeat_at.is_(None) | ~online))
+    total = db.session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = query.order_by(Agent.id).limit(params.limit).offset(params.offset)
+    return list(db.session.scalars(page)), total
+
+
+def heartbeat(*, caller: Principal, agent_id: str) -> tuple[Agent, list[tuple[Job, JobAttempt]]]:
+    """Record that the agent is alive and renew the leases of its running attempts; return them."""
+    agent = scoped(caller, agent_id)
+    now = utcnow()
+    expires = now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
+    agent.last_heartbeat_at = now
+    mine = (
+        JobAttempt.tenant_id == caller.tenant_id,
+        JobAttempt.agent_id == agent_id,
+        JobAttempt.state == AttemptState.RUNNING.value,
+    )
+    db.session.execute(
+        update(JobAttempt).where(*mine).values(lease_expires_at=expires).execution_options(synchronize_session=False)
+    )
+    query = select(Job, JobAttempt).join(JobAttempt, JobAttempt.job_id == Job.id).where(*mine)
+    rows = db.session.execute(query.execution_options(populate_existing=True)).all()
+    running = [(job, attempt) for job, attempt in rows if attempt.number == job.attempt]
+    db.session.commit()
+    return agent, running
+
+
+def delete_agent(*, caller: Principal, agent_id: str) -> None:
+    """Remove an agent's registration (its jobs keep their history)."""
+    agent = scoped(caller, agent_id)
+    db.session.execute(delete(Agent).where(Agent.tenant_id == agent.tenant_id, Agent.id == agent.id))
+    audit.record(action="agent.deleted", principal=caller, target_type="agent", target_id=agent_id)
+    db.session.commit()

@@ -1,0 +1,107 @@
+"""Request parsing (JSON only, validated by pydantic models) and the per-view OpenAPI description."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from flask import Response, request
+from pydantic import BaseModel, ValidationError
+
+from app.errors import BadRequest, UnsupportedMediaType
+
+M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Callable[..., Any])
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+NOT_JSON = "the request body must be JSON: send 'Content-Type: application/json'"
+BODY_REQUIRED = "this endpoint needs a JSON object as its body"
+MALFORMED_JSON = "the body is not valid JSON: {detail}"
+
+
+def has_body() -> bool:
+    """Tell whether the request carries a body."""
+    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def refuse_non_json() -> None:
+    """Refuse (415) a body that is not declared as JSON; registered before every API request."""
+    if request.method in BODY_METHODS and has_body() and request.mimetype != "application/json":
+        raise UnsupportedMediaType(NOT_JSON)
+
+
+def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Return pydantic's errors as ``[{"field": "a.b", "message": ...}]``."""
+    return [
+        {"field": ".".join(str(part) for part in error["loc"]) or "(body)", "message": error["msg"]}
+        for error in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def _refuse(exc: ValidationError, where: str) -> BadRequest:
+    errors = exc.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
+        return BadRequest(MALFORMED_JSON.format(detail=detail), code="malformed_json")
+    details = describe_errors(exc)
+    message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return BadRequest(f"invalid {where}: {message}", details=details)
+
+
+def body(model: type[M], *, optional: bool = False) -> M:
+    """Return the JSON body validated by ``model``; 400 for bad JSON or fields, 415 for other types."""
+    if not has_body():
+        if optional:
+            return model()
+        raise BadRequest(BODY_REQUIRED)
+    refuse_non_json()
+    try:
+        return model.model_validate_json(request.get_data(cache=False))
+    except ValidationError as exc:
+        raise _refuse(exc, "body") from None
+
+
+def query(model: type[M]) -> M:
+    """Return the query string validated by ``model`` (400 on unknown or malformed parameters)."""
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise _refuse(exc, "query") from None
+
+
+def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Serialize a response model as JSON."""
+    return Response(model.model_dump_json(), status=status, headers=headers, mimetype="application/json")
+
+
+@dataclass(frozen=True)
+class Doc:
+    """What the OpenAPI document says about one view."""
+
+    summary: str
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    responses: dict[int, type[BaseModel] | None] = field(default_factory=dict)
+    errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    headers: tuple[str, ...] = ()
+    public: bool = False
+
+
+def document(
+    summary: str,
+    *,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    responses: dict[int, type[BaseModel] | None],
+    errors: dict[int, tuple[str, ...]] | None = None,
+    headers: tuple[str, ...] = (),
+    public: bool = False,
+) -> Callable[[F], F]:
+    """Attach the OpenAPI description of a view; the document is built from these and the URL map."""
+
+    def decorate(view: F) -> F:
+        view.__doc_api__ = Doc(summary, body, query, responses, errors or {}, headers, public)  # type: ignore[attr-defined]
+        return view
+
+    return decorate

@@ -1,0 +1,44 @@
+"""Query and response models of the audit API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime
+
+from app.schemas import Page, Response
+
+
+class AuditQuery(Page):
+    """``GET /api/v1/audit`` filters."""
+
+    tenant_id: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    since: AwareDatetime | None = None
+
+
+class AuditEventOut(Response):
+    """One audit event."""
+
+    id: int
+    created_at: datetime
+    tenant_id: str | None
+    actor: str | None
+    role: str | None
+    action: str
+    target_type: str | None
+    target_id: str | None
+    outcome: str
+    remote_addr: str | None
+    details: dict[str, Any]
+
+
+class AuditList(Response):
+    """A page of audit events, newest first."""
+
+    events: list[AuditEventOut]
+    total: int
+    limit: int
+    offset: int

@@ -1,0 +1,1 @@
+"""Authentication and authorization: JWT bearer tokens carrying tenant, project and role."""

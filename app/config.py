@@ -1,0 +1,115 @@
+"""Configuration: defaults in a class, overrides from the environment read by the app factory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from app.errors import AppError
+
+MIN_SECRET_LENGTH = 32
+SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
+
+
+class ConfigError(AppError):
+    """Raised when the configuration cannot work (a short JWT secret, a malformed number)."""
+
+
+class Config:
+    """Defaults of every setting; ``docs/CONFIGURATION.md`` documents each one."""
+
+    DATABASE_URL: str | None = None  # None: an SQLite file in the instance folder
+    VALKEY_URL: str | None = None
+    JWT_SECRET: str | None = None  # None: a random secret kept in the instance folder
+    JWT_DEFAULT_TTL = 86400
+    MAX_CONTENT_LENGTH = 1024 * 1024
+    MAX_WORKFLOW_BYTES = 256 * 1024
+    TASK_OUTPUT_LIMIT = 64 * 1024
+    RATE_LIMIT = "600 per minute"
+    RATE_LIMIT_ENABLED = True
+    LEASE_SECONDS = 90
+    HEARTBEAT_INTERVAL = 30
+    AGENT_OFFLINE_AFTER = 90
+    MAX_ATTEMPTS = 3
+    CENTRIFUGO_URL: str | None = None
+    QUICKWIT_URL: str | None = None
+    HEALTH_TIMEOUT = 2.0
+
+
+# Environment variable -> the type it is read as. Only these are read.
+ENVIRONMENT: dict[str, type] = {
+    "DATABASE_URL": str,
+    "VALKEY_URL": str,
+    "JWT_SECRET": str,
+    "JWT_DEFAULT_TTL": int,
+    "MAX_CONTENT_LENGTH": int,
+    "MAX_WORKFLOW_BYTES": int,
+    "TASK_OUTPUT_LIMIT": int,
+    "RATE_LIMIT": str,
+    "RATE_LIMIT_ENABLED": bool,
+    "LEASE_SECONDS": int,
+    "HEARTBEAT_INTERVAL": int,
+    "AGENT_OFFLINE_AFTER": int,
+    "MAX_ATTEMPTS": int,
+    "CENTRIFUGO_URL": str,
+    "QUICKWIT_URL": str,
+}
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return the settings that ``environ`` overrides, converted to their types."""
+    settings: dict[str, Any] = {}
+    for name, kind in ENVIRONMENT.items():
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            continue
+        if kind is bool:
+            settings[name] = raw.strip().lower() in {"1", "true", "yes", "on"}
+        elif kind is int:
+            try:
+                settings[name] = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        else:
+            settings[name] = raw
+    return settings
+
+
+def database_url(configured: str | None, instance_path: str) -> str:
+    """Return the database URL: the configured one, or an SQLite file under the instance folder."""
+    if configured:
+        return configured
+    Path(instance_path).mkdir(parents=True, exist_ok=True)
+    return "sqlite:///" + os.path.join(instance_path, "automation.db")
+
+
+def jwt_secret(configured: str | None, instance_path: str) -> str:
+    """Return the JWT secret: the configured one, or one kept in the instance folder (made on first use)."""
+    if configured:
+        if len(configured) < MIN_SECRET_LENGTH:
+            raise ConfigError(f"JWT_SECRET must be at least {MIN_SECRET_LENGTH} characters long")
+        return configured
+    path = Path(instance_path) / SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f"{SECRET_FILE}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+        try:
+            os.link(draft, path)  # atomic: the first process to get here wins, the others read its secret
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+def engine_options(url: str) -> dict[str, Any]:
+    """Return SQLAlchemy engine options suited to the database behind ``url``."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 30}}
+    return {"pool_pre_ping": True, "pool_recycle": 3600, "isolation_level": "READ COMMITTED"}

@@ -1,0 +1,1 @@
+"""Jobs: submitted workflows, their attempts, task results and state changes."""

@@ -1,0 +1,133 @@
+"""Agent-facing job services: claim with a lease, then task results and states fenced by the attempt."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import select
+
+import probe.results
+from app.agents.models import Agent
+from app.auth.guard import deny
+from app.auth.tokens import Principal
+from app.columns import utcnow
+from app.errors import Conflict
+from app.extensions import db
+from app.jobs.models import Job, JobAttempt, TaskResult
+from app.jobs.schemas import StatusReport, TaskReport
+from app.jobs.service import scoped
+from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+
+STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
+ATTEMPT_OVER = "attempt {attempt} of job {job_id} is {state}; it takes no more reports"
+NOT_YOURS = "attempt {attempt} of job {job_id} belongs to another agent"
+PINNED_ELSEWHERE = "job {job_id} is pinned to another agent"
+CANCELLED = "job {job_id} was cancelled; drop the message"
+NOT_REGISTERED = "agent '{agent}' is not registered: register before claiming jobs"
+WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platform}"
+
+
+def _attempt(job: Job, number: int) -> JobAttempt | None:
+    return db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == number))
+
+
+def _lease() -> tuple[datetime, datetime]:
+    now = utcnow()
+    return now, now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
+
+
+def claim_job(*, caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAttempt]:
+    """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim."""
+    job = scoped(caller, job_id)
+    agent = db.session.get(Agent, (caller.tenant_id, caller.agent_id))
+    if agent is None:
+        raise Conflict(NOT_REGISTERED.format(agent=caller.agent_id), code="agent_not_registered")
+    if job.agent_id is not None and job.agent_id != caller.agent_id:
+        raise deny(caller, PINNED_ELSEWHERE.format(job_id=job.id), job_id=job.id)
+    if attempt != job.attempt:
+        raise Conflict(STALE_ATTEMPT.format(attempt=attempt, job_id=job.id, current=job.attempt), code="stale_attempt")
+    if job.cancel_requested or job.state == JobState.CANCELLED.value:
+        raise Conflict(CANCELLED.format(job_id=job.id), code="job_cancelled", state=job.state)
+    if agent.platform != job.platform or agent.project_id != job.project_id:
+        raise Conflict(
+            WRONG_PLATFORM.format(job_id=job.id, platform=job.platform, agent_platform=agent.platform),
+            code="wrong_agent",
+        )
+    row = _attempt(job, attempt)
+    now, expires = _lease()
+    transition(
+        job,
+        JobState.RUNNING,
+        actor=caller.subject,
+        where=(Job.cancel_requested.is_(False),),
+        started_at=job.started_at or now,
+    )
+    assert row is not None  # a queued job always has its current attempt
+    transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
+    db.session.commit()
+    return job, row
+
+
+def _fenced(caller: Principal, job: Job, number: int) -> JobAttempt:
+    row = _attempt(job, number)
+    if row is None:
+        raise Conflict(STALE_ATTEMPT.format(attempt=number, job_id=job.id, current=job.attempt), code="stale_attempt")
+    if row.agent_id != caller.agent_id:
+        raise deny(caller, NOT_YOURS.format(attempt=number, job_id=job.id), job_id=job.id)
+    if number != job.attempt:
+        raise Conflict(STALE_ATTEMPT.format(attempt=number, job_id=job.id, current=job.attempt), code="stale_attempt")
+    return row
+
+
+def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[TaskResult, bool]:
+    """Store one task's result of the caller's current attempt; return it and whether it is new."""
+    job = scoped(caller, job_id)
+    row = _fenced(caller, job, report.attempt)
+    if row.state != AttemptState.RUNNING.value:
+        raise Conflict(
+            ATTEMPT_OVER.format(attempt=row.number, job_id=job.id, state=row.state),
+            code="stale_attempt",
+            state=row.state,
+        )
+    result = db.session.scalar(
+        select(TaskResult).where(
+            TaskResult.job_id == job.id, TaskResult.attempt == row.number, TaskResult.name == report.name
+        )
+    )
+    created = result is None
+    if result is None:
+        result = TaskResult(job_id=job.id, attempt=row.number, name=report.name)
+        db.session.add(result)
+    fields = report.model_dump(exclude={"attempt", "name"})
+    fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
+    for key, value in fields.items():
+        setattr(result, key, value)
+    row.lease_expires_at = _lease()[1]  # a report is a sign of life too
+    db.session.commit()
+    return result, created
+
+
+def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Job:
+    """Apply the state an agent reports for its current attempt; ``running`` only renews the lease."""
+    job = scoped(caller, job_id)
+    row = _fenced(caller, job, report.attempt)
+    target = report.state
+    if row.state == target and job.state == target:
+        return job  # a retried report of the same final state
+    if row.state != AttemptState.RUNNING.value:
+        raise Conflict(
+            ATTEMPT_OVER.format(attempt=row.number, job_id=job.id, state=row.state),
+            code="stale_attempt",
+            state=row.state,
+        )
+    now, expires = _lease()
+    if target == AttemptState.RUNNING.value:
+        row.lease_expires_at = expires
+    else:
+        transition(
+            job, JobState(target), actor=caller.subject, reason=report.error, finished_at=now, error=report.error
+        )
+        transition_attempt(row, AttemptState(target), finished_at=now, error=report.error)
+    db.session.commit()
+    return job

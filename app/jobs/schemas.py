@@ -1,0 +1,193 @@
+"""Request and response models of the jobs API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, Field, model_validator
+
+from app.jobs.states import JobState
+from app.schemas import Page, Platform, Request, Response, Slug
+
+TaskStatus = Literal["succeeded", "failed", "error", "timed_out", "skipped", "cancelled"]
+ReportedState = Literal["running", "completed", "failed", "timed_out", "cancelled"]
+
+
+class JobSubmit(Request):
+    """``POST /api/v1/jobs``."""
+
+    workflow: str = Field(min_length=1)
+    project_id: Slug | None = None
+    tenant_id: str | None = None
+    agent_id: Slug | None = None
+    variables: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(5, ge=0, le=9)
+    platform: Platform | None = None
+    scheduled_at: AwareDatetime | None = None
+    deliver_by: AwareDatetime | None = None
+    max_attempts: int | None = Field(None, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _deliver_after_schedule(self) -> JobSubmit:
+        if self.deliver_by is not None and self.scheduled_at is not None and self.deliver_by <= self.scheduled_at:
+            raise ValueError("deliver_by must be later than scheduled_at")
+        return self
+
+
+class JobUpdate(Request):
+    """``PUT /api/v1/jobs/{id}``: the fields to change (only while the job has not started)."""
+
+    workflow: str | None = Field(None, min_length=1)
+    agent_id: Slug | None = None
+    variables: dict[str, Any] | None = None
+    priority: int | None = Field(None, ge=0, le=9)
+    platform: Platform | None = None
+    scheduled_at: AwareDatetime | None = None
+    deliver_by: AwareDatetime | None = None
+    max_attempts: int | None = Field(None, ge=1, le=20)
+
+
+class JobListQuery(Page):
+    """``GET /api/v1/jobs`` filters."""
+
+    tenant_id: str | None = None
+    project_id: str | None = None
+    state: JobState | None = None
+    agent_id: str | None = None
+
+
+class CancelRequest(Request):
+    """``POST /api/v1/jobs/{id}/cancel`` (the body is optional)."""
+
+    reason: str | None = Field(None, max_length=500)
+
+
+class ClaimRequest(Request):
+    """``POST /api/v1/jobs/{id}/claim``: the attempt named in the agent's message."""
+
+    attempt: int = Field(ge=1)
+
+
+class TaskReport(Request):
+    """``POST /api/v1/jobs/{id}/tasks``: one task's result."""
+
+    attempt: int = Field(ge=1)
+    name: str = Field(min_length=1, max_length=200)
+    type: str = Field(min_length=1, max_length=64)
+    status: TaskStatus
+    position: int = Field(0, ge=0)
+    output: str = ""
+    error: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    started_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
+
+
+class StatusReport(Request):
+    """``POST /api/v1/jobs/{id}/status``: the attempt's state (``running`` renews the lease)."""
+
+    attempt: int = Field(ge=1)
+    state: ReportedState
+    error: str | None = Field(None, max_length=10000)
+
+
+class TaskResultOut(Response):
+    """One task's result."""
+
+    attempt: int
+    position: int
+    name: str
+    type: str
+    status: str
+    output: str
+    error: str | None
+    metrics: dict[str, Any]
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class AttemptOut(Response):
+    """One delivery of the job."""
+
+    number: int
+    state: str
+    agent_id: str | None
+    queued_at: datetime
+    claimed_at: datetime | None
+    lease_expires_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    tasks: list[TaskResultOut]
+
+
+class EventOut(Response):
+    """One state change."""
+
+    attempt: int
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    actor: str | None
+    created_at: datetime
+
+
+class JobOut(Response):
+    """A job as lists and writes return it."""
+
+    job_id: str
+    tenant_id: str
+    project_id: str
+    name: str
+    state: str
+    attempt: int
+    max_attempts: int
+    revision: int
+    priority: int
+    agent_id: str | None
+    platform: str
+    variables: dict[str, Any]
+    cancel_requested: bool
+    scheduled_at: datetime
+    deliver_by: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    created_by: str | None
+
+
+class JobDetail(JobOut):
+    """A job with its workflow, the current attempt's task results, every attempt and every state change."""
+
+    workflow: str
+    tasks: list[TaskResultOut]
+    attempts: list[AttemptOut]
+    events: list[EventOut]
+
+
+class JobList(Response):
+    """A page of jobs, newest first."""
+
+    jobs: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ClaimOut(Response):
+    """What a successful claim hands the agent: the lease and the job's current workflow."""
+
+    job_id: str
+    attempt: int
+    state: str
+    lease_expires_at: datetime
+    lease_seconds: int
+    heartbeat_interval: int
+    revision: int
+    name: str
+    workflow: str
+    variables: dict[str, Any]
+    secrets: dict[str, str]

@@ -1,0 +1,141 @@
+"""The job life cycle of DESIGN.md, in one place: states, legal transitions, and the atomic move."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import ColumnElement, update
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.columns import utcnow
+from app.errors import Conflict
+from app.extensions import db
+from app.jobs.models import Job, JobAttempt, JobEvent
+
+INVALID_TRANSITION = "job {job_id} is {current}; it cannot become {target}"
+CHANGED_MEANWHILE = "job {job_id} changed while the request was handled; read it again"
+
+
+class JobState(StrEnum):
+    """Where a job is in its life cycle."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    DEAD_LETTER = "dead_letter"
+
+
+class AttemptState(StrEnum):
+    """Where one delivery of a job is; ``lost`` means its lease expired."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    DEAD_LETTER = "dead_letter"
+
+
+J = JobState
+A = AttemptState
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    J.PENDING: frozenset({J.QUEUED, J.CANCELLED, J.DEAD_LETTER}),
+    J.QUEUED: frozenset({J.RUNNING, J.CANCELLED, J.DEAD_LETTER}),
+    # running -> queued is the next attempt after a lost one; -> dead_letter when attempts are exhausted.
+    J.RUNNING: frozenset({J.COMPLETED, J.FAILED, J.TIMED_OUT, J.CANCELLED, J.QUEUED, J.DEAD_LETTER}),
+    J.COMPLETED: frozenset(),
+    J.FAILED: frozenset(),
+    J.TIMED_OUT: frozenset(),
+    J.CANCELLED: frozenset(),
+    J.DEAD_LETTER: frozenset(),
+}
+
+ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
+    A.QUEUED: frozenset({A.RUNNING, A.CANCELLED, A.DEAD_LETTER}),
+    A.RUNNING: frozenset({A.COMPLETED, A.FAILED, A.TIMED_OUT, A.CANCELLED, A.LOST}),
+    A.COMPLETED: frozenset(),
+    A.FAILED: frozenset(),
+    A.TIMED_OUT: frozenset(),
+    A.CANCELLED: frozenset(),
+    A.LOST: frozenset(),
+    A.DEAD_LETTER: frozenset(),
+}
+
+FINAL_STATES = frozenset(s for s, targets in JOB_TRANSITIONS.items() if not targets)
+ACTIVE_STATES = frozenset(JobState) - FINAL_STATES
+NOT_STARTED = frozenset({J.PENDING, J.QUEUED})
+REPORTABLE = frozenset({J.COMPLETED, J.FAILED, J.TIMED_OUT, J.CANCELLED})
+
+
+def can_transition(current: str, target: str) -> bool:
+    """Tell whether a job may move from ``current`` to ``target``."""
+    return JobState(target) in JOB_TRANSITIONS[JobState(current)]
+
+
+def transition(
+    job: Job,
+    target: JobState,
+    *,
+    reason: str | None = None,
+    actor: str | None = None,
+    where: tuple[ColumnElement[bool], ...] = (),
+    **values: Any,
+) -> None:
+    """Move ``job`` to ``target`` atomically, or raise Conflict (409) if that is illegal or lost a race.
+
+    The row is updated only if it still has the state and attempt it was read with (and every ``where``
+    condition holds), so two concurrent requests can never both win. Records a JobEvent.
+    """
+    current = JobState(job.state)
+    if target not in JOB_TRANSITIONS[current]:
+        raise Conflict(
+            INVALID_TRANSITION.format(job_id=job.id, current=current.value, target=target.value),
+            code="invalid_transition",
+            state=current.value,
+        )
+    now = utcnow()
+    values = {"state": target.value, "updated_at": now, **values}
+    statement = (
+        update(Job)
+        .where(Job.id == job.id, Job.state == current.value, Job.attempt == job.attempt, *where)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if db.session.execute(statement).rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(CHANGED_MEANWHILE.format(job_id=job.id), code="concurrent_update")
+    for key, value in values.items():
+        set_committed_value(job, key, value)  # already written: do not let the flush write it again
+    db.session.add(
+        JobEvent(
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            attempt=job.attempt,
+            from_state=current.value,
+            to_state=target.value,
+            reason=reason,
+            actor=actor,
+            created_at=now,
+        )
+    )
+
+
+def transition_attempt(attempt: JobAttempt, target: AttemptState, **values: Any) -> None:
+    """Move an attempt to ``target``, or raise Conflict (409) when its state does not allow it."""
+    current = AttemptState(attempt.state)
+    if target not in ATTEMPT_TRANSITIONS[current]:
+        raise Conflict(
+            f"attempt {attempt.number} of job {attempt.job_id} is {current.value}; it cannot become {target.value}",
+            code="invalid_transition",
+            state=current.value,
+        )
+    attempt.state = target.value
+    for key, value in values.items():
+        setattr(attempt, key, value)

@@ -1,0 +1,1 @@
+"""What the platform says about itself: health and the OpenAPI document."""

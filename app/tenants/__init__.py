@@ -1,0 +1,1 @@
+"""Tenants and their projects: the walls every other object lives inside."""

@@ -1,0 +1,109 @@
+"""Token attacks: every forged, expired or incomplete token is 401 invalid_token; roles are enforced."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+
+from tests.app.support import SECRET, Api, Tenant, token
+
+
+def b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def claims(**overrides: object) -> dict[str, object]:
+    now = int(time.time())
+    base: dict[str, object] = {
+        "sub": "mallory",
+        "tenant_id": "acme",
+        "project_id": "web",
+        "role": "admin",
+        "iat": now,
+        "exp": now + 600,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+FORGED = {
+    "expired": lambda: jwt.encode(claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), SECRET),
+    "wrong secret": lambda: jwt.encode(claims(), "another-secret-" + "y" * 40),
+    "alg none": lambda: f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims())}.",
+    "alg none with a signature": lambda: f"{b64({'alg': 'none'})}.{b64(claims())}.c2lnbmF0dXJl",
+    "HS512 instead of HS256": lambda: jwt.encode(claims(), SECRET, algorithm="HS512"),
+    "tampered payload": lambda: (
+        lambda t: ".".join([t.split(".")[0], b64(claims(tenant_id="globex")), t.split(".")[2]])
+    )(jwt.encode(claims(), SECRET)),
+    "missing tenant": lambda: jwt.encode(claims(tenant_id=None), SECRET),
+    "missing role": lambda: jwt.encode(claims(role=None), SECRET),
+    "missing sub": lambda: jwt.encode(claims(sub=None), SECRET),
+    "missing exp": lambda: jwt.encode(claims(exp=None), SECRET),
+    "unknown role": lambda: jwt.encode(claims(role="root"), SECRET),
+    "tenant not a string": lambda: jwt.encode(claims(tenant_id=["acme", "globex"]), SECRET),
+    "agent without agent id": lambda: jwt.encode(claims(role="agent"), SECRET),
+    "garbage": lambda: "not.a.token",
+    "empty claims": lambda: jwt.encode({}, SECRET),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(FORGED))
+def test_a_forged_or_incomplete_token_is_refused_as_invalid(api: Api, world: dict[str, Tenant], attack: str) -> None:
+    response = api.get("/api/v1/jobs", FORGED[attack]())
+    assert response.status_code == 401
+    assert response.json["error"] == "invalid_token" and response.json["message"].startswith("the token is invalid")
+    assert response.content_type == "application/json"
+
+
+def test_a_request_without_a_token_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.get("/api/v1/jobs")
+    assert response.status_code == 401 and response.json["error"] == "missing_token"
+
+
+def test_a_token_with_another_scheme_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.get("/api/v1/jobs", headers={"Authorization": f"Basic {world['acme'].tokens['admin']}"})
+    assert response.status_code == 401 and response.json["error"] == "invalid_token"
+
+
+def test_an_agent_token_cannot_act_as_another_agent(api: Api, world: dict[str, Tenant]) -> None:
+    a1 = world["acme"].tokens["agent"]
+    api.post(
+        "/api/v1/agents",
+        token("acme", "agent", agent="a2"),
+        json={"agent_id": "a2", "hostname": "a2", "platform": "linux"},
+    )
+    assert api.get("/api/v1/agents/a2", a1).status_code == 403
+    assert api.post("/api/v1/agents/a2/heartbeat", a1).status_code == 403
+    assert (
+        api.post("/api/v1/agents", a1, json={"agent_id": "a2", "hostname": "x", "platform": "linux"}).status_code == 403
+    )
+    assert api.get("/api/v1/agents/g1", a1).status_code == 404
+
+
+def test_an_agent_token_cannot_use_operator_endpoints(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    agent = acme.tokens["agent"]
+    assert api.post("/api/v1/jobs", agent, json={"workflow": "x"}).json["error"] == "access_denied"
+    assert api.post(f"/api/v1/jobs/{acme.pending}/cancel", agent).status_code == 403
+    assert api.delete(f"/api/v1/jobs/{acme.completed}", agent).status_code == 403
+
+
+def test_an_operator_cannot_report_as_an_agent(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.post(
+        f"/api/v1/jobs/{acme.running}/status", acme.tokens["operator"], json={"attempt": 1, "state": "completed"}
+    )
+    assert response.status_code == 403
+    assert response.json == {"error": "access_denied", "message": "role 'operator' may not report job states"}
+
+
+def test_a_project_limited_token_sees_only_its_project(api: Api, world: dict[str, Tenant]) -> None:
+    ops = token("acme", "operator", project="db")
+    assert api.get("/api/v1/jobs", ops).json["total"] == 0
+    assert api.get(f"/api/v1/jobs/{world['acme'].pending}", ops).status_code == 404
+    assert api.post("/api/v1/jobs", ops, json={"workflow": "x", "project_id": "web"}).status_code == 403
+    assert api.get("/api/v1/agents/a1", ops).status_code == 404

@@ -1,0 +1,148 @@
+"""Bad input on every write endpoint answers with the JSON error and writes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import select
+
+from app.extensions import db
+from tests.app.support import WORKFLOW, Api, MakeApp, Tenant
+
+MALFORMED = ["{", "[]", '"workflow"', "null", '{"a": 1,}', "\xff\xfe"]
+LIMIT = 4096
+
+ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
+    # name: (path with {pending}/{queued}/{running}, role, bodies with wrong types or missing fields, 4xx of those)
+    "submit job": (
+        "/api/v1/jobs",
+        "operator",
+        [
+            {},
+            {"workflow": 5},
+            {"workflow": WORKFLOW, "priority": "9"},
+            {"workflow": WORKFLOW, "priority": 10},
+            {"workflow": WORKFLOW, "variables": []},
+            {"workflow": WORKFLOW, "colour": "red"},
+            {"workflow": WORKFLOW, "scheduled_at": "tomorrow"},
+            {"workflow": WORKFLOW, "scheduled_at": "2030-01-01T00:00:00"},
+            {"workflow": WORKFLOW, "scheduled_at": "2030-01-02T00:00:00Z", "deliver_by": "2030-01-01T00:00:00Z"},
+        ],
+        400,
+    ),
+    "change job": (
+        "/api/v1/jobs/{pending}",
+        "operator",
+        [{}, {"priority": "high"}, {"variables": "x"}, {"agent_id": "Not A Slug"}],
+        400,
+    ),
+    "cancel job": ("/api/v1/jobs/{pending}/cancel", "operator", [{"reason": 5}, {"why": "x"}], 400),
+    "claim job": (
+        "/api/v1/jobs/{queued}/claim",
+        "agent",
+        [{}, {"attempt": "1"}, {"attempt": 0}, {"attempt": 1.5}],
+        400,
+    ),
+    "report task": (
+        "/api/v1/jobs/{running}/tasks",
+        "agent",
+        [
+            {"attempt": 1, "name": "x", "type": "command"},
+            {"attempt": 1, "name": "x", "type": "command", "status": "great"},
+            {"attempt": 1, "name": "x", "type": "command", "status": "failed", "metrics": []},
+        ],
+        400,
+    ),
+    "report status": (
+        "/api/v1/jobs/{running}/status",
+        "agent",
+        [
+            {"attempt": 1},
+            {"attempt": 1, "state": "sleeping"},
+            {"attempt": 1, "state": "pending"},
+            {"attempt": "1", "state": "completed"},
+        ],
+        400,
+    ),
+    "register agent": (
+        "/api/v1/agents",
+        "tenant_admin",
+        [
+            {"agent_id": "a9", "platform": "linux", "project_id": "web"},
+            {"agent_id": "a9", "hostname": "h", "platform": "beos", "project_id": "web"},
+            {"agent_id": "a9", "hostname": "h", "platform": "linux", "project_id": "web", "max_concurrent_jobs": "4"},
+            {"agent_id": "a9", "hostname": "h", "platform": "linux", "project_id": "web", "task_types": "command"},
+        ],
+        400,
+    ),
+    "heartbeat": (
+        "/api/v1/agents/a1/heartbeat",
+        "agent",
+        [{"running": "x"}, {"running": ["job-id"]}, {"running": [{"job_id": "j", "attempt": 0}]}, {"cpu": 5}],
+        400,
+    ),
+    "create tenant": ("/api/v1/tenants", "admin", [{}, {"tenant_id": 5}, {"tenant_id": "ok", "name": ""}], 400),
+    "create project": (
+        "/api/v1/tenants/acme/projects",
+        "tenant_admin",
+        [{}, {"project_id": ["x"]}, {"project_id": "p", "max_running_jobs": 0}],
+        400,
+    ),
+}
+
+
+def snapshot(app: Flask) -> dict[str, list[tuple[Any, ...]]]:
+    with app.app_context():
+        return {
+            t.name: sorted(map(tuple, db.session.execute(select(t)).all()), key=repr) for t in db.metadata.sorted_tables
+        }
+
+
+@pytest.fixture
+def limited(make_app: MakeApp, world: dict[str, Tenant]) -> tuple[Flask, Api, dict[str, Tenant]]:
+    app: Flask = make_app(MAX_CONTENT_LENGTH=LIMIT)
+    return app, Api(app.test_client()), world
+
+
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+def test_bad_input_is_a_json_error_and_writes_nothing(
+    limited: tuple[Flask, Api, dict[str, Tenant]], endpoint: str
+) -> None:
+    app, api, world = limited
+    template, role, bodies, status = ENDPOINTS[endpoint]
+    acme = world["acme"]
+    path = template.format(pending=acme.pending, queued=acme.queued, running=acme.running)
+    bearer = acme.tokens[role]
+    method = "PUT" if endpoint == "change job" else "POST"
+    before = snapshot(app)
+    attempts: list[tuple[str, Any, int, str]] = []
+    for text in MALFORMED:
+        response = api.call(method, path, bearer, data=text, content_type="application/json")
+        attempts.append(("malformed", text, response.status_code, response.json["error"]))
+    for body in bodies:
+        response = api.call(method, path, bearer, json=body)
+        attempts.append(("body", body, response.status_code, response.json["error"]))
+    huge = api.call(method, path, bearer, json={"padding": "x" * LIMIT * 2})
+    attempts.append(("oversized", None, huge.status_code, huge.json["error"]))
+    for kind, body, code, error in attempts:
+        if kind == "malformed":
+            assert code == 400 and error in ("malformed_json", "invalid_request"), (body, code, error)
+        elif kind == "body":
+            assert code == status and error == "invalid_request", (body, code, error)
+        else:
+            assert code == 413 and error == "payload_too_large"
+    assert snapshot(app) == before
+
+
+@pytest.mark.parametrize("workflow", ["name: [\n", "tasks: 5\n", "- a\n- b\n", "name: x\ntasks: []\n", "\t\x00"])
+def test_a_malformed_or_invalid_workflow_writes_nothing(
+    limited: tuple[Flask, Api, dict[str, Tenant]], workflow: str
+) -> None:
+    app, api, world = limited
+    before = snapshot(app)
+    for method, path in (("POST", "/api/v1/jobs"), ("PUT", f"/api/v1/jobs/{world['acme'].pending}")):
+        response = api.call(method, path, world["acme"].tokens["operator"], json={"workflow": workflow})
+        assert response.status_code == 422 and response.json["error"] == "invalid_workflow", response.json
+    assert snapshot(app) == before

@@ -1,0 +1,58 @@
+"""The ``automation`` command: tenants, projects and tokens for set-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jwt
+import pytest
+
+from app.cli import main
+from tests.app.support import SECRET
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    assert main(["db", "upgrade"]) == 0
+    return url
+
+
+def test_a_tenant_a_project_and_a_token_are_made_from_the_command_line(
+    environment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tenant", "create", "acme", "--name", "ACME"]) == 0
+    assert main(["project", "create", "web", "--tenant", "acme"]) == 0
+    capsys.readouterr()
+    assert main(["token", "create", "--tenant", "acme", "--project", "web", "--role", "operator", "--ttl", "2h"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])
+    assert claims["tenant_id"] == "acme" and claims["project_id"] == "web" and claims["role"] == "operator"
+    assert claims["exp"] - claims["iat"] == 7200
+
+
+def test_an_agent_token_names_its_agent(environment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["tenant", "create", "acme"])
+    main(["project", "create", "web", "--tenant", "acme"])
+    capsys.readouterr()
+    assert main(["token", "create", "--tenant", "acme", "--project", "web", "--role", "agent", "--agent-id", "a1"]) == 0
+    assert jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])["agent_id"] == "a1"
+    assert main(["token", "create", "--tenant", "acme", "--role", "agent"]) == 1
+    assert "agent id" in capsys.readouterr().err
+
+
+def test_the_command_line_refuses_unknown_tenants_and_duplicates(
+    environment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["token", "create", "--tenant", "nope", "--role", "viewer"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    main(["tenant", "create", "acme"])
+    assert main(["tenant", "create", "acme"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["project", "create", "web", "--tenant", "nope"]) == 1
+    assert main(["token", "create", "--tenant", "acme", "--role", "viewer", "--ttl", "soon"]) == 1
+
+
+def test_without_a_command_the_help_is_shown() -> None:
+    assert main([]) == 2

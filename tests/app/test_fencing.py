@@ -1,0 +1,180 @@
+"""The agent-facing endpoints: claim before work, leases, and results fenced by the attempt number."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+from flask import Flask
+
+from app.jobs import service as jobs
+from app.jobs.schemas import ClaimOut
+from tests.app.support import Api, MakeApp, Tenant, token
+
+
+def claim(api: Api, bearer: str, job_id: str, attempt: int = 1) -> object:
+    return api.post(f"/api/v1/jobs/{job_id}/claim", bearer, json={"attempt": attempt})
+
+
+def test_a_claim_moves_a_queued_job_to_running_and_grants_a_lease(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1})
+    assert response.status_code == 200
+    granted = ClaimOut.model_validate(response.json)
+    assert granted.state == "running" and granted.attempt == 1 and granted.lease_seconds == 90
+    assert granted.workflow.startswith("name: three-steps") and granted.secrets == {}
+    assert 85 <= (granted.lease_expires_at - datetime.now(granted.lease_expires_at.tzinfo)).total_seconds() <= 90
+    detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
+    assert detail["state"] == "running" and detail["attempts"][0]["agent_id"] == "a1"
+
+
+def test_a_second_claim_of_the_same_job_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.post(f"/api/v1/jobs/{acme.running}/claim", acme.tokens["agent"], json={"attempt": 1})
+    assert response.status_code == 409 and response.json["error"] == "invalid_transition"
+
+
+def test_a_claim_of_a_pending_or_superseded_attempt_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for job_id, attempt in ((acme.pending, 1), (acme.queued, 2), (acme.queued, 0)):
+        response = api.post(f"/api/v1/jobs/{job_id}/claim", acme.tokens["agent"], json={"attempt": attempt})
+        assert response.status_code in (400, 409)
+    assert (
+        api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 2}).json["error"]
+        == "stale_attempt"
+    )
+
+
+def test_a_claim_of_a_cancelled_job_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1})
+    assert response.status_code == 409 and response.json["error"] == "job_cancelled"
+
+
+def test_a_job_pinned_to_another_agent_cannot_be_claimed(api: Api, app: Flask, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    other = token("acme", "agent", agent="a2")
+    api.post("/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"})
+    pinned = api.post(
+        "/api/v1/jobs",
+        acme.tokens["operator"],
+        json={"workflow": "name: p\ntasks:\n  - {name: a, type: command, config: {command: id}}\n", "agent_id": "a1"},
+    ).json["job_id"]
+    with app.app_context():
+        jobs.publish_job(job_id=pinned)
+    response = api.post(f"/api/v1/jobs/{pinned}/claim", other, json={"attempt": 1})
+    assert response.status_code == 403 and response.json["error"] == "access_denied"
+    assert api.post(f"/api/v1/jobs/{pinned}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+
+
+def test_an_unregistered_agent_cannot_claim(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", token("acme", "agent", agent="ghost"), json={"attempt": 1})
+    assert response.status_code == 409 and response.json["error"] == "agent_not_registered"
+
+
+def test_concurrent_claims_of_one_job_have_exactly_one_winner(app: Flask, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    bearer = token("acme", "agent", agent="a2")
+    Api(app.test_client()).post(
+        "/api/v1/agents", bearer, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"}
+    )
+    statuses: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def contend(who: str) -> None:
+        client = Api(app.test_client())
+        barrier.wait()
+        statuses.append(client.post(f"/api/v1/jobs/{acme.queued}/claim", who, json={"attempt": 1}).status_code)
+
+    threads = [threading.Thread(target=contend, args=(acme.tokens["agent"] if i % 2 else bearer,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200, 409, 409, 409, 409, 409]
+
+
+def test_task_results_of_the_current_attempt_are_stored_and_a_retry_is_idempotent(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    report = {
+        "attempt": 1,
+        "name": "kernel",
+        "type": "command",
+        "status": "succeeded",
+        "output": "Linux\n",
+        "metrics": {"exit_code": 0},
+        "started_at": "2026-01-01T00:00:00Z",
+        "finished_at": "2026-01-01T00:00:01Z",
+    }
+    first = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json=report)
+    assert first.status_code == 201 and first.json["output"] == "Linux\n"
+    again = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json=report)
+    assert again.status_code == 200
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert [t["name"] for t in detail["tasks"]] == ["kernel"] and detail["tasks"][0]["metrics"] == {"exit_code": 0}
+
+
+def test_task_output_is_truncated_with_a_visible_marker(make_app: MakeApp, world: dict[str, Tenant]) -> None:
+    app = make_app(TASK_OUTPUT_LIMIT=100)
+    api, acme = Api(app.test_client()), world["acme"]
+    report = {"attempt": 1, "name": "kernel", "type": "command", "status": "succeeded", "output": "x" * 1000}
+    stored = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json=report).json["output"]
+    assert stored.startswith("x" * 50) and "truncated" in stored and len(stored) < 300
+
+
+def test_results_of_a_superseded_attempt_are_refused(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for path, body in (
+        ("tasks", {"name": "kernel", "type": "command", "status": "failed"}),
+        ("status", {"state": "completed"}),
+    ):
+        response = api.post(f"/api/v1/jobs/{acme.running}/{path}", acme.tokens["agent"], json={"attempt": 2, **body})
+        assert response.status_code == 409 and response.json["error"] == "stale_attempt"
+
+
+def test_results_from_an_agent_that_does_not_hold_the_attempt_are_refused(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    intruder = token("acme", "agent", agent="a2")
+    response = api.post(f"/api/v1/jobs/{acme.running}/status", intruder, json={"attempt": 1, "state": "failed"})
+    assert response.status_code == 403 and response.json["error"] == "access_denied"
+    assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["state"] == "running"
+
+
+def test_a_final_state_ends_the_job_and_the_attempt_and_a_repeat_is_harmless(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    body = {"attempt": 1, "state": "failed", "error": "task disk failed"}
+    first = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body)
+    assert first.status_code == 200 and first.json["state"] == "failed" and first.json["error"] == "task disk failed"
+    assert api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body).status_code == 200
+    other = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json={**body, "state": "completed"})
+    assert other.status_code == 409
+    late = api.post(
+        f"/api/v1/jobs/{acme.running}/tasks",
+        acme.tokens["agent"],
+        json={"attempt": 1, "name": "x", "type": "command", "status": "failed"},
+    )
+    assert late.status_code == 409
+
+
+def test_a_running_report_renews_the_lease(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    before = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["attempts"][0]["lease_expires_at"]
+    response = api.post(
+        f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json={"attempt": 1, "state": "running"}
+    )
+    assert response.status_code == 200 and response.json["state"] == "running"
+    after = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["attempts"][0]["lease_expires_at"]
+    assert after >= before
+
+
+def test_an_agent_may_read_the_jobs_it_claimed_and_no_others(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["agent"]).status_code == 200
+    assert api.get(f"/api/v1/jobs/{acme.pending}", acme.tokens["agent"]).status_code == 403
+    assert api.get("/api/v1/jobs", acme.tokens["agent"]).status_code == 403

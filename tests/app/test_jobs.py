@@ -1,0 +1,179 @@
+"""Contract tests of the jobs endpoints used by operators."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from app.jobs.schemas import JobDetail, JobList, JobOut
+from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, Tenant
+
+
+def test_a_submitted_job_is_pending_with_its_id_and_schedule(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": WORKFLOW})
+    assert response.status_code == 201
+    job = JobOut.model_validate(response.json)
+    assert job.state == "pending" and job.attempt == 0 and job.name == "three-steps"
+    assert job.project_id == "web" and job.platform == "linux" and job.scheduled_at is not None
+    assert response.headers["Location"] == f"/api/v1/jobs/{job.job_id}"
+
+
+def test_a_submission_keeps_variables_priority_schedule_and_pinned_agent(api: Api, world: dict[str, Tenant]) -> None:
+    later = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    body = {
+        "workflow": WORKFLOW,
+        "variables": {"HOST": "web1", "N": 3},
+        "priority": 9,
+        "agent_id": "a1",
+        "scheduled_at": later.isoformat(),
+    }
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json=body)
+    assert response.status_code == 201, response.json
+    job = JobOut.model_validate(response.json)
+    assert job.variables == {"HOST": "web1", "N": 3} and job.priority == 9 and job.agent_id == "a1"
+    assert job.scheduled_at == later
+
+
+def test_an_invalid_workflow_is_refused_with_its_yaml_line(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": BAD_WORKFLOW})
+    assert response.status_code == 422
+    assert response.json["error"] == "invalid_workflow"
+    assert response.json["line"] == 8
+    assert "did you mean 'command'" in response.json["message"]
+    assert response.json["problems"][0]["path"] == "tasks[1] (second).type"
+
+
+def test_malformed_yaml_is_an_invalid_workflow_with_its_line(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": "name: x\ntasks: [\n"})
+    assert response.status_code == 422
+    assert response.json["error"] == "invalid_workflow" and response.json["line"] == 3
+
+
+def test_a_workflow_that_looks_like_a_file_name_is_not_read_from_disk(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": "/etc/passwd.yaml"})
+    assert response.status_code == 422
+    assert "cannot read" not in response.json["message"]
+
+
+def test_a_powershell_workflow_goes_to_windows_and_never_to_a_linux_agent(api: Api, world: dict[str, Tenant]) -> None:
+    operator = world["acme"].tokens["operator"]
+    response = api.post("/api/v1/jobs", operator, json={"workflow": POWERSHELL})
+    assert response.status_code == 201 and response.json["platform"] == "windows"
+    pinned = api.post("/api/v1/jobs", operator, json={"workflow": POWERSHELL, "agent_id": "a1"})
+    assert pinned.status_code == 422 and pinned.json["error"] == "incompatible_platform"
+    forced = api.post("/api/v1/jobs", operator, json={"workflow": POWERSHELL, "platform": "linux"})
+    assert forced.status_code == 422 and forced.json["error"] == "incompatible_platform"
+
+
+def test_a_job_for_an_unknown_project_or_agent_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    admin = world["acme"].tokens["tenant_admin"]
+    response = api.post("/api/v1/jobs", admin, json={"workflow": WORKFLOW, "project_id": "nope"})
+    assert response.status_code == 422 and response.json["error"] == "unknown_project"
+    response = api.post("/api/v1/jobs", admin, json={"workflow": WORKFLOW})
+    assert response.status_code == 422 and response.json["error"] == "unknown_project"
+    response = api.post("/api/v1/jobs", admin, json={"workflow": WORKFLOW, "project_id": "db", "agent_id": "a1"})
+    assert response.status_code == 422 and response.json["error"] == "unknown_agent"
+
+
+def test_jobs_are_listed_newest_first_with_filters_paging_and_a_total(api: Api, world: dict[str, Tenant]) -> None:
+    viewer = world["acme"].tokens["viewer"]
+    listing = JobList.model_validate(api.get("/api/v1/jobs", viewer).json)
+    assert listing.total == 4 and len(listing.jobs) == 4
+    assert [j.created_at for j in listing.jobs] == sorted((j.created_at for j in listing.jobs), reverse=True)
+    running = api.get("/api/v1/jobs?state=running", viewer).json
+    assert running["total"] == 1 and running["jobs"][0]["job_id"] == world["acme"].running
+    page = api.get("/api/v1/jobs?limit=2&offset=3", viewer).json
+    assert page["total"] == 4 and len(page["jobs"]) == 1 and page["limit"] == 2 and page["offset"] == 3
+    assert api.get("/api/v1/jobs?tenant_id=acme&project_id=web&agent_id=zz", viewer).json["total"] == 0
+    bad = api.get("/api/v1/jobs?state=sleeping", viewer)
+    assert bad.status_code == 400 and bad.json["error"] == "invalid_request"
+    assert api.get("/api/v1/jobs?limit=0", viewer).status_code == 400
+    assert api.get("/api/v1/jobs?colour=red", viewer).status_code == 400
+
+
+def test_a_job_is_read_with_its_attempts_task_results_and_history(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.get(f"/api/v1/jobs/{acme.completed}", acme.tokens["viewer"])
+    assert response.status_code == 200
+    job = JobDetail.model_validate(response.json)
+    assert job.state == "completed" and job.workflow == WORKFLOW
+    assert [a.state for a in job.attempts] == ["completed"] and job.attempts[0].agent_id == "a1"
+    assert [(e.from_state, e.to_state) for e in job.events] == [
+        ("pending", "queued"),
+        ("queued", "running"),
+        ("running", "completed"),
+    ]
+
+
+def test_a_pending_job_can_be_changed_and_its_revision_goes_up(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.put(
+        f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"], json={"priority": 1, "variables": {"A": "b"}}
+    )
+    assert response.status_code == 200
+    assert response.json["priority"] == 1 and response.json["variables"] == {"A": "b"}
+    assert response.json["revision"] == 2
+    queued = api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"priority": 2})
+    assert queued.status_code == 200
+
+
+def test_a_running_or_finished_job_cannot_be_changed(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for job_id in (acme.running, acme.completed):
+        response = api.put(f"/api/v1/jobs/{job_id}", acme.tokens["operator"], json={"priority": 1})
+        assert response.status_code == 409 and response.json["error"] == "invalid_transition"
+
+
+def test_a_change_with_an_invalid_workflow_is_refused_and_changes_nothing(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.put(f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"], json={"workflow": BAD_WORKFLOW})
+    assert response.status_code == 422 and response.json["line"] == 8
+    assert api.get(f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"]).json["revision"] == 1
+
+
+def test_cancelling_a_job_that_has_not_started_cancels_it_at_once(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for job_id in (acme.pending, acme.queued):
+        response = api.post(f"/api/v1/jobs/{job_id}/cancel", acme.tokens["operator"], json={"reason": "not today"})
+        assert response.status_code == 200
+        assert response.json["state"] == "cancelled" and response.json["cancel_requested"] is True
+        assert response.json["error"] == "not today"
+    detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"]).json
+    assert detail["attempts"][0]["state"] == "cancelled"
+
+
+def test_cancelling_a_running_job_asks_its_agent_to_stop(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.post(f"/api/v1/jobs/{acme.running}/cancel", acme.tokens["operator"])
+    assert response.status_code == 202
+    assert response.json["state"] == "running" and response.json["cancel_requested"] is True
+    again = api.post(f"/api/v1/jobs/{acme.running}/cancel", acme.tokens["operator"])
+    assert again.status_code == 202
+    beat = api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"])
+    assert beat.json["cancel"] == [acme.running]
+
+
+def test_a_finished_job_cannot_be_cancelled(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    response = api.post(f"/api/v1/jobs/{acme.completed}/cancel", acme.tokens["operator"])
+    assert response.status_code == 409
+    assert response.json == {
+        "error": "invalid_transition",
+        "state": "completed",
+        "message": f"job {acme.completed} is completed; it cannot become cancelled",
+    }
+
+
+def test_a_finished_job_can_be_deleted_but_an_active_one_cannot(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for job_id in (acme.pending, acme.queued, acme.running):
+        response = api.delete(f"/api/v1/jobs/{job_id}", acme.tokens["operator"])
+        assert response.status_code == 409 and response.json["error"] == "job_active"
+    assert api.delete(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"]).status_code == 204
+    assert api.get(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"]).status_code == 404
+    assert api.delete(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"]).status_code == 404
+
+
+def test_an_unknown_job_is_not_found(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.get("/api/v1/jobs/no-such-job", world["acme"].tokens["viewer"])
+    assert response.status_code == 404
+    assert response.json == {"error": "not_found", "message": "job 'no-such-job' does not exist"}

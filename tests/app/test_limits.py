@@ -1,0 +1,103 @@
+"""Request limits: size (413), JSON only (415), the per-token rate limit (429), and Idempotency-Key."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Flask
+
+from tests.app.support import WORKFLOW, Api, MakeApp, Tenant, token
+from tests.servers.valkey import ValkeyServer
+
+
+def test_an_oversized_body_is_refused_with_413(make_app: MakeApp, world: dict[str, Tenant]) -> None:
+    app: Flask = make_app(MAX_CONTENT_LENGTH=2000)
+    api = Api(app.test_client())
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": WORKFLOW + "#" * 3000})
+    assert response.status_code == 413 and response.json["error"] == "payload_too_large"
+
+
+def test_an_oversized_workflow_is_refused_with_413(make_app: MakeApp, world: dict[str, Tenant]) -> None:
+    app: Flask = make_app(MAX_WORKFLOW_BYTES=200)
+    response = Api(app.test_client()).post(
+        "/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": WORKFLOW}
+    )
+    assert response.status_code == 413 and "at most 200" in response.json["message"]
+
+
+def test_a_body_that_is_not_json_is_refused_with_415(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for path in ("/api/v1/jobs", f"/api/v1/jobs/{acme.pending}/cancel", "/api/v1/agents"):
+        response = api.post(path, acme.tokens["tenant_admin"], data=WORKFLOW, content_type="application/yaml")
+        assert response.status_code == 415 and response.json["error"] == "unsupported_media_type"
+    form = api.post("/api/v1/jobs", acme.tokens["operator"], data={"workflow": WORKFLOW})
+    assert form.status_code == 415
+
+
+def test_the_rate_limit_answers_429_with_retry_after_per_token(make_app: MakeApp, world: dict[str, Tenant]) -> None:
+    app: Flask = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="3 per minute")
+    api = Api(app.test_client())
+    viewer, other = world["acme"].tokens["viewer"], token("acme", "viewer", subject="someone-else")
+    assert [api.get("/api/v1/jobs", viewer).status_code for _ in range(3)] == [200, 200, 200]
+    limited = api.get("/api/v1/jobs", viewer)
+    assert limited.status_code == 429 and limited.json["error"] == "rate_limited"
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+    assert api.get("/api/v1/jobs", other).status_code == 200
+    assert api.get("/health").status_code == 200
+
+
+def test_the_rate_limit_is_shared_through_valkey(
+    make_app: MakeApp, valkey_server: ValkeyServer, world: dict[str, Tenant]
+) -> None:
+    url = valkey_server.url
+    first: Flask = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="4 per minute", VALKEY_URL=url)
+    second: Flask = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="4 per minute", VALKEY_URL=url)
+    viewer = token("acme", "viewer", subject=f"valkey-{uuid.uuid4().hex}")
+    statuses = [Api(app.test_client()).get("/api/v1/jobs", viewer).status_code for app in (first, second) * 3]
+    assert statuses == [200, 200, 200, 200, 429, 429]
+    cache = first.test_client().get("/health").json["components"]["cache"]
+    assert cache["status"] == "ok" and cache["backend"] == "valkey" and cache["detail"] is None
+
+
+def test_the_same_idempotency_key_and_body_return_the_same_job(api: Api, world: dict[str, Tenant]) -> None:
+    operator = world["acme"].tokens["operator"]
+    headers = {"Idempotency-Key": "deploy-42"}
+    first = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW}, headers=headers)
+    second = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW}, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.json["job_id"] == second.json["job_id"] and second.headers["Idempotent-Replayed"] == "true"
+    assert api.get("/api/v1/jobs", operator).json["total"] == 5
+
+
+def test_the_same_idempotency_key_with_another_body_is_a_conflict(api: Api, world: dict[str, Tenant]) -> None:
+    operator = world["acme"].tokens["operator"]
+    headers = {"Idempotency-Key": "deploy-43"}
+    api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW}, headers=headers)
+    response = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "priority": 1}, headers=headers)
+    assert response.status_code == 409 and response.json["error"] == "idempotency_conflict"
+
+
+def test_idempotency_keys_are_per_tenant(api: Api, world: dict[str, Tenant]) -> None:
+    headers = {"Idempotency-Key": "shared-key"}
+    acme = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": WORKFLOW}, headers=headers)
+    globex = api.post("/api/v1/jobs", world["globex"].tokens["operator"], json={"workflow": WORKFLOW}, headers=headers)
+    assert acme.status_code == globex.status_code == 201 and acme.json["job_id"] != globex.json["job_id"]
+
+
+def test_an_overlong_idempotency_key_is_refused(api: Api, world: dict[str, Tenant]) -> None:
+    response = api.post(
+        "/api/v1/jobs",
+        world["acme"].tokens["operator"],
+        json={"workflow": WORKFLOW},
+        headers={"Idempotency-Key": "k" * 256},
+    )
+    assert response.status_code == 400
+
+
+def test_an_unreachable_valkey_does_not_stop_the_api(make_app: MakeApp, world: dict[str, Tenant]) -> None:
+    app: Flask = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="2 per minute", VALKEY_URL="redis://127.0.0.1:1/0")
+    api = Api(app.test_client())
+    viewer = world["acme"].tokens["viewer"]
+    statuses = [api.get("/api/v1/jobs", viewer).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]  # counted in memory meanwhile
+    assert api.get("/health").json["components"]["cache"]["status"] == "error"

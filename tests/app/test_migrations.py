@@ -1,0 +1,42 @@
+"""The migrations build the models' schema on an empty database, and take it down again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from flask_migrate import downgrade, upgrade
+from sqlalchemy import inspect
+
+from app import create_app
+from app.extensions import db
+from tests.app.conftest import config
+
+TABLES = {"tenants", "projects", "agents", "jobs", "job_attempts", "task_results", "job_events", "audit_events"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrated.db'}"
+    else:
+        server = request.getfixturevalue("mariadb_server")
+        yield server.url_for(server.fresh_database("migrations_test"))
+
+
+def test_migrations_upgrade_an_empty_database_to_the_models_and_downgrade_it(empty_database: str) -> None:
+    app = create_app(config(empty_database))
+    with app.app_context():
+        upgrade()
+        assert set(inspect(db.engine).get_table_names()) >= TABLES
+        indexes = {ix["name"] for ix in inspect(db.engine).get_indexes("jobs")}
+        assert "ix_jobs_tenant_project_state_scheduled" in indexes
+        with db.engine.connect() as connection:
+            differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+        assert differences == []
+        downgrade(revision="base")
+        assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
+        db.engine.dispose()
