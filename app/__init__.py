@@ -15,7 +15,8 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import event
 
-from app.config import Config, database_url, engine_options, from_environment, jwt_secret
+from app.celery import init_celery
+from app.config import Config, database_url, engine_options, from_environment, job_signing_key, jwt_secret
 from app.extensions import db, migrate
 from app.ratelimit import init_rate_limit
 
@@ -51,6 +52,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             socket_connect_timeout=app.config["HEALTH_TIMEOUT"],
         )
 
+    init_celery(app)
     _register_blueprints(app)
     return app
 
@@ -61,6 +63,8 @@ def _finish_config(app: Flask) -> None:
     config["SQLALCHEMY_DATABASE_URI"] = database_url(config["DATABASE_URL"], app.instance_path)
     config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(config["SQLALCHEMY_DATABASE_URI"]))
     config["JWT_SECRET"] = jwt_secret(config["JWT_SECRET"], app.instance_path)
+    if config["VALKEY_URL"]:
+        config["JOB_SIGNING_KEY"] = job_signing_key(config["JOB_SIGNING_KEY"], app.instance_path)
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:

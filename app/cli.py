@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from app.errors import AppError
 from probe.durations import parse_duration
@@ -114,6 +115,47 @@ def db_upgrade(args: argparse.Namespace) -> int:
     return _in_app(work)
 
 
+COMMANDS_GROUP = "automation.commands"
+
+
+def keys_generate(args: argparse.Namespace) -> int:
+    """Print a new Ed25519 key pair for signing job envelopes."""
+    from dispatch.signing import generate_keypair
+
+    private, public = generate_keypair()
+    if args.json:
+        print(json.dumps({"JOB_SIGNING_KEY": private, "JOB_VERIFY_KEY": public}))
+    else:
+        print(f"JOB_SIGNING_KEY={private}   # the control plane only; keep it secret")
+        print(f"JOB_VERIFY_KEY={public}   # every agent")
+    return 0
+
+
+def keys_public(args: argparse.Namespace) -> int:
+    """Print the public key that agents need, for the control plane's configured (or instance) signing key."""
+    from dispatch.signing import load_signing_key, public_key
+
+    def work() -> int:
+        from flask import current_app
+
+        from app.config import job_signing_key
+
+        private = job_signing_key(current_app.config["JOB_SIGNING_KEY"], current_app.instance_path)
+        print(public_key(load_signing_key(private)))
+        return 0
+
+    return _in_app(work)
+
+
+def _plugin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the commands of other packages (the agent's ``automation agent``) from their entry points."""
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            entry.load()(commands)
+        except Exception as exc:  # a broken plugin must not break the other commands
+            print(f"automation: the {entry.name!r} commands could not be loaded: {exc}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     from app.auth.tokens import ROLES
@@ -151,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = database.add_parser("upgrade", help="apply the migrations")
     upgrade.add_argument("--revision", default="head")
     upgrade.set_defaults(run=db_upgrade)
+
+    keys = commands.add_parser("keys", help="job signing keys").add_subparsers(dest="action", required=True)
+    generate = keys.add_parser("generate", help="print a new key pair (JOB_SIGNING_KEY and JOB_VERIFY_KEY)")
+    generate.add_argument("--json", action="store_true")
+    generate.set_defaults(run=keys_generate)
+    public = keys.add_parser("public", help="print JOB_VERIFY_KEY for this control plane's signing key")
+    public.set_defaults(run=keys_public)
+    _plugin_commands(commands)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from app.errors import AppError
 
 MIN_SECRET_LENGTH = 32
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
+SIGNING_KEY_FILE = "job-signing-key"
 
 
 class ConfigError(AppError):
@@ -34,6 +35,12 @@ class Config:
     HEARTBEAT_INTERVAL = 30
     AGENT_OFFLINE_AFTER = 90
     MAX_ATTEMPTS = 3
+    JOB_SIGNING_KEY: str | None = None  # None: a key pair kept in the instance folder
+    ENVELOPE_TTL = 86400
+    BROKER_VISIBILITY_TIMEOUT = 12 * 3600
+    REAPER_INTERVAL = 10.0
+    SWEEPER_INTERVAL = 5.0
+    SWEEP_GRACE = 5.0
     CENTRIFUGO_URL: str | None = None
     QUICKWIT_URL: str | None = None
     HEALTH_TIMEOUT = 2.0
@@ -54,6 +61,12 @@ ENVIRONMENT: dict[str, type] = {
     "HEARTBEAT_INTERVAL": int,
     "AGENT_OFFLINE_AFTER": int,
     "MAX_ATTEMPTS": int,
+    "JOB_SIGNING_KEY": str,
+    "ENVELOPE_TTL": int,
+    "BROKER_VISIBILITY_TIMEOUT": int,
+    "REAPER_INTERVAL": float,
+    "SWEEPER_INTERVAL": float,
+    "SWEEP_GRACE": float,
     "CENTRIFUGO_URL": str,
     "QUICKWIT_URL": str,
 }
@@ -73,6 +86,11 @@ def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
                 settings[name] = int(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        elif kind is float:
+            try:
+                settings[name] = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
         else:
             settings[name] = raw
     return settings
@@ -92,13 +110,26 @@ def jwt_secret(configured: str | None, instance_path: str) -> str:
         if len(configured) < MIN_SECRET_LENGTH:
             raise ConfigError(f"JWT_SECRET must be at least {MIN_SECRET_LENGTH} characters long")
         return configured
-    path = Path(instance_path) / SECRET_FILE
+    return _instance_secret(Path(instance_path) / SECRET_FILE, lambda: secrets.token_urlsafe(48))
+
+
+def job_signing_key(configured: str | None, instance_path: str) -> str:
+    """Return the Ed25519 key that signs job envelopes: the configured one, or one kept in the instance folder."""
+    if configured:
+        return configured
+    from dispatch.signing import generate_keypair
+
+    return _instance_secret(Path(instance_path) / SIGNING_KEY_FILE, lambda: generate_keypair()[0])
+
+
+def _instance_secret(path: Path, make: Callable[[], str]) -> str:
+    """Read a secret file of the instance folder, creating it (mode 0600) on first use."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        draft = path.with_name(f"{SECRET_FILE}.{os.getpid()}")
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
         fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(48))
+            handle.write(make())
         try:
             os.link(draft, path)  # atomic: the first process to get here wins, the others read its secret
         except FileExistsError:

@@ -31,9 +31,10 @@ def make_celery(
     reaper_interval: float = 10.0,
     sweeper_interval: float = 5.0,
     name: str = "control-plane",
+    task_cls: type | str | None = None,
 ) -> Celery:
     """Return the control plane's Celery app configured for ``broker_url``."""
-    app = Celery(name)
+    app = Celery(name, task_cls=task_cls) if task_cls is not None else Celery(name)
     app.conf.update(celery_settings(broker_url, visibility_timeout))
     app.conf.update(
         task_queues=None,

@@ -39,13 +39,15 @@ def load_signing_key(text: str | None) -> SigningKey:
         raise SigningError(BAD_KEY) from None
 
 
+def public_key(key: SigningKey) -> str:
+    """The base64 public key (JOB_VERIFY_KEY) of a signing key."""
+    return key.verify_key.encode(encoder=Base64Encoder).decode("ascii")
+
+
 def generate_keypair() -> tuple[str, str]:
     """Return a new (private, public) key pair, each base64: for JOB_SIGNING_KEY and JOB_VERIFY_KEY."""
     key = SigningKey.generate()
-    return (
-        base64.b64encode(bytes(key)).decode("ascii"),
-        key.verify_key.encode(encoder=Base64Encoder).decode("ascii"),
-    )
+    return base64.b64encode(bytes(key)).decode("ascii"), public_key(key)
 
 
 @dataclass(frozen=True)

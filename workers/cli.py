@@ -50,7 +50,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "TENANT_ID, PROJECT_ID, AGENT_ID, JWT_TOKEN, VALKEY_URL, JOB_VERIFY_KEY and optionally "
         "LOG_LEVEL, HEARTBEAT_INTERVAL, AGENT_CONCURRENCY.",
     )
-    parser.set_defaults(func=run_agent)
+    parser.set_defaults(run=run_agent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="automation")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["agent", *(argv or [])])
-    return int(args.func(args))
+    return int(args.run(args))

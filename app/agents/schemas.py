@@ -46,6 +46,22 @@ class HeartbeatRequest(Request):
     running: list[RunningAttempt] = Field(default_factory=list, max_length=1000)
 
 
+class RefusalReport(Request):
+    """``POST /api/v1/agents/{id}/refusals``: a job message the agent refused to run, and why."""
+
+    reason: Literal["unsigned", "bad_signature", "malformed", "expired", "not_yet_valid", "wrong_audience", "replayed"]
+    message: str = Field(max_length=1000)
+    task_id: str | None = Field(None, max_length=200)
+    job_id: str | None = Field(None, max_length=64)
+    attempt: int | None = Field(None, ge=0)
+
+
+class RefusalOut(Response):
+    """The refusal was recorded in the audit log."""
+
+    recorded: bool = True
+
+
 class AgentOut(Response):
     """An agent and whether it is online (heard from within AGENT_OFFLINE_AFTER seconds)."""
 

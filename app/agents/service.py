@@ -8,7 +8,7 @@ from flask import current_app
 from sqlalchemy import delete, func, select, update
 
 from app.agents.models import Agent
-from app.agents.schemas import AgentListQuery, AgentRegister
+from app.agents.schemas import AgentListQuery, AgentRegister, RefusalReport
 from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant, deny
 from app.auth.tokens import Principal
@@ -104,6 +104,26 @@ def heartbeat(*, caller: Principal, agent_id: str) -> tuple[Agent, list[tuple[Jo
     running = [(job, attempt) for job, attempt in rows if attempt.number == job.attempt]
     db.session.commit()
     return agent, running
+
+
+def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -> None:
+    """Audit a job message the agent refused before running anything (forged, expired, misaddressed, replayed)."""
+    scoped(caller, agent_id)
+    audit.record(
+        action="job.message_refused",
+        principal=caller,
+        outcome="refused",
+        target_type="job",
+        target_id=report.job_id or report.task_id,
+        details={
+            "agent_id": agent_id,
+            "reason": report.reason,
+            "message": report.message,
+            "task_id": report.task_id,
+            "attempt": report.attempt,
+        },
+    )
+    db.session.commit()
 
 
 def delete_agent(*, caller: Principal, agent_id: str) -> None:

@@ -6,7 +6,17 @@ from flask import Blueprint, Response, current_app
 
 from app.agents import service
 from app.agents.models import Agent
-from app.agents.schemas import AgentList, AgentListQuery, AgentOut, AgentRegister, HeartbeatOut, HeartbeatRequest, Lease
+from app.agents.schemas import (
+    AgentList,
+    AgentListQuery,
+    AgentOut,
+    AgentRegister,
+    HeartbeatOut,
+    HeartbeatRequest,
+    Lease,
+    RefusalOut,
+    RefusalReport,
+)
 from app.api import body, document, query, reply
 from app.auth.guard import principal, require
 from app.columns import utcnow
@@ -113,6 +123,20 @@ def heartbeat(agent_id: str) -> Response:
             cancel=[lease.job_id for lease in leases if lease.cancel_requested],
         )
     )
+
+
+@bp.post("/<agent_id>/refusals")
+@document(
+    "Report a job message the agent refused to run (recorded in the audit log)",
+    body=RefusalReport,
+    responses={201: RefusalOut},
+    errors=ERR_WRITE,
+)
+@require("agent", action="report refused messages")
+def report_refusal(agent_id: str) -> Response:
+    """Record a refused message."""
+    service.record_refusal(caller=principal(), agent_id=agent_id, report=body(RefusalReport))
+    return reply(RefusalOut(), 201)
 
 
 @bp.delete("/<agent_id>")

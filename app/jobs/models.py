@@ -75,6 +75,7 @@ class JobAttempt(Base):
         UniqueConstraint("job_id", "number", name="uq_job_attempts_job_number"),
         Index("ix_job_attempts_state_lease", "state", "lease_expires_at"),
         Index("ix_job_attempts_tenant_agent_state", "tenant_id", "agent_id", "state"),
+        Index("ix_job_attempts_state_published", "state", "published_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -84,6 +85,7 @@ class JobAttempt(Base):
     state: Mapped[str] = mapped_column(String(16), default="queued")
     agent_id: Mapped[str | None] = mapped_column(String(64), default=None)
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # None: not yet sent
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

@@ -15,6 +15,7 @@ from app.auth.tokens import Principal
 from app.columns import new_id, utcnow
 from app.errors import NOT_FOUND, BadRequest, Conflict, NotFound, Unprocessable
 from app.extensions import db
+from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import JobListQuery, JobSubmit, JobUpdate
 from app.jobs.states import FINAL_STATES, NOT_STARTED, AttemptState, JobState, transition, transition_attempt
@@ -236,17 +237,11 @@ def delete_job(*, caller: Principal, job_id: str) -> None:
 
 
 def publish_job(*, job_id: str, actor: str = "dispatcher") -> JobAttempt:
-    """Open the next attempt of a pending job and mark it ``queued`` (the dispatcher then sends it)."""
+    """Open the next attempt of a pending job and mark it ``queued`` (committed; the message is sent after)."""
     job = db.session.get(Job, job_id)
     if job is None:
         raise NotFound(NOT_FOUND.format(kind="job", id=job_id))
-    now = utcnow()
-    number = job.attempt + 1
-    transition(job, JobState.QUEUED, actor=actor, attempt=number, queued_at=now)
-    attempt = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=number, queued_at=now)
-    db.session.add(attempt)
-    db.session.commit()
-    return attempt
+    return dispatching.open_next_attempt(job, actor=actor)
 
 
 def _current_attempt(job: Job) -> JobAttempt | None:

@@ -9,7 +9,7 @@ from app.api import body, document, query, reply
 from app.auth.guard import principal, require
 from app.errors import BadRequest
 from app.extensions import db
-from app.jobs import fencing, service
+from app.jobs import dispatching, fencing, service
 from app.jobs.models import Job, JobEvent, TaskResult
 from app.jobs.schemas import (
     AttemptOut,
@@ -148,6 +148,8 @@ def submit() -> Response:
     if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
         raise BadRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
     job, created = service.submit_job(caller=principal(), data=body(JobSubmit), idempotency_key=key)
+    if created:
+        dispatching.dispatch_job(job_id=job.id)  # committed first; if this fails, the sweeper sends it
     headers = {"Location": f"/api/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"

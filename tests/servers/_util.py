@@ -80,12 +80,21 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
 
 
-def run_checked(argv: Sequence[str], log_path: Path, what: str, timeout: float = 120.0) -> None:
+def run_checked(
+    argv: Sequence[str], log_path: Path, what: str, timeout: float = 120.0, env: Mapping[str, str] | None = None
+) -> None:
     """Run a setup command with its output appended to `log_path`; raise with the log tail on failure."""
     with log_path.open("ab") as log:
         log.write(f"\n$ {' '.join(argv)}\n".encode())
         log.flush()
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=timeout)
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            timeout=timeout,
+            env=None if env is None else dict(env),
+        )
     if result.returncode != 0:
         raise ServerStartError(
             f"{what} failed with exit code {result.returncode}; tail of {log_path}:\n{log_tail(log_path)}"

@@ -1,0 +1,170 @@
+"""Deliver jobs: persist, commit, then publish each attempt; sweep what was never published; reap lost leases.
+
+The database is the outbox. A job waiting to be sent is ``pending``; an attempt whose message has not been
+confirmed sent has no ``published_at``. The sweeper sends both after a grace period, so a crash between the
+commit and the publish loses nothing; a message sent twice is harmless because the claim is fenced.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from app.columns import utcnow
+from app.errors import Conflict
+from app.extensions import db
+from app.jobs.models import Job, JobAttempt
+from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+from dispatch.publish import JobMessage, Publisher, PublishError
+
+log = logging.getLogger(__name__)
+
+LEASE_EXPIRED = "attempt {number} lost: agent '{agent}' stopped renewing its lease"
+ATTEMPTS_EXHAUSTED = "attempt {number} of {limit} lost (agent '{agent}' stopped renewing its lease); no attempts left"
+BATCH = 100
+
+
+def _publisher() -> Publisher | None:
+    publisher = current_app.extensions.get("publisher")
+    return publisher if isinstance(publisher, Publisher) else None
+
+
+def _timestamp(moment: datetime | None) -> float | None:
+    """A naive-UTC database time as a UNIX time."""
+    return None if moment is None else moment.replace(tzinfo=UTC).timestamp()
+
+
+def _message(job: Job, attempt: int) -> JobMessage:
+    return JobMessage(
+        job_id=job.id,
+        attempt=attempt,
+        tenant=job.tenant_id,
+        project=job.project_id,
+        platform=job.platform,
+        name=job.name,
+        workflow=job.workflow,
+        variables=dict(job.variables or {}),
+        priority=job.priority,
+        agent_id=job.agent_id,
+        expires_at=_timestamp(job.deliver_by),
+    )
+
+
+def send(job: Job, attempt: JobAttempt) -> bool:
+    """Publish one committed attempt and record that it was sent; False when the broker did not take it."""
+    publisher = _publisher()
+    if publisher is None:
+        return False
+    try:
+        publisher.publish(_message(job, attempt.number))
+    except PublishError as exc:
+        log.warning("%s; the sweeper will try again", exc)
+        return False
+    db.session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.id == attempt.id, JobAttempt.published_at.is_(None))
+        .values(published_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    db.session.commit()
+    return True
+
+
+def open_next_attempt(job: Job, *, actor: str, reason: str | None = None) -> JobAttempt:
+    """Move a pending (or lost running) job to ``queued`` with a new attempt, committed, not yet published."""
+    now = utcnow()
+    number = job.attempt + 1
+    transition(job, JobState.QUEUED, actor=actor, reason=reason, attempt=number, queued_at=now)
+    attempt = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=number, queued_at=now)
+    db.session.add(attempt)
+    db.session.commit()
+    return attempt
+
+
+def dispatch_job(*, job_id: str, actor: str = "dispatcher") -> bool:
+    """Queue and publish a pending job that is due; False when it is not due, not pending, or not sent."""
+    if _publisher() is None:
+        return False
+    job = db.session.get(Job, job_id)
+    if job is None or job.state != JobState.PENDING.value or job.scheduled_at > utcnow():
+        return False
+    try:
+        attempt = open_next_attempt(job, actor=actor)
+    except Conflict:
+        db.session.rollback()  # another process queued it first
+        return False
+    return send(job, attempt)
+
+
+def sweep(*, now: datetime | None = None) -> int:
+    """Send due pending jobs and queued attempts left unpublished for longer than the grace period."""
+    if _publisher() is None:
+        return 0
+    now = now or utcnow()
+    before = now - timedelta(seconds=current_app.config["SWEEP_GRACE"])
+    sent = 0
+    due = db.session.scalars(
+        select(Job.id)
+        .where(Job.state == JobState.PENDING.value, Job.scheduled_at <= now, Job.updated_at <= before)
+        .order_by(Job.priority.desc(), Job.scheduled_at)
+        .limit(BATCH)
+    ).all()
+    for job_id in due:
+        sent += dispatch_job(job_id=job_id, actor="sweeper")
+    stranded = db.session.execute(
+        select(Job, JobAttempt)
+        .join(JobAttempt, JobAttempt.job_id == Job.id)
+        .where(
+            JobAttempt.state == AttemptState.QUEUED.value,
+            JobAttempt.published_at.is_(None),
+            JobAttempt.queued_at <= before,
+            Job.attempt == JobAttempt.number,
+            Job.state == JobState.QUEUED.value,
+        )
+        .limit(BATCH)
+    ).all()
+    for job, attempt in stranded:
+        log.info("job %s attempt %d was never published; sending it now", job.id, attempt.number)
+        sent += send(job, attempt)
+    return sent
+
+
+def reap(*, now: datetime | None = None) -> int:
+    """Turn every running attempt whose lease expired into ``lost``, then queue the next attempt or fail the job."""
+    now = now or utcnow()
+    expired = db.session.execute(
+        select(Job, JobAttempt)
+        .join(JobAttempt, JobAttempt.job_id == Job.id)
+        .where(JobAttempt.state == AttemptState.RUNNING.value, JobAttempt.lease_expires_at < now)
+        .limit(BATCH)
+    ).all()
+    reaped = 0
+    for job, attempt in expired:
+        try:
+            reaped += _reap_one(job, attempt, now)
+        except Conflict:
+            db.session.rollback()  # the agent reported, or another reaper won, meanwhile
+    return reaped
+
+
+def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
+    agent = attempt.agent_id or "?"
+    lost = LEASE_EXPIRED.format(number=attempt.number, agent=agent)
+    transition_attempt(attempt, AttemptState.LOST, finished_at=now, error=lost)
+    current = job.state == JobState.RUNNING.value and job.attempt == attempt.number
+    if not current:
+        db.session.commit()
+        return 1
+    if attempt.number < job.max_attempts:
+        log.warning("job %s: %s; queueing attempt %d", job.id, lost, attempt.number + 1)
+        following = open_next_attempt(job, actor="reaper", reason=lost)
+        send(job, following)
+    else:
+        error = ATTEMPTS_EXHAUSTED.format(number=attempt.number, limit=job.max_attempts, agent=agent)
+        log.warning("job %s: %s", job.id, error)
+        transition(job, JobState.FAILED, actor="reaper", reason=error, finished_at=now, error=error)
+        db.session.commit()
+    return 1

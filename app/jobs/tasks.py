@@ -1,0 +1,20 @@
+"""The control plane's periodic Celery tasks, sent by name from the beat schedule of dispatch/celery.py."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from app.jobs import dispatching
+from dispatch.celery import REAP_TASK, SWEEP_TASK
+
+
+@shared_task(name=REAP_TASK)
+def reap_leases() -> int:
+    """Turn running attempts whose lease expired into ``lost``; retry or fail their jobs."""
+    return dispatching.reap()
+
+
+@shared_task(name=SWEEP_TASK)
+def sweep_pending() -> int:
+    """Publish due jobs and attempts whose publish never happened."""
+    return dispatching.sweep()
