@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import textwrap
+import time
 
 import pytest
 
+from app import create_app
+from app.auth.tokens import Principal
+from app.jobs import service
+from app.jobs.schemas import JobSubmit
+from dispatch.celery import make_celery
+from dispatch.contract import RUN_JOB_TASK, agent_queue
+from dispatch.signing import Signer, generate_keypair, load_signing_key
 from tests.servers.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -36,3 +44,264 @@ def test_a_submitted_uname_job_completes_with_its_output_stored(platform: Platfo
     [task] = done["tasks"]
     assert task["status"] == "succeeded" and task["output"].startswith("Linux ")
     assert done["attempts"][0]["agent_id"] == "a1"
+    agent = platform.api("GET", "/agents/a1", operator).json()
+    assert agent["status"] == "online" and agent["platform"] == "linux"
+    assert {"command", "db", "downloadexec", "http", "ssh"} <= set(agent["task_types"])
+    assert "powershell" not in agent["task_types"]  # no PowerShell on this host
+
+
+def marker_workflow(path: str, *, sleep: float = 0, name: str = "mark") -> str:
+    """A workflow that appends one line to ``path`` (so runs can be counted), then optionally sleeps."""
+    return textwrap.dedent(
+        f"""\
+        name: {name}
+        timeout: 60s
+        tasks:
+          - name: mark
+            type: command
+            config:
+              command: sh
+              args: ["-c", "echo ran >> {path}; sleep {sleep}"]
+        """
+    )
+
+
+def runs(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def audit(platform: Platform, tenant: str, action: str) -> list[dict]:
+    reply = platform.api("GET", f"/audit?action={action}&limit=100", platform.token("tenant_admin", tenant))
+    assert reply.status_code == 200, reply.text
+    return list(reply.json()["events"])
+
+
+def wait_until(check, timeout: float = 20, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout}s")
+
+
+def nothing_running(platform: Platform, tenant: str) -> None:
+    reply = platform.api("GET", "/jobs?state=running", platform.token("viewer", tenant))
+    assert reply.json()["total"] == 0
+
+
+def test_pinned_jobs_run_on_their_agent_and_shared_jobs_are_shared_by_the_projects_agents(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "s1")
+    platform.start_agent(tenant, project, "s2")
+    operator = platform.token("operator", tenant, project)
+    shared = [
+        platform.submit(operator, marker_workflow(str(tmp_path / f"s{i}"), sleep=0.4))["job_id"] for i in range(6)
+    ]
+    pinned = platform.submit(operator, marker_workflow(str(tmp_path / "p")), agent_id="s2")["job_id"]
+    ran_on = set()
+    for job_id in shared:
+        job = platform.wait_for(operator, job_id)
+        assert job["state"] == "completed", job
+        ran_on.add(job["attempts"][-1]["agent_id"])
+    assert ran_on == {"s1", "s2"}
+    assert platform.wait_for(operator, pinned)["attempts"][-1]["agent_id"] == "s2"
+    nothing_running(platform, tenant)
+
+
+def test_a_powershell_workflow_never_reaches_a_linux_agent(platform: Platform):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "lin")
+    operator = platform.token("operator", tenant, project)
+    workflow = "name: ps\ntasks:\n  - {name: a, type: powershell, config: {script: Get-Date}}\n"
+    pinned = platform.api("POST", "/jobs", operator, {"workflow": workflow, "agent_id": "lin"})
+    assert pinned.status_code == 422 and pinned.json()["error"] == "incompatible_platform"
+    job = platform.submit(operator, workflow)
+    assert job["platform"] == "windows"
+    time.sleep(3)
+    after = platform.api("GET", f"/jobs/{job['job_id']}", operator).json()
+    assert after["state"] == "queued" and after["attempts"][0]["agent_id"] is None
+    assert (
+        platform.valkey.client().llen(f"tenant.{tenant}.{project}.windows")
+        + sum(platform.valkey.client().llen(f"tenant.{tenant}.{project}.windows:{p}") for p in range(1, 10))
+        == 1
+    )
+
+
+def push(platform: Platform, queue: str, kwargs: dict, task_id: str) -> None:
+    """Put a message straight onto a queue with valid broker access, as an intruder on the broker could."""
+    celery = make_celery(platform.valkey.url)
+    try:
+        celery.send_task(RUN_JOB_TASK, kwargs=kwargs, queue=queue, task_id=task_id)
+    finally:
+        celery.close()
+
+
+def envelope(
+    platform: Platform,
+    key: str,
+    *,
+    audience: str,
+    tenant: str,
+    project: str,
+    job_id: str,
+    workflow: str,
+    now: float | None = None,
+    expires_at: float | None = None,
+) -> dict:
+    return Signer(load_signing_key(key)).sign(
+        audience=audience,
+        tenant=tenant,
+        project=project,
+        job_id=job_id,
+        attempt=1,
+        name="intruder",
+        workflow=workflow,
+        variables={},
+        now=now,
+        expires_at=expires_at,
+    )
+
+
+def test_forged_expired_and_misaddressed_messages_never_run_and_are_audited(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "f1")
+    queue = agent_queue(tenant, "f1")
+    other_key, _ = generate_keypair()
+    cases = {
+        "bad_signature": (other_key, {"audience": queue}),
+        "expired": (
+            platform.signing_key,
+            {"audience": queue, "now": time.time() - 7200, "expires_at": time.time() - 3600},
+        ),
+        "wrong_audience": (platform.signing_key, {"audience": agent_queue(tenant, "someone-else")}),
+    }
+    markers = {}
+    for reason, (key, fields) in cases.items():
+        markers[reason] = tmp_path / reason
+        kwargs = envelope(
+            platform,
+            key,
+            tenant=tenant,
+            project=project,
+            job_id=f"forged-{reason}",
+            workflow=marker_workflow(str(markers[reason])),
+            **fields,
+        )
+        push(platform, queue, kwargs, f"forged-{reason}:1")
+    push(platform, queue, {"workflow": marker_workflow(str(tmp_path / "unsigned"))}, "unsigned:1")
+    refused = wait_until(
+        lambda: (
+            len(audit(platform, tenant, "job.message_refused")) >= 4 and audit(platform, tenant, "job.message_refused")
+        ),
+        what="four audited refusals",
+    )
+    assert sorted(e["details"]["reason"] for e in refused) == ["bad_signature", "expired", "unsigned", "wrong_audience"]
+    assert all(e["outcome"] == "refused" and e["details"]["agent_id"] == "f1" for e in refused)
+    assert not any(path.exists() for path in [*markers.values(), tmp_path / "unsigned"])
+
+
+def test_a_message_delivered_twice_runs_once_and_the_replay_is_audited(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "r1")
+    operator = platform.token("operator", tenant, project)
+    marker = tmp_path / "replayed"
+    workflow = marker_workflow(str(marker))
+    job = platform.submit(operator, workflow, agent_id="r1")
+    assert platform.wait_for(operator, job["job_id"])["state"] == "completed"
+    # The same genuine envelope, delivered twice more: the claim refuses the first, the nonce the second.
+    kwargs = envelope(
+        platform,
+        platform.signing_key,
+        audience=agent_queue(tenant, "r1"),
+        tenant=tenant,
+        project=project,
+        job_id=job["job_id"],
+        workflow=workflow,
+    )
+    push(platform, agent_queue(tenant, "r1"), kwargs, f"{job['job_id']}:1")
+    push(platform, agent_queue(tenant, "r1"), kwargs, f"{job['job_id']}:1")
+    replays = wait_until(lambda: audit(platform, tenant, "job.message_refused"), what="the replay's audit")
+    assert [e["details"]["reason"] for e in replays] == ["replayed"]
+    time.sleep(1)
+    assert runs(marker) == 1
+
+
+def test_a_job_cancelled_while_queued_never_runs(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    agent = platform.start_agent(tenant, project, "c1")
+    agent.stop()  # registered, but not consuming: the job waits in its queue
+    operator = platform.token("operator", tenant, project)
+    marker = tmp_path / "cancelled"
+    job = platform.submit(operator, marker_workflow(str(marker)), agent_id="c1")
+    assert platform.api("GET", f"/jobs/{job['job_id']}", operator).json()["state"] == "queued"
+    cancelled = platform.api("POST", f"/jobs/{job['job_id']}/cancel", operator)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    platform.start_agent(tenant, project, "c1")
+    wait_until(lambda: "not claimed" in platform.log(f"agent-{tenant}-c1"), what="the agent dropping the message")
+    assert not marker.exists()
+    assert platform.api("GET", f"/jobs/{job['job_id']}", operator).json()["state"] == "cancelled"
+
+
+def test_an_agent_killed_mid_job_loses_its_attempt_and_the_next_attempt_runs_on_another_agent(
+    platform: Platform, tmp_path
+):
+    tenant, project = platform.tenant()
+    first = platform.start_agent(tenant, project, "k1")
+    operator = platform.token("operator", tenant, project)
+    flag = tmp_path / "first-attempt"
+    workflow = textwrap.dedent(
+        f"""\
+        name: survive
+        timeout: 60s
+        tasks:
+          - name: work
+            type: command
+            config:
+              command: sh
+              args: ["-c", "if [ -e {flag} ]; then echo second; else touch {flag}; sleep 30; fi"]
+        """
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    wait_until(flag.exists, what="the first attempt starting its task")
+    platform.start_agent(tenant, project, "k2")
+    first.kill()
+    killed_at = time.monotonic()
+    lost = wait_until(
+        lambda: (
+            (job := platform.api("GET", f"/jobs/{job_id}", operator).json())["attempts"][0]["state"] == "lost" and job
+        ),
+        timeout=30,
+        what="the first attempt becoming lost",
+    )
+    assert time.monotonic() - killed_at <= 4 + 1 + 3  # lease + reaper interval + slack
+    assert lost["attempts"][0]["agent_id"] == "k1"
+    done = platform.wait_for(operator, job_id)
+    assert done["state"] == "completed", done
+    assert [(a["number"], a["state"], a["agent_id"]) for a in done["attempts"]] == [
+        (1, "lost", "k1"),
+        (2, "completed", "k2"),
+    ]
+    assert done["tasks"][-1]["output"] == "second\n"
+    nothing_running(platform, tenant)
+
+
+def test_a_job_whose_publish_never_happened_is_published_by_the_sweeper(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "w1")
+    marker = tmp_path / "swept"
+    # The web process crashed between commit and publish: the job is committed and nothing was sent.
+    flask_app = create_app(
+        {"DATABASE_URL": platform.env["DATABASE_URL"], "VALKEY_URL": None, "JWT_SECRET": platform.jwt_secret}
+    )
+    with flask_app.app_context():
+        caller = Principal(subject="operator", tenant_id=tenant, role="operator", project_id=project)
+        job, _ = service.submit_job(caller=caller, data=JobSubmit(workflow=marker_workflow(str(marker))))
+        job_id = job.id
+    operator = platform.token("operator", tenant, project)
+    assert platform.api("GET", f"/jobs/{job_id}", operator).json()["state"] == "pending"
+    done = platform.wait_for(operator, job_id, timeout=20)
+    assert done["state"] == "completed"
+    assert runs(marker) == 1
