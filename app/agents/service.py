@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from flask import current_app
 from sqlalchemy import delete, func, select, update
@@ -85,8 +86,15 @@ def list_agents(*, caller: Principal, params: AgentListQuery) -> tuple[list[Agen
     return list(db.session.scalars(page)), total
 
 
-def heartbeat(*, caller: Principal, agent_id: str) -> tuple[Agent, list[tuple[Job, JobAttempt]]]:
-    """Record that the agent is alive and renew the leases of its running attempts; return them."""
+def heartbeat(
+    *, caller: Principal, agent_id: str, running: list[tuple[str, int]]
+) -> tuple[Agent, list[tuple[Job, JobAttempt]]]:
+    """Record that the agent is alive and renew the leases of the attempts it says it runs; return them.
+
+    Only the attempts the agent names are renewed: an attempt the agent has lost track of (its report gave
+    up, its process restarted) keeps its lease, which expires, and the reaper retries it. A job can never
+    stay ``running`` because an agent that is alive keeps beating for something it no longer runs.
+    """
     agent = scoped(caller, agent_id)
     now = utcnow()
     expires = now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
@@ -96,14 +104,32 @@ def heartbeat(*, caller: Principal, agent_id: str) -> tuple[Agent, list[tuple[Jo
         JobAttempt.agent_id == agent_id,
         JobAttempt.state == AttemptState.RUNNING.value,
     )
-    db.session.execute(
-        update(JobAttempt).where(*mine).values(lease_expires_at=expires).execution_options(synchronize_session=False)
-    )
-    query = select(Job, JobAttempt).join(JobAttempt, JobAttempt.job_id == Job.id).where(*mine)
-    rows = db.session.execute(query.execution_options(populate_existing=True)).all()
-    running = [(job, attempt) for job, attempt in rows if attempt.number == job.attempt]
+    claimed = [(job, attempt) for job, attempt in _running(mine, running) if attempt.number == job.attempt]
+    if claimed:
+        db.session.execute(
+            update(JobAttempt)
+            .where(*mine, JobAttempt.id.in_([attempt.id for _, attempt in claimed]))
+            .values(lease_expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
+        for _, attempt in claimed:
+            attempt.lease_expires_at = expires
     db.session.commit()
-    return agent, running
+    return agent, claimed
+
+
+def _running(mine: tuple[Any, ...], running: list[tuple[str, int]]) -> list[tuple[Job, JobAttempt]]:
+    """The attempts of ``running`` (job id, attempt number) that the server has running on this agent."""
+    if not running:
+        return []
+    wanted = set(running)
+    query = (
+        select(Job, JobAttempt)
+        .join(JobAttempt, JobAttempt.job_id == Job.id)
+        .where(*mine, JobAttempt.job_id.in_([job_id for job_id, _ in wanted]))
+    )
+    rows = db.session.execute(query.execution_options(populate_existing=True)).all()
+    return [(job, attempt) for job, attempt in rows if (job.id, attempt.number) in wanted]
 
 
 def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -> None:

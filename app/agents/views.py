@@ -101,8 +101,9 @@ def get_agent(agent_id: str) -> Response:
 @require("agent", action="send heartbeats")
 def heartbeat(agent_id: str) -> Response:
     """Record a heartbeat."""
-    body(HeartbeatRequest, optional=True)
-    agent, running = service.heartbeat(caller=principal(), agent_id=agent_id)
+    beat = body(HeartbeatRequest, optional=True)
+    said = [(item.job_id, item.attempt) for item in beat.running]
+    agent, running = service.heartbeat(caller=principal(), agent_id=agent_id, running=said)
     leases = [
         Lease(
             job_id=job.id,

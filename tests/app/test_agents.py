@@ -74,17 +74,27 @@ def test_an_agent_is_read_by_id(api: Api, world: dict[str, Tenant]) -> None:
     assert api.get("/api/v1/agents/nope", world["acme"].tokens["operator"]).status_code == 404
 
 
-def test_a_heartbeat_renews_the_leases_of_the_agents_running_jobs(api: Api, world: dict[str, Tenant]) -> None:
+def test_a_heartbeat_renews_the_leases_of_the_jobs_the_agent_says_it_runs(api: Api, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
-    response = api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"])
+    response = api.post(
+        "/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json={"running": [{"job_id": acme.running, "attempt": 1}]}
+    )
     assert response.status_code == 200
     beat = HeartbeatOut.model_validate(response.json)
     assert beat.status == "online" and beat.heartbeat_interval == 30 and beat.cancel == []
     assert [(lease.job_id, lease.attempt) for lease in beat.leases] == [(acme.running, 1)]
-    with_body = api.post(
-        "/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json={"running": [{"job_id": acme.running, "attempt": 1}]}
-    )
-    assert with_body.status_code == 200
+
+
+def test_a_heartbeat_does_not_renew_a_running_job_the_agent_no_longer_reports(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    before = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["operator"]).json["attempts"][0]["lease_expires_at"]
+    beat = api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json={"running": []})
+    assert beat.status_code == 200 and beat.json["leases"] == []
+    assert api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"]).json["leases"] == []
+    after = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["operator"]).json["attempts"][0]["lease_expires_at"]
+    assert after == before
 
 
 def test_an_agent_cannot_heartbeat_for_another_agent(api: Api, world: dict[str, Tenant]) -> None:

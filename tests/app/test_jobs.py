@@ -148,7 +148,9 @@ def test_cancelling_a_running_job_asks_its_agent_to_stop(api: Api, world: dict[s
     assert response.json["state"] == "running" and response.json["cancel_requested"] is True
     again = api.post(f"/api/v1/jobs/{acme.running}/cancel", acme.tokens["operator"])
     assert again.status_code == 202
-    beat = api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"])
+    beat = api.post(
+        "/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json={"running": [{"job_id": acme.running, "attempt": 1}]}
+    )
     assert beat.json["cancel"] == [acme.running]
 
 
