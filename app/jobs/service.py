@@ -168,20 +168,40 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     agent = _target(caller, job.project_id, agent_id, changes.get("platform"))
     requested = changes.get("platform") or (agent.platform if agent else None)
     values = {**changes, "name": workflow.name, "platform": choose_platform(workflow, requested)}
-    values.update(revision=job.revision + 1, updated_at=utcnow())
+    now = utcnow()
+    values.update(revision=job.revision + 1, updated_at=now)
+    queued = job.state == JobState.QUEUED.value
+    if queued:  # its message carries the old workflow: a new attempt supersedes it
+        values.update(attempt=job.attempt + 1, queued_at=now)
     statement = (
         update(Job)
-        .where(Job.id == job.id, Job.revision == job.revision, Job.state.in_([s.value for s in NOT_STARTED]))
+        .where(
+            Job.id == job.id,
+            Job.revision == job.revision,
+            Job.attempt == job.attempt,
+            Job.state.in_([s.value for s in NOT_STARTED]),
+        )
         .values(**values)
         .execution_options(synchronize_session=False)
     )
     if db.session.execute(statement).rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict(f"job {job.id} changed while the request was handled; read it again", code="concurrent_update")
+    following = None
+    if queued:
+        previous = _current_attempt(job)
+        if previous is not None:
+            transition_attempt(
+                previous, AttemptState.CANCELLED, finished_at=now, error=f"superseded by revision {job.revision + 1}"
+            )
+        following = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=job.attempt + 1, queued_at=now)
+        db.session.add(following)
     audit.record(
         action="job.updated", principal=caller, target_type="job", target_id=job.id, details={"fields": sorted(changes)}
     )
     db.session.commit()
     db.session.refresh(job)
+    if following is not None:
+        dispatching.send(job, following)  # committed first; if this fails, the sweeper sends it
     return job
 
 

@@ -305,3 +305,18 @@ def test_a_job_whose_publish_never_happened_is_published_by_the_sweeper(platform
     done = platform.wait_for(operator, job_id, timeout=20)
     assert done["state"] == "completed"
     assert runs(marker) == 1
+
+
+def test_a_queued_job_that_is_changed_runs_its_new_workflow_not_the_published_one(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "u1").stop()
+    operator = platform.token("operator", tenant, project)
+    old, new = tmp_path / "old", tmp_path / "new"
+    job_id = platform.submit(operator, marker_workflow(str(old)), agent_id="u1")["job_id"]
+    changed = platform.api("PUT", f"/jobs/{job_id}", operator, {"workflow": marker_workflow(str(new))})
+    assert changed.status_code == 200 and changed.json()["attempt"] == 2
+    platform.start_agent(tenant, project, "u1")
+    done = platform.wait_for(operator, job_id)
+    assert done["state"] == "completed"
+    assert [(a["number"], a["state"]) for a in done["attempts"]] == [(1, "cancelled"), (2, "completed")]
+    assert runs(new) == 1 and not old.exists()
