@@ -83,11 +83,12 @@ def _register_blueprints(app: Flask) -> None:
     from app.audit.views import bp as audit_bp
     from app.errors import register_error_handlers
     from app.jobs.views import bp as jobs_bp
+    from app.jobs.views import dead_letters_bp
     from app.system.health import bp as health_bp
     from app.system.openapi import bp as openapi_bp
     from app.tenants.views import projects_bp, tenants_bp
 
-    for blueprint in (jobs_bp, agents_bp, tenants_bp, projects_bp, audit_bp, health_bp, openapi_bp):
+    for blueprint in (jobs_bp, dead_letters_bp, agents_bp, tenants_bp, projects_bp, audit_bp, health_bp, openapi_bp):
         app.register_blueprint(blueprint)
     init_rate_limit(app)  # before the JSON check: a flood of bad requests is counted too
     app.before_request(refuse_non_json)

@@ -34,7 +34,11 @@ class Config:
     LEASE_SECONDS = 90
     HEARTBEAT_INTERVAL = 30
     AGENT_OFFLINE_AFTER = 90
-    MAX_ATTEMPTS = 3
+    MAX_ATTEMPTS = 1  # runs of a workflow that fails; more with a job's max_attempts
+    MAX_LOST_ATTEMPTS = 3  # attempts whose agent vanished before the job is dead-lettered
+    RETRY_BACKOFF = 10.0  # seconds before the second run of a failed job; doubles each time, jittered
+    RETRY_BACKOFF_MAX = 600.0
+    POISON_LIMIT = 3  # deliveries that crashed an agent before the message is dead-lettered
     JOB_SIGNING_KEY: str | None = None  # None: a key pair kept in the instance folder
     ENVELOPE_TTL = 86400
     BROKER_VISIBILITY_TIMEOUT = 12 * 3600
@@ -61,6 +65,10 @@ ENVIRONMENT: dict[str, type] = {
     "HEARTBEAT_INTERVAL": int,
     "AGENT_OFFLINE_AFTER": int,
     "MAX_ATTEMPTS": int,
+    "MAX_LOST_ATTEMPTS": int,
+    "RETRY_BACKOFF": float,
+    "RETRY_BACKOFF_MAX": float,
+    "POISON_LIMIT": int,
     "JOB_SIGNING_KEY": str,
     "ENVELOPE_TTL": int,
     "BROKER_VISIBILITY_TIMEOUT": int,

@@ -14,13 +14,23 @@ from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant, deny
 from app.auth.tokens import Principal
 from app.columns import utcnow
-from app.errors import NOT_FOUND, NotFound, Unprocessable
+from app.errors import NOT_FOUND, Conflict, NotFound, Unprocessable
 from app.extensions import db
+from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
-from app.jobs.states import AttemptState
+from app.jobs.states import AttemptState, JobState
 from app.tenants.models import Project
 
 OTHER_AGENT = "an agent token may act only on its own agent record"
+# Refusals that mean the message can never run as sent: the job is dead-lettered with this reason.
+DEAD_LETTER_ON_REFUSAL = {
+    "bad_signature": "refused",
+    "wrong_audience": "refused",
+    "unsigned": "refused",
+    "malformed": "refused",
+    "expired": "expired",
+    "poison": "poison",
+}
 NO_PROJECT = "name the project: give project_id (the token is not limited to one)"
 UNKNOWN_PROJECT = "project '{project}' does not exist in this tenant"
 
@@ -150,6 +160,20 @@ def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -
         },
     )
     db.session.commit()
+    dead = DEAD_LETTER_ON_REFUSAL.get(report.reason)
+    job = db.session.get(Job, report.job_id) if dead and report.job_id else None
+    if (
+        dead is not None
+        and job is not None
+        and job.tenant_id == caller.tenant_id
+        and job.attempt == report.attempt
+        and job.state == JobState.QUEUED.value
+    ):
+        message = f"agent '{agent_id}' refused the message ({report.reason}): {report.message}"
+        try:
+            dispatching.dead_letter(job, reason=dead, actor=caller.subject, message=message)
+        except Conflict:
+            db.session.rollback()  # claimed or changed meanwhile
 
 
 def delete_agent(*, caller: Principal, agent_id: str) -> None:

@@ -8,10 +8,12 @@ commit and the publish loses nothing; a message sent twice is harmless because t
 from __future__ import annotations
 
 import logging
+import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from app.columns import utcnow
 from app.errors import Conflict
@@ -23,8 +25,11 @@ from dispatch.publish import JobMessage, Publisher, PublishError
 log = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "attempt {number} lost: agent '{agent}' stopped renewing its lease"
-ATTEMPTS_EXHAUSTED = "attempt {number} of {limit} lost (agent '{agent}' stopped renewing its lease); no attempts left"
+LOST_EXHAUSTED = "{lost} attempts lost (the last on agent '{agent}', which stopped renewing its lease); giving up"
+RETRYING = "attempt {number} {state}; run {failures} of {limit} failed, retrying in {delay:.0f}s"
+EXPIRED = "not claimed before its deliver_by deadline ({deadline}Z)"
 BATCH = 100
+RETRYABLE = frozenset({AttemptState.FAILED.value, AttemptState.TIMED_OUT.value})
 
 
 def _publisher() -> Publisher | None:
@@ -73,15 +78,75 @@ def send(job: Job, attempt: JobAttempt) -> bool:
     return True
 
 
-def open_next_attempt(job: Job, *, actor: str, reason: str | None = None) -> JobAttempt:
-    """Move a pending (or lost running) job to ``queued`` with a new attempt, committed, not yet published."""
+def open_next_attempt(
+    job: Job, *, actor: str, reason: str | None = None, not_before: datetime | None = None, **values: Any
+) -> JobAttempt:
+    """Move a job to ``queued`` with a new attempt, committed, not yet published (not before ``not_before``)."""
     now = utcnow()
     number = job.attempt + 1
-    transition(job, JobState.QUEUED, actor=actor, reason=reason, attempt=number, queued_at=now)
-    attempt = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=number, queued_at=now)
+    transition(job, JobState.QUEUED, actor=actor, reason=reason, attempt=number, queued_at=now, **values)
+    attempt = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=number, queued_at=now, not_before=not_before)
     db.session.add(attempt)
     db.session.commit()
     return attempt
+
+
+def retry_delay(base: float, failures: int, cap: float) -> float:
+    """Seconds before the next run after ``failures`` failed runs: base doubling each time, capped, ±20% jitter."""
+    if base <= 0:
+        return 0.0
+    return min(cap, base * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
+
+
+def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt | None:
+    """Queue the next run of a job whose attempt failed or timed out, if its ``max_attempts`` allow; else None.
+
+    The next attempt is committed with a ``not_before`` time; the sweeper publishes it when that time comes
+    (never a long Celery countdown, which would sit unacknowledged in a worker's memory).
+    """
+    if attempt.state not in RETRYABLE or job.cancel_requested:
+        return None
+    failures = (
+        db.session.scalar(
+            select(func.count())
+            .select_from(JobAttempt)
+            .where(JobAttempt.job_id == job.id, JobAttempt.state.in_(list(RETRYABLE)))
+        )
+        or 0
+    )
+    if failures >= job.max_attempts:
+        return None
+    config = current_app.config
+    delay = retry_delay(job.retry_backoff, failures, config["RETRY_BACKOFF_MAX"])
+    reason = RETRYING.format(
+        number=attempt.number, state=attempt.state, failures=failures, limit=job.max_attempts, delay=delay
+    )
+    log.info("job %s: %s", job.id, reason)
+    following = open_next_attempt(
+        job, actor="retry", reason=reason, not_before=now + timedelta(seconds=delay) if delay else None
+    )
+    if not delay:
+        send(job, following)
+    return following
+
+
+def dead_letter(job: Job, *, reason: str, message: str, actor: str, now: datetime | None = None) -> None:
+    """Move a job that cannot be delivered to ``dead_letter`` with a reason code and message (committed)."""
+    now = now or utcnow()
+    current = db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt))
+    if current is not None and current.state == AttemptState.QUEUED.value:
+        transition_attempt(current, AttemptState.DEAD_LETTER, finished_at=now, error=message)
+    transition(
+        job,
+        JobState.DEAD_LETTER,
+        actor=actor,
+        reason=message,
+        finished_at=now,
+        error=message,
+        dead_letter_reason=reason,
+    )
+    db.session.commit()
+    log.warning("job %s dead-lettered (%s): %s", job.id, reason, message)
 
 
 def dispatch_job(*, job_id: str, actor: str = "dispatcher") -> bool:
@@ -100,10 +165,11 @@ def dispatch_job(*, job_id: str, actor: str = "dispatcher") -> bool:
 
 
 def sweep(*, now: datetime | None = None) -> int:
-    """Send due pending jobs and queued attempts left unpublished for longer than the grace period."""
+    """Dead-letter expired jobs; send due pending jobs and queued attempts left unpublished past the grace."""
+    now = now or utcnow()
+    expire(now=now)
     if _publisher() is None:
         return 0
-    now = now or utcnow()
     before = now - timedelta(seconds=current_app.config["SWEEP_GRACE"])
     sent = 0
     due = db.session.scalars(
@@ -132,6 +198,32 @@ def sweep(*, now: datetime | None = None) -> int:
     return sent
 
 
+def expire(*, now: datetime) -> int:
+    """Dead-letter every pending or queued job whose ``deliver_by`` passed before an agent claimed it."""
+    late = db.session.scalars(
+        select(Job)
+        .where(
+            Job.state.in_([JobState.PENDING.value, JobState.QUEUED.value]),
+            Job.deliver_by.is_not(None),
+            Job.deliver_by < now,
+        )
+        .limit(BATCH)
+    ).all()
+    for job in late:
+        assert job.deliver_by is not None
+        try:
+            dead_letter(
+                job,
+                reason="expired",
+                message=EXPIRED.format(deadline=job.deliver_by.isoformat()),
+                actor="sweeper",
+                now=now,
+            )
+        except Conflict:
+            db.session.rollback()  # claimed meanwhile
+    return len(late)
+
+
 def reap(*, now: datetime | None = None) -> int:
     """Turn every running attempt whose lease expired into ``lost``, then queue the next attempt or fail the job."""
     now = now or utcnow()
@@ -158,13 +250,20 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
     if not current:
         db.session.commit()
         return 1
-    if attempt.number < job.max_attempts:
+    lost_count = (
+        db.session.scalar(
+            select(func.count())
+            .select_from(JobAttempt)
+            .where(JobAttempt.job_id == job.id, JobAttempt.state == AttemptState.LOST.value)
+        )
+        or 0
+    )
+    if lost_count < current_app.config["MAX_LOST_ATTEMPTS"]:
         log.warning("job %s: %s; queueing attempt %d", job.id, lost, attempt.number + 1)
         following = open_next_attempt(job, actor="reaper", reason=lost)
         send(job, following)
     else:
-        error = ATTEMPTS_EXHAUSTED.format(number=attempt.number, limit=job.max_attempts, agent=agent)
-        log.warning("job %s: %s", job.id, error)
-        transition(job, JobState.FAILED, actor="reaper", reason=error, finished_at=now, error=error)
-        db.session.commit()
+        dead_letter(
+            job, reason="lost", message=LOST_EXHAUSTED.format(lost=lost_count, agent=agent), actor="reaper", now=now
+        )
     return 1

@@ -14,6 +14,7 @@ from app.auth.tokens import Principal
 from app.columns import utcnow
 from app.errors import Conflict
 from app.extensions import db
+from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt, TaskResult
 from app.jobs.schemas import StatusReport, TaskReport
 from app.jobs.service import scoped
@@ -124,10 +125,12 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
         row.lease_expires_at = expires
-    else:
+        db.session.commit()
+        return job
+    transition_attempt(row, AttemptState(target), finished_at=now, error=report.error)
+    if dispatching.retry_failed(job, row, now=now) is None:
         transition(
             job, JobState(target), actor=caller.subject, reason=report.error, finished_at=now, error=report.error
         )
-        transition_attempt(row, AttemptState(target), finished_at=now, error=report.error)
-    db.session.commit()
+        db.session.commit()
     return job

@@ -33,6 +33,7 @@ class Job(Base):
         Index("ix_jobs_tenant_project_state_scheduled", "tenant_id", "project_id", "state", "scheduled_at"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_state_scheduled", "state", "scheduled_at"),
+        Index("ix_jobs_tenant_dead_letter", "tenant_id", "dead_letter_reason"),
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
 
@@ -47,7 +48,9 @@ class Job(Base):
     platform: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="pending")
     attempt: Mapped[int] = mapped_column(default=0)
-    max_attempts: Mapped[int] = mapped_column(default=3)
+    max_attempts: Mapped[int] = mapped_column(default=1)  # runs of a failing workflow (lost ones don't count)
+    retry_backoff: Mapped[float] = mapped_column(default=10.0)  # seconds before the 2nd run; doubles, jittered
+    dead_letter_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     revision: Mapped[int] = mapped_column(default=1)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -86,6 +89,7 @@ class JobAttempt(Base):
     agent_id: Mapped[str | None] = mapped_column(String(64), default=None)
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # None: not yet sent
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # a retry's backoff
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

@@ -27,6 +27,7 @@ class JobSubmit(Request):
     scheduled_at: AwareDatetime | None = None
     deliver_by: AwareDatetime | None = None
     max_attempts: int | None = Field(None, ge=1, le=20)
+    retry_backoff: float | None = Field(None, ge=0, le=86400)
 
     @model_validator(mode="after")
     def _deliver_after_schedule(self) -> JobSubmit:
@@ -46,6 +47,7 @@ class JobUpdate(Request):
     scheduled_at: AwareDatetime | None = None
     deliver_by: AwareDatetime | None = None
     max_attempts: int | None = Field(None, ge=1, le=20)
+    retry_backoff: float | None = Field(None, ge=0, le=86400)
 
 
 class JobListQuery(Page):
@@ -55,6 +57,23 @@ class JobListQuery(Page):
     project_id: str | None = None
     state: JobState | None = None
     agent_id: str | None = None
+
+
+DeadLetterReason = Literal["expired", "refused", "poison", "lost", "undeliverable"]
+
+
+class DeadLetterQuery(Page):
+    """``GET /api/v1/dead-letters`` filters."""
+
+    tenant_id: str | None = None
+    project_id: str | None = None
+    reason: DeadLetterReason | None = None
+
+
+class RequeueRequest(Request):
+    """``POST /api/v1/jobs/{id}/requeue``: optionally a new delivery deadline."""
+
+    deliver_by: AwareDatetime | None = None
 
 
 class CancelRequest(Request):
@@ -142,6 +161,8 @@ class JobOut(Response):
     state: str
     attempt: int
     max_attempts: int
+    retry_backoff: float
+    dead_letter_reason: str | None = None
     revision: int
     priority: int
     agent_id: str | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC
 
 from flask import current_app
 from sqlalchemy import delete, func, select, update
@@ -17,7 +18,7 @@ from app.errors import NOT_FOUND, BadRequest, Conflict, NotFound, Unprocessable
 from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
-from app.jobs.schemas import JobListQuery, JobSubmit, JobUpdate
+from app.jobs.schemas import DeadLetterQuery, JobListQuery, JobSubmit, JobUpdate, RequeueRequest
 from app.jobs.states import FINAL_STATES, NOT_STARTED, AttemptState, JobState, transition, transition_attempt
 from app.jobs.workflows import choose_platform, validate_workflow
 from app.tenants.models import Project
@@ -104,6 +105,7 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
         agent_id=data.agent_id,
         platform=platform,
         max_attempts=data.max_attempts or current_app.config["MAX_ATTEMPTS"],
+        retry_backoff=current_app.config["RETRY_BACKOFF"] if data.retry_backoff is None else data.retry_backoff,
         scheduled_at=data.scheduled_at or now,
         deliver_by=data.deliver_by,
         created_at=now,
@@ -266,3 +268,48 @@ def publish_job(*, job_id: str, actor: str = "dispatcher") -> JobAttempt:
 
 def _current_attempt(job: Job) -> JobAttempt | None:
     return db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt))
+
+
+def list_dead_letters(*, caller: Principal, params: DeadLetterQuery) -> tuple[list[Job], int]:
+    """Return a page of the caller's dead-lettered jobs, newest first, and how many match in all."""
+    check_tenant(caller, params.tenant_id)
+    query = select(Job).where(Job.tenant_id == caller.tenant_id, Job.state == JobState.DEAD_LETTER.value)
+    project_id = check_project(caller, params.project_id)
+    if project_id is not None:
+        query = query.where(Job.project_id == project_id)
+    if params.reason is not None:
+        query = query.where(Job.dead_letter_reason == params.reason)
+    total = db.session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = query.order_by(Job.finished_at.desc(), Job.id).limit(params.limit).offset(params.offset)
+    return list(db.session.scalars(page)), total
+
+
+def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
+    """Give a dead-lettered job a new attempt (audited); its deadline is the one given, or none."""
+    job = scoped(caller, job_id)
+    if job.state != JobState.DEAD_LETTER.value:
+        raise Conflict(
+            f"job {job.id} is {job.state}; only a dead-lettered job can be requeued",
+            code="invalid_transition",
+            state=job.state,
+        )
+    reason = job.dead_letter_reason
+    attempt = dispatching.open_next_attempt(
+        job,
+        actor=caller.subject,
+        reason=f"requeued by {caller.subject}",
+        dead_letter_reason=None,
+        error=None,
+        finished_at=None,
+        deliver_by=data.deliver_by.astimezone(UTC).replace(tzinfo=None) if data.deliver_by else None,
+    )
+    audit.record(
+        action="job.requeued",
+        principal=caller,
+        target_type="job",
+        target_id=job.id,
+        details={"attempt": attempt.number, "was": reason},
+    )
+    db.session.commit()
+    dispatching.send(job, attempt)
+    return job

@@ -55,7 +55,7 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     J.FAILED: frozenset(),
     J.TIMED_OUT: frozenset(),
     J.CANCELLED: frozenset(),
-    J.DEAD_LETTER: frozenset(),
+    J.DEAD_LETTER: frozenset({J.QUEUED}),  # requeued by an operator: a new attempt
 }
 
 ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
@@ -69,7 +69,7 @@ ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
     A.DEAD_LETTER: frozenset(),
 }
 
-FINAL_STATES = frozenset(s for s, targets in JOB_TRANSITIONS.items() if not targets)
+FINAL_STATES = frozenset({J.COMPLETED, J.FAILED, J.TIMED_OUT, J.CANCELLED, J.DEAD_LETTER})
 ACTIVE_STATES = frozenset(JobState) - FINAL_STATES
 NOT_STARTED = frozenset({J.PENDING, J.QUEUED})
 REPORTABLE = frozenset({J.COMPLETED, J.FAILED, J.TIMED_OUT, J.CANCELLED})

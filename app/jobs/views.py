@@ -16,6 +16,7 @@ from app.jobs.schemas import (
     CancelRequest,
     ClaimOut,
     ClaimRequest,
+    DeadLetterQuery,
     EventOut,
     JobDetail,
     JobList,
@@ -23,6 +24,7 @@ from app.jobs.schemas import (
     JobOut,
     JobSubmit,
     JobUpdate,
+    RequeueRequest,
     StatusReport,
     TaskReport,
     TaskResultOut,
@@ -54,6 +56,8 @@ def job_out(job: Job) -> JobOut:
         state=job.state,
         attempt=job.attempt,
         max_attempts=job.max_attempts,
+        retry_backoff=job.retry_backoff,
+        dead_letter_reason=job.dead_letter_reason,
         revision=job.revision,
         priority=job.priority,
         agent_id=job.agent_id,
@@ -192,6 +196,20 @@ def update_job(job_id: str) -> Response:
     return reply(job_out(service.update_job(caller=principal(), job_id=job_id, data=data)))
 
 
+@bp.post("/<job_id>/requeue")
+@document(
+    "Requeue a dead-lettered job: a new attempt (audited)",
+    body=RequeueRequest,
+    responses={200: JobOut},
+    errors={**ERR_WRITE, 409: ("invalid_transition", "concurrent_update")},
+)
+@require(*WRITERS, action="requeue jobs")
+def requeue_job(job_id: str) -> Response:
+    """Requeue a dead-lettered job."""
+    job = service.requeue_job(caller=principal(), job_id=job_id, data=body(RequeueRequest, optional=True))
+    return reply(job_out(job))
+
+
 @bp.post("/<job_id>/cancel")
 @document(
     "Cancel a job (202 while a running job is being stopped)",
@@ -283,3 +301,21 @@ def report_status(job_id: str) -> Response:
     """Report a job's state."""
     data = body(StatusReport)
     return reply(job_out(fencing.report_status(caller=principal(), job_id=job_id, report=data)))
+
+
+dead_letters_bp = Blueprint("dead_letters", __name__, url_prefix="/api/v1/dead-letters")
+
+
+@dead_letters_bp.get("")
+@document(
+    "List dead-lettered jobs, newest first, filterable by reason",
+    query=DeadLetterQuery,
+    responses={200: JobList},
+    errors={**ERR_READ, 400: ("invalid_request",)},
+)
+@require(*READERS, action="list dead letters")
+def list_dead_letters() -> Response:
+    """List dead-lettered jobs."""
+    params = query(DeadLetterQuery)
+    jobs, total = service.list_dead_letters(caller=principal(), params=params)
+    return reply(JobList(jobs=[job_out(j) for j in jobs], total=total, limit=params.limit, offset=params.offset))

@@ -22,6 +22,7 @@ ALLOWED = {
     (J.RUNNING, J.CANCELLED),
     (J.RUNNING, J.QUEUED),
     (J.RUNNING, J.DEAD_LETTER),
+    (J.DEAD_LETTER, J.QUEUED),  # requeued by an operator
 }
 
 

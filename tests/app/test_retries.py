@@ -1,0 +1,156 @@
+"""Retries with backoff, dead letters, requeue and delivery deadlines, decided by the control plane."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Flask
+
+from app.agents.models import Agent
+from app.columns import utcnow
+from app.extensions import db
+from app.jobs import dispatching
+from app.jobs.models import Job, JobAttempt
+from tests.app.support import Api, Tenant, token
+
+FAILING = "name: f\ntasks:\n  - {name: a, type: command, config: {command: 'false'}}\n"
+
+
+def submit(api: Api, tenant: Tenant, **fields: Any) -> str:
+    reply = api.post("/api/v1/jobs", tenant.tokens["operator"], json={"workflow": FAILING, **fields})
+    assert reply.status_code == 201, reply.json
+    return str(reply.json["job_id"])
+
+
+def publish_and_claim(api: Api, app: Flask, tenant: Tenant, job_id: str) -> int:
+    """Open the job's next attempt (as dispatch would) and claim it as the tenant's agent; returns its number."""
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job is not None
+        if job.state == "pending":
+            dispatching.open_next_attempt(job, actor="test")
+        number = job.attempt
+    reply = api.post(f"/api/v1/jobs/{job_id}/claim", tenant.tokens["agent"], json={"attempt": number})
+    assert reply.status_code == 200, reply.json
+    return number
+
+
+def report(api: Api, tenant: Tenant, job_id: str, attempt: int, state: str = "failed") -> Any:
+    return api.post(
+        f"/api/v1/jobs/{job_id}/status",
+        tenant.tokens["agent"],
+        json={"attempt": attempt, "state": state, "error": f"run {attempt} {state}"},
+    )
+
+
+def attempts(app: Flask, job_id: str) -> list[JobAttempt]:
+    with app.app_context():
+        return list(db.session.query(JobAttempt).filter_by(job_id=job_id).order_by(JobAttempt.number))
+
+
+def test_a_failed_workflow_runs_again_until_its_max_attempts_are_used(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3, retry_backoff=0)
+    for number in (1, 2):
+        assert publish_and_claim(api, app, acme, job_id) == number
+        assert report(api, acme, job_id, number).status_code == 200
+        job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["operator"]).json
+        assert job["state"] == "queued" and job["attempt"] == number + 1
+    publish_and_claim(api, app, acme, job_id)
+    assert report(api, acme, job_id, 3, "timed_out").json["state"] == "timed_out"
+    assert [a.state for a in attempts(app, job_id)] == ["failed", "failed", "timed_out"]
+
+
+def test_by_default_a_failed_workflow_is_not_retried(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme)
+    publish_and_claim(api, app, acme, job_id)
+    assert report(api, acme, job_id, 1).json["state"] == "failed"
+
+
+def test_the_next_run_waits_for_its_backoff_which_doubles_with_jitter(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3, retry_backoff=10)
+    before = utcnow()
+    publish_and_claim(api, app, acme, job_id)
+    report(api, acme, job_id, 1)
+    second = attempts(app, job_id)[1]
+    assert second.state == "queued" and second.published_at is None and second.not_before is not None
+    assert timedelta(seconds=8) <= second.not_before - before <= timedelta(seconds=13)
+    delays = [dispatching.retry_delay(10, failures, 600) for failures in (1, 2, 3, 10)]
+    assert 8 <= delays[0] <= 12 and 16 <= delays[1] <= 24 and 32 <= delays[2] <= 48 and delays[3] <= 720
+
+
+def test_a_job_whose_cancel_was_requested_is_not_retried(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3, retry_backoff=0)
+    publish_and_claim(api, app, acme, job_id)
+    assert api.post(f"/api/v1/jobs/{job_id}/cancel", acme.tokens["operator"]).status_code == 202
+    assert report(api, acme, job_id, 1).json["state"] == "failed"
+
+
+def test_a_job_not_claimed_before_its_deadline_is_dead_lettered_listed_and_can_be_requeued(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme, globex = world["acme"], world["globex"]
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    job_id = submit(api, acme, deliver_by=soon)
+    with app.app_context():
+        dispatching.sweep(now=utcnow() + timedelta(seconds=5))
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["operator"]).json
+    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "expired"
+    assert "deliver_by" in job["error"]
+    listed = api.get("/api/v1/dead-letters?reason=expired", acme.tokens["viewer"]).json
+    assert [j["job_id"] for j in listed["jobs"]] == [job_id] and listed["total"] == 1
+    assert api.get("/api/v1/dead-letters?reason=lost", acme.tokens["viewer"]).json["total"] == 0
+    assert api.get("/api/v1/dead-letters", globex.tokens["viewer"]).json["total"] == 0
+    assert api.post(f"/api/v1/jobs/{job_id}/requeue", globex.tokens["operator"]).status_code == 404
+    requeued = api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"])
+    assert requeued.status_code == 200, requeued.json
+    assert requeued.json["state"] == "queued" and requeued.json["attempt"] == 1  # it expired while pending
+    assert requeued.json["dead_letter_reason"] is None and requeued.json["deliver_by"] is None
+    audited = api.get("/api/v1/audit?action=job.requeued", token("acme", "tenant_admin")).json
+    assert audited["total"] == 1
+    again = api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"])
+    assert again.status_code == 409 and again.json["error"] == "invalid_transition"
+
+
+def test_a_message_an_agent_refused_as_forged_dead_letters_its_job_but_a_replay_does_not(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    forged, replayed = submit(api, acme), submit(api, acme)
+    with app.app_context():
+        for job_id in (forged, replayed):
+            job = db.session.get(Job, job_id)
+            assert job is not None
+            dispatching.open_next_attempt(job, actor="test")
+    for job_id, reason in ((forged, "bad_signature"), (replayed, "replayed")):
+        reply = api.post(
+            "/api/v1/agents/a1/refusals",
+            acme.tokens["agent"],
+            json={"reason": reason, "message": "no", "job_id": job_id, "attempt": 1, "task_id": f"{job_id}:1"},
+        )
+        assert reply.status_code == 201
+    assert api.get(f"/api/v1/jobs/{forged}", acme.tokens["viewer"]).json["dead_letter_reason"] == "refused"
+    assert api.get(f"/api/v1/jobs/{replayed}", acme.tokens["viewer"]).json["state"] == "queued"
+
+
+def test_too_many_lost_attempts_dead_letter_the_job(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=5)
+    app.config["MAX_LOST_ATTEMPTS"] = 2
+    try:
+        for _ in (1, 2):
+            publish_and_claim(api, app, acme, job_id)
+            with app.app_context():
+                lost = dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
+            assert lost >= 1
+        job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+        assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "lost"
+        assert [a["state"] for a in job["attempts"]] == ["lost", "lost"]
+    finally:
+        app.config["MAX_LOST_ATTEMPTS"] = 3
+    with app.app_context():
+        assert db.session.get(Agent, ("acme", "a1")) is not None
