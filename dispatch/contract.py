@@ -51,6 +51,16 @@ def shared_queue(tenant: str, project: str, platform: str) -> str:
     return f"tenant.{check_name('tenant', tenant)}.{check_name('project', project)}.{platform}"
 
 
+def control_channel(tenant: str, agent_id: str) -> str:
+    """The Valkey pub/sub channel on which the control plane tells one agent to cancel a job at once."""
+    return f"automation.control.{check_name('tenant', tenant)}.{check_name('agent id', agent_id)}"
+
+
+def deliveries_key(celery_task_id: str) -> str:
+    """The Valkey counter of deliveries of one message that never finished (a poison message crashes agents)."""
+    return f"automation.deliveries.{celery_task_id}"
+
+
 def task_id(job_id: str, attempt: int) -> str:
     """The Celery task id of one attempt of a job."""
     return f"{job_id}:{attempt}"

@@ -6,14 +6,25 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task
+import redis
+from celery import Celery, Task, signals
 
-from dispatch.contract import RUN_JOB_TASK, agent_queue, celery_settings, shared_queue
+from dispatch.contract import (
+    RUN_JOB_TASK,
+    agent_queue,
+    celery_settings,
+    control_channel,
+    deliveries_key,
+    shared_queue,
+)
 from workers.client import ControlPlane
+from workers.control import ControlListener
 from workers.envelope import EnvelopeRefused, Verifier
 from workers.heartbeat import Heartbeat
 from workers.jobs import Inflight, JobRunner, report_refusal
 from workers.settings import AgentSettings
+
+DELIVERIES_TTL = 7 * 86400
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +38,7 @@ class Agent:
     client: ControlPlane
     inflight: Inflight
     heartbeat: Heartbeat
+    control: ControlListener
 
     @property
     def queues(self) -> list[str]:
@@ -75,18 +87,71 @@ def make_agent(settings: AgentSettings) -> Agent:
     inflight = Inflight()
     runner = JobRunner(client, inflight)
 
+    valkey = redis.Redis.from_url(settings.valkey_url, socket_timeout=10, socket_connect_timeout=10)
+
     @celery.task(name=RUN_JOB_TASK, bind=True)
     def run_job(self: Task, *args: Any, **kwargs: Any) -> str:
         """Verify a job message before anything runs, then claim and run it."""
-        task_id = self.request.id
+        task_id = str(self.request.id)
+        deliveries = _count_delivery(valkey, task_id)
         try:
+            if deliveries > settings.poison_limit:
+                raise EnvelopeRefused(
+                    "poison",
+                    f"this message was delivered {deliveries} times and never finished (it crashes agents)",
+                    _claims_of(task_id),
+                )
             if args:
                 raise EnvelopeRefused("malformed", "job messages carry keyword arguments only")
             envelope = verifier.verify(kwargs)
         except EnvelopeRefused as refusal:
             log.warning("refused message %s: %s (%s)", task_id, refusal, refusal.reason)
             report_refusal(client, settings.agent_id, refusal, task_id)
+            _forget_delivery(valkey, task_id)
             return f"refused: {refusal.reason}"
-        return runner.run(envelope)
+        try:
+            return runner.run(envelope)
+        finally:
+            _forget_delivery(valkey, task_id)
 
-    return Agent(settings, celery, client, inflight, Heartbeat(client, settings, inflight))
+    def on_unknown(sender: Any = None, name: str = "", id: str = "", **extra: Any) -> None:
+        refusal = EnvelopeRefused("unknown_task", f"a message for the unknown task {name!r} was dropped")
+        report_refusal(client, settings.agent_id, refusal, id or None)
+
+    def on_rejected(sender: Any = None, message: Any = None, exc: Any = None, **extra: Any) -> None:
+        task = getattr(message, "headers", {}).get("id") if message is not None else None
+        refusal = EnvelopeRefused("undecodable", f"a message that cannot be decoded was dropped: {exc}")
+        report_refusal(client, settings.agent_id, refusal, task)
+
+    signals.task_unknown.connect(on_unknown, weak=False)
+    signals.task_rejected.connect(on_rejected, weak=False)
+    heartbeat = Heartbeat(client, settings, inflight)
+    control = ControlListener(
+        settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
+    )
+    return Agent(settings, celery, client, inflight, heartbeat, control)
+
+
+def _claims_of(task_id: str) -> dict[str, Any]:
+    """The job and attempt a Celery task id ``<job_id>:<attempt>`` names, for a refusal report."""
+    job_id, _, attempt = task_id.rpartition(":")
+    return {"job_id": job_id, "attempt": int(attempt)} if job_id and attempt.isdigit() else {}
+
+
+def _count_delivery(valkey: redis.Redis, task_id: str) -> int:
+    """Count one more delivery of a message that has not finished; 1 when the broker cannot be asked."""
+    try:
+        pipe = valkey.pipeline()
+        pipe.incr(deliveries_key(task_id))
+        pipe.expire(deliveries_key(task_id), DELIVERIES_TTL)
+        return int(pipe.execute()[0])
+    except redis.RedisError:
+        log.warning("could not count the deliveries of %s", task_id)
+        return 1
+
+
+def _forget_delivery(valkey: redis.Redis, task_id: str) -> None:
+    try:
+        valkey.delete(deliveries_key(task_id))
+    except redis.RedisError:
+        log.warning("could not clear the delivery count of %s", task_id)

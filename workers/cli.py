@@ -33,10 +33,12 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"automation agent: cannot register with {settings.control_plane_url}: {exc}", file=sys.stderr)
         return 1
     agent.heartbeat.start()
+    agent.control.start()
     log.info("consuming %s", ", ".join(agent.queues))
     try:
         agent.celery.worker_main(agent.worker_argv())
     finally:
+        agent.control.stop()
         agent.heartbeat.stop()
     return 0
 

@@ -58,6 +58,7 @@ class Heartbeat(threading.Thread):
         super().__init__(name="agent-heartbeat", daemon=True)
         self.client, self.settings, self.inflight = client, settings, inflight
         self.stopping = threading.Event()
+        self.wake = threading.Event()
 
     def beat(self) -> None:
         """Send one heartbeat and act on the reply."""
@@ -82,8 +83,14 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat crashed; trying again")
-            self.stopping.wait(self.settings.heartbeat_interval)
+            self.wake.wait(self.settings.heartbeat_interval)
+            self.wake.clear()
+
+    def beat_now(self) -> None:
+        """Send the next heartbeat at once (a control message hinted at a cancel)."""
+        self.wake.set()
 
     def stop(self) -> None:
         """Stop beating."""
         self.stopping.set()
+        self.wake.set()

@@ -40,6 +40,7 @@ class AgentSettings:
     visibility_timeout: int = 12 * 3600
     request_timeout: float = 10.0
     report_deadline: float = 300.0  # how long a result is retried before the agent gives up on it
+    poison_limit: int = 3  # deliveries of one message that never finished before it is refused
     ca_file: str | None = None
 
     @property
@@ -83,5 +84,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
         visibility_timeout=int(_number(env, "BROKER_VISIBILITY_TIMEOUT", 12 * 3600, int)),
         request_timeout=_number(env, "CONTROL_PLANE_TIMEOUT", 10.0),
         report_deadline=_number(env, "REPORT_DEADLINE", 300.0),
+        poison_limit=int(_number(env, "POISON_LIMIT", 3, int)),
         ca_file=env.get("CONTROL_PLANE_CA_FILE") or None,
     )

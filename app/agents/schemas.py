@@ -49,7 +49,18 @@ class HeartbeatRequest(Request):
 class RefusalReport(Request):
     """``POST /api/v1/agents/{id}/refusals``: a job message the agent refused to run, and why."""
 
-    reason: Literal["unsigned", "bad_signature", "malformed", "expired", "not_yet_valid", "wrong_audience", "replayed"]
+    reason: Literal[
+        "unsigned",
+        "bad_signature",
+        "malformed",
+        "expired",
+        "not_yet_valid",
+        "wrong_audience",
+        "replayed",
+        "poison",
+        "unknown_task",
+        "undecodable",
+    ]
     message: str = Field(max_length=1000)
     task_id: str | None = Field(None, max_length=200)
     job_id: str | None = Field(None, max_length=64)

@@ -7,6 +7,7 @@ commit and the publish loses nothing; a message sent twice is harmless because t
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from app.errors import Conflict
 from app.extensions import db
 from app.jobs.models import Job, JobAttempt
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+from dispatch.contract import control_channel
 from dispatch.publish import JobMessage, Publisher, PublishError
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,23 @@ def dead_letter(job: Job, *, reason: str, message: str, actor: str, now: datetim
     )
     db.session.commit()
     log.warning("job %s dead-lettered (%s): %s", job.id, reason, message)
+
+
+def tell_agent_to_cancel(job: Job) -> bool:
+    """Send a running job's agent a direct cancel message over Valkey pub/sub; False when none could be sent."""
+    valkey = current_app.extensions.get("valkey")
+    attempt = db.session.scalar(
+        select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt)
+    )
+    if valkey is None or attempt is None or attempt.agent_id is None:
+        return False
+    message = json.dumps({"cancel": job.id, "attempt": attempt.number})
+    try:
+        valkey.publish(control_channel(job.tenant_id, attempt.agent_id), message)
+    except Exception as exc:  # redis raises several connection errors; the heartbeat carries the cancel too
+        log.warning("could not send the cancel of job %s to agent %s: %s", job.id, attempt.agent_id, exc)
+        return False
+    return True
 
 
 def dispatch_job(*, job_id: str, actor: str = "dispatcher") -> bool:

@@ -244,6 +244,8 @@ def cancel_job(*, caller: Principal, job_id: str, reason: str | None = None) -> 
     )
     db.session.commit()
     db.session.refresh(job)
+    if job.state == JobState.RUNNING.value:
+        dispatching.tell_agent_to_cancel(job)  # the heartbeat reply tells it too, if this message is lost
     return job
 
 

@@ -1,0 +1,107 @@
+"""Cancellation, retries and delivery deadlines with the platform's real processes."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from datetime import UTC, datetime, timedelta
+
+import psutil
+import pytest
+
+from dispatch.contract import deliveries_key
+from tests.e2e.test_dispatch import marker_workflow, runs, wait_until
+from tests.servers.platform import Platform
+
+pytestmark = pytest.mark.e2e
+
+
+def sleepers(marker: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+def test_cancelling_a_running_job_stops_it_within_five_seconds_and_keeps_the_finished_tasks(
+    platform: Platform, tmp_path
+):
+    tenant, project = platform.tenant()
+    # A long heartbeat: the cancel must arrive through the direct control message, not the next beat.
+    platform.start_agent(tenant, project, "x1", HEARTBEAT_INTERVAL="60")
+    operator = platform.token("operator", tenant, project)
+    marker = f"cancel-me-{tenant}"
+    workflow = textwrap.dedent(
+        f"""\
+        name: long
+        timeout: 5m
+        tasks:
+          - {{name: quick, type: command, config: {{command: echo, args: [done]}}}}
+          - {{name: slow, type: command, config: {{command: sh, args: ["-c", "sleep 120 # {marker}"]}}}}
+          - {{name: never, type: command, config: {{command: "true"}}}}
+        """
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    wait_until(lambda: sleepers(marker), what="the slow task starting")
+    started = time.monotonic()
+    assert platform.api("POST", f"/jobs/{job_id}/cancel", operator).status_code == 202
+    done = platform.wait_for(operator, job_id, timeout=10)
+    assert time.monotonic() - started < 5
+    assert done["state"] == "cancelled"
+    assert [(t["name"], t["status"]) for t in done["tasks"]] == [("quick", "succeeded"), ("slow", "cancelled")]
+    assert not sleepers(marker)
+
+
+def test_a_failing_workflow_is_retried_after_its_backoff_and_then_completes(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "y1")
+    operator = platform.token("operator", tenant, project)
+    flag = tmp_path / "failed-once"
+    workflow = textwrap.dedent(
+        f"""\
+        name: flaky
+        timeout: 30s
+        tasks:
+          - name: flaky
+            type: command
+            config:
+              command: sh
+              args: ["-c", "if [ -e {flag} ]; then echo fine; else touch {flag}; exit 3; fi"]
+        """
+    )
+    job_id = platform.submit(operator, workflow, max_attempts=3, retry_backoff=2)["job_id"]
+    done = platform.wait_for(operator, job_id, timeout=30)
+    assert done["state"] == "completed"
+    first, second = done["attempts"]
+    assert (first["state"], second["state"]) == ("failed", "completed")
+    gap = datetime.fromisoformat(second["claimed_at"]) - datetime.fromisoformat(first["finished_at"])
+    assert gap >= timedelta(seconds=1.5)  # 2 s backoff, ±20% jitter
+    assert done["tasks"][-1]["output"] == "fine\n"
+
+
+def test_an_agent_back_from_offline_runs_its_queued_jobs_unless_their_deadline_passed(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "z1").stop()
+    operator = platform.token("operator", tenant, project)
+    late, patient = tmp_path / "late", tmp_path / "patient"
+    deadline = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    late_id = platform.submit(operator, marker_workflow(str(late)), agent_id="z1", deliver_by=deadline)["job_id"]
+    patient_id = platform.submit(operator, marker_workflow(str(patient)), agent_id="z1")["job_id"]
+    expired = platform.wait_for(operator, late_id, {"dead_letter"}, timeout=15)
+    assert expired["dead_letter_reason"] == "expired"
+    platform.start_agent(tenant, project, "z1")
+    assert platform.wait_for(operator, patient_id)["state"] == "completed"
+    time.sleep(1)
+    assert runs(patient) == 1 and not late.exists()
+
+
+def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lettered(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "v1").stop()
+    operator = platform.token("operator", tenant, project)
+    marker = tmp_path / "poison"
+    job_id = platform.submit(operator, marker_workflow(str(marker)), agent_id="v1")["job_id"]
+    # Three earlier deliveries of this message started and never finished: each crashed its agent.
+    platform.valkey.client().set(deliveries_key(f"{job_id}:1"), 3)
+    platform.start_agent(tenant, project, "v1")
+    dead = platform.wait_for(operator, job_id, {"dead_letter"}, timeout=15)
+    assert dead["dead_letter_reason"] == "poison" and "crashes agents" in dead["error"]
+    assert not marker.exists()
