@@ -28,6 +28,7 @@ def init_celery(app: Flask) -> Celery | None:
     celery = make_celery(
         url,
         visibility_timeout=app.config["BROKER_VISIBILITY_TIMEOUT"],
+        restore_interval=app.config["BROKER_RESTORE_INTERVAL"],
         reaper_interval=app.config["REAPER_INTERVAL"],
         sweeper_interval=app.config["SWEEPER_INTERVAL"],
         name=app.import_name,

@@ -38,10 +38,10 @@ class Config:
     MAX_LOST_ATTEMPTS = 3  # attempts whose agent vanished before the job is dead-lettered
     RETRY_BACKOFF = 10.0  # seconds before the second run of a failed job; doubles each time, jittered
     RETRY_BACKOFF_MAX = 600.0
-    POISON_LIMIT = 3  # deliveries that crashed an agent before the message is dead-lettered
     JOB_SIGNING_KEY: str | None = None  # None: a key pair kept in the instance folder
     ENVELOPE_TTL = 86400
     BROKER_VISIBILITY_TIMEOUT = 12 * 3600
+    BROKER_RESTORE_INTERVAL: int | None = None  # None: kombu's default (about every 100 s)
     REAPER_INTERVAL = 10.0
     SWEEPER_INTERVAL = 5.0
     SWEEP_GRACE = 5.0
@@ -68,10 +68,10 @@ ENVIRONMENT: dict[str, type] = {
     "MAX_LOST_ATTEMPTS": int,
     "RETRY_BACKOFF": float,
     "RETRY_BACKOFF_MAX": float,
-    "POISON_LIMIT": int,
     "JOB_SIGNING_KEY": str,
     "ENVELOPE_TTL": int,
     "BROKER_VISIBILITY_TIMEOUT": int,
+    "BROKER_RESTORE_INTERVAL": int,
     "REAPER_INTERVAL": float,
     "SWEEPER_INTERVAL": float,
     "SWEEP_GRACE": float,

@@ -28,6 +28,7 @@ def make_celery(
     broker_url: str,
     *,
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT,
+    restore_interval: int | None = None,
     reaper_interval: float = 10.0,
     sweeper_interval: float = 5.0,
     name: str = "control-plane",
@@ -35,7 +36,7 @@ def make_celery(
 ) -> Celery:
     """Return the control plane's Celery app configured for ``broker_url``."""
     app = Celery(name, task_cls=task_cls) if task_cls is not None else Celery(name)
-    app.conf.update(celery_settings(broker_url, visibility_timeout))
+    app.conf.update(celery_settings(broker_url, visibility_timeout, restore_interval))
     app.conf.update(
         task_queues=None,
         beat_schedule=beat_schedule(reaper_interval, sweeper_interval),

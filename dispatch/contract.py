@@ -76,9 +76,17 @@ def canonical_json(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def transport_options(visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> dict[str, Any]:
-    """The broker transport options every process uses, identical everywhere."""
+def transport_options(
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, restore_interval: int | None = None
+) -> dict[str, Any]:
+    """The broker transport options every process uses, identical everywhere.
+
+    ``restore_interval`` is how often (seconds) a consumer puts back messages unacknowledged for longer than
+    the visibility timeout (kombu's default: about every 100 s).
+    """
+    restore = {"unacked_restore_interval": restore_interval, "unacked_restore_throttle": 1} if restore_interval else {}
     return {
+        **restore,
         "visibility_timeout": visibility_timeout,
         "priority_steps": list(range(MAX_PRIORITY + 1)),
         "queue_order_strategy": "priority",
@@ -91,11 +99,13 @@ def transport_options(visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> d
     }
 
 
-def celery_settings(broker_url: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT) -> dict[str, Any]:
+def celery_settings(
+    broker_url: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, restore_interval: int | None = None
+) -> dict[str, Any]:
     """The Celery settings of DESIGN.md shared by the control plane, the agents and Flower."""
     return {
         "broker_url": broker_url,
-        "broker_transport_options": transport_options(visibility_timeout),
+        "broker_transport_options": transport_options(visibility_timeout, restore_interval),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_serializer": "json",

@@ -70,7 +70,7 @@ class Agent:
 def make_agent(settings: AgentSettings) -> Agent:
     """Build the agent: a Celery app whose one task verifies, claims and runs job envelopes."""
     celery = Celery(f"agent-{settings.agent_id}")
-    celery.conf.update(celery_settings(settings.valkey_url, settings.visibility_timeout))
+    celery.conf.update(celery_settings(settings.valkey_url, settings.visibility_timeout, settings.restore_interval))
     celery.conf.update(
         task_default_queue=agent_queue(settings.tenant_id, settings.agent_id),
         task_send_sent_event=False,

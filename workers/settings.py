@@ -38,6 +38,7 @@ class AgentSettings:
     platform: str = "linux"
     hostname: str = ""
     visibility_timeout: int = 12 * 3600
+    restore_interval: int | None = None
     request_timeout: float = 10.0
     report_deadline: float = 300.0  # how long a result is retried before the agent gives up on it
     poison_limit: int = 3  # deliveries of one message that never finished before it is refused
@@ -82,6 +83,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
         platform=env.get("AGENT_PLATFORM") or this_platform(),
         hostname=env.get("AGENT_HOSTNAME") or socket.gethostname(),
         visibility_timeout=int(_number(env, "BROKER_VISIBILITY_TIMEOUT", 12 * 3600, int)),
+        restore_interval=int(_number(env, "BROKER_RESTORE_INTERVAL", 0, int))
+        if env.get("BROKER_RESTORE_INTERVAL")
+        else None,
         request_timeout=_number(env, "CONTROL_PLANE_TIMEOUT", 10.0),
         report_deadline=_number(env, "REPORT_DEADLINE", 300.0),
         poison_limit=int(_number(env, "POISON_LIMIT", 3, int)),

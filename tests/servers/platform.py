@@ -28,7 +28,9 @@ FINAL = {"completed", "failed", "timed_out", "cancelled", "dead_letter"}
 class Platform:
     """A control plane (web, dispatcher, scheduler) and its agents, all subprocesses."""
 
-    def __init__(self, root: Path, valkey: ValkeyServer, database_url: str | None = None) -> None:
+    def __init__(
+        self, root: Path, valkey: ValkeyServer, database_url: str | None = None, **overrides: str
+    ) -> None:
         self.root = root
         self.valkey = valkey
         root.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,7 @@ class Platform:
             "SWEEP_GRACE": "2",
             "RATE_LIMIT_ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
+            **overrides,
         }
         self.processes: dict[str, ServerProcess] = {}
         self.session = requests.Session()

@@ -1,0 +1,140 @@
+"""Faults lose nothing: no job lost, none run twice, none left running, the final states right."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from tests.e2e.test_dispatch import marker_workflow, runs, wait_until
+from tests.servers.platform import Platform
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+MakePlatform = Callable[..., Platform]
+
+
+def settle(platform: Platform, tenant: str, job_ids: list[str], timeout: float = 60) -> dict[str, dict]:
+    """Wait until every job is final and nothing of the tenant is running; returns the jobs by id."""
+    viewer = platform.token("viewer", tenant)
+    jobs = {job_id: platform.wait_for(viewer, job_id, timeout=timeout) for job_id in job_ids}
+    assert platform.api("GET", "/jobs?state=running", viewer).json()["total"] == 0
+    return jobs
+
+
+def test_a_valkey_restart_while_jobs_are_queued_and_running_loses_nothing(make_platform: MakePlatform, tmp_path):
+    platform = make_platform()
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    platform.start_agent(tenant, project, "v1")
+    running_marker = tmp_path / "running"
+    running = platform.submit(operator, marker_workflow(str(running_marker), sleep=4))["job_id"]
+    platform.wait_for(operator, running, {"running"})
+    queued = [platform.submit(operator, marker_workflow(str(tmp_path / f"q{i}")))["job_id"] for i in range(4)]
+    platform.valkey.stop()
+    time.sleep(2)
+    platform.valkey.start()
+    jobs = settle(platform, tenant, [running, *queued], timeout=90)
+    assert {job["state"] for job in jobs.values()} == {"completed"}, jobs
+    assert runs(running_marker) == 1
+    assert [runs(tmp_path / f"q{i}") for i in range(4)] == [1, 1, 1, 1]
+
+
+def test_a_task_longer_than_the_visibility_timeout_is_not_executed_twice(make_platform: MakePlatform, tmp_path):
+    platform = make_platform(BROKER_VISIBILITY_TIMEOUT="2", BROKER_RESTORE_INTERVAL="1")
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    for agent in ("t1", "t2"):
+        platform.start_agent(tenant, project, agent, BROKER_VISIBILITY_TIMEOUT="2", BROKER_RESTORE_INTERVAL="1")
+    marker = tmp_path / "long"
+    job_id = platform.submit(operator, marker_workflow(str(marker), sleep=8))["job_id"]
+    job = settle(platform, tenant, [job_id])[job_id]
+    assert job["state"] == "completed" and len(job["attempts"]) == 1
+    assert runs(marker) == 1
+    redelivered = "".join(platform.log(f"agent-{tenant}-{a}") for a in ("t1", "t2"))
+    assert "not claimed" in redelivered  # the broker did deliver it again; the claim refused it
+
+
+def test_a_broker_connection_drop_during_a_long_job_does_not_start_a_parallel_copy(
+    make_platform: MakePlatform, tmp_path
+):
+    platform = make_platform()
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    for agent in ("b1", "b2"):
+        platform.start_agent(tenant, project, agent)
+    marker = tmp_path / "long"
+    job_id = platform.submit(operator, marker_workflow(str(marker), sleep=6))["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    platform.valkey.client().client_kill_filter(_type="normal", skipme=True)  # every client's connection drops
+    job = settle(platform, tenant, [job_id])[job_id]
+    assert job["state"] == "completed" and len(job["attempts"]) == 1
+    assert runs(marker) == 1
+
+
+def test_killing_the_web_process_and_the_dispatcher_mid_jobs_loses_nothing(make_platform: MakePlatform, tmp_path):
+    platform = make_platform()
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    platform.start_agent(tenant, project, "k1")
+    jobs = [platform.submit(operator, marker_workflow(str(tmp_path / f"j{i}"), sleep=1))["job_id"] for i in range(4)]
+    platform.wait_for(operator, jobs[0], {"running"})
+    platform.process("web").kill()
+    platform.process("dispatcher").kill()
+    time.sleep(3)  # the agent keeps running; its reports are retried with backoff
+    platform.start_web()
+    platform.start_dispatcher()
+    finished = settle(platform, tenant, jobs, timeout=90)
+    assert {job["state"] for job in finished.values()} == {"completed"}
+    assert [runs(tmp_path / f"j{i}") for i in range(4)] == [1, 1, 1, 1]
+
+
+@pytest.mark.mariadb
+def test_mariadb_stopped_under_submission_load_answers_503_then_recovers_with_nothing_half_written(
+    make_platform: MakePlatform, mariadb_server, tmp_path
+):
+    database = mariadb_server.fresh_database()
+    platform = make_platform(mariadb_server.url_for(database))
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    platform.start_agent(tenant, project, "m1")
+    accepted: list[str] = []
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def submit_forever() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                reply = platform.api("POST", "/jobs", operator, {"workflow": marker_workflow(str(tmp_path / f"s{n}"))})
+            except requests.RequestException:
+                statuses.append(0)
+                continue
+            statuses.append(reply.status_code)
+            if reply.status_code == 201:
+                accepted.append(reply.json()["job_id"])
+            else:
+                assert reply.status_code == 503 and reply.json()["error"] == "database_unavailable", reply.text
+            time.sleep(0.05)
+
+    loader = threading.Thread(target=submit_forever)
+    loader.start()
+    try:
+        wait_until(lambda: len(accepted) >= 5, what="some submissions")
+        mariadb_server.stop()
+        time.sleep(10)
+        mariadb_server.start()
+        count = len(accepted)
+        wait_until(lambda: len(accepted) >= count + 5, timeout=60, what="submissions after the outage")
+    finally:
+        stop.set()
+        loader.join()
+    assert 503 in statuses
+    finished = settle(platform, tenant, accepted, timeout=120)
+    assert {job["state"] for job in finished.values()} == {"completed"}
+    listed = platform.api("GET", "/jobs?limit=500", platform.token("viewer", tenant)).json()
+    assert listed["total"] == len(accepted)  # no job was half-written: every stored job was acknowledged
