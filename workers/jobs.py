@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import probe
-from workers.client import ControlPlane, ControlPlaneError
+from workers.client import ControlPlane, ControlPlaneError, Reply
 from workers.envelope import Envelope, EnvelopeRefused
 
 log = logging.getLogger(__name__)
 
+MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
 
@@ -87,7 +89,7 @@ class JobRunner:
     def run(self, envelope: Envelope) -> str:
         """Run one envelope to its end; returns what happened (``completed``, ``dropped: …``)."""
         job_id, attempt = envelope.job_id, envelope.attempt
-        claim = self.client.call("POST", f"/jobs/{job_id}/claim", {"attempt": attempt})
+        claim = self._claim(envelope)
         if not claim.ok:
             log.info(
                 "job %s attempt %d not claimed (%s %s): message dropped",
@@ -111,6 +113,17 @@ class JobRunner:
             except probe.WorkflowError as exc:
                 return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {exc}")
             return self._finish(job_id, attempt, FINAL_STATE[result.status.value], result.error)
+
+    def _claim(self, envelope: Envelope) -> Reply:
+        """Claim the attempt; while its project runs as many jobs as it may, wait (holding the message)."""
+        delay = 1.0
+        while True:
+            claim = self.client.call("POST", f"/jobs/{envelope.job_id}/claim", {"attempt": envelope.attempt})
+            if claim.error != "project_at_capacity" or time.time() + delay > envelope.expires_at:
+                return claim
+            log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", "project at capacity"))
+            time.sleep(delay)
+            delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
 
     def _on_event(self, job_id: str, attempt: int, event: dict[str, Any]) -> None:
         if event["event"] != "task_finished":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 import probe.results
 from app.agents.models import Agent
@@ -19,12 +19,14 @@ from app.jobs.models import Job, JobAttempt, TaskResult
 from app.jobs.schemas import StatusReport, TaskReport
 from app.jobs.service import scoped
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+from app.tenants.models import Project
 
 STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
 ATTEMPT_OVER = "attempt {attempt} of job {job_id} is {state}; it takes no more reports"
 NOT_YOURS = "attempt {attempt} of job {job_id} belongs to another agent"
 PINNED_ELSEWHERE = "job {job_id} is pinned to another agent"
 CANCELLED = "job {job_id} was cancelled; drop the message"
+AT_CAPACITY = "project '{project}' already runs {limit} jobs (its max_running_jobs); claim again later"
 NOT_REGISTERED = "agent '{agent}' is not registered: register before claiming jobs"
 WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platform}"
 
@@ -57,6 +59,10 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int) -> tuple[Job, Job
         )
     row = _attempt(job, attempt)
     now, expires = _lease()
+    # Serialize the claims of one project (a row lock on MariaDB; SQLite has a single writer anyway).
+    project = db.session.scalar(
+        select(Project).where(Project.tenant_id == job.tenant_id, Project.id == job.project_id).with_for_update()
+    )
     transition(
         job,
         JobState.RUNNING,
@@ -64,6 +70,24 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int) -> tuple[Job, Job
         where=(Job.cancel_requested.is_(False),),
         started_at=job.started_at or now,
     )
+    if project is not None and project.max_running_jobs is not None:
+        running = (
+            db.session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    Job.tenant_id == job.tenant_id,
+                    Job.project_id == job.project_id,
+                    Job.state == JobState.RUNNING.value,
+                )
+            )
+            or 0
+        )
+        if running > project.max_running_jobs:
+            db.session.rollback()
+            raise Conflict(
+                AT_CAPACITY.format(project=job.project_id, limit=project.max_running_jobs), code="project_at_capacity"
+            )
     assert row is not None  # a queued job always has its current attempt
     transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
     db.session.commit()

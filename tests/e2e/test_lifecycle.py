@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 import time
 from datetime import UTC, datetime, timedelta
@@ -105,3 +106,26 @@ def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lett
     dead = platform.wait_for(operator, job_id, {"dead_letter"}, timeout=15)
     assert dead["dead_letter_reason"] == "poison" and "crashes agents" in dead["error"]
     assert not marker.exists()
+
+
+def test_jobs_over_a_projects_running_limit_wait_queued_and_all_run(platform: Platform, tmp_path):
+    tenant = f"cap{int(time.time() * 1000) % 10**8}"
+    admin = platform.token("admin", "platform")
+    assert platform.api("POST", "/tenants", admin, {"tenant_id": tenant}).status_code == 201
+    made = platform.api("POST", f"/tenants/{tenant}/projects", admin, {"project_id": "one", "max_running_jobs": 1})
+    assert made.status_code == 201, made.text
+    for agent in ("c1", "c2"):
+        platform.start_agent(tenant, "one", agent)
+    operator = platform.token("operator", tenant, "one")
+    job_ids = [platform.submit(operator, marker_workflow(str(tmp_path / f"m{i}"), sleep=1))["job_id"] for i in range(3)]
+    jobs = [platform.wait_for(operator, job_id, timeout=40) for job_id in job_ids]
+    assert {job["state"] for job in jobs} == {"completed"}
+    spans = sorted(
+        (
+            datetime.fromisoformat(j["attempts"][0]["claimed_at"]),
+            datetime.fromisoformat(j["attempts"][0]["finished_at"]),
+        )
+        for j in jobs
+    )
+    assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(spans))  # one at a time
+    assert {j["attempts"][0]["agent_id"] for j in jobs} <= {"c1", "c2"}
