@@ -13,7 +13,7 @@ import sys
 from workers.app import make_agent
 from workers.client import ControlPlaneError
 from workers.heartbeat import register
-from workers.settings import SettingsError, load_settings
+from workers.settings import SettingsError, load_settings, scrub_environment
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ def run_agent(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s [agent %(name)s] %(message)s")
     agent = make_agent(settings)
+    scrub_environment()  # workflows run in this process's environment: keep the agent's credentials out
     try:
         register(agent.client, settings)
     except ControlPlaneError as exc:

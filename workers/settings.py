@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+
+# The agent's own credentials: removed from its environment once read, so that no workflow (a command's
+# inherited environment, a {{.NAME}} placeholder) can see them. AGENT_SCRUB_ENV names more, comma-separated.
+CREDENTIALS = ("JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY", "AGENT_SCRUB_ENV")
 
 REQUIRED = ("CONTROL_PLANE_URL", "TENANT_ID", "PROJECT_ID", "AGENT_ID", "JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY")
 
@@ -91,3 +95,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
         poison_limit=int(_number(env, "POISON_LIMIT", 3, int)),
         ca_file=env.get("CONTROL_PLANE_CA_FILE") or None,
     )
+
+
+def scrub_environment(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Remove the agent's credentials (and the variables AGENT_SCRUB_ENV names) from ``environ``; return them."""
+    env = os.environ if environ is None else environ
+    extra = [name.strip() for name in env.get("AGENT_SCRUB_ENV", "").split(",") if name.strip()]
+    removed = [name for name in (*extra, *CREDENTIALS) if env.pop(name, None) is not None]
+    return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 import time
 
@@ -320,3 +321,52 @@ def test_a_queued_job_that_is_changed_runs_its_new_workflow_not_the_published_on
     assert done["state"] == "completed"
     assert [(a["number"], a["state"]) for a in done["attempts"]] == [(1, "cancelled"), (2, "completed")]
     assert runs(new) == 1 and not old.exists()
+
+
+def test_messages_that_never_reach_the_agents_code_are_recorded(platform: Platform):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "n1")
+    queue = agent_queue(tenant, "n1")
+    celery = make_celery(platform.valkey.url)
+    try:
+        celery.send_task("workers.no_such_task", kwargs={}, queue=queue, task_id="unknown:1")
+        with celery.producer_or_acquire() as producer:  # a pickled body: never accepted by a JSON-only agent
+            producer.publish(
+                b"\x80\x04K\x01.",
+                routing_key=queue,
+                exchange="",
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+                headers={"task": RUN_JOB_TASK, "id": "pickled:1"},
+            )
+    finally:
+        celery.close()
+    refused = wait_until(
+        lambda: len(events := audit(platform, tenant, "job.message_refused")) >= 2 and events,
+        what="both messages recorded",
+    )
+    assert sorted(e["details"]["reason"] for e in refused) == ["undecodable", "unknown_task"]
+
+
+def test_a_workflow_cannot_read_the_agents_credentials(platform: Platform):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "e1")
+    operator = platform.token("operator", tenant, project)
+    agent_token = platform.agent_env(tenant, project, "e1")["JWT_TOKEN"]
+    snoop = textwrap.dedent(
+        """\
+        name: snoop
+        tasks:
+          - name: env
+            type: command
+            config: {command: sh, args: ["-c", "echo token=${JWT_TOKEN:-none} broker=${VALKEY_URL:-none}"]}
+        """
+    )
+    job = platform.wait_for(operator, platform.submit(operator, snoop)["job_id"])
+    assert job["tasks"][0]["output"] == "token=none broker=none\n"
+    placeholder = snoop.replace("echo token=${JWT_TOKEN:-none} broker=${VALKEY_URL:-none}", "echo {{.JWT_TOKEN}}")
+    reply = platform.api("POST", "/jobs", operator, {"workflow": placeholder})
+    if reply.status_code == 201:  # the control plane may not know the name; the agent must not resolve it
+        job = platform.wait_for(operator, reply.json()["job_id"])
+        assert job["state"] == "failed" and "variable 'JWT_TOKEN' is not defined" in (job["error"] or "")
+    assert agent_token not in json.dumps(job)

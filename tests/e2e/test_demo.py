@@ -1,0 +1,97 @@
+"""``scripts/demo``: the whole platform from one command, and the deploy files that run the same processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.servers._util import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO_TASKS = ("greet", "host", "disk", "recap")
+UNITS = {"web", "dispatcher", "scheduler", "agent", "flower"}
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile's commands by process name."""
+    found = (re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line) for line in (REPO / "Procfile").read_text().splitlines())
+    return {match[1]: match[2].strip() for match in found if match}
+
+
+def processes_of(state: Path) -> list[psutil.Process]:
+    """Living processes started by the demo whose state folder is ``state``: they carry it in their environment."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ", "status"]):
+        info = proc.info
+        if info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        environ = info["environ"] or {}
+        if environ.get("DEMO_STATE_DIR") == str(state) or any(str(state) in arg for arg in info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_the_demo_runs_hello_through_the_whole_platform_and_leaves_no_process_behind(tmp_path):
+    state = tmp_path / "demo"
+    env = {
+        **os.environ,
+        "DEMO_PORT": str(free_port()),
+        "DEMO_VALKEY_PORT": str(free_port()),
+        "DEMO_STATE_DIR": str(state),
+        "NO_COLOR": "1",
+    }
+    try:
+        result = subprocess.run(
+            [str(REPO / "scripts" / "demo"), "--once"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        for task in HELLO_TASKS:
+            assert re.search(rf"^\s+{task}\s+succeeded\s+\S", output, re.MULTILINE), output
+        assert re.search(r"^\S+ workflow hello completed", output, re.MULTILINE), output
+        assert "hello, world" in output
+        assert {"valkey", "web", "dispatcher", "scheduler", "agent"} <= {log.stem for log in (state / "logs").iterdir()}
+        assert not processes_of(state)
+    finally:
+        for proc in processes_of(state):  # never leak into the rest of the session, even when the demo did
+            proc.kill()
+
+
+def test_the_procfile_has_exactly_the_platforms_processes():
+    assert set(procfile()) == UNITS
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_each_systemd_unit_runs_its_procfile_line(name):
+    unit = (REPO / "deploy" / "systemd" / f"automation-{name}.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.+)$", unit, re.MULTILINE)
+    assert exec_start is not None
+    argv = [arg.replace("$$", "$") for arg in shlex.split(exec_start[1])]  # $$ is systemd's literal $
+    assert argv == ["/bin/sh", "-c", f"exec {procfile()[name]}"]
+
+
+def test_the_example_env_files_name_every_variable_the_code_reads():
+    from app.config import ENVIRONMENT
+
+    control_plane = (REPO / "deploy" / "env" / "control-plane.env.example").read_text()
+    agent = (REPO / "deploy" / "env" / "agent.env.example").read_text()
+    agent_names = set(re.findall(r'"([A-Z][A-Z0-9]*_[A-Z0-9_]+)"', (REPO / "workers" / "settings.py").read_text()))
+    procfile_names = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / "Procfile").read_text()))
+    for name in {*ENVIRONMENT, *procfile_names}:
+        assert re.search(rf"^#?\s*{name}=", control_plane, re.MULTILINE), name
+    for name in agent_names:
+        assert re.search(rf"^#?\s*{name}=", agent, re.MULTILINE), name
