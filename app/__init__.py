@@ -19,6 +19,7 @@ from app.celery import init_celery
 from app.config import Config, database_url, engine_options, from_environment, job_signing_key, jwt_secret
 from app.extensions import db, migrate
 from app.ratelimit import init_rate_limit
+from app.system.log_setup import init_logging
 
 MIGRATIONS = str(Path(__file__).resolve().parent.parent / "migrations")
 
@@ -38,6 +39,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.update(test_config)
     _finish_config(app)
+    init_logging(app)
 
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS)
@@ -53,6 +55,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         )
 
     init_celery(app)
+    from app.system.metrics import init_metrics  # here: gunicorn's config imports app before prometheus_client
+
+    init_metrics(app)  # before the other blueprints: its request hooks time every request, refused ones too
     _register_blueprints(app)
     return app
 
@@ -84,11 +89,13 @@ def _register_blueprints(app: Flask) -> None:
     from app.errors import register_error_handlers
     from app.jobs.views import bp as jobs_bp
     from app.jobs.views import dead_letters_bp
+    from app.schedules.views import bp as schedules_bp
     from app.system.health import bp as health_bp
     from app.system.openapi import bp as openapi_bp
     from app.tenants.views import projects_bp, tenants_bp
 
-    for blueprint in (jobs_bp, dead_letters_bp, agents_bp, tenants_bp, projects_bp, audit_bp, health_bp, openapi_bp):
+    blueprints = (jobs_bp, dead_letters_bp, schedules_bp, agents_bp, tenants_bp, projects_bp, audit_bp, health_bp)
+    for blueprint in (*blueprints, openapi_bp):
         app.register_blueprint(blueprint)
     init_rate_limit(app)  # before the JSON check: a flood of bad requests is counted too
     app.before_request(refuse_non_json)

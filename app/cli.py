@@ -158,6 +158,7 @@ def _plugin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
+    from app.audit.commands import add_commands as add_audit_commands
     from app.auth.tokens import ROLES
     from app.columns import SLUG_PATTERN
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=keys_generate)
     public = keys.add_parser("public", help="print JOB_VERIFY_KEY for this control plane's signing key")
     public.set_defaults(run=keys_public)
+    add_audit_commands(commands)
     _plugin_commands(commands)
     return parser
 

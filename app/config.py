@@ -45,9 +45,15 @@ class Config:
     REAPER_INTERVAL = 10.0
     SWEEPER_INTERVAL = 5.0
     SWEEP_GRACE = 5.0
+    SCHEDULE_MISFIRE_GRACE = 60.0  # seconds late a cron run may still fire; older ones are recorded as missed
+    SCHEDULE_ALLOW_SECONDS = False  # accept 6-field cron expressions with the seconds first (tests, demos)
     CENTRIFUGO_URL: str | None = None
     QUICKWIT_URL: str | None = None
     HEALTH_TIMEOUT = 2.0
+    LOG_FORMAT = "json"  # json: one JSON object per line; text: for people at a terminal
+    LOG_LEVEL = "INFO"
+    METRICS_TOKEN: str | None = None  # a bearer token that may read /metrics from anywhere
+    METRICS_ALLOW = "127.0.0.0/8,::1/128"  # networks that may read /metrics without the token; "none": no network
 
 
 # Environment variable -> the type it is read as. Only these are read.
@@ -75,8 +81,14 @@ ENVIRONMENT: dict[str, type] = {
     "REAPER_INTERVAL": float,
     "SWEEPER_INTERVAL": float,
     "SWEEP_GRACE": float,
+    "SCHEDULE_MISFIRE_GRACE": float,
+    "SCHEDULE_ALLOW_SECONDS": bool,
     "CENTRIFUGO_URL": str,
     "QUICKWIT_URL": str,
+    "LOG_FORMAT": str,
+    "LOG_LEVEL": str,
+    "METRICS_TOKEN": str,
+    "METRICS_ALLOW": str,
 }
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.servers.valkey", "tests.servers.mariadb", "tests.servers.sshd", "tests.servers.http"]
+pytest_plugins = [
+    "tests.servers.valkey",
+    "tests.servers.mariadb",
+    "tests.servers.sshd",
+    "tests.servers.http",
+    "tests.servers.platform",
+]
 
 # Tests that use these fixtures, directly or through another fixture, carry these markers.
 SERVER_MARKERS = {"mariadb_server": "mariadb", "sshd_server": "sshd"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, Field
 
 from app.schemas import Page, Response
 
@@ -33,6 +33,9 @@ class AuditEventOut(Response):
     outcome: str
     remote_addr: str | None
     details: dict[str, Any]
+    seq: int | None = Field(description="the entry's place in the hash chain (see automation audit verify)")
+    prev_hash: str | None = Field(description="SHA-256 of the previous entry (64 zeros for entry 1)")
+    hash: str | None = Field(description="SHA-256 of this entry's content, its seq and prev_hash")
 
 
 class AuditList(Response):

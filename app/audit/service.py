@@ -9,6 +9,7 @@ from typing import Any
 from flask import has_request_context, request
 from sqlalchemy import func, select
 
+from app.audit import chain  # noqa: F401  (its session hooks chain every audit event written here)
 from app.audit.models import AuditEvent
 from app.auth.tokens import Principal
 from app.extensions import db

@@ -50,6 +50,9 @@ def list_events() -> Response:
                     outcome=e.outcome,
                     remote_addr=e.remote_addr,
                     details=e.details,
+                    seq=e.seq,
+                    prev_hash=e.prev_hash,
+                    hash=e.hash,
                 )
                 for e in events
             ],

@@ -154,9 +154,7 @@ def dead_letter(job: Job, *, reason: str, message: str, actor: str, now: datetim
 def tell_agent_to_cancel(job: Job) -> bool:
     """Send a running job's agent a direct cancel message over Valkey pub/sub; False when none could be sent."""
     valkey = current_app.extensions.get("valkey")
-    attempt = db.session.scalar(
-        select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt)
-    )
+    attempt = db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt))
     if valkey is None or attempt is None or attempt.agent_id is None:
         return False
     message = json.dumps({"cancel": job.id, "attempt": attempt.number})

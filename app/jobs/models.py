@@ -34,6 +34,7 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_state_scheduled", "state", "scheduled_at"),
         Index("ix_jobs_tenant_dead_letter", "tenant_id", "dead_letter_reason"),
+        Index("ix_jobs_schedule_state", "schedule_id", "state"),  # schedules: is the previous run still active?
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
 
@@ -64,6 +65,7 @@ class Job(Base):
     created_by: Mapped[str | None] = mapped_column(String(255), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    schedule_id: Mapped[str | None] = mapped_column(String(36), default=None)  # the schedule that fired it
 
     attempts: Mapped[list[JobAttempt]] = relationship(
         back_populates="job", order_by="JobAttempt.number", cascade="all, delete-orphan", passive_deletes=True

@@ -5,7 +5,8 @@ from __future__ import annotations
 from celery import shared_task
 
 from app.jobs import dispatching
-from dispatch.celery import REAP_TASK, SWEEP_TASK
+from app.schedules import firing
+from dispatch.celery import FIRE_SCHEDULES_TASK, REAP_TASK, SWEEP_TASK
 
 
 @shared_task(name=REAP_TASK)
@@ -18,3 +19,9 @@ def reap_leases() -> int:
 def sweep_pending() -> int:
     """Publish due jobs and attempts whose publish never happened."""
     return dispatching.sweep()
+
+
+@shared_task(name=FIRE_SCHEDULES_TASK)
+def fire_schedules() -> int:
+    """Turn recurring schedules whose time has come into jobs; record missed and skipped fire times."""
+    return firing.fire_due()

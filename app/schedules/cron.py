@@ -6,6 +6,7 @@ Times go in and come out as aware UTC datetimes; the expression is evaluated in 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -14,11 +15,12 @@ from croniter import CroniterError, croniter
 
 from app.errors import Unprocessable
 
-CRON_FIELDS = "minute hour day-of-month month day-of-week"
-WRONG_FIELD_COUNT = "the cron expression '{cron}' has {count} fields; give 5 ({fields})"
-WRONG_FIELD_COUNT_SECONDS = "the cron expression '{cron}' has {count} fields; give 5 ({fields}), or 6 with seconds first"
-INVALID_CRON = "the cron expression '{cron}' is invalid: {reason}"
-NEVER_FIRES = "the cron expression '{cron}' never fires"
+FIELD_NAMES = ("minute", "hour", "day-of-month", "month", "day-of-week")
+SECONDS_FIELD_NAMES = ("second", *FIELD_NAMES)
+WRONG_FIELD_COUNT = "the cron expression '{cron}' has {count} field{s}; give 5 ({fields})"
+SECONDS_ALLOWED = ", or 6 with the seconds first"
+INVALID_FIELD = "the cron expression '{cron}' is invalid: its {name} field '{value}' is not valid{detail}"
+NEVER_FIRES = "the cron expression '{cron}' never fires (no date matches it)"
 INVALID_TIMEZONE = "'{timezone}' is not an IANA timezone (for example 'UTC' or 'Europe/Berlin')"
 MISSED_RECORDED = 100  # after a long pause, at most this many missed fire times are recorded one by one
 
@@ -32,17 +34,33 @@ def check_cron(cron: str, *, allow_seconds: bool) -> str:
     """Return the expression normalised (single spaces), or raise 422 ``invalid_cron`` saying what is wrong."""
     fields = fields_of(cron)
     if len(fields) != 5 and not (allow_seconds and len(fields) == 6):
-        template = WRONG_FIELD_COUNT_SECONDS if allow_seconds else WRONG_FIELD_COUNT
-        raise Unprocessable(template.format(cron=cron, count=len(fields), fields=CRON_FIELDS), code="invalid_cron")
+        message = WRONG_FIELD_COUNT.format(
+            cron=cron, count=len(fields), s="" if len(fields) == 1 else "s", fields=" ".join(FIELD_NAMES)
+        )
+        raise Unprocessable(message + (SECONDS_ALLOWED if allow_seconds else ""), code="invalid_cron")
     normalised = " ".join(fields)
-    try:
-        _iterator(normalised, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
-    except CroniterError as exc:
-        if "failed to find" in str(exc):
-            raise Unprocessable(NEVER_FIRES.format(cron=normalised), code="invalid_cron") from None
-        reason = str(exc).replace(f"[{normalised}] ", "")
-        raise Unprocessable(INVALID_CRON.format(cron=normalised, reason=reason), code="invalid_cron") from None
+    names = SECONDS_FIELD_NAMES if len(fields) == 6 else FIELD_NAMES
+    for position, value in enumerate(fields):  # one field at a time, to name the one that is wrong
+        alone = " ".join(value if i == position else "*" for i in range(len(fields)))
+        if (problem := _problem(alone)) is not None:
+            detail = f" ({problem})" if problem else ""
+            raise Unprocessable(
+                INVALID_FIELD.format(cron=normalised, name=names[position], value=value, detail=detail),
+                code="invalid_cron",
+            )
+    if _problem(normalised) is not None:  # each field is valid alone, but no date matches them all
+        raise Unprocessable(NEVER_FIRES.format(cron=normalised), code="invalid_cron")
     return normalised
+
+
+def _problem(cron: str) -> str | None:
+    """Return croniter's reason for refusing an expression ('' when it gives none), or None if it fires."""
+    try:
+        _iterator(cron, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except CroniterError as exc:
+        text = re.sub(r"\[.*?\]|in field \d+|is not acceptable", "", str(exc))
+        return " ".join(text.replace(" ,", ",").strip(" ,").split())
+    return None
 
 
 def check_timezone(name: str) -> ZoneInfo:
@@ -80,46 +98,32 @@ class Plan:
     missed: list[datetime] = field(default_factory=list)  # oldest first
     due: datetime | None = None  # the latest fire time, still within the misfire grace
     following: datetime | None = None  # the next fire time after now
-    unrecorded: int = 0  # missed fire times not recorded one by one (a long pause)
+    truncated: bool = False  # more fire times were missed than are recorded one by one (a long pause)
 
 
 def plan(cron: str, timezone: str, *, next_run_at: datetime, now: datetime, grace: float) -> Plan:
     """Decide a pass over a schedule whose ``next_run_at`` has come.
 
     Only the latest fire time at or before ``now`` may fire, and only if it is at most ``grace`` seconds old;
-    every earlier one since ``next_run_at`` is missed (the scheduler was down or late). A long pause records
-    ``next_run_at`` and the latest ``MISSED_RECORDED`` of them, and counts the rest.
+    every earlier one since ``next_run_at`` is missed (the scheduler was down or late). After a long pause
+    the first missed time and the latest ``MISSED_RECORDED`` are recorded, and the plan says it is truncated.
     """
     following = next_after(cron, timezone, now)
     if next_run_at > now:
         return Plan(following=next_run_at)
     latest = previous_at_or_before(cron, timezone, now)
-    if latest < next_run_at:  # next_run_at is not a fire time of this expression (it was changed meanwhile)
+    if latest < next_run_at:  # next_run_at is not a fire time of this expression
         return Plan(following=following)
     earlier: list[datetime] = []
     iterator = _iterator(cron, latest.astimezone(ZoneInfo(timezone)))
-    unrecorded = 0
-    while True:
-        moment = _utc(iterator.get_prev(datetime))
-        if moment < next_run_at:
-            break
-        if len(earlier) >= MISSED_RECORDED:
-            unrecorded = 1 + _count_between(cron, timezone, next_run_at, moment)
+    truncated = False
+    while (moment := _utc(iterator.get_prev(datetime))) >= next_run_at:
+        if len(earlier) == MISSED_RECORDED:
+            truncated = True
+            earlier.append(next_run_at)  # always recorded: two passes over one pause collide on it
             break
         earlier.append(moment)
     earlier.reverse()
-    if unrecorded:
-        earlier[0:0] = [next_run_at]  # always record the first: two passes over one pause collide on it
-        unrecorded -= 1
     if (now - latest).total_seconds() <= grace:
-        return Plan(missed=earlier, due=latest, following=following, unrecorded=unrecorded)
-    return Plan(missed=[*earlier, latest], following=following, unrecorded=unrecorded)
-
-
-def _count_between(cron: str, timezone: str, start: datetime, end: datetime, limit: int = 1_000_000) -> int:
-    """Count fire times in ``[start, end)``, up to ``limit`` (a bound on the work after a very long pause)."""
-    iterator = _iterator(cron, (start - timedelta(microseconds=1)).astimezone(ZoneInfo(timezone)))
-    count = 0
-    while count < limit and _utc(iterator.get_next(datetime)) < end:
-        count += 1
-    return count
+        return Plan(missed=earlier, due=latest, following=following, truncated=truncated)
+    return Plan(missed=[*earlier, latest], following=following, truncated=truncated)

@@ -1,1 +1,1 @@
-"""What the platform says about itself: health and the OpenAPI document."""
+"""What the platform says about itself: health, Prometheus metrics, the OpenAPI document, structured logs."""

@@ -1,7 +1,7 @@
 """retries with backoff and dead letters: jobs.retry_backoff, jobs.dead_letter_reason, job_attempts.not_before
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0004
 Create Date: 2026-11-28 03:20:00
 
 """
@@ -12,7 +12,7 @@ from sqlalchemy.dialects import mysql
 UTCDateTime = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 revision = "0005"
-down_revision = "0002"  # re-chained when 0003 and 0004 land
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,85 @@
+"""gunicorn's settings for the web process: ``gunicorn -c python:app.system.gunicorn 'app:create_app()'``.
+
+- Prometheus's multiprocess directory, so that ``/metrics`` adds up every worker's counters: the directory of
+  ``PROMETHEUS_MULTIPROC_DIR`` (its old ``*.db`` files removed), or a new temporary one removed at exit. It is
+  set here, when gunicorn reads this file, before anything imports ``prometheus_client``.
+- Structured logs (``LOG_FORMAT``, ``LOG_LEVEL``) for gunicorn's own error and access logs too.
+
+Command-line options (``--bind``, ``--workers``, ``--threads``) still apply on top of these.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+JOB_PATH = re.compile(r"^/api/v1/jobs/(?P<job_id>[^/]+)")
+TOO_LATE = (
+    "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set, so each worker would count alone: "
+    "set PROMETHEUS_MULTIPROC_DIR in the web process's environment, or import prometheus_client later"
+)
+
+
+def _metrics_directory() -> tuple[str, bool]:
+    """Prepare the multiprocess directory; return it and whether it was made here (and is to be removed)."""
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # the values of a previous run of the web process
+            stale.unlink(missing_ok=True)
+        return configured, False
+    made = tempfile.mkdtemp(prefix="automation-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made, True
+
+
+def _check_not_imported_yet() -> None:
+    """Refuse to start with per-worker metrics: prometheus_client read the environment before it was set."""
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None and values.ValueClass is values.MutexValue:
+        raise RuntimeError(TOO_LATE)
+
+
+def access_fields(record: logging.LogRecord) -> Mapping[str, Any]:
+    """The job of an access-log line of ``/api/v1/jobs/<job_id>/...`` (gunicorn logs it after the request)."""
+    if record.name == "gunicorn.access" and isinstance(record.args, Mapping):
+        match = JOB_PATH.match(str(record.args.get("U", "")))
+        if match:
+            return {"job_id": match["job_id"]}
+    return {}
+
+
+def _logconfig() -> dict[str, Any]:
+    from app.logging_setup import add_context_provider
+    from app.logging_setup import logconfig_dict as structured
+
+    add_context_provider(access_fields)
+    return structured(
+        component="web", level=os.environ.get("LOG_LEVEL") or "INFO", fmt=os.environ.get("LOG_FORMAT") or "json"
+    )
+
+
+METRICS_DIRECTORY, _MADE_HERE = _metrics_directory()
+_check_not_imported_yet()
+logconfig_dict = _logconfig()  # with it, gunicorn writes access lines even without --access-logfile
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """A worker ended: let Prometheus's multiprocess files know (its counters stay counted)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, METRICS_DIRECTORY)
+
+
+def on_exit(_server: Any) -> None:
+    """gunicorn stops: remove the temporary metrics directory made at start."""
+    if _MADE_HERE:
+        shutil.rmtree(METRICS_DIRECTORY, ignore_errors=True)

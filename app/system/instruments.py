@@ -1,0 +1,118 @@
+"""The metrics each process counts itself: HTTP requests and latency, refused heartbeats, job run times.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set before ``prometheus_client`` is imported (the gunicorn config does it),
+every worker writes its values to files there and a scrape adds them up; otherwise they live in ``PROCESS``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, UOWTransaction
+from sqlalchemy.orm.util import identity_key
+
+from app.jobs.models import Job, JobEvent
+from app.jobs.states import FINAL_STATES
+
+PROCESS = CollectorRegistry(auto_describe=True)  # this process's own values, when not in multiprocess mode
+UNMATCHED = "<unmatched>"  # the endpoint label of requests that matched no route (404, 405)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+HEARTBEAT_ENDPOINT = "agents.heartbeat"
+JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0)
+_STARTED = "_metrics_started"
+_FINISHED = "automation.metrics.finished_jobs"  # session.info key: (state, seconds) of jobs finished meanwhile
+
+HTTP_REQUESTS = Counter(
+    "automation_http_requests",
+    "HTTP requests answered, by method, endpoint (the URL rule) and status",
+    ("method", "endpoint", "status"),
+    registry=PROCESS,
+)
+HTTP_LATENCY = Histogram(
+    "automation_http_request_duration_seconds",
+    "Time to answer an HTTP request (to its response headers), by method and endpoint",
+    ("method", "endpoint"),
+    registry=PROCESS,
+)
+HEARTBEAT_FAILURES = Counter(
+    "automation_agent_heartbeat_failures",
+    "Agent heartbeats the API refused or failed to record, by status",
+    ("status",),
+    registry=PROCESS,
+)
+JOB_DURATION = Histogram(
+    "automation_job_duration_seconds",
+    "Run time (started to final state) of the jobs whose final state the control plane's API recorded",
+    ("state",),
+    buckets=JOB_BUCKETS,
+    registry=PROCESS,
+)
+
+
+def multiprocess() -> bool:
+    """Tell whether metric values go to PROMETHEUS_MULTIPROC_DIR (decided when prometheus_client was imported)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def _start_timer() -> None:
+    setattr(g, _STARTED, time.perf_counter())
+
+
+def _count_request(response: Response) -> Response:
+    rule = request.url_rule.rule if request.url_rule is not None else UNMATCHED
+    method = request.method if request.method in METHODS else "OTHER"
+    status = str(response.status_code)
+    HTTP_REQUESTS.labels(method, rule, status).inc()
+    started = g.pop(_STARTED, None)
+    if started is not None:
+        HTTP_LATENCY.labels(method, rule).observe(time.perf_counter() - started)
+    if request.endpoint == HEARTBEAT_ENDPOINT and response.status_code >= 400:
+        HEARTBEAT_FAILURES.labels(status).inc()
+    return response
+
+
+def install_request_hooks(app: Flask) -> None:
+    """Count every request of ``app``; call before other ``before_request`` hooks so that refusals are timed too."""
+    app.before_request(_start_timer)
+    app.after_request(_count_request)
+
+
+def _started_at(session: Session, job_id: str) -> Any:
+    job = session.identity_map.get(identity_key(Job, job_id))
+    if job is not None:
+        return job.started_at
+    return session.connection().execute(select(Job.started_at).where(Job.id == job_id)).scalar()
+
+
+def _note_finished_jobs(session: Session, _flush: UOWTransaction) -> None:
+    """After a flush: note the jobs that reached a final state; they are observed if the transaction commits."""
+    for obj in session.new:
+        if isinstance(obj, JobEvent) and obj.to_state in FINAL_STATES:
+            started = _started_at(session, obj.job_id)
+            if started is not None and obj.created_at is not None:
+                seconds = max(0.0, (obj.created_at - started).total_seconds())
+                session.info.setdefault(_FINISHED, []).append((obj.to_state, seconds))
+
+
+def _observe_finished_jobs(session: Session) -> None:
+    for state, seconds in session.info.pop(_FINISHED, []):
+        JOB_DURATION.labels(state).observe(seconds)
+
+
+def _forget_finished_jobs(session: Session) -> None:
+    session.info.pop(_FINISHED, None)
+
+
+def install_session_hooks() -> None:
+    """Observe job run times when the transaction that finished the job commits (idempotent)."""
+    for name, hook in (
+        ("after_flush", _note_finished_jobs),
+        ("after_commit", _observe_finished_jobs),
+        ("after_rollback", _forget_finished_jobs),
+    ):
+        if not event.contains(Session, name, hook):
+            event.listen(Session, name, hook)

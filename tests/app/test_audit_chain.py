@@ -1,0 +1,219 @@
+"""The audit log is a hash chain: an edited, deleted or foreign row is found by ``automation audit verify``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask_migrate import upgrade
+from sqlalchemy import text
+
+from app import create_app
+from app.audit import service as audit
+from app.audit.chain import GENESIS
+from app.audit.verify import verify
+from app.cli import main
+from app.extensions import db
+from tests.app.conftest import config
+from tests.app.support import SECRET, Api, Tenant
+
+
+@pytest.fixture
+def command_line(app: Flask, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the ``automation`` command at the test database."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+
+
+def write(app: Flask, count: int, action: str = "test.written") -> None:
+    """Write ``count`` audit events, each in its own transaction."""
+    with app.app_context():
+        for number in range(count):
+            audit.record(action=action, principal=None, details={"number": number, "note": "ünïcode ✓"})
+            db.session.commit()
+
+
+def sql(app: Flask, statement: str) -> None:
+    """Change the database behind the application's back."""
+    with app.app_context():
+        db.session.execute(text(statement))
+        db.session.commit()
+
+
+def verify_from_the_command_line(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["audit", "verify", *args])
+    return code, capsys.readouterr().out
+
+
+def test_every_entry_carries_the_hash_of_the_one_before(api: Api, world: dict[str, Tenant]) -> None:
+    events = api.get("/api/v1/audit?limit=500", world["acme"].tokens["admin"]).json["events"]
+    chain = sorted(events, key=lambda e: e["seq"])
+    assert [e["seq"] for e in chain] == list(range(1, len(chain) + 1))
+    assert chain[0]["prev_hash"] == GENESIS
+    for before, after in pairwise(chain):
+        assert after["prev_hash"] == before["hash"] and len(after["hash"]) == 64
+
+
+def test_an_intact_audit_log_verifies_and_exits_zero(
+    app: Flask, command_line: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(app, 5)
+    code, out = verify_from_the_command_line(capsys)
+    assert code == 0, out
+    assert "intact: 5 entries" in out
+    code, out = verify_from_the_command_line(capsys, "--json")
+    verdict = json.loads(out)
+    assert code == 0 and verdict["intact"] is True and verdict["entries"] == 5 and verdict["head_seq"] == 5
+
+
+def test_an_empty_audit_log_is_intact(app: Flask, command_line: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert verify_from_the_command_line(capsys) == (0, "audit log intact: no entries yet\n")
+
+
+def test_a_database_without_the_audit_log_cannot_be_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    assert main(["audit", "verify"]) == 2
+    assert "cannot read the audit log" in capsys.readouterr().err
+
+
+def test_a_row_edited_in_the_database_is_reported_with_its_id(
+    app: Flask, command_line: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(app, 5)
+    with app.app_context():
+        row_id = db.session.scalar(text("SELECT id FROM audit_events WHERE seq = 3"))
+    sql(app, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 3")
+    code, out = verify_from_the_command_line(capsys)
+    assert code == 1
+    assert f"entry 3 (row id {row_id}) was changed after it was written" in out
+    verdict = json.loads(verify_from_the_command_line(capsys, "--json")[1])
+    assert verdict["broken"]["row_id"] == row_id and verdict["broken"]["seq"] == 3 and verdict["entries"] == 2
+
+
+def test_a_row_whose_hash_was_recomputed_breaks_the_link_to_the_next(app: Flask) -> None:
+    write(app, 4)
+    sql(app, "UPDATE audit_events SET hash = '" + "f" * 64 + "' WHERE seq = 2")
+    with app.app_context(), db.engine.connect() as connection:
+        verdict = verify(connection)
+    assert verdict.broken is not None and verdict.broken.seq == 2  # its content no longer matches its hash
+    sql(app, "UPDATE audit_events SET prev_hash = '" + "f" * 64 + "' WHERE seq = 3")
+    sql(app, "UPDATE audit_events SET hash = '" + "e" * 64 + "' WHERE seq = 3")
+    with app.app_context(), db.engine.connect() as connection:
+        broken = verify(connection).broken
+    assert broken is not None and broken.seq == 2
+
+
+def test_a_deleted_row_is_reported(app: Flask, command_line: None, capsys: pytest.CaptureFixture[str]) -> None:
+    write(app, 6)
+    with app.app_context():
+        next_id = db.session.scalar(text("SELECT id FROM audit_events WHERE seq = 5"))
+    sql(app, "DELETE FROM audit_events WHERE seq = 4")
+    code, out = verify_from_the_command_line(capsys)
+    assert code == 1
+    assert f"entry 4 is missing (deleted): the chain goes from entry 3 to entry 5 (row id {next_id})" in out
+
+
+def test_deleting_the_newest_entries_is_reported(
+    app: Flask, command_line: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(app, 6)
+    sql(app, "DELETE FROM audit_events WHERE seq >= 5")
+    code, out = verify_from_the_command_line(capsys)
+    assert code == 1 and "entries 5 to 6 are missing (deleted): the chain head records 6 entries" in out
+
+
+def test_deleting_the_first_entry_is_reported(app: Flask) -> None:
+    write(app, 3)
+    sql(app, "DELETE FROM audit_events WHERE seq = 1")
+    with app.app_context(), db.engine.connect() as connection:
+        broken = verify(connection).broken
+    assert broken is not None and broken.problem.startswith("entry 1 is missing (deleted): the chain starts at entry 2")
+
+
+def test_a_row_inserted_behind_the_applications_back_is_reported(app: Flask) -> None:
+    write(app, 2)
+    sql(
+        app,
+        "INSERT INTO audit_events (created_at, action, outcome, details) "
+        "VALUES ('2026-01-01 00:00:00', 'job.submitted', 'success', '{}')",
+    )
+    with app.app_context(), db.engine.connect() as connection:
+        broken = verify(connection).broken
+    assert broken is not None and "is not in the chain" in broken.problem and broken.row_id is not None
+
+
+def test_a_rolled_back_audit_event_leaves_no_gap(app: Flask) -> None:
+    write(app, 2)
+    with app.app_context():
+        audit.record(action="test.rolled_back", principal=None)
+        db.session.flush()
+        db.session.rollback()
+    write(app, 2)
+    with app.app_context(), db.engine.connect() as connection:
+        verdict = verify(connection)
+    assert verdict.intact and verdict.entries == 4
+
+
+def test_concurrent_writers_never_fork_the_chain(app: Flask) -> None:
+    writers, each = 6, 8
+    start = threading.Barrier(writers)
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            start.wait()
+            write(app, each, action="test.concurrent")
+        except BaseException as exc:  # reported by the test, not lost in a thread
+            failures.append(exc)
+        finally:
+            with app.app_context():
+                db.session.remove()
+
+    threads = [threading.Thread(target=writer) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures
+    with app.app_context(), db.engine.connect() as connection:
+        verdict = verify(connection)
+    assert verdict.intact, verdict.broken
+    assert verdict.entries == verdict.head_seq == writers * each
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chained.db'}"
+    server = request.getfixturevalue("mariadb_server")
+    return str(server.url_for(server.fresh_database("audit_chain_migration")))
+
+
+def test_the_migration_chains_the_rows_written_before_it(empty_database: str) -> None:
+    app = create_app(config(empty_database))
+    with app.app_context():
+        upgrade(revision="0002")
+        for number in range(3):
+            db.session.execute(
+                text(
+                    "INSERT INTO audit_events (created_at, action, outcome, details) "
+                    "VALUES (:at, 'old.action', 'success', :details)"
+                ),
+                {"at": f"2026-01-0{number + 1} 12:00:00.123456", "details": json.dumps({"n": number})},
+            )
+        db.session.commit()
+        upgrade()
+        audit.record(action="new.action", principal=None)
+        db.session.commit()
+        with db.engine.connect() as connection:
+            verdict = verify(connection)
+        db.engine.dispose()
+    assert verdict.intact, verdict.broken
+    assert verdict.entries == 4
