@@ -10,15 +10,23 @@ from dispatch.contract import CONTROL_QUEUE, DEFAULT_VISIBILITY_TIMEOUT, celery_
 
 REAP_TASK = "control.reap_leases"  # running attempts whose lease expired -> lost, then retried or failed
 SWEEP_TASK = "control.sweep_pending"  # pending jobs whose publish never happened -> published
+FIRE_SCHEDULES_TASK = "control.fire_schedules"  # recurring schedules whose time has come -> jobs
 
 
-def beat_schedule(reaper_interval: float, sweeper_interval: float) -> dict[str, dict[str, Any]]:
-    """The periodic control-plane work, sent by name to the control queue."""
+def beat_schedule(
+    reaper_interval: float, sweeper_interval: float, scheduler_interval: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """The periodic control-plane work, sent by name to the control queue (schedules: as often as the sweeper)."""
     return {
         "reap-expired-leases": {"task": REAP_TASK, "schedule": reaper_interval, "options": {"queue": CONTROL_QUEUE}},
         "sweep-unpublished-jobs": {
             "task": SWEEP_TASK,
             "schedule": sweeper_interval,
+            "options": {"queue": CONTROL_QUEUE},
+        },
+        "fire-recurring-schedules": {
+            "task": FIRE_SCHEDULES_TASK,
+            "schedule": scheduler_interval or sweeper_interval,
             "options": {"queue": CONTROL_QUEUE},
         },
     }
@@ -31,6 +39,7 @@ def make_celery(
     restore_interval: int | None = None,
     reaper_interval: float = 10.0,
     sweeper_interval: float = 5.0,
+    scheduler_interval: float | None = None,
     name: str = "control-plane",
     task_cls: type | str | None = None,
 ) -> Celery:
@@ -39,7 +48,7 @@ def make_celery(
     app.conf.update(celery_settings(broker_url, visibility_timeout, restore_interval))
     app.conf.update(
         task_queues=None,
-        beat_schedule=beat_schedule(reaper_interval, sweeper_interval),
-        beat_max_loop_interval=min(reaper_interval, sweeper_interval, 5.0),
+        beat_schedule=beat_schedule(reaper_interval, sweeper_interval, scheduler_interval),
+        beat_max_loop_interval=min(reaper_interval, sweeper_interval, scheduler_interval or 5.0, 5.0),
     )
     return app
