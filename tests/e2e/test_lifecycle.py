@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from dispatch.contract import deliveries_key
-from tests.e2e.test_dispatch import marker_workflow, runs, wait_until
+from tests.e2e.test_dispatch import marker_workflow, wait_until
 from tests.servers.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -78,22 +78,6 @@ def test_a_failing_workflow_is_retried_after_its_backoff_and_then_completes(plat
     assert done["tasks"][-1]["output"] == "fine\n"
 
 
-def test_an_agent_back_from_offline_runs_its_queued_jobs_unless_their_deadline_passed(platform: Platform, tmp_path):
-    tenant, project = platform.tenant()
-    platform.start_agent(tenant, project, "z1").stop()
-    operator = platform.token("operator", tenant, project)
-    late, patient = tmp_path / "late", tmp_path / "patient"
-    deadline = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
-    late_id = platform.submit(operator, marker_workflow(str(late)), agent_id="z1", deliver_by=deadline)["job_id"]
-    patient_id = platform.submit(operator, marker_workflow(str(patient)), agent_id="z1")["job_id"]
-    expired = platform.wait_for(operator, late_id, {"dead_letter"}, timeout=15)
-    assert expired["dead_letter_reason"] == "expired"
-    platform.start_agent(tenant, project, "z1")
-    assert platform.wait_for(operator, patient_id)["state"] == "completed"
-    time.sleep(1)
-    assert runs(patient) == 1 and not late.exists()
-
-
 def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lettered(platform: Platform, tmp_path):
     tenant, project = platform.tenant()
     platform.start_agent(tenant, project, "v1").stop()
@@ -129,3 +113,19 @@ def test_jobs_over_a_projects_running_limit_wait_queued_and_all_run(platform: Pl
     )
     assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(spans))  # one at a time
     assert {j["attempts"][0]["agent_id"] for j in jobs} <= {"c1", "c2"}
+
+
+def test_a_job_scheduled_for_later_stays_pending_until_then_and_is_published_by_the_scheduler(
+    platform: Platform, tmp_path
+):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "d1")
+    operator = platform.token("operator", tenant, project)
+    marker = tmp_path / "later"
+    at = datetime.now(UTC) + timedelta(seconds=4)
+    job_id = platform.submit(operator, marker_workflow(str(marker)), scheduled_at=at.isoformat())["job_id"]
+    time.sleep(1.5)
+    assert platform.api("GET", f"/jobs/{job_id}", operator).json()["state"] == "pending" and not marker.exists()
+    done = platform.wait_for(operator, job_id, timeout=20)
+    assert done["state"] == "completed"
+    assert datetime.fromisoformat(done["attempts"][0]["claimed_at"]).replace(tzinfo=UTC) >= at
