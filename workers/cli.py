@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from dispatch.logs import configure_logging, connect_celery
 from workers.app import make_agent
 from workers.client import ControlPlaneError
 from workers.heartbeat import register
@@ -25,7 +26,14 @@ def run_agent(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"automation agent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s [agent %(name)s] %(message)s")
+    try:
+        configure_logging(
+            component="agent", level=settings.log_level, fmt=settings.log_format, tenant_id=settings.tenant_id
+        )
+    except ValueError as exc:
+        print(f"automation agent: {exc}", file=sys.stderr)
+        return 2
+    connect_celery()  # Celery keeps this handler; each task's lines carry its job id
     agent = make_agent(settings)
     scrub_environment()  # workflows run in this process's environment: keep the agent's credentials out
     try:

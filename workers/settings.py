@@ -37,6 +37,7 @@ class AgentSettings:
     valkey_url: str
     verify_key: str
     log_level: str = "INFO"
+    log_format: str = "json"
     heartbeat_interval: float = 30.0
     concurrency: int = 1
     platform: str = "linux"
@@ -82,6 +83,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
         valkey_url=env["VALKEY_URL"],
         verify_key=env["JOB_VERIFY_KEY"],
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        log_format=env.get("LOG_FORMAT") or "json",
         heartbeat_interval=_number(env, "HEARTBEAT_INTERVAL", 30.0),
         concurrency=int(_number(env, "AGENT_CONCURRENCY", 1, int)),
         platform=env.get("AGENT_PLATFORM") or this_platform(),

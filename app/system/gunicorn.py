@@ -58,8 +58,8 @@ def access_fields(record: logging.LogRecord) -> Mapping[str, Any]:
 
 
 def _logconfig() -> dict[str, Any]:
-    from app.logging_setup import add_context_provider
-    from app.logging_setup import logconfig_dict as structured
+    from dispatch.logs import add_context_provider
+    from dispatch.logs import logconfig_dict as structured
 
     add_context_provider(access_fields)
     return structured(

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, g, has_request_context, request
 
 from app.config import ConfigError
-from app.logging_setup import add_context_provider, component_for, configure_logging, connect_celery
+from dispatch.logs import add_context_provider, component_for, configure_logging, connect_celery
 
 
 def request_fields(_record: logging.LogRecord) -> Mapping[str, Any]:

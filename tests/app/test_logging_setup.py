@@ -16,7 +16,7 @@ from flask import Flask, g
 from app import create_app
 from app.auth.tokens import Principal
 from app.config import ConfigError
-from app.logging_setup import (
+from dispatch.logs import (
     FIELDS,
     _celery_fields,
     _task_finished,
