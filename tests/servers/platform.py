@@ -28,9 +28,7 @@ FINAL = {"completed", "failed", "timed_out", "cancelled", "dead_letter"}
 class Platform:
     """A control plane (web, dispatcher, scheduler) and its agents, all subprocesses."""
 
-    def __init__(
-        self, root: Path, valkey: ValkeyServer, database_url: str | None = None, **overrides: str
-    ) -> None:
+    def __init__(self, root: Path, valkey: ValkeyServer, database_url: str | None = None, **overrides: str) -> None:
         self.root = root
         self.valkey = valkey
         root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +90,10 @@ class Platform:
                 "-",
                 "app:create_app()",
             ],
-            ready=lambda: self.session.get(f"{self.url}/health", timeout=1).status_code in (200, 503),
+            ready=lambda: (
+                self.session.get(f"{self.url}/health", timeout=1, headers={"Connection": "close"}).status_code
+                in (200, 503)
+            ),
             env=self.env,
         )
 
@@ -154,7 +155,8 @@ class Platform:
             f"{self.url}/api/v1{path}",
             json=body,
             timeout=10,
-            headers={"Authorization": f"Bearer {token}"},
+            # One connection per request: gunicorn closes an idle kept-alive one after 2 s, maybe as it is reused.
+            headers={"Authorization": f"Bearer {token}", "Connection": "close"},
             **kwargs,
         )
 
