@@ -11,6 +11,21 @@ from pydantic import BaseModel, ValidationError
 
 from app.errors import BadRequest, UnsupportedMediaType
 
+# The roles that read and that operate, and the error codes every endpoint documents, shared by the blueprints.
+READERS = ("admin", "tenant_admin", "operator", "viewer")
+WRITERS = ("admin", "tenant_admin", "operator")
+ERR_READ: dict[int, tuple[str, ...]] = {
+    401: ("missing_token", "invalid_token"),
+    403: ("access_denied",),
+    404: ("not_found",),
+}
+ERR_WRITE: dict[int, tuple[str, ...]] = {
+    **ERR_READ,
+    400: ("invalid_request", "malformed_json"),
+    413: ("payload_too_large",),
+    415: ("unsupported_media_type",),
+}
+
 M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Any])
 

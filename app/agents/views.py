@@ -17,20 +17,11 @@ from app.agents.schemas import (
     RefusalOut,
     RefusalReport,
 )
-from app.api import body, document, query, reply
+from app.api import ERR_READ, ERR_WRITE, READERS, body, document, query, reply
 from app.auth.guard import principal, require
 from app.columns import utcnow
 
 bp = Blueprint("agents", __name__, url_prefix="/api/v1/agents")
-
-READERS = ("admin", "tenant_admin", "operator", "viewer")
-ERR_READ = {401: ("missing_token", "invalid_token"), 403: ("access_denied",), 404: ("not_found",)}
-ERR_WRITE = {
-    **ERR_READ,
-    400: ("invalid_request", "malformed_json"),
-    413: ("payload_too_large",),
-    415: ("unsupported_media_type",),
-}
 
 
 def agent_out(agent: Agent) -> AgentOut:

@@ -66,7 +66,7 @@ def _check_project(caller: Principal, project_id: str) -> None:
         raise Unprocessable(UNKNOWN_PROJECT.format(project=project_id), code="unknown_project")
 
 
-def _target(caller: Principal, project_id: str, agent_id: str | None, platform: str | None) -> Agent | None:
+def check_target(caller: Principal, project_id: str, agent_id: str | None, platform: str | None) -> Agent | None:
     """Return the pinned agent (None when not pinned); the project of an unpinned job is checked on insert."""
     if agent_id is None:
         return None
@@ -91,7 +91,7 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
     if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
         return existing, False
     workflow = validate_workflow(data.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
-    agent = _target(caller, project_id, data.agent_id, data.platform)
+    agent = check_target(caller, project_id, data.agent_id, data.platform)
     platform = choose_platform(workflow, data.platform or (agent.platform if agent else None))
     now = utcnow()
     job = Job(
@@ -167,7 +167,7 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
         raise BadRequest(NOTHING_TO_CHANGE)
     workflow = validate_workflow(data.workflow or job.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
     agent_id = changes.get("agent_id", job.agent_id)
-    agent = _target(caller, job.project_id, agent_id, changes.get("platform"))
+    agent = check_target(caller, job.project_id, agent_id, changes.get("platform"))
     requested = changes.get("platform") or (agent.platform if agent else None)
     values = {**changes, "name": workflow.name, "platform": choose_platform(workflow, requested)}
     now = utcnow()

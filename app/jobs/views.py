@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 
-from app.api import body, document, query, reply
+from app.api import ERR_READ, ERR_WRITE, READERS, WRITERS, body, document, query, reply
 from app.auth.guard import principal, require
 from app.errors import BadRequest
 from app.extensions import db
@@ -32,16 +32,7 @@ from app.jobs.schemas import (
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
-READERS = ("admin", "tenant_admin", "operator", "viewer")
-WRITERS = ("admin", "tenant_admin", "operator")
 AGENT = ("agent",)
-ERR_READ = {401: ("missing_token", "invalid_token"), 403: ("access_denied",), 404: ("not_found",)}
-ERR_WRITE = {
-    **ERR_READ,
-    400: ("invalid_request", "malformed_json"),
-    413: ("payload_too_large",),
-    415: ("unsupported_media_type",),
-}
 ERR_FENCED = {**ERR_WRITE, 409: ("stale_attempt", "invalid_transition", "concurrent_update")}
 IDEMPOTENCY_KEY_MAX = 255
 

@@ -15,8 +15,11 @@ from app.columns import new_id, utcnow
 from app.errors import NOT_FOUND, BadRequest, Conflict, NotFound, Unprocessable
 from app.extensions import db
 from app.jobs.models import Job
-from app.jobs.service import NO_PROJECT, UNKNOWN_PROJECT
-from app.jobs.service import _target as check_target  # the job submission's own agent and platform checks
+from app.jobs.service import (
+    NO_PROJECT,
+    UNKNOWN_PROJECT,
+    check_target,  # the job submission's own agent and platform checks
+)
 from app.jobs.workflows import choose_platform, validate_workflow
 from app.schedules import cron
 from app.schedules.models import Schedule, ScheduleRun

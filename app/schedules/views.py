@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app.api import body, document, query, reply
+from app.api import ERR_READ, ERR_WRITE, READERS, WRITERS, body, document, query, reply
 from app.auth.guard import principal, require
 from app.schedules import service
 from app.schedules.models import Schedule
@@ -20,15 +20,6 @@ from app.schedules.schemas import (
 
 bp = Blueprint("schedules", __name__, url_prefix="/api/v1/schedules")
 
-READERS = ("admin", "tenant_admin", "operator", "viewer")
-WRITERS = ("admin", "tenant_admin", "operator")
-ERR_READ = {401: ("missing_token", "invalid_token"), 403: ("access_denied",), 404: ("not_found",)}
-ERR_WRITE = {
-    **ERR_READ,
-    400: ("invalid_request", "malformed_json"),
-    413: ("payload_too_large",),
-    415: ("unsupported_media_type",),
-}
 ERR_INVALID = (
     "invalid_cron",
     "invalid_timezone",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app.api import body, document, query, reply
+from app.api import ERR_READ, ERR_WRITE, body, document, query, reply
 from app.auth.guard import principal, require
 from app.schemas import Page
 from app.tenants import service
@@ -15,14 +15,7 @@ tenants_bp = Blueprint("tenants", __name__, url_prefix="/api/v1/tenants")
 projects_bp = Blueprint("projects", __name__, url_prefix="/api/v1/tenants/<tenant_id>/projects")
 
 ADMINS = ("admin", "tenant_admin")
-ERR_READ = {401: ("missing_token", "invalid_token"), 403: ("access_denied",), 404: ("not_found",)}
-ERR_WRITE = {
-    **ERR_READ,
-    400: ("invalid_request", "malformed_json"),
-    409: ("already_exists",),
-    413: ("payload_too_large",),
-    415: ("unsupported_media_type",),
-}
+ERR_CREATE = {**ERR_WRITE, 409: ("already_exists",)}
 
 
 def tenant_out(tenant: Tenant) -> TenantOut:
@@ -42,7 +35,7 @@ def project_out(project: Project) -> ProjectOut:
 
 
 @tenants_bp.post("")
-@document("Create a tenant (platform admins)", body=TenantCreate, responses={201: TenantOut}, errors=ERR_WRITE)
+@document("Create a tenant (platform admins)", body=TenantCreate, responses={201: TenantOut}, errors=ERR_CREATE)
 @require("admin", action="create tenants")
 def create_tenant() -> Response:
     """Create a tenant."""
@@ -76,7 +69,7 @@ def get_tenant(tenant_id: str) -> Response:
 
 
 @projects_bp.post("")
-@document("Create a project in a tenant", body=ProjectCreate, responses={201: ProjectOut}, errors=ERR_WRITE)
+@document("Create a project in a tenant", body=ProjectCreate, responses={201: ProjectOut}, errors=ERR_CREATE)
 @require(*ADMINS, action="create projects")
 def create_project(tenant_id: str) -> Response:
     """Create a project."""
