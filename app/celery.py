@@ -31,6 +31,7 @@ def init_celery(app: Flask) -> Celery | None:
         restore_interval=app.config["BROKER_RESTORE_INTERVAL"],
         reaper_interval=app.config["REAPER_INTERVAL"],
         sweeper_interval=app.config["SWEEPER_INTERVAL"],
+        audit_seal_interval=app.config["AUDIT_SEAL_INTERVAL"],
         name=app.import_name,
         task_cls=FlaskTask,
     )
@@ -38,6 +39,7 @@ def init_celery(app: Flask) -> Celery | None:
     signer = Signer(load_signing_key(app.config["JOB_SIGNING_KEY"]), ttl=app.config["ENVELOPE_TTL"])
     app.extensions["celery"] = celery
     app.extensions["publisher"] = Publisher(celery, signer)
+    from app.audit import tasks as audit_tasks  # noqa: F401  (the audit sealer)
     from app.jobs import tasks  # noqa: F401  (registers the control plane's periodic tasks)
 
     return celery

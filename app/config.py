@@ -45,6 +45,7 @@ class Config:
     REAPER_INTERVAL = 10.0
     SWEEPER_INTERVAL = 5.0
     SWEEP_GRACE = 5.0
+    AUDIT_SEAL_INTERVAL = 2.0  # seconds between two runs of the audit sealer (hash-chains new audit entries)
     SCHEDULE_MISFIRE_GRACE = 60.0  # seconds late a cron run may still fire; older ones are recorded as missed
     SCHEDULE_ALLOW_SECONDS = False  # accept 6-field cron expressions with the seconds first (tests, demos)
     CENTRIFUGO_URL: str | None = None
@@ -81,6 +82,7 @@ ENVIRONMENT: dict[str, type] = {
     "REAPER_INTERVAL": float,
     "SWEEPER_INTERVAL": float,
     "SWEEP_GRACE": float,
+    "AUDIT_SEAL_INTERVAL": float,
     "SCHEDULE_MISFIRE_GRACE": float,
     "SCHEDULE_ALLOW_SECONDS": bool,
     "CENTRIFUGO_URL": str,

@@ -11,13 +11,22 @@ from dispatch.contract import CONTROL_QUEUE, DEFAULT_VISIBILITY_TIMEOUT, celery_
 REAP_TASK = "control.reap_leases"  # running attempts whose lease expired -> lost, then retried or failed
 SWEEP_TASK = "control.sweep_pending"  # pending jobs whose publish never happened -> published
 FIRE_SCHEDULES_TASK = "control.fire_schedules"  # recurring schedules whose time has come -> jobs
+SEAL_AUDIT_TASK = "control.seal_audit"  # audit entries written since the last seal -> hash-chained
 
 
 def beat_schedule(
-    reaper_interval: float, sweeper_interval: float, scheduler_interval: float | None = None
+    reaper_interval: float,
+    sweeper_interval: float,
+    scheduler_interval: float | None = None,
+    audit_seal_interval: float = 2.0,
 ) -> dict[str, dict[str, Any]]:
     """The periodic control-plane work, sent by name to the control queue (schedules: as often as the sweeper)."""
     return {
+        "seal-audit-log": {
+            "task": SEAL_AUDIT_TASK,
+            "schedule": audit_seal_interval,
+            "options": {"queue": CONTROL_QUEUE, "expires": audit_seal_interval * 5},
+        },
         "reap-expired-leases": {"task": REAP_TASK, "schedule": reaper_interval, "options": {"queue": CONTROL_QUEUE}},
         "sweep-unpublished-jobs": {
             "task": SWEEP_TASK,
@@ -40,6 +49,7 @@ def make_celery(
     reaper_interval: float = 10.0,
     sweeper_interval: float = 5.0,
     scheduler_interval: float | None = None,
+    audit_seal_interval: float = 2.0,
     name: str = "control-plane",
     task_cls: type | str | None = None,
 ) -> Celery:
@@ -48,7 +58,7 @@ def make_celery(
     app.conf.update(celery_settings(broker_url, visibility_timeout, restore_interval))
     app.conf.update(
         task_queues=None,
-        beat_schedule=beat_schedule(reaper_interval, sweeper_interval, scheduler_interval),
+        beat_schedule=beat_schedule(reaper_interval, sweeper_interval, scheduler_interval, audit_seal_interval),
         beat_max_loop_interval=min(reaper_interval, sweeper_interval, scheduler_interval or 5.0, 5.0),
     )
     return app

@@ -1,10 +1,14 @@
 """The audit log's hash chain: every entry carries the hash of the entry before it.
 
-When a transaction that added audit events commits, ``link`` runs inside it, last: it locks the chain's head
-row (``audit_chain``, id 1: a row lock on MariaDB, the write lock on SQLite), numbers the new entries after
-the head (``seq``), hashes each over its canonical content and the previous entry's hash, and moves the head
-on: three statements. The lock is held until the commit, so concurrent writers (web workers, the dispatcher)
-take turns and the chain never forks; taking it last keeps the wait short and adds no lock-order cycles.
+Requests only insert their audit rows, marked ``PENDING`` (in ``prev_hash``) and unnumbered, so no request
+waits for another to extend the chain. The sealer (``seal``: a periodic task of the dispatcher, and
+``automation audit seal|verify``) numbers the pending rows after the chain's head in the order they were
+written (``seq``), hashes each over its canonical content and the previous entry's hash, and moves the head
+on, in batches. It first writes the head row (``audit_chain``, id 1: a row lock on MariaDB, the write lock on
+SQLite), so two sealers take turns and the chain never forks.
+
+A row that reaches the table without the application (no ``PENDING`` mark) is never sealed: verification
+reports it as not in the chain.
 """
 
 from __future__ import annotations
@@ -12,13 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, event, insert, inspect, select, update
-from sqlalchemy.orm import Session, UOWTransaction
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy import Connection, RowMapping, bindparam, insert, select, update
 
 from app.audit.models import AuditChainHead, AuditEvent
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64  # the "previous hash" of entry 1
 HEAD_ID = 1
+PENDING = "pending"  # prev_hash of a row the application wrote and the sealer has not chained yet
+BATCH = 500  # rows sealed per transaction
 # The columns an entry's hash covers, with its seq and prev_hash; the row id is not covered (rows are found by seq).
 HASHED = (
     "created_at",
@@ -39,7 +43,6 @@ HASHED = (
     "remote_addr",
     "details",
 )
-_UNCHAINED = "automation.audit.unchained"  # session.info key: entries flushed in this transaction
 
 
 def _timestamp(value: datetime) -> str:
@@ -79,77 +82,72 @@ def _create_head(connection: Connection) -> None:
         .prefix_with("IGNORE", dialect="mariadb")
         .prefix_with("OR IGNORE", dialect="sqlite")
     )
-    connection.execute(statement)  # of two writers that both found no head, the second one's insert is ignored
+    connection.execute(statement)  # of two sealers that both found no head, the second one's insert is ignored
 
 
 def _take_head(connection: Connection) -> tuple[int, str]:
-    """Lock the head row and return its seq and hash.
+    """Lock the head row by writing it, then return its seq and hash.
 
-    The transaction has already inserted its audit rows, so on SQLite it holds the database's write lock
-    and reads the latest head (SQLite has no FOR UPDATE); on MariaDB, FOR UPDATE locks the row and reads
-    its latest committed version.
+    The write takes SQLite's write lock (SQLite has no FOR UPDATE) and the row's lock on MariaDB before
+    anything is read, so the head and the pending rows read next are the latest committed ones.
     """
-    query = select(AuditChainHead.seq, AuditChainHead.last_hash).where(AuditChainHead.id == HEAD_ID).with_for_update()
-    head = connection.execute(query).first()
-    if head is None:
-        _create_head(connection)
-        head = connection.execute(query).one()
+    touch = update(AuditChainHead).where(AuditChainHead.id == HEAD_ID).values(seq=AuditChainHead.seq)
+    if connection.execute(touch).rowcount == 0:
+        raise LookupError("the audit chain's head row is missing")
+    head = connection.execute(
+        select(AuditChainHead.seq, AuditChainHead.last_hash).where(AuditChainHead.id == HEAD_ID).with_for_update()
+    ).one()
     return int(head.seq), str(head.last_hash)
 
 
-def _as_stored(entry: AuditEvent) -> dict[str, Any]:
-    """The hashed columns of a flushed entry as the database returns them (JSON details go through JSON)."""
-    content = {name: getattr(entry, name) for name in HASHED}
-    content["details"] = json.loads(json.dumps(entry.details))
-    return content
+def _pending(connection: Connection, limit: int) -> list[RowMapping]:
+    columns = (AuditEvent.id, *(getattr(AuditEvent, name) for name in HASHED))
+    query = (
+        select(*columns)
+        .where(AuditEvent.seq.is_(None), AuditEvent.prev_hash == PENDING)
+        .order_by(AuditEvent.id)
+        .limit(limit)
+    )
+    return list(connection.execute(query).mappings())
 
 
-def link(connection: Connection, entries: Sequence[AuditEvent]) -> dict[int, tuple[int, str, str]]:
-    """Chain flushed, uncommitted audit rows after the head; return ``{id: (seq, prev_hash, hash)}``."""
+def seal_batch(connection: Connection, limit: int = BATCH) -> int:
+    """Chain up to ``limit`` pending rows after the head, in the caller's transaction; return how many."""
     seq, prev = _take_head(connection)
-    links: dict[int, tuple[int, str, str]] = {}
-    for entry in sorted(entries, key=lambda e: e.id):
+    rows = _pending(connection, limit)
+    if not rows:
+        return 0
+    links = []
+    for row in rows:
         seq += 1
-        digest = entry_hash(_as_stored(entry), seq=seq, prev_hash=prev)
-        links[entry.id] = (seq, prev, digest)
+        digest = entry_hash(row, seq=seq, prev_hash=prev)
+        links.append({"row_id": row["id"], "new_seq": seq, "new_prev": prev, "new_hash": digest})
         prev = digest
     connection.execute(
         update(AuditEvent)
         .where(AuditEvent.id == bindparam("row_id"))
         .values(seq=bindparam("new_seq"), prev_hash=bindparam("new_prev"), hash=bindparam("new_hash")),
-        [{"row_id": i, "new_seq": s, "new_prev": p, "new_hash": h} for i, (s, p, h) in links.items()],
+        links,
     )
     connection.execute(update(AuditChainHead).where(AuditChainHead.id == HEAD_ID).values(seq=seq, last_hash=prev))
-    return links
+    return len(rows)
 
 
-@event.listens_for(Session, "after_flush")
-def _remember_new_entries(session: Session, _flush: UOWTransaction) -> None:
-    """Note the audit events this flush inserted; they are chained when the transaction commits."""
-    new = [obj for obj in session.new if isinstance(obj, AuditEvent)]
-    if new:
-        session.info.setdefault(_UNCHAINED, []).extend(new)
+def seal(connection: Connection, *, batch: int = BATCH, most: int | None = None) -> int:
+    """Chain every pending row (or at most ``most``), one committed batch at a time; return how many.
 
-
-@event.listens_for(Session, "before_commit")
-def _chain_before_commit(session: Session) -> None:
-    """Chain the transaction's new audit events, as its last work before the commit."""
-    if not session.info.get(_UNCHAINED) and not any(isinstance(obj, AuditEvent) for obj in session.new):
-        return
-    session.flush()  # all of the transaction's other writes first: the head's lock is the last one it takes
-    pending: list[AuditEvent] = session.info.pop(_UNCHAINED, [])
-    entries = [obj for obj in pending if inspect(obj).persistent and obj.seq is None]
-    if not entries:
-        return
-    links = link(session.connection(), entries)
-    for obj in entries:
-        seq, prev_hash, digest = links[obj.id]
-        set_committed_value(obj, "seq", seq)
-        set_committed_value(obj, "prev_hash", prev_hash)
-        set_committed_value(obj, "hash", digest)
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_on_rollback(session: Session) -> None:
-    """Drop the notes of a transaction that was rolled back: its audit events were never written."""
-    session.info.pop(_UNCHAINED, None)
+    ``connection`` must not be in a transaction: each batch is its own, so the head's lock is held briefly.
+    """
+    with connection.begin():
+        missing = connection.execute(select(AuditChainHead.id).where(AuditChainHead.id == HEAD_ID)).first() is None
+    if missing:  # in a transaction of its own: inserting it where the head is locked can deadlock two sealers
+        with connection.begin():
+            _create_head(connection)
+    sealed = 0
+    while most is None or sealed < most:
+        with connection.begin():
+            count = seal_batch(connection, batch if most is None else min(batch, most - sealed))
+        sealed += count
+        if count < batch:
+            break
+    return sealed

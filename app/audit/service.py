@@ -9,7 +9,7 @@ from typing import Any
 from flask import has_request_context, request
 from sqlalchemy import func, select
 
-from app.audit import chain  # noqa: F401  (its session hooks chain every audit event written here)
+from app.audit.chain import PENDING
 from app.audit.models import AuditEvent
 from app.auth.tokens import Principal
 from app.extensions import db
@@ -37,6 +37,7 @@ def _event(
         target_id=target_id,
         remote_addr=request.remote_addr if has_request_context() else None,
         details=details or {},
+        prev_hash=PENDING,  # chained by the sealer after the commit (app.audit.chain)
     )
 
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, select
+from sqlalchemy import Connection, RowMapping, func, or_, select
 
-from app.audit.chain import GENESIS, HASHED, HEAD_ID, entry_hash
+from app.audit.chain import GENESIS, HASHED, HEAD_ID, PENDING, entry_hash
 from app.audit.models import AuditChainHead, AuditEvent
 
 EDITED = (
@@ -38,12 +38,13 @@ class Break:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of a check: how many entries were checked, the head, and the first break if any."""
+    """The outcome of a check: entries checked, the head, the first break if any, and rows not sealed yet."""
 
     entries: int
     head_seq: int | None
     head_hash: str | None
     broken: Break | None
+    pending: int = 0  # rows the application wrote that the sealer has not chained yet
 
     @property
     def intact(self) -> bool:
@@ -98,8 +99,8 @@ def verify(connection: Connection, *, batch: int = 1000) -> Verdict:
     head_seq, head_hash = (int(top.seq), str(top.last_hash)) if top is not None else (None, None)
     count, prev = 0, GENESIS
 
-    def verdict(broken: Break | None) -> Verdict:
-        return Verdict(entries=count, head_seq=head_seq, head_hash=head_hash, broken=broken)
+    def verdict(broken: Break | None, pending: int = 0) -> Verdict:
+        return Verdict(entries=count, head_seq=head_seq, head_hash=head_hash, broken=broken, pending=pending)
 
     for row in _chain(connection, head_seq, batch):
         broken = _check(row, count + 1, prev)
@@ -113,8 +114,11 @@ def verify(connection: Connection, *, batch: int = 1000) -> Verdict:
         return verdict(Break(TRUNCATED.format(entries=_entries(count + 1, head_seq), head=head_seq, last=count)))
     elif head_hash != prev:
         return verdict(Break(HEAD_HASH.format(recorded=head_hash, seq=count, found=prev), count or None))
-    stray = select(AuditEvent.id).where(AuditEvent.seq.is_(None)).order_by(AuditEvent.id).limit(1)
+    unchained = AuditEvent.seq.is_(None)
+    foreign = or_(AuditEvent.prev_hash.is_(None), AuditEvent.prev_hash != PENDING)
+    stray = select(AuditEvent.id).where(unchained, foreign).order_by(AuditEvent.id).limit(1)
     stray_id = connection.execute(stray).scalar()
     if stray_id is not None:
         return verdict(Break(UNCHAINED.format(id=stray_id), None, stray_id))
-    return verdict(None)
+    pending = connection.execute(select(func.count()).where(unchained, AuditEvent.prev_hash == PENDING)).scalar()
+    return verdict(None, int(pending or 0))

@@ -1,4 +1,4 @@
-"""The audit log is a hash chain: an edited, deleted or foreign row is found by ``automation audit verify``."""
+"""The audit log is a hash chain, sealed after the commit: an edited, deleted or foreign row is found by ``verify``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from app import create_app
 from app.audit import service as audit
-from app.audit.chain import GENESIS
+from app.audit.chain import GENESIS, PENDING, seal
 from app.audit.verify import verify
 from app.cli import main
 from app.extensions import db
@@ -29,12 +29,20 @@ def command_line(app: Flask, database_url: str, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("JWT_SECRET", SECRET)
 
 
-def write(app: Flask, count: int, action: str = "test.written") -> None:
-    """Write ``count`` audit events, each in its own transaction."""
+def write(app: Flask, count: int, action: str = "test.written", *, sealed: bool = True) -> None:
+    """Write ``count`` audit events, each in its own transaction, then seal them as the dispatcher does."""
     with app.app_context():
         for number in range(count):
             audit.record(action=action, principal=None, details={"number": number, "note": "ünïcode ✓"})
             db.session.commit()
+    if sealed:
+        seal_all(app)
+
+
+def seal_all(app: Flask) -> int:
+    """Run the sealer once, as the dispatcher's periodic task does."""
+    with app.app_context(), db.engine.connect() as connection:
+        return seal(connection)
 
 
 def sql(app: Flask, statement: str) -> None:
@@ -49,7 +57,8 @@ def verify_from_the_command_line(capsys: pytest.CaptureFixture[str], *args: str)
     return code, capsys.readouterr().out
 
 
-def test_every_entry_carries_the_hash_of_the_one_before(api: Api, world: dict[str, Tenant]) -> None:
+def test_every_entry_carries_the_hash_of_the_one_before(app: Flask, api: Api, world: dict[str, Tenant]) -> None:
+    assert seal_all(app) > 0
     events = api.get("/api/v1/audit?limit=500", world["acme"].tokens["admin"]).json["events"]
     chain = sorted(events, key=lambda e: e["seq"])
     assert [e["seq"] for e in chain] == list(range(1, len(chain) + 1))
@@ -182,6 +191,7 @@ def test_concurrent_writers_never_fork_the_chain(app: Flask) -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert not failures, failures
+    seal_all(app)
     with app.app_context(), db.engine.connect() as connection:
         verdict = verify(connection)
     assert verdict.intact, verdict.broken
@@ -213,7 +223,62 @@ def test_the_migration_chains_the_rows_written_before_it(empty_database: str) ->
         audit.record(action="new.action", principal=None)
         db.session.commit()
         with db.engine.connect() as connection:
+            assert seal(connection) == 1
             verdict = verify(connection)
         db.engine.dispose()
     assert verdict.intact, verdict.broken
     assert verdict.entries == 4
+
+
+def test_requests_leave_entries_pending_until_the_sealer_chains_them_in_order(app: Flask) -> None:
+    write(app, 2)
+    write(app, 3, action="test.later", sealed=False)
+    with app.app_context(), db.engine.connect() as connection:
+        verdict = verify(connection)
+        pending = connection.execute(text("SELECT id, prev_hash FROM audit_events WHERE seq IS NULL ORDER BY id"))
+        pending_ids = [row.id for row in pending if row.prev_hash == PENDING]
+    assert verdict.intact and verdict.entries == 2 and verdict.pending == 3 and len(pending_ids) == 3
+    assert seal_all(app) == 3
+    with app.app_context(), db.engine.connect() as connection:
+        verdict = verify(connection)
+        order = connection.execute(text("SELECT id FROM audit_events WHERE seq > 2 ORDER BY seq")).scalars().all()
+    assert verdict.intact and verdict.entries == verdict.head_seq == 5 and verdict.pending == 0
+    assert list(order) == pending_ids
+    assert seal_all(app) == 0
+
+
+def test_verify_seals_pending_entries_first_unless_told_not_to(
+    app: Flask, command_line: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(app, 2, sealed=False)
+    code, out = verify_from_the_command_line(capsys, "--no-seal")
+    assert code == 0 and "no entries yet" in out and "2 entries written since are not sealed yet" in out
+    code, out = verify_from_the_command_line(capsys)
+    assert code == 0 and "sealed 2 pending audit entries" in out and "intact: 2 entries" in out
+    write(app, 1, sealed=False)
+    assert main(["audit", "seal"]) == 0
+    assert "sealed 1 pending" in capsys.readouterr().out
+
+
+def test_concurrent_sealers_never_fork_the_chain(app: Flask) -> None:
+    write(app, 60, sealed=False)
+    failures: list[BaseException] = []
+    counts: list[int] = []
+
+    def sealer() -> None:
+        try:
+            with app.app_context(), db.engine.connect() as connection:
+                counts.append(seal(connection, batch=7))
+        except BaseException as exc:  # reported by the test, not lost in a thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=sealer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures
+    assert sum(counts) == 60
+    with app.app_context(), db.engine.connect() as connection:
+        verdict = verify(connection)
+    assert verdict.intact and verdict.entries == verdict.head_seq == 60
