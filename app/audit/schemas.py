@@ -33,8 +33,12 @@ class AuditEventOut(Response):
     outcome: str
     remote_addr: str | None
     details: dict[str, Any]
-    seq: int | None = Field(description="the entry's place in the hash chain (see automation audit verify)")
-    prev_hash: str | None = Field(description="SHA-256 of the previous entry (64 zeros for entry 1)")
+    seq: int | None = Field(
+        description="the entry's place in the hash chain; null until the dispatcher seals it (AUDIT_SEAL_INTERVAL)"
+    )
+    prev_hash: str | None = Field(
+        description="SHA-256 of the previous entry (64 zeros for entry 1); 'pending' until sealed"
+    )
     hash: str | None = Field(description="SHA-256 of this entry's content, its seq and prev_hash")
 
 
