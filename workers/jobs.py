@@ -79,6 +79,50 @@ def report_refusal(client: ControlPlane, agent_id: str, refusal: EnvelopeRefused
         log.error("could not report the refused message %s (%s) to the control plane", task_id, refusal.reason)
 
 
+class Reports:
+    """Sends a run's task results: each when the next task starts (naming it), the last with the final state.
+
+    The control plane learns of every task's start and end without a request of its own per start: the first
+    task is named in the claim, each later one in the result of the task before it.
+    """
+
+    def __init__(self, client: ControlPlane, job_id: str, attempt: int) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.attempt = attempt
+        self.waiting: dict[str, Any] | None = None  # the finished task's result, sent when the next one starts
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """probe's event callback."""
+        if event["event"] == "task_finished":
+            self.waiting = self._result(event)
+        elif event["event"] == "task_started" and self.waiting is not None:
+            body, self.waiting = self.waiting, None
+            self._send({**body, "attempt": self.attempt, "next_task": event["task"]})
+
+    def left(self) -> list[dict[str, Any]]:
+        """The results not sent yet (the last task's), for the final state report."""
+        waiting, self.waiting = self.waiting, None
+        return [waiting] if waiting is not None else []
+
+    @staticmethod
+    def _result(event: dict[str, Any]) -> dict[str, Any]:
+        result = dict(event["result"])
+        result.pop("success", None)
+        attempts = result.pop("attempts", 1)
+        result["metrics"] = {**result.get("metrics", {}), "attempts": attempts}
+        return {"position": event["index"], **result}
+
+    def _send(self, body: dict[str, Any]) -> None:
+        try:
+            reply = self.client.call("POST", f"/jobs/{self.job_id}/tasks", body)
+        except ControlPlaneError:
+            log.error("job %s: the result of task %s could not be delivered", self.job_id, body["name"])
+            raise
+        if not reply.ok:
+            log.warning("job %s: task result %s refused (%s)", self.job_id, body["name"], reply.error)
+
+
 class JobRunner:
     """Claims and runs verified envelopes for one agent."""
 
@@ -89,7 +133,13 @@ class JobRunner:
     def run(self, envelope: Envelope) -> str:
         """Run one envelope to its end; returns what happened (``completed``, ``dropped: …``)."""
         job_id, attempt = envelope.job_id, envelope.attempt
-        claim = self._claim(envelope)
+        workflow: probe.Workflow | None = None
+        try:
+            workflow = probe.load_workflow(envelope.workflow.encode(), name=envelope.name)
+        except probe.WorkflowError as exc:
+            problem = str(exc)
+        first = workflow.tasks[0].name if workflow is not None and workflow.tasks else None
+        claim = self._claim(envelope, first)
         if not claim.ok:
             log.info(
                 "job %s attempt %d not claimed (%s %s): message dropped",
@@ -99,50 +149,42 @@ class JobRunner:
                 claim.error or claim.body.get("message", ""),
             )
             return f"dropped: {claim.error or claim.status}"
+        if workflow is None:
+            return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {problem}", [])
         secrets = claim.body.get("secrets") or {}
+        reports = Reports(self.client, job_id, attempt)
         with self.inflight.track(job_id, attempt) as running:
             try:
-                workflow = probe.load_workflow(envelope.workflow.encode(), name=envelope.name)
                 result = probe.run_workflow(
                     workflow,
                     variables=envelope.variables,
                     secrets=secrets,
                     cancel=running.cancel,
-                    on_event=lambda event: self._on_event(job_id, attempt, event),
+                    on_event=reports.on_event,
                 )
             except probe.WorkflowError as exc:
-                return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {exc}")
-            return self._finish(job_id, attempt, FINAL_STATE[result.status.value], result.error)
+                return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {exc}", reports.left())
+            return self._finish(job_id, attempt, FINAL_STATE[result.status.value], result.error, reports.left())
 
-    def _claim(self, envelope: Envelope) -> Reply:
+    def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
         """Claim the attempt; while its project runs as many jobs as it may, wait (holding the message)."""
         delay = 1.0
+        request: dict[str, Any] = {"attempt": envelope.attempt}
+        if first_task is not None:
+            request["task"] = first_task  # it starts right after the claim: the control plane tells watchers
         while True:
-            claim = self.client.call("POST", f"/jobs/{envelope.job_id}/claim", {"attempt": envelope.attempt})
+            claim = self.client.call("POST", f"/jobs/{envelope.job_id}/claim", request)
             if claim.error != "project_at_capacity" or time.time() + delay > envelope.expires_at:
                 return claim
             log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", "project at capacity"))
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
 
-    def _on_event(self, job_id: str, attempt: int, event: dict[str, Any]) -> None:
-        if event["event"] != "task_finished":
-            return
-        result = dict(event["result"])
-        result.pop("success", None)
-        attempts = result.pop("attempts", 1)
-        result["metrics"] = {**result.get("metrics", {}), "attempts": attempts}
-        body = {"attempt": attempt, "position": event["index"], **result}
-        try:
-            reply = self.client.call("POST", f"/jobs/{job_id}/tasks", body)
-        except ControlPlaneError:
-            log.error("job %s: the result of task %s could not be delivered", job_id, result["name"])
-            raise
-        if not reply.ok:
-            log.warning("job %s: task result %s refused (%s)", job_id, result["name"], reply.error)
-
-    def _finish(self, job_id: str, attempt: int, state: str, error: str | None) -> str:
-        reply = self.client.call("POST", f"/jobs/{job_id}/status", {"attempt": attempt, "state": state, "error": error})
+    def _finish(self, job_id: str, attempt: int, state: str, error: str | None, tasks: list[dict[str, Any]]) -> str:
+        body: dict[str, Any] = {"attempt": attempt, "state": state, "error": error}
+        if tasks:
+            body["tasks"] = tasks  # the last task's result rides with the final state: one request fewer
+        reply = self.client.call("POST", f"/jobs/{job_id}/status", body)
         if not reply.ok:
             log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)
             return f"refused: {reply.error}"

@@ -80,17 +80,44 @@ def send(job: Job, attempt: JobAttempt) -> bool:
     return True
 
 
-def open_next_attempt(
+def _open_attempt(
     job: Job, *, actor: str, reason: str | None = None, not_before: datetime | None = None, **values: Any
 ) -> JobAttempt:
-    """Move a job to ``queued`` with a new attempt, committed, not yet published (not before ``not_before``)."""
     now = utcnow()
     number = job.attempt + 1
     transition(job, JobState.QUEUED, actor=actor, reason=reason, attempt=number, queued_at=now, **values)
     attempt = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=number, queued_at=now, not_before=not_before)
     db.session.add(attempt)
+    return attempt
+
+
+def open_next_attempt(
+    job: Job, *, actor: str, reason: str | None = None, not_before: datetime | None = None, **values: Any
+) -> JobAttempt:
+    """Move a job to ``queued`` with a new attempt, committed, not yet published (not before ``not_before``)."""
+    attempt = _open_attempt(job, actor=actor, reason=reason, not_before=not_before, **values)
     db.session.commit()
     return attempt
+
+
+def queue_new(job: Job, *, actor: str = "dispatcher") -> bool:
+    """In a new job's own (uncommitted) transaction: queue it with its first attempt when it is due and can be sent.
+
+    One commit then stores the job, its audit record, its move to ``queued`` and the attempt; ``deliver``
+    publishes it after that commit (the sweeper does, should the process die in between).
+    """
+    if _publisher() is None or job.scheduled_at > utcnow():
+        return False
+    db.session.flush()  # the job's row exists, so it moves to queued like any other job
+    job.attempts.append(_open_attempt(job, actor=actor))
+    return True
+
+
+def deliver(job: Job, *, actor: str = "dispatcher") -> bool:
+    """Publish a committed new job: the attempt ``queue_new`` opened, or queue a pending one that is due."""
+    if job.state == JobState.QUEUED.value and job.attempts and job.attempts[-1].published_at is None:
+        return send(job, job.attempts[-1])
+    return dispatch_job(job_id=job.id, actor=actor)
 
 
 def retry_delay(base: float, failures: int, cap: float) -> float:

@@ -16,7 +16,7 @@ from app.errors import Conflict
 from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt, TaskResult
-from app.jobs.schemas import StatusReport, TaskReport
+from app.jobs.schemas import StatusReport, TaskReport, TaskResultIn
 from app.jobs.service import scoped
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
 from app.tenants.models import Project
@@ -40,8 +40,11 @@ def _lease() -> tuple[datetime, datetime]:
     return now, now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
 
 
-def claim_job(*, caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAttempt]:
-    """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim."""
+def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None = None) -> tuple[Job, JobAttempt]:
+    """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim.
+
+    ``task`` names the workflow's first task, which the agent starts right after the claim.
+    """
     job = scoped(caller, job_id)
     agent = db.session.get(Agent, (caller.tenant_id, caller.agent_id))
     if agent is None:
@@ -90,8 +93,18 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int) -> tuple[Job, Job
             )
     assert row is not None  # a queued job always has its current attempt
     transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
+    if task is not None:
+        _task_started(job, row.number, task)
     db.session.commit()
     return job, row
+
+
+def _task_started(job: Job, attempt: int, task: str) -> None:
+    """Note that the agent started a task (a live event after the commit)."""
+
+
+def _task_finished(job: Job, result: TaskResult) -> None:
+    """Note that a task's result was stored (a live event after the commit)."""
 
 
 def _fenced(caller: Principal, job: Job, number: int) -> JobAttempt:
@@ -105,29 +118,42 @@ def _fenced(caller: Principal, job: Job, number: int) -> JobAttempt:
     return row
 
 
-def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[TaskResult, bool]:
-    """Store one task's result of the caller's current attempt; return it and whether it is new."""
-    job = scoped(caller, job_id)
-    row = _fenced(caller, job, report.attempt)
+def _store_result(job: Job, number: int, report: TaskResultIn) -> tuple[TaskResult, bool]:
+    """Insert or update one task's result of attempt ``number``; return it and whether it is new."""
+    result = db.session.scalar(
+        select(TaskResult).where(
+            TaskResult.job_id == job.id, TaskResult.attempt == number, TaskResult.name == report.name
+        )
+    )
+    created = result is None
+    if result is None:
+        result = TaskResult(job_id=job.id, attempt=number, name=report.name)
+        db.session.add(result)
+    fields = report.model_dump(include=set(TaskResultIn.model_fields) - {"name"})
+    fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
+    for key, value in fields.items():
+        setattr(result, key, value)
+    _task_finished(job, result)
+    return result, created
+
+
+def _still_running(job: Job, row: JobAttempt) -> None:
     if row.state != AttemptState.RUNNING.value:
         raise Conflict(
             ATTEMPT_OVER.format(attempt=row.number, job_id=job.id, state=row.state),
             code="stale_attempt",
             state=row.state,
         )
-    result = db.session.scalar(
-        select(TaskResult).where(
-            TaskResult.job_id == job.id, TaskResult.attempt == row.number, TaskResult.name == report.name
-        )
-    )
-    created = result is None
-    if result is None:
-        result = TaskResult(job_id=job.id, attempt=row.number, name=report.name)
-        db.session.add(result)
-    fields = report.model_dump(exclude={"attempt", "name"})
-    fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
-    for key, value in fields.items():
-        setattr(result, key, value)
+
+
+def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[TaskResult, bool]:
+    """Store one task's result of the caller's current attempt; return it and whether it is new."""
+    job = scoped(caller, job_id)
+    row = _fenced(caller, job, report.attempt)
+    _still_running(job, row)
+    result, created = _store_result(job, row.number, report)
+    if report.next_task is not None:
+        _task_started(job, row.number, report.next_task)
     row.lease_expires_at = _lease()[1]  # a report is a sign of life too
     db.session.commit()
     return result, created
@@ -140,12 +166,9 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
     target = report.state
     if row.state == target and job.state == target:
         return job  # a retried report of the same final state
-    if row.state != AttemptState.RUNNING.value:
-        raise Conflict(
-            ATTEMPT_OVER.format(attempt=row.number, job_id=job.id, state=row.state),
-            code="stale_attempt",
-            state=row.state,
-        )
+    _still_running(job, row)
+    for task in report.tasks:
+        _store_result(job, row.number, task)
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
         row.lease_expires_at = expires

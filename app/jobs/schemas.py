@@ -10,6 +10,8 @@ from pydantic import AwareDatetime, Field, model_validator
 from app.jobs.states import JobState
 from app.schemas import Page, Platform, Request, Response, Slug
 
+MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
+
 TaskStatus = Literal["succeeded", "failed", "error", "timed_out", "skipped", "cancelled"]
 ReportedState = Literal["running", "completed", "failed", "timed_out", "cancelled"]
 
@@ -83,15 +85,15 @@ class CancelRequest(Request):
 
 
 class ClaimRequest(Request):
-    """``POST /api/v1/jobs/{id}/claim``: the attempt named in the agent's message."""
+    """``POST /api/v1/jobs/{id}/claim``: the attempt named in the agent's message, and the task it starts first."""
 
     attempt: int = Field(ge=1)
+    task: str | None = Field(None, min_length=1, max_length=200, description="the first task, about to start")
 
 
-class TaskReport(Request):
-    """``POST /api/v1/jobs/{id}/tasks``: one task's result."""
+class TaskResultIn(Request):
+    """One task's result, as an agent reports it."""
 
-    attempt: int = Field(ge=1)
     name: str = Field(min_length=1, max_length=200)
     type: str = Field(min_length=1, max_length=64)
     status: TaskStatus
@@ -103,12 +105,24 @@ class TaskReport(Request):
     finished_at: AwareDatetime | None = None
 
 
+class TaskReport(TaskResultIn):
+    """``POST /api/v1/jobs/{id}/tasks``: one task's result, and the task that started after it."""
+
+    attempt: int = Field(ge=1)
+    next_task: str | None = Field(None, min_length=1, max_length=200, description="the task that started next")
+
+
 class StatusReport(Request):
-    """``POST /api/v1/jobs/{id}/status``: the attempt's state (``running`` renews the lease)."""
+    """``POST /api/v1/jobs/{id}/status``: the attempt's state (``running`` renews the lease).
+
+    A final state may carry the results of the tasks not reported yet (the last one, typically), so a short
+    job needs no request of its own per task.
+    """
 
     attempt: int = Field(ge=1)
     state: ReportedState
     error: str | None = Field(None, max_length=10000)
+    tasks: list[TaskResultIn] = Field(default_factory=list, max_length=MAX_TASKS_PER_REPORT)
 
 
 class TaskResultOut(Response):

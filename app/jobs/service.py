@@ -123,6 +123,7 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
         details={"project_id": project_id, "name": job.name, "agent_id": data.agent_id},
     )
     try:
+        dispatching.queue_new(job)
         db.session.commit()
     except IntegrityError:  # the project's foreign key, or a concurrent request with the same key
         db.session.rollback()

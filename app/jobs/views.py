@@ -144,7 +144,7 @@ def submit() -> Response:
         raise BadRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
     job, created = service.submit_job(caller=principal(), data=body(JobSubmit), idempotency_key=key)
     if created:
-        dispatching.dispatch_job(job_id=job.id)  # committed first; if this fails, the sweeper sends it
+        dispatching.deliver(job)  # committed first; if this fails, the sweeper sends it
     headers = {"Location": f"/api/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -246,7 +246,7 @@ def delete_job(job_id: str) -> Response:
 def claim(job_id: str) -> Response:
     """Claim a job."""
     data = body(ClaimRequest)
-    job, attempt = fencing.claim_job(caller=principal(), job_id=job_id, attempt=data.attempt)
+    job, attempt = fencing.claim_job(caller=principal(), job_id=job_id, attempt=data.attempt, task=data.task)
     assert attempt.lease_expires_at is not None
     return reply(
         ClaimOut(

@@ -186,7 +186,7 @@ def submit_run(*, schedule: Schedule, run: ScheduleRun) -> int:
     )
     db.session.commit()
     log.info("schedule %s fired for %s: job %s", schedule.id, run.scheduled_for.isoformat(), job.id)
-    dispatching.dispatch_job(job_id=job.id, actor=ACTOR)  # committed first; if this fails, the sweeper sends it
+    dispatching.deliver(job, actor=ACTOR)  # committed first; if this fails, the sweeper sends it
     return 1
 
 

@@ -178,3 +178,45 @@ def test_an_agent_may_read_the_jobs_it_claimed_and_no_others(api: Api, world: di
     assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["agent"]).status_code == 200
     assert api.get(f"/api/v1/jobs/{acme.pending}", acme.tokens["agent"]).status_code == 403
     assert api.get("/api/v1/jobs", acme.tokens["agent"]).status_code == 403
+
+
+def test_a_final_state_carries_the_last_task_results_in_one_transaction(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    first = {"attempt": 1, "name": "kernel", "type": "command", "status": "succeeded", "output": "Linux\n"}
+    first_reply = api.post(
+        f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json={**first, "next_task": "disk"}
+    )
+    assert first_reply.status_code == 201
+    last = {"name": "disk", "type": "command", "status": "failed", "position": 1, "output": "full", "error": "exit 1"}
+    body = {"attempt": 1, "state": "failed", "error": "task 'disk' failed", "tasks": [last]}
+    response = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body)
+    assert response.status_code == 200 and response.json["state"] == "failed"
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert [(t["name"], t["status"], t["output"]) for t in detail["tasks"]] == [
+        ("kernel", "succeeded", "Linux\n"),
+        ("disk", "failed", "full"),
+    ]
+    assert api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body).status_code == 200
+
+
+def test_a_final_state_with_a_bad_task_result_changes_nothing(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    bad = {"name": "disk", "type": "command", "status": "exploded"}
+    body = {"attempt": 1, "state": "completed", "tasks": [bad]}
+    response = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body)
+    assert response.status_code in (400, 422) and "error" in response.json
+    too_many = {"attempt": 1, "state": "completed", "tasks": [{**bad, "status": "succeeded"}] * 17}
+    assert api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=too_many).status_code in (
+        400,
+        422,
+    )
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert detail["state"] == "running" and detail["tasks"] == []
+
+
+def test_a_claim_may_name_the_first_task_it_starts(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    bad = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1, "task": ""})
+    assert bad.status_code in (400, 422)
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1, "task": "a"})
+    assert response.status_code == 200 and response.json["state"] == "running"
