@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import time
 
@@ -107,3 +108,34 @@ def test_a_project_limited_token_sees_only_its_project(api: Api, world: dict[str
     assert api.get(f"/api/v1/jobs/{world['acme'].pending}", ops).status_code == 404
     assert api.post("/api/v1/jobs", ops, json={"workflow": "x", "project_id": "web"}).status_code == 403
     assert api.get("/api/v1/agents/a1", ops).status_code == 404
+
+
+def test_a_token_that_verified_is_refused_once_it_expires(
+    api: Api, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.auth import tokens
+
+    short = tokens.issue_token(SECRET, tenant_id="acme", role="viewer", ttl=60)
+    assert api.get("/api/v1/jobs", short).status_code == 200  # verified, and remembered until it expires
+    later = time.time() + 61
+    monkeypatch.setattr(tokens.time, "time", lambda: later)
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> Later:
+            return cls.fromtimestamp(later, tz)
+
+    monkeypatch.setattr(jwt.api_jwt, "datetime", Later)  # PyJWT's own expiry check sees the later time too
+    refused = api.get("/api/v1/jobs", short)
+    assert (
+        refused.status_code == 401 and refused.json["error"] == "invalid_token" and "expired" in refused.json["message"]
+    )
+
+
+def test_a_token_verified_under_one_secret_is_not_accepted_under_another() -> None:
+    from app.auth import tokens
+
+    issued = tokens.issue_token(SECRET, tenant_id="acme", role="viewer", ttl=60)
+    assert tokens.verify_token(SECRET, issued).tenant_id == "acme"
+    with pytest.raises(tokens.TokenError):
+        tokens.verify_token("another-secret-" + "x" * 40, issued)
