@@ -1,14 +1,24 @@
-"""The agent's REST client: its own JWT, retries with backoff on transient errors, never silently drops a result."""
+"""The agent's REST client: its own JWT, retries with backoff on transient errors, never silently drops a result.
+
+It speaks HTTP/1.1 with the standard library on one kept-alive connection per thread: an agent makes a few
+small JSON requests per job, and a general-purpose client (requests) spent more CPU per request than the
+control plane took to answer it. TLS is verified (the system's CAs, or ``CONTROL_PLANE_CA_FILE``); a proxy
+named by ``HTTPS_PROXY``/``HTTP_PROXY`` (and not excluded by ``NO_PROXY``) is used as requests would.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import random
+import ssl
+import threading
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
-
-import requests
 
 from workers.settings import AgentSettings
 
@@ -40,16 +50,94 @@ class Reply:
         return str(self.body.get("error", "")) if not self.ok else ""
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    payload: bytes
+
+
+class _Connections:
+    """One kept-alive connection per thread to the control plane (or through its proxy)."""
+
+    def __init__(self, base_url: str, timeout: float, ca_file: str | None) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"CONTROL_PLANE_URL must be an http:// or https:// URL, not {base_url!r}")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.context = ssl.create_default_context(cafile=ca_file) if self.tls else None
+        proxy: str | None = urllib.request.getproxies().get(parts.scheme)
+        self.proxy: urllib.parse.SplitResult | None = None
+        if proxy and not urllib.request.proxy_bypass(parts.netloc):
+            self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self._local = threading.local()
+
+    def _open(self) -> http.client.HTTPConnection:
+        if self.proxy is None:
+            if self.context is not None:
+                return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+            return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        proxy_host, proxy_port = str(self.proxy.hostname or ""), self.proxy.port or 8080
+        if self.context is not None:  # CONNECT through the proxy, then TLS to the control plane itself
+            connection = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=self.timeout, context=self.context)
+            connection.set_tunnel(self.host, self.port)
+            return connection
+        return http.client.HTTPConnection(proxy_host, proxy_port, timeout=self.timeout)
+
+    def target(self, path: str) -> str:
+        """The request target for ``path``: absolute when a plain-HTTP proxy forwards it."""
+        full = self.prefix + path
+        return self.origin + full if self.proxy is not None and self.context is None else full
+
+    def send(self, method: str, path: str, payload: bytes | None, headers: dict[str, str]) -> _Answer:
+        """Send one request on this thread's connection; a connection the server closed is reopened once."""
+        for fresh in (False, True):
+            connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+            reused = connection is not None and not fresh
+            if connection is None or fresh:
+                self.close()
+                connection = self._local.connection = self._open()
+            try:
+                connection.request(method, self.target(path), body=payload, headers=headers)
+                response = connection.getresponse()
+                answer = _Answer(response.status, response.headers, response.read())
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if reused:
+                    continue  # the server dropped an idle kept-alive connection: once more on a new one
+                raise
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+            if response.will_close:
+                self.close()
+            return answer
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close this thread's connection, if any."""
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()
+
+
 class ControlPlane:
     """Calls the control plane's API as this agent."""
 
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {settings.jwt_token}"
-        self.session.headers["User-Agent"] = f"automation-agent/{settings.agent_id}"
-        if settings.ca_file:
-            self.session.verify = settings.ca_file
+        self.connections = _Connections(settings.api, settings.request_timeout, settings.ca_file)
+        self.headers = {
+            "Authorization": f"Bearer {settings.jwt_token}",
+            "User-Agent": f"automation-agent/{settings.agent_id}",
+            "Accept": "application/json",
+        }
 
     def call(
         self, method: str, path: str, body: dict[str, Any] | None = None, *, deadline: float | None = None
@@ -59,8 +147,11 @@ class ControlPlane:
         Raises:
             ControlPlaneError: no definite answer before the deadline (default: the settings' report deadline).
         """
-        url = self.settings.api + path
         give_up = time.monotonic() + (self.settings.report_deadline if deadline is None else deadline)
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = dict(self.headers)
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
         delay = 0.2
         attempt = 0
         while True:
@@ -68,18 +159,14 @@ class ControlPlane:
             problem: str
             wait = delay
             try:
-                response = self.session.request(method, url, json=body, timeout=self.settings.request_timeout)
-            except requests.RequestException as exc:
+                answer = self.connections.send(method, path, payload, headers)
+            except (OSError, http.client.HTTPException) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
-                if response.status_code not in RETRY_STATUSES:
-                    try:
-                        data = response.json()
-                    except ValueError:
-                        data = {}
-                    return Reply(response.status_code, data if isinstance(data, dict) else {"data": data})
-                problem = f"HTTP {response.status_code}"
-                retry_after = response.headers.get("Retry-After", "")
+                if answer.status not in RETRY_STATUSES:
+                    return Reply(answer.status, _json_object(answer.payload))
+                problem = f"HTTP {answer.status}"
+                retry_after = answer.headers.get("Retry-After", "")
                 if retry_after.isdigit():
                     wait = max(wait, float(retry_after))
             left = give_up - time.monotonic()
@@ -88,3 +175,11 @@ class ControlPlane:
             log.warning("%s %s failed (%s); retrying in %.1fs", method, path, problem, min(wait, left))
             time.sleep(min(wait * (0.5 + random.random()), left))
             delay = min(delay * 2, MAX_BACKOFF)
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload) if payload else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {"data": data}

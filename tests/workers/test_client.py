@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import pytest
@@ -10,8 +12,8 @@ from workers.client import ControlPlane, ControlPlaneError
 from workers.settings import load_settings
 
 
-def client_for(url: str, deadline: float = 10) -> ControlPlane:
-    env = {
+def settings_env(url: str, deadline: float = 10) -> dict[str, str]:
+    return {
         "CONTROL_PLANE_URL": url,
         "TENANT_ID": "acme",
         "PROJECT_ID": "web",
@@ -21,7 +23,10 @@ def client_for(url: str, deadline: float = 10) -> ControlPlane:
         "JOB_VERIFY_KEY": "x",
         "REPORT_DEADLINE": str(deadline),
     }
-    return ControlPlane(load_settings(env))
+
+
+def client_for(url: str, deadline: float = 10) -> ControlPlane:
+    return ControlPlane(load_settings(settings_env(url, deadline)))
 
 
 def test_transient_errors_are_retried_until_the_control_plane_answers(http_server):
@@ -49,3 +54,50 @@ def test_a_definite_refusal_is_returned_not_retried(http_server):
 def test_a_control_plane_that_never_answers_is_an_error_after_the_deadline():
     with pytest.raises(ControlPlaneError, match=r"failed \d+ times"):
         client_for("http://127.0.0.1:1", deadline=1).call("POST", "/jobs/j/tasks", {})
+
+
+def test_requests_share_one_kept_alive_connection(http_server):
+    seen: list[int] = []
+
+    def answer(request):
+        seen.append(threading.get_ident())  # the server's handler thread: one per connection
+        return 200, {}, b'{"n": 1}'
+
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=answer)
+    client = client_for(http_server.url)
+    for _ in range(5):
+        assert client.call("POST", "/agents/a1/heartbeat", {"running": []}).body == {"n": 1}
+    assert len(seen) == 5 and len(set(seen)) == 1
+    body = http_server.requests[-1]
+    assert body.header("Content-Type") == "application/json" and json.loads(body.body) == {"running": []}
+
+
+def test_a_connection_the_server_closed_is_reopened_without_a_retry_delay(http_server):
+    answers = iter([(200, {"Connection": "close"}, b"{}"), (201, {}, b'{"second": true}')])
+    http_server.route("/api/v1/jobs/j/status", method="POST", body=lambda request: next(answers))
+    client = client_for(http_server.url)
+    assert client.call("POST", "/jobs/j/status", {}).ok
+    started = time.monotonic()
+    assert client.call("POST", "/jobs/j/status", {}).body == {"second": True}
+    assert time.monotonic() - started < 0.2 * 0.5  # no backoff sleep: a new connection, not a retry
+    assert len(http_server.requests) == 2
+
+
+def test_https_is_verified_against_the_configured_ca(https_server):
+    https_server.route("/api/v1/agents/a1", method="GET", body=b'{"agent_id": "a1"}')
+    env_ca = {"CONTROL_PLANE_CA_FILE": str(https_server.ca_file)}
+    trusted = ControlPlane(load_settings({**settings_env(https_server.url), **env_ca}))
+    assert trusted.call("GET", "/agents/a1").body == {"agent_id": "a1"}
+    untrusted = client_for(https_server.url, deadline=0.5)  # the system's CAs do not know the test CA
+    with pytest.raises(ControlPlaneError, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusted.call("GET", "/agents/a1")
+
+
+def test_a_plain_http_proxy_from_the_environment_is_used(http_server, monkeypatch):
+    http_server.route("http://control.invalid:8080/api/v1/agents/a1", method="GET", body=b'{"via": "proxy"}')
+    monkeypatch.setenv("HTTP_PROXY", http_server.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    reply = client_for("http://control.invalid:8080").call("GET", "/agents/a1")
+    assert reply.body == {"via": "proxy"}
+    assert http_server.requests[-1].path == "http://control.invalid:8080/api/v1/agents/a1"
