@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import func, select, update
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.columns import utcnow
 from app.errors import Conflict
@@ -70,11 +71,10 @@ def send(job: Job, attempt: JobAttempt) -> bool:
     except PublishError as exc:
         log.warning("%s; the sweeper will try again", exc)
         return False
-    db.session.execute(
+    db.session.connection().execute(
         update(JobAttempt)
         .where(JobAttempt.id == attempt.id, JobAttempt.published_at.is_(None))
         .values(published_at=utcnow())
-        .execution_options(synchronize_session=False)
     )
     db.session.commit()
     return True
@@ -109,7 +109,7 @@ def queue_new(job: Job, *, actor: str = "dispatcher") -> bool:
     if _publisher() is None or job.scheduled_at > utcnow():
         return False
     db.session.flush()  # the job's row exists, so it moves to queued like any other job
-    job.attempts.append(_open_attempt(job, actor=actor))
+    set_committed_value(job, "attempts", [_open_attempt(job, actor=actor)])  # known: no query to load the list
     return True
 
 

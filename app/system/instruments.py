@@ -7,16 +7,13 @@ every worker writes its values to files there and a scrape adds them up; otherwi
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
-from sqlalchemy import event, select
-from sqlalchemy.orm import Session, UOWTransaction
-from sqlalchemy.orm.util import identity_key
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
-from app.jobs.models import Job, JobEvent
-from app.jobs.states import FINAL_STATES
+from app.jobs.states import FINISHED_JOBS
 
 PROCESS = CollectorRegistry(auto_describe=True)  # this process's own values, when not in multiprocess mode
 UNMATCHED = "<unmatched>"  # the endpoint label of requests that matched no route (404, 405)
@@ -24,7 +21,6 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 HEARTBEAT_ENDPOINT = "agents.heartbeat"
 JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0)
 _STARTED = "_metrics_started"
-_FINISHED = "automation.metrics.finished_jobs"  # session.info key: (state, seconds) of jobs finished meanwhile
 
 HTTP_REQUESTS = Counter(
     "automation_http_requests",
@@ -81,36 +77,18 @@ def install_request_hooks(app: Flask) -> None:
     app.after_request(_count_request)
 
 
-def _started_at(session: Session, job_id: str) -> Any:
-    job = session.identity_map.get(identity_key(Job, job_id))
-    if job is not None:
-        return job.started_at
-    return session.connection().execute(select(Job.started_at).where(Job.id == job_id)).scalar()
-
-
-def _note_finished_jobs(session: Session, _flush: UOWTransaction) -> None:
-    """After a flush: note the jobs that reached a final state; they are observed if the transaction commits."""
-    for obj in session.new:
-        if isinstance(obj, JobEvent) and obj.to_state in FINAL_STATES:
-            started = _started_at(session, obj.job_id)
-            if started is not None and obj.created_at is not None:
-                seconds = max(0.0, (obj.created_at - started).total_seconds())
-                session.info.setdefault(_FINISHED, []).append((obj.to_state, seconds))
-
-
 def _observe_finished_jobs(session: Session) -> None:
-    for state, seconds in session.info.pop(_FINISHED, []):
+    for state, seconds in session.info.pop(FINISHED_JOBS, []):
         JOB_DURATION.labels(state).observe(seconds)
 
 
 def _forget_finished_jobs(session: Session) -> None:
-    session.info.pop(_FINISHED, None)
+    session.info.pop(FINISHED_JOBS, None)
 
 
 def install_session_hooks() -> None:
     """Observe job run times when the transaction that finished the job commits (idempotent)."""
     for name, hook in (
-        ("after_flush", _note_finished_jobs),
         ("after_commit", _observe_finished_jobs),
         ("after_rollback", _forget_finished_jobs),
     ):
