@@ -89,6 +89,8 @@ def _register_blueprints(app: Flask) -> None:
     from app.errors import register_error_handlers
     from app.jobs.views import bp as jobs_bp
     from app.jobs.views import dead_letters_bp
+    from app.logs.views import init_logs
+    from app.realtime import init_realtime
     from app.schedules.views import bp as schedules_bp
     from app.system.health import bp as health_bp
     from app.system.openapi import bp as openapi_bp
@@ -97,6 +99,8 @@ def _register_blueprints(app: Flask) -> None:
     blueprints = (jobs_bp, dead_letters_bp, schedules_bp, agents_bp, tenants_bp, projects_bp, audit_bp, health_bp)
     for blueprint in (*blueprints, openapi_bp):
         app.register_blueprint(blueprint)
+    init_logs(app)  # the logs API, and the Quickwit forwarder when QUICKWIT_URL is set
+    init_realtime(app)  # live events: the fan-out, its session hooks, tokens and the event stream
     init_rate_limit(app)  # before the JSON check: a flood of bad requests is counted too
     app.before_request(refuse_non_json)
     register_error_handlers(app)

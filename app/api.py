@@ -101,6 +101,7 @@ class Doc:
     errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
     headers: tuple[str, ...] = ()
     public: bool = False
+    media_type: str = "application/json"  # of the success responses' models (text/event-stream for a stream)
 
 
 def document(
@@ -112,11 +113,12 @@ def document(
     errors: dict[int, tuple[str, ...]] | None = None,
     headers: tuple[str, ...] = (),
     public: bool = False,
+    media_type: str = "application/json",
 ) -> Callable[[F], F]:
     """Attach the OpenAPI description of a view; the document is built from these and the URL map."""
 
     def decorate(view: F) -> F:
-        view.__doc_api__ = Doc(summary, body, query, responses, errors or {}, headers, public)  # type: ignore[attr-defined]
+        view.__doc_api__ = Doc(summary, body, query, responses, errors or {}, headers, public, media_type)  # type: ignore[attr-defined]
         return view
 
     return decorate

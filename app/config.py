@@ -49,7 +49,23 @@ class Config:
     SCHEDULE_MISFIRE_GRACE = 60.0  # seconds late a cron run may still fire; older ones are recorded as missed
     SCHEDULE_ALLOW_SECONDS = False  # accept 6-field cron expressions with the seconds first (tests, demos)
     CENTRIFUGO_URL: str | None = None
+    CENTRIFUGO_API_URL: str | None = None  # e.g. http://centrifugo:8000/api; with the key: live events published there
+    CENTRIFUGO_API_KEY: str | None = None
+    CENTRIFUGO_TOKEN_SECRET: str | None = None  # HMAC key of Centrifugo's client tokens; unset: no tokens (503)
+    CENTRIFUGO_TOKEN_TTL = 900  # seconds a connection or subscription token is valid
+    CENTRIFUGO_QUEUE_SIZE = 10000  # publications a process keeps while Centrifugo is slow or down; more are dropped
+    CENTRIFUGO_RETRY_FOR = 300.0  # seconds a publication is retried (within Centrifugo's idempotency window)
+    EVENT_HISTORY_SIZE = 1000  # live events kept per job in Valkey for replay (SSE Last-Event-ID)
+    EVENT_HISTORY_TTL = 86400  # seconds a job's kept events live after its last event
+    SSE_MAX_SECONDS = 3600  # the longest an event stream stays open (the client resumes with Last-Event-ID)
+    SSE_KEEPALIVE = 15.0  # seconds between keep-alive comments of a quiet event stream
     QUICKWIT_URL: str | None = None
+    QUICKWIT_INDEX = "automation-logs"  # the index of deploy/quickwit/automation-logs.yaml
+    QUICKWIT_TIMEOUT = 10.0  # seconds per request to Quickwit (searches and ingest batches)
+    LOG_MAX_LINES_PER_JOB = 10000  # log lines kept per job; then one truncation marker counts the rest
+    LOG_MAX_BYTES_PER_JOB = 5 * 1024 * 1024  # bytes of log messages kept per job
+    LOG_LINE_MAX_BYTES = 8192  # a longer log line is cut with a visible marker (at most 65535)
+    LOG_BATCH_MAX_LINES = 1000  # log lines an agent may send in one request
     HEALTH_TIMEOUT = 2.0
     LOG_FORMAT = "json"  # json: one JSON object per line; text: for people at a terminal
     LOG_LEVEL = "INFO"
@@ -86,7 +102,23 @@ ENVIRONMENT: dict[str, type] = {
     "SCHEDULE_MISFIRE_GRACE": float,
     "SCHEDULE_ALLOW_SECONDS": bool,
     "CENTRIFUGO_URL": str,
+    "CENTRIFUGO_API_URL": str,
+    "CENTRIFUGO_API_KEY": str,
+    "CENTRIFUGO_TOKEN_SECRET": str,
+    "CENTRIFUGO_TOKEN_TTL": int,
+    "CENTRIFUGO_QUEUE_SIZE": int,
+    "CENTRIFUGO_RETRY_FOR": float,
+    "EVENT_HISTORY_SIZE": int,
+    "EVENT_HISTORY_TTL": int,
+    "SSE_MAX_SECONDS": int,
+    "SSE_KEEPALIVE": float,
     "QUICKWIT_URL": str,
+    "QUICKWIT_INDEX": str,
+    "QUICKWIT_TIMEOUT": float,
+    "LOG_MAX_LINES_PER_JOB": int,
+    "LOG_MAX_BYTES_PER_JOB": int,
+    "LOG_LINE_MAX_BYTES": int,
+    "LOG_BATCH_MAX_LINES": int,
     "LOG_FORMAT": str,
     "LOG_LEVEL": str,
     "METRICS_TOKEN": str,

@@ -9,6 +9,8 @@ pytest_plugins = [
     "tests.servers.mariadb",
     "tests.servers.sshd",
     "tests.servers.http",
+    "tests.servers.centrifugo",
+    "tests.servers.quickwit",
     "tests.servers.platform",
 ]
 

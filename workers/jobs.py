@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +13,11 @@ from typing import Any
 import probe
 from workers.client import ControlPlane, ControlPlaneError, Reply
 from workers.envelope import Envelope, EnvelopeRefused
+from workers.logship import LogBuffer, lines_from_event
 
 log = logging.getLogger(__name__)
 
+LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
@@ -150,9 +152,16 @@ class JobRunner:
             )
             return f"dropped: {claim.error or claim.status}"
         if workflow is None:
-            return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {problem}", [])
+            return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {problem}", [], [])
         secrets = claim.body.get("secrets") or {}
         reports = Reports(self.client, job_id, attempt)
+        logs = LogBuffer(self._log_sender(job_id, attempt))
+
+        def on_event(event: dict[str, Any]) -> None:
+            logs.add(lines_from_event(event))
+            reports.on_event(event)
+
+        error: str | None
         with self.inflight.track(job_id, attempt) as running:
             try:
                 result = probe.run_workflow(
@@ -160,11 +169,13 @@ class JobRunner:
                     variables=envelope.variables,
                     secrets=secrets,
                     cancel=running.cancel,
-                    on_event=reports.on_event,
+                    on_event=on_event,
                 )
             except probe.WorkflowError as exc:
-                return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {exc}", reports.left())
-            return self._finish(job_id, attempt, FINAL_STATE[result.status.value], result.error, reports.left())
+                state, error = "failed", f"the workflow cannot run here: {exc}"
+            else:
+                state, error = FINAL_STATE[result.status.value], result.error
+            return self._finish(job_id, attempt, state, error, reports.left(), logs.drain())
 
     def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
         """Claim the attempt; while its project runs as many jobs as it may, wait (holding the message)."""
@@ -180,10 +191,38 @@ class JobRunner:
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
 
-    def _finish(self, job_id: str, attempt: int, state: str, error: str | None, tasks: list[dict[str, Any]]) -> str:
+    def _log_sender(self, job_id: str, attempt: int) -> Callable[[list[dict[str, Any]]], None]:
+        """Send a batch of log lines; ControlPlaneError propagates, so that the buffer keeps them."""
+
+        def send(lines: list[dict[str, Any]]) -> None:
+            reply = self.client.call("POST", f"/jobs/{job_id}/logs", {"attempt": attempt, "lines": lines})
+            if not reply.ok:
+                log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error)
+
+        return send
+
+    def _finish(
+        self,
+        job_id: str,
+        attempt: int,
+        state: str,
+        error: str | None,
+        tasks: list[dict[str, Any]],
+        lines: list[dict[str, Any]],
+    ) -> str:
         body: dict[str, Any] = {"attempt": attempt, "state": state, "error": error}
         if tasks:
             body["tasks"] = tasks  # the last task's result rides with the final state: one request fewer
+        if len(lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog: ship it first, so the final report stays small
+            surplus, lines = lines[:-LOG_LINES_WITH_FINAL_STATE], lines[-LOG_LINES_WITH_FINAL_STATE:]
+            send = self._log_sender(job_id, attempt)
+            for start in range(0, len(surplus), LOG_LINES_WITH_FINAL_STATE):
+                try:
+                    send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE])
+                except ControlPlaneError as exc:
+                    log.error("job %s: log lines lost: %s", job_id, exc)
+        if lines:
+            body["logs"] = lines  # so is the rest of the log
         reply = self.client.call("POST", f"/jobs/{job_id}/status", body)
         if not reply.ok:
             log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)

@@ -19,6 +19,8 @@ from app.jobs.models import Job, JobAttempt, TaskResult
 from app.jobs.schemas import StatusReport, TaskReport, TaskResultIn
 from app.jobs.service import scoped
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+from app.logs.service import append_lines
+from app.realtime.events import note_task
 from app.tenants.models import Project
 
 STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
@@ -101,10 +103,12 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
 
 def _task_started(job: Job, attempt: int, task: str) -> None:
     """Note that the agent started a task (a live event after the commit)."""
+    note_task(job, attempt, task, "running")
 
 
 def _task_finished(job: Job, result: TaskResult) -> None:
     """Note that a task's result was stored (a live event after the commit)."""
+    note_task(job, result.attempt, result.name, result.status)
 
 
 def _fenced(caller: Principal, job: Job, number: int) -> JobAttempt:
@@ -133,7 +137,8 @@ def _store_result(job: Job, number: int, report: TaskResultIn) -> tuple[TaskResu
     fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
     for key, value in fields.items():
         setattr(result, key, value)
-    _task_finished(job, result)
+    if created:  # a repeated report (a retry after a lost answer) is not a second event
+        _task_finished(job, result)
     return result, created
 
 
@@ -169,6 +174,8 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
     _still_running(job, row)
     for task in report.tasks:
         _store_result(job, row.number, task)
+    if report.logs:
+        append_lines(job, row.number, report.logs)
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
         row.lease_expires_at = expires

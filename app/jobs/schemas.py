@@ -8,9 +8,11 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, Field, model_validator
 
 from app.jobs.states import JobState
+from app.logs.schemas import LogLineIn
 from app.schemas import Page, Platform, Request, Response, Slug
 
 MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
+MAX_LOG_LINES_PER_REPORT = 1000  # log lines one state report may carry (more go to POST .../logs)
 
 TaskStatus = Literal["succeeded", "failed", "error", "timed_out", "skipped", "cancelled"]
 ReportedState = Literal["running", "completed", "failed", "timed_out", "cancelled"]
@@ -115,14 +117,15 @@ class TaskReport(TaskResultIn):
 class StatusReport(Request):
     """``POST /api/v1/jobs/{id}/status``: the attempt's state (``running`` renews the lease).
 
-    A final state may carry the results of the tasks not reported yet (the last one, typically), so a short
-    job needs no request of its own per task.
+    A final state may carry the results of the tasks not reported yet (the last one, typically) and the log
+    lines not shipped yet, so a short job needs no request of its own per task or for its log.
     """
 
     attempt: int = Field(ge=1)
     state: ReportedState
     error: str | None = Field(None, max_length=10000)
     tasks: list[TaskResultIn] = Field(default_factory=list, max_length=MAX_TASKS_PER_REPORT)
+    logs: list[LogLineIn] = Field(default_factory=list, max_length=MAX_LOG_LINES_PER_REPORT)
 
 
 class TaskResultOut(Response):

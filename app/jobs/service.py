@@ -21,6 +21,7 @@ from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import DeadLetterQuery, JobListQuery, JobSubmit, JobUpdate, RequeueRequest
 from app.jobs.states import FINAL_STATES, NOT_STARTED, AttemptState, JobState, transition, transition_attempt
 from app.jobs.workflows import choose_platform, validate_workflow
+from app.realtime.events import note_state
 from app.tenants.models import Project
 
 IDEMPOTENCY_CONFLICT = "Idempotency-Key '{key}' was already used with a different request"
@@ -104,6 +105,8 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
         priority=data.priority,
         agent_id=data.agent_id,
         platform=platform,
+        state=JobState.PENDING.value,
+        attempt=0,
         max_attempts=data.max_attempts or current_app.config["MAX_ATTEMPTS"],
         retry_backoff=current_app.config["RETRY_BACKOFF"] if data.retry_backoff is None else data.retry_backoff,
         scheduled_at=data.scheduled_at or now,
@@ -123,7 +126,8 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
         details={"project_id": project_id, "name": job.name, "agent_id": data.agent_id},
     )
     try:
-        dispatching.queue_new(job)
+        if not dispatching.queue_new(job):
+            note_state(job)  # the live event of a job that waits (queued jobs have theirs from the transition)
         db.session.commit()
     except IntegrityError:  # the project's foreign key, or a concurrent request with the same key
         db.session.rollback()

@@ -12,6 +12,7 @@ from app.columns import utcnow
 from app.errors import Conflict
 from app.extensions import db
 from app.jobs.models import Job, JobAttempt, JobEvent
+from app.realtime.events import note_state
 
 FINISHED_JOBS = "automation.metrics.finished_jobs"  # session.info: (state, seconds run) of jobs ended meanwhile
 INVALID_TRANSITION = "job {job_id} is {current}; it cannot become {target}"
@@ -93,7 +94,7 @@ def transition(
     """Move ``job`` to ``target`` atomically, or raise Conflict (409) if that is illegal or lost a race.
 
     The row is updated only if it still has the state and attempt it was read with (and every ``where``
-    condition holds), so two concurrent requests can never both win. Records a JobEvent.
+    condition holds), so two concurrent requests can never both win. Records a JobEvent and notes the live event.
     """
     current = JobState(job.state)
     if target not in JOB_TRANSITIONS[current]:
@@ -128,6 +129,7 @@ def transition(
             created_at=now,
         )
     )
+    note_state(job)  # the live event, published when the transaction commits
     if target in FINAL_STATES and job.started_at is not None:  # observed by /metrics when this commits
         seconds = max(0.0, (now - job.started_at).total_seconds())
         db.session.info.setdefault(FINISHED_JOBS, []).append((target.value, seconds))

@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from app.api import document, reply
 from app.extensions import db
+from app.realtime import centrifugo_check
 from app.schemas import Response as Model
 
 bp = Blueprint("health", __name__)
@@ -82,6 +83,9 @@ def check_health() -> Health:
             if url
             else Component(status="not_configured", detail=NOT_CONFIGURED.format(name=variable))
         )
+    centrifugo_api = centrifugo_check(config)
+    if centrifugo_api is not None:  # the API with its key (an ``info`` call) rather than the open /health
+        components["centrifugo"] = _component(centrifugo_api, "api")
     if components["database"].status != "ok":
         status: Literal["ok", "degraded", "unavailable"] = "unavailable"
     elif any(c.status == "error" for c in components.values()):

@@ -14,6 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app.jobs.states import FINISHED_JOBS
+from dispatch import logsink
 
 PROCESS = CollectorRegistry(auto_describe=True)  # this process's own values, when not in multiprocess mode
 UNMATCHED = "<unmatched>"  # the endpoint label of requests that matched no route (404, 405)
@@ -47,6 +48,8 @@ JOB_DURATION = Histogram(
     buckets=JOB_BUCKETS,
     registry=PROCESS,
 )
+for _metric in logsink.METRICS:  # the Quickwit log forwarder's counters (dispatch does not import app)
+    PROCESS.register(_metric)
 
 
 def multiprocess() -> bool:

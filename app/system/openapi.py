@@ -92,9 +92,11 @@ def _operation(path: str, endpoint: str, doc: Doc, roles: tuple[str, ...] | None
         if status < 300 or model is not None:
             entry["description"] = "success" if status < 300 else entry["description"]
         if model is not None:
-            entry["content"] = {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
+            media_type = doc.media_type if status < 300 else "application/json"
+            entry["content"] = {media_type: {"schema": {"$ref": REF.format(model=model.__name__)}}}
         responses[str(status)] = entry
-    for status, codes in sorted({**doc.errors, **EVERYWHERE}.items()):
+    everywhere = {status: (*doc.errors.get(status, ()), *codes) for status, codes in EVERYWHERE.items()}
+    for status, codes in sorted({**doc.errors, **everywhere}.items()):
         responses.setdefault(str(status), _error_response(codes))
     operation["responses"] = responses
     if doc.public:

@@ -1,0 +1,45 @@
+"""The agents' side of job logs: a batch of lines fenced by the attempt, like task results.
+
+Kept apart from ``app.logs.service`` so that ``app.jobs.fencing`` can import ``append_lines`` (for the lines of
+the final status report) without a cycle.
+"""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from app.auth.tokens import Principal
+from app.errors import Conflict, PayloadTooLarge
+from app.extensions import db
+from app.jobs.fencing import ATTEMPT_OVER, _fenced
+from app.jobs.service import scoped
+from app.jobs.states import AttemptState
+from app.logs.schemas import LogLineIn
+from app.logs.service import append_lines
+
+TOO_MANY_LINES = "a batch may hold at most {limit} lines (LOG_BATCH_MAX_LINES); send more batches"
+
+
+def receive_lines(*, caller: Principal, job_id: str, attempt: int, lines: list[LogLineIn]) -> tuple[int, int]:
+    """Store a batch an agent sent for its current, running attempt; return (stored, dropped) and commit.
+
+    Raises:
+        NotFound: another tenant's (or project's) job.
+        Forbidden: the attempt belongs to another agent.
+        Conflict: the attempt is not the job's current one, or it is over (``stale_attempt``).
+        PayloadTooLarge: more lines than LOG_BATCH_MAX_LINES.
+    """
+    job = scoped(caller, job_id)
+    row = _fenced(caller, job, attempt)
+    if row.state != AttemptState.RUNNING.value:
+        raise Conflict(
+            ATTEMPT_OVER.format(attempt=row.number, job_id=job.id, state=row.state),
+            code="stale_attempt",
+            state=row.state,
+        )
+    limit = current_app.config["LOG_BATCH_MAX_LINES"]
+    if len(lines) > limit:
+        raise PayloadTooLarge(TOO_MANY_LINES.format(limit=limit))
+    stored = append_lines(job, attempt, lines)
+    db.session.commit()
+    return stored, len(lines) - stored

@@ -1,0 +1,225 @@
+"""The agent's log shipping: real probe runs become log lines; LogBuffer batches them by size and age."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+import probe
+from workers.logship import LogBuffer, lines_from_event
+
+SECRET = "pa55-w0rd-very-secret"
+
+
+def run(workflow: str, **kwargs: Any) -> tuple[probe.WorkflowResult, list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    result = probe.run_workflow(probe.load_workflow(workflow.encode(), name="t"), on_event=events.append, **kwargs)
+    return result, events
+
+
+def shipped(events: list[dict[str, Any]], **options: Any) -> list[dict[str, Any]]:
+    return [line for event in events for line in lines_from_event(event, **options)]
+
+
+WORKFLOW = """\
+name: three
+tasks:
+  - name: greet
+    type: command
+    config:
+      command: "printf 'hello\\\\nworld\\\\n\\\\n'"
+      shell: true
+  - name: flaky
+    type: command
+    retries: 1
+    retry_delay: 0s
+    config:
+      command: "echo broken {{.secrets.PASSWORD}} >&2; exit 3"
+      shell: true
+  - name: never
+    type: command
+    config:
+      command: "true"
+      shell: true
+"""
+
+
+def test_a_run_becomes_lines_for_the_workflow_each_task_its_output_and_its_retries() -> None:
+    result, events = run(WORKFLOW, secrets={"PASSWORD": SECRET})
+    assert result.status is probe.Status.FAILED
+    lines = shipped(events)
+    for line in lines:
+        assert set(line) == {"ts", "task", "level", "message"} and line["level"] in ("info", "warning", "error")
+        assert datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).tzinfo is not None
+    said = [(line["task"], line["level"], line["message"]) for line in lines]
+    assert said[0] == (None, "info", "workflow 'three' started: 3 tasks (greet, flaky, never)")
+    assert said[1:5] == [
+        ("greet", "info", "task started (command)"),
+        ("greet", "info", "hello"),
+        ("greet", "info", "world"),
+        ("greet", "info", said[4][2]),
+    ]
+    assert said[4][2].startswith("task succeeded in ")
+    flaky = [(level, message) for task, level, message in said if task == "flaky"]
+    assert flaky[0] == ("info", "task started (command)")
+    assert flaky[1] == ("warning", "attempt 1 failed: exit code 3 (expected 0): broken ***; retrying")
+    assert flaky[2] == ("info", "task started (command, attempt 2)")
+    assert flaky[3] == ("info", "broken ***")
+    assert flaky[4][0] == "error" and flaky[4][1].startswith("task failed in ")
+    assert flaky[5] == ("error", "error: exit code 3 (expected 0): broken ***")
+    assert not [s for s in said if s[0] == "never"]  # skipped without running: probe sends no event
+    assert said[-1][0:2] == (None, "error") and said[-1][2].endswith(": task 'flaky' failed")
+    assert not any(SECRET in message for _, _, message in said)
+
+
+def test_a_tasks_log_lines_keep_their_level() -> None:
+    _, events = run(
+        "name: bg\ntasks:\n  - name: bg\n    type: command\n    config:\n"
+        "      command: 'sleep 2 & echo hi'\n      shell: true\n"
+    )
+    lines = [line for line in shipped(events) if line["task"] == "bg"]
+    assert ("warning", "background processes still holding the output were stopped when the command ended") in [
+        (line["level"], line["message"]) for line in lines
+    ]
+
+
+def test_a_tasks_output_is_cut_to_its_line_budget_with_a_marker() -> None:
+    _, events = run(
+        "name: many\ntasks:\n  - name: count\n    type: command\n    config:\n      command: seq\n"
+        "      args: ['1', '50']\n"
+    )
+    lines = [line["message"] for line in shipped(events, output_lines=10) if line["task"] == "count"]
+    assert lines[1:11] == [str(n) for n in range(1, 11)]
+    assert lines[11] == "[… 40 more lines of output not shipped; the task's result keeps its output]"
+    assert lines[12].startswith("task succeeded")
+
+
+def test_an_unknown_event_says_nothing() -> None:
+    assert lines_from_event({"event": "something_new", "ts": "2026-11-28T10:00:00Z"}) == []
+
+
+def line(n: int) -> dict[str, Any]:
+    return {"ts": "2026-11-28T10:00:00Z", "task": "t", "level": "info", "message": f"line {n}"}
+
+
+class Receiver:
+    """A ``send`` that records batches and can be told to fail or to hold."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.called = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.fail = False
+
+    def __call__(self, lines: list[dict[str, Any]]) -> None:
+        self.called.set()
+        self.release.wait(30)
+        if self.fail:
+            raise ConnectionError("control plane unreachable")
+        self.batches.append(list(lines))
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        return [line for batch in self.batches for line in batch]
+
+
+def test_a_full_batch_is_sent_at_once_and_the_rest_is_drained() -> None:
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=3, max_delay=600)
+    buffer.add([line(1), line(2), line(3)])
+    assert receiver.called.wait(10)
+    buffer.add([line(4), line(5)])
+    assert buffer.drain() == [line(4), line(5)]
+    assert receiver.batches == [[line(1), line(2), line(3)]]
+
+
+def test_lines_older_than_the_delay_are_sent_without_a_full_batch() -> None:
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=100, max_delay=0.05)
+    buffer.add([line(1)])
+    assert receiver.called.wait(10)
+    assert buffer.drain() == [] and receiver.batches == [[line(1)]]
+
+
+def test_a_short_job_sends_nothing_before_the_final_report() -> None:
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=100, max_delay=600)
+    buffer.add([line(n) for n in range(5)])
+    assert buffer.drain() == [line(n) for n in range(5)] and receiver.batches == []
+
+
+def test_a_failed_send_keeps_its_lines_for_the_final_report() -> None:
+    receiver = Receiver()
+    receiver.fail = True
+    buffer = LogBuffer(receiver, batch_lines=2, max_delay=600)
+    buffer.add([line(1), line(2), line(3)])
+    assert receiver.called.wait(10)
+    assert buffer.drain() == [line(1), line(2), line(3)] and receiver.batches == []
+
+
+def test_drain_waits_for_the_send_in_flight_and_nothing_is_lost_or_sent_twice() -> None:
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=7, max_delay=0.01)
+    adders = [
+        threading.Thread(target=lambda k=k: [buffer.add([line(k * 1000 + n)]) for n in range(200)]) for k in range(4)
+    ]
+    for adder in adders:
+        adder.start()
+    for adder in adders:
+        adder.join(30)
+    receiver.release.clear()  # from now on a send holds until released
+    receiver.called.clear()
+    buffer.add([line(9999)])
+    assert receiver.called.wait(10)  # a send is in flight, held
+    drained: list[list[dict[str, Any]]] = []
+    draining = threading.Thread(target=lambda: drained.append(buffer.drain()))
+    draining.start()
+    draining.join(0.2)
+    assert draining.is_alive()  # drain() does not return while a batch is on its way
+    receiver.release.set()
+    draining.join(30)
+    everything = receiver.sent + drained[0]
+    expected = [f"line {k * 1000 + n}" for k in range(4) for n in range(200)] + ["line 9999"]
+    assert sorted(x["message"] for x in everything) == sorted(expected)
+
+
+def test_a_send_failing_while_drain_waits_gives_its_lines_to_drain() -> None:
+    receiver = Receiver()
+    receiver.release.clear()
+    receiver.fail = True
+    buffer = LogBuffer(receiver, batch_lines=2, max_delay=600)
+    buffer.add([line(1), line(2), line(3)])
+    assert receiver.called.wait(10)  # lines 1 and 2 are on their way, held, and will fail
+    drained: list[list[dict[str, Any]]] = []
+    draining = threading.Thread(target=lambda: drained.append(buffer.drain()))
+    draining.start()
+    receiver.release.set()
+    draining.join(30)
+    assert drained == [[line(1), line(2), line(3)]]
+
+
+def test_the_per_job_bound_keeps_the_first_lines_and_marks_the_cut() -> None:
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=100, max_delay=600, max_lines=5)
+    buffer.add([line(n) for n in range(8)])
+    lines = buffer.drain()
+    assert lines[:5] == [line(n) for n in range(5)] and buffer.dropped == 3
+    assert [x["level"] for x in lines[5:]] == ["warning", "warning"]
+    assert lines[5]["message"].startswith("[log truncated on the agent: later lines are dropped; limit 5 lines")
+    assert lines[6]["message"] == "[log truncated on the agent: 3 lines dropped in all]"
+
+
+@pytest.mark.parametrize("size", [100, 1000])
+def test_the_byte_bound_and_the_line_cut(size: int) -> None:
+    buffer = LogBuffer(Receiver(), batch_lines=100, max_delay=600, max_bytes=250, line_max_bytes=size)
+    buffer.add([{**line(1), "message": "é" * 100}, {**line(2), "message": "x" * 100}])
+    lines = buffer.drain()
+    if size == 100:  # each line is cut to 100 bytes, so both fit in 250
+        assert [len(x["message"].encode()) <= 100 for x in lines] == [True, True]
+        assert lines[0]["message"].endswith("more bytes]")
+    else:  # 200 bytes of "é", then 100 more would pass 250
+        assert lines[0]["message"] == "é" * 100 and buffer.dropped == 1

@@ -1,0 +1,210 @@
+"""The agent's log shipping: probe's run events become log lines, sent in batches by size and age.
+
+``lines_from_event`` turns one ``on_event`` event of ``probe.run_workflow`` into lines ``{"ts", "task", "level",
+"message"}`` (issue 6, contract 3): a line when the workflow and each task start and finish, each line a task
+logs, each retry, and the task's output (already redacted by probe), cut to a number of lines per task.
+
+``LogBuffer`` collects them and calls ``send(lines)`` from a background thread when ``batch_lines`` lines
+are waiting or the oldest has waited ``max_delay`` seconds; ``drain()`` stops it and returns what is left,
+for the final status report (a short job needs no log request of its own). It keeps at most ``max_lines``
+lines and ``max_bytes`` bytes per job, then says so in one marker line and counts the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Line = dict[str, Any]
+Send = Callable[[list[Line]], None]
+
+LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "warn": "warning", "error": "error"}
+FINISH_LEVELS = {"succeeded": "info", "skipped": "info", "cancelled": "warning"}  # anything else: error
+OUTPUT_LINES_PER_TASK = 1000
+LINE_MAX_BYTES = 8192
+MAX_LINES_PER_JOB = 10000
+MAX_BYTES_PER_JOB = 5 * 1024 * 1024
+OUTPUT_CUT = "[… {more} more lines of output not shipped; the task's result keeps its output]"
+LINE_CUT = " [… line cut: {dropped} more bytes]"
+AGENT_MARKER = "[log truncated on the agent: later lines are dropped; limit {lines} lines / {size} bytes per job]"
+AGENT_TOTAL = "[log truncated on the agent: {dropped} lines dropped in all]"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _line(ts: str, task: str | None, level: str, message: str) -> Line:
+    return {"ts": ts, "task": task, "level": level, "message": message}
+
+
+def _output_lines(ts: str, task: str, output: str, limit: int) -> list[Line]:
+    text = output.splitlines()
+    while text and not text[-1].strip():
+        text.pop()
+    lines = [_line(ts, task, "info", part) for part in text[:limit]]
+    if len(text) > limit:
+        lines.append(_line(ts, task, "warning", OUTPUT_CUT.format(more=len(text) - limit)))
+    return lines
+
+
+def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_PER_TASK) -> list[Line]:
+    """Return the log lines of one probe event (none for an event that says nothing worth a line)."""
+    kind = event.get("event")
+    ts = str(event.get("ts") or _now())
+    task = event.get("task")
+    if kind == "workflow_started":
+        names = [str(name) for name in event.get("tasks", [])]
+        message = f"workflow '{event.get('workflow')}' started: {len(names)} tasks ({', '.join(names)})"
+        return [_line(ts, None, "info", message)]
+    if kind == "task_started":
+        attempt = int(event.get("attempt") or 1)
+        again = f", attempt {attempt}" if attempt > 1 else ""
+        return [_line(ts, task, "info", f"task started ({event.get('type')}{again})")]
+    if kind == "task_log":
+        level = LEVELS.get(str(event.get("level", "info")).lower(), "info")
+        return [_line(ts, task, level, part) for part in str(event.get("message", "")).splitlines() or [""]]
+    if kind == "task_retrying":
+        error = f": {event['error']}" if event.get("error") else ""
+        message = f"attempt {event.get('attempt')} {event.get('status')}{error}; retrying"
+        return [_line(ts, task, "warning", message)]
+    if kind == "task_finished":
+        result = event.get("result") or {}
+        status = str(event.get("status") or result.get("status"))
+        lines = _output_lines(ts, str(task), str(result.get("output") or ""), output_lines)
+        duration = (result.get("metrics") or {}).get("duration_ms")
+        took = f" in {duration} ms" if duration is not None else ""
+        lines.append(_line(ts, task, FINISH_LEVELS.get(status, "error"), f"task {status}{took}"))
+        if result.get("error"):
+            lines.append(_line(ts, task, "error", f"error: {result['error']}"))
+        return lines
+    if kind == "workflow_finished":
+        status = str(event.get("status"))
+        error = f": {event['error']}" if event.get("error") else ""
+        message = f"workflow {status} in {event.get('duration_ms')} ms{error}"
+        return [_line(ts, None, FINISH_LEVELS.get(status, "error"), message)]
+    return []
+
+
+def cut_line(message: str, limit: int) -> str:
+    """Return ``message`` cut to ``limit`` bytes of UTF-8, its end replaced by a visible marker if cut."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    suffix = LINE_CUT.format(dropped=len(data) - limit)
+    return data[: max(0, limit - len(suffix.encode()))].decode("utf-8", "ignore") + suffix
+
+
+class LogBuffer:
+    """Buffers one job's log lines and sends them in batches from a background thread; thread-safe.
+
+    ``send`` raising means "not delivered": the lines are kept, tried again after ``max_delay``, and
+    returned by ``drain()`` if still unsent. ``send`` returning means they were taken care of.
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        batch_lines: int = 200,
+        max_delay: float = 2.0,
+        max_lines: int = MAX_LINES_PER_JOB,
+        max_bytes: int = MAX_BYTES_PER_JOB,
+        line_max_bytes: int = LINE_MAX_BYTES,
+    ) -> None:
+        self.send = send
+        self.batch_lines = batch_lines
+        self.max_delay = max_delay
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.line_max_bytes = line_max_bytes
+        self.dropped = 0  # lines refused over the job's bounds
+        self._totalled = False  # drain() added the line that counts them
+        self._kept_lines = 0
+        self._kept_bytes = 0
+        self._pending: list[Line] = []
+        self._oldest = 0.0  # monotonic time the oldest pending line arrived
+        self._not_before = 0.0  # after a failed send: no new try before this
+        self._closed = False
+        self._changed = threading.Condition()
+        self._sending = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lines: Iterable[Line]) -> None:
+        """Take lines (within the job's bounds); a batch goes out from the background thread when due."""
+        with self._changed:
+            for line in lines:
+                self._keep(line)
+            if self._thread is None and not self._closed and self._pending:
+                self._thread = threading.Thread(target=self._run, name="logship", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _keep(self, line: Line) -> None:
+        message = cut_line(str(line.get("message", "")), self.line_max_bytes)
+        size = len(message.encode("utf-8", "replace"))
+        if self._kept_lines + 1 > self.max_lines or self._kept_bytes + size > self.max_bytes:
+            if not self.dropped:
+                text = AGENT_MARKER.format(lines=self.max_lines, size=self.max_bytes)
+                self._append(_line(_now(), None, "warning", text))
+            self.dropped += 1
+            return
+        self._kept_lines += 1
+        self._kept_bytes += size
+        self._append({**line, "message": message})
+
+    def _append(self, line: Line) -> None:
+        if not self._pending:
+            self._oldest = time.monotonic()
+        self._pending.append(line)
+
+    def _due(self) -> float | None:
+        """Seconds until the next batch is due (0: now); None when nothing is waiting."""
+        if not self._pending:
+            return None
+        now = time.monotonic()
+        due = self._oldest + self.max_delay
+        if len(self._pending) >= self.batch_lines:
+            due = now
+        return max(due, self._not_before) - now
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and ((wait := self._due()) is None or wait > 0):
+                    self._changed.wait(wait)
+                if self._closed:
+                    return
+                # Taking the send lock before the lines lets drain() wait for a send in flight.
+                self._sending.acquire()
+                batch, self._pending = self._pending[: self.batch_lines], self._pending[self.batch_lines :]
+                self._oldest = time.monotonic()
+            try:
+                self.send(batch)
+            except Exception as exc:
+                log.warning("%d log lines not delivered (%s); kept for later", len(batch), exc)
+                with self._changed:
+                    self._pending[:0] = batch
+                    self._not_before = time.monotonic() + self.max_delay
+            finally:
+                self._sending.release()
+
+    def drain(self) -> list[Line]:
+        """Stop sending (waiting for a send in flight) and return the lines not sent yet, for the final report."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        with self._sending, self._changed:
+            lines, self._pending = self._pending, []
+            if self.dropped and not self._totalled:
+                lines.append(_line(_now(), None, "warning", AGENT_TOTAL.format(dropped=self.dropped)))
+                self._totalled = True
+        if self._thread is not None:
+            self._thread.join(5)
+        return lines
