@@ -99,11 +99,14 @@ def transport_options(
     }
 
 
+SHARED_CLIENT_TRANSPORT = "dispatch.transport:Transport"  # kombu's Redis transport, one client per pool
+
+
 def celery_settings(
     broker_url: str, visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT, restore_interval: int | None = None
 ) -> dict[str, Any]:
     """The Celery settings of DESIGN.md shared by the control plane, the agents and Flower."""
-    return {
+    settings: dict[str, Any] = {
         "broker_url": broker_url,
         "broker_transport_options": transport_options(visibility_timeout, restore_interval),
         "broker_connection_retry_on_startup": True,
@@ -123,3 +126,6 @@ def celery_settings(
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
     }
+    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        settings["broker_transport"] = SHARED_CLIENT_TRANSPORT
+    return settings

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+from unittest.mock import patch
 
 import pytest
+from kombu.transport import redis as kombu_redis
 
 from dispatch.celery import make_celery
 from dispatch.contract import RUN_JOB_TASK, agent_queue, celery_priority, shared_queue
 from dispatch.publish import JobMessage, Publisher, PublishError
 from dispatch.signing import Signer, generate_keypair, load_signing_key
+from dispatch.transport import Transport
 from workers.envelope import Verifier
 
 PRIVATE, PUBLIC = generate_keypair()
@@ -93,3 +96,27 @@ def test_every_process_shares_the_same_json_only_settings():
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.worker_cancel_long_running_tasks_on_connection_loss
     assert conf.broker_transport_options["visibility_timeout"] >= 12 * 3600
+
+
+def test_publishes_share_one_redis_client_per_connection_pool(publisher, valkey_server):
+    created: list[object] = []
+    original = kombu_redis.Channel._create_client
+
+    def counting(self, asynchronous=False):
+        client = original(self, asynchronous)
+        created.append(client)
+        return client
+
+    with patch.object(kombu_redis.Channel, "_create_client", counting):
+        for number in range(5):
+            publisher.publish(message(job_id=f"job-{number}"))
+    assert len(queued(valkey_server, shared_queue("acme", "web", "linux"))) == 5
+    assert len(created) <= 2  # kombu's own channel makes one per publish and one per task-sent event: 10
+    connection = publisher.celery.connection_for_write()
+    assert isinstance(connection.transport, Transport)
+    connection.release()
+
+
+def test_another_broker_scheme_keeps_kombus_own_transport():
+    assert make_celery("redis://127.0.0.1:1/0").conf.broker_transport == "dispatch.transport:Transport"
+    assert make_celery("sentinel://127.0.0.1:26379").conf.broker_transport != "dispatch.transport:Transport"

@@ -1,0 +1,33 @@
+"""kombu's Redis transport, reusing one Redis client per channel for its synchronous commands.
+
+kombu builds a new ``redis.Redis`` client for every publish, acknowledgement and event (redis-py fills a
+table of some 170 response callbacks for each). A client is only a handle on the channel's connection pool
+and safe to share between threads, so this channel keeps one per pool. Used through ``broker_transport`` for
+``redis://`` and ``rediss://`` brokers (``dispatch.contract.celery_settings``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+
+class Channel(kombu_redis.Channel):
+    """A kombu Redis channel whose synchronous client is made once per connection pool."""
+
+    _shared_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        client = self._shared_client
+        if client is None or client.connection_pool is not self.pool:
+            client = self._shared_client = super()._create_client()
+        return client
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with the channel above."""
+
+    Channel = Channel
