@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from app.errors import AppError
 from probe.durations import parse_duration
 
 HELP = "Administer the automation platform (configured by the environment: see docs/CONFIGURATION.md)."
@@ -21,7 +20,7 @@ def _version() -> str:
         return "unknown"
 
 
-class CommandError(AppError):
+class CommandError(Exception):
     """Raised when a command cannot do what it was asked; the message is printed and the exit code is 1."""
 
 
@@ -160,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     from app.audit.commands import add_commands as add_audit_commands
     from app.auth.tokens import ROLES
+    from app.client.commands import add_commands as add_client_commands
     from app.columns import SLUG_PATTERN
 
     slug = f"an id matching {SLUG_PATTERN}"
@@ -202,12 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     public = keys.add_parser("public", help="print JOB_VERIFY_KEY for this control plane's signing key")
     public.set_defaults(run=keys_public)
     add_audit_commands(commands)
+    add_client_commands(commands)
     _plugin_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``automation`` command line; returns the exit code."""
+    args_given = sys.argv[1:] if argv is None else argv
+    if args_given[:1] in (["jobs"], ["agents"]):  # the REST client: no Flask, no database, a fast start
+        from app.client.commands import main as client_main
+
+        return client_main(args_given)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:

@@ -1,0 +1,339 @@
+"""``automation jobs ...`` and ``automation agents list``: the operator's commands, over the REST API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from app.client import render, watch
+from app.client.http import (
+    INTERRUPTED,
+    NOT_COMPLETED,
+    OK,
+    ApiError,
+    Client,
+    ClientError,
+    UsageError,
+)
+
+EXIT_CODES = """\
+exit codes:
+  0    success; with --wait and for watch: the job completed
+  1    with --wait and for watch: the job ended otherwise (failed, timed_out, cancelled, dead_letter)
+  2    usage error: bad arguments, an unreadable workflow file, CONTROL_PLANE_URL or JWT_TOKEN not set
+  3    the API refused the request (4xx): no such job, access denied, invalid token, invalid workflow...
+  4    the control plane cannot be reached or failed (5xx)
+  130  interrupted (Ctrl-C)
+
+configured by CONTROL_PLANE_URL and JWT_TOKEN (and CONTROL_PLANE_CA_FILE for a private CA); see docs/CLI.md
+"""
+STATES = ("pending", "queued", "running", "completed", "failed", "timed_out", "cancelled", "dead_letter")
+LOG_PAGE = 500
+LOG_WAIT = 25  # seconds the server may hold a follow request (the contract allows 30)
+UNREADABLE = "cannot read the workflow file {path}: {problem}"
+BAD_VAR = "--var {item!r}: expected NAME=VALUE"
+POLLING = "automation: the control plane serves no live events for this job ({why}); polling it every second"
+NO_LOG_ROUTE = "automation: the control plane does not serve job logs; showing the tasks' output instead"
+TRUNCATED = "automation: the control plane truncated this job's log (it keeps a bounded number of lines per job)"
+
+Handler = Callable[[Client, argparse.Namespace], int]
+
+
+def _out(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _line(data: Any) -> None:
+    print(json.dumps(data), flush=True)
+
+
+def read_workflow(path: str) -> str:
+    """The workflow file's text (``-``: standard input)."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(UNREADABLE.format(path=path, problem=getattr(exc, "strerror", None) or exc)) from None
+
+
+def parse_vars(items: list[str] | None) -> dict[str, str]:
+    """``--var K=V`` (repeated) as a mapping; the last value of a name wins."""
+    variables: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(BAD_VAR.format(item=item))
+        variables[name.strip()] = value
+    return variables
+
+
+def follow(client: Client, job_id: str, *, as_json: bool, final_json: bool = False) -> int:
+    """Show a job's live events until it ends; 0 when it completed, 1 otherwise."""
+    path = watch.job_path(job_id)
+    state: Any = None
+    if as_json:
+        for event in watch.events(client, job_id):
+            state = event.get("state")
+            if not final_json:
+                _line(event)
+        if final_json:
+            job = client.call("GET", path)
+            state = job.get("state")
+            _out(job)
+        return OK if state == "completed" else NOT_COMPLETED
+    progress = render.Progress(sys.stdout, job_id)
+    try:
+        for event in watch.events(
+            client, job_id, on_fallback=lambda why: print(POLLING.format(why=why), file=sys.stderr)
+        ):
+            progress(event)
+        job = client.call("GET", path)
+        progress.final(job)
+    finally:
+        progress.close()
+    return OK if job.get("state") == "completed" else NOT_COMPLETED
+
+
+def jobs_submit(client: Client, args: argparse.Namespace) -> int:
+    """POST the workflow file as a job; with --wait, follow it to its end."""
+    body: dict[str, Any] = {"workflow": read_workflow(args.file)}
+    variables = parse_vars(args.var)
+    if variables:
+        body["variables"] = variables
+    for field, value in (("agent_id", args.agent), ("project_id", args.project), ("priority", args.priority)):
+        if value is not None:
+            body[field] = value
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    job = client.call("POST", "/jobs", body=body, headers=headers)
+    if not args.wait:
+        if args.json:
+            _out(job)
+        else:
+            print(f"submitted job {job['job_id']} ({job.get('name')}): {job.get('state')}")
+        return OK
+    if not args.json:
+        print(f"submitted job {job['job_id']} ({job.get('name')})", flush=True)
+    return follow(client, job["job_id"], as_json=args.json, final_json=True)
+
+
+def jobs_list(client: Client, args: argparse.Namespace) -> int:
+    """GET /api/v1/jobs as a table, newest first."""
+    params = {"limit": args.limit, "state": args.state, "agent_id": args.agent, "project_id": args.project}
+    page = client.call("GET", "/jobs", params={k: v for k, v in params.items() if v is not None})
+    if args.json:
+        _out(page)
+        return OK
+    jobs = page.get("jobs") or []
+    print(render.jobs_table(jobs) if jobs else "no jobs")
+    if page.get("total", 0) > len(jobs):
+        print(f"({len(jobs)} of {page['total']}; --limit shows more)")
+    return OK
+
+
+def jobs_get(client: Client, args: argparse.Namespace) -> int:
+    """GET one job: its state, target, times, error and tasks."""
+    job = client.call("GET", watch.job_path(args.job_id))
+    if args.json:
+        _out(job)
+    else:
+        print(render.job_view(job, render.Style(sys.stdout)))
+    return OK
+
+
+def jobs_watch(client: Client, args: argparse.Namespace) -> int:
+    """Follow a job live until it ends."""
+    return follow(client, args.job_id, as_json=args.json)
+
+
+def jobs_cancel(client: Client, args: argparse.Namespace) -> int:
+    """POST /api/v1/jobs/{id}/cancel."""
+    body = {"reason": args.reason} if args.reason else None
+    response = client.send("POST", watch.job_path(args.job_id) + "/cancel", body=body)
+    job = response.json()
+    if args.json:
+        _out(job)
+    elif response.status_code == 202:
+        print(f"cancel requested: job {job['job_id']} is {job.get('state')}; its agent stops it and reports cancelled")
+    else:
+        print(f"job {job['job_id']} {job.get('state')}")
+    return OK
+
+
+def _log_pages(client: Client, job_id: str, *, follow_: bool, after: int) -> Iterator[dict[str, Any]]:
+    path = watch.job_path(job_id) + "/logs"
+    while True:
+        params: dict[str, Any] = {"after": after, "limit": LOG_PAGE}
+        if follow_:
+            params.update(follow="true", wait=LOG_WAIT)
+        page = client.call("GET", path, params=params, timeout=(10, LOG_WAIT + 30))
+        yield page
+        lines, cursor = page.get("lines") or [], page.get("next", after)
+        if page.get("finished") or (not follow_ and (not lines or cursor == after)):
+            return
+        if follow_ and not lines:
+            time.sleep(watch.POLL_INTERVAL)  # a server that does not hold the request: do not spin
+        after = cursor
+
+
+def _task_output(client: Client, job_id: str, *, follow_: bool) -> Iterator[dict[str, Any]]:
+    """Log lines made of the tasks' output, for a control plane without the logs endpoint."""
+    shown: set[tuple[Any, str]] = set()
+    while True:
+        job = client.call("GET", watch.job_path(job_id))
+        for task in sorted(job.get("tasks") or [], key=lambda t: t.get("position", 0)):
+            key = (task.get("attempt"), task["name"])
+            if key in shown:
+                continue
+            shown.add(key)
+            for level, text in (("info", task.get("output")), ("error", task.get("error"))):
+                for message in str(text or "").splitlines():
+                    yield {
+                        "ts": task.get("finished_at"),
+                        "attempt": task.get("attempt"),
+                        "task": task["name"],
+                        "level": level,
+                        "message": message,
+                    }
+        if not follow_ or job.get("state") in render.FINAL:
+            return
+        time.sleep(watch.POLL_INTERVAL)
+
+
+def jobs_logs(client: Client, args: argparse.Namespace) -> int:
+    """Page through a job's log lines; with --follow, wait for new ones until the job has ended."""
+    show: Callable[[dict[str, Any]], None] = _line if args.json else lambda line: print(render.log_line(line))
+    warned = False
+    try:
+        for page in _log_pages(client, args.job_id, follow_=args.follow, after=args.after):
+            for line in page.get("lines") or []:
+                show(line)
+            sys.stdout.flush()
+            if page.get("truncated") and not warned:
+                warned = True
+                print(TRUNCATED, file=sys.stderr)
+        return OK
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        client.call("GET", watch.job_path(args.job_id))  # the job's own 404 is raised
+    print(NO_LOG_ROUTE, file=sys.stderr)
+    for line in _task_output(client, args.job_id, follow_=args.follow):
+        show(line)
+    return OK
+
+
+def agents_list(client: Client, args: argparse.Namespace) -> int:
+    """GET /api/v1/agents as a table."""
+    params = {"limit": args.limit, "status": args.status, "project_id": args.project}
+    page = client.call("GET", "/agents", params={k: v for k, v in params.items() if v is not None})
+    if args.json:
+        _out(page)
+        return OK
+    agents = page.get("agents") or []
+    print(render.agents_table(agents) if agents else "no agents")
+    if page.get("total", 0) > len(agents):
+        print(f"({len(agents)} of {page['total']}; --limit shows more)")
+    return OK
+
+
+def run(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """The command's ``run``: make the client, call ``handler``, turn errors into messages and exit codes."""
+
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return handler(Client.from_environment(args.url, args.token), args)
+        except ClientError as exc:
+            print(f"automation: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("automation: interrupted", file=sys.stderr)
+            return INTERRUPTED
+
+    return command
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the control plane's address (default: $CONTROL_PLANE_URL)")
+    common.add_argument("--token", help="a JWT (default: $JWT_TOKEN; prefer the variable: arguments show in ps)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON instead of text")
+    return common
+
+
+def _limit(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 500:
+        raise argparse.ArgumentTypeError("must be between 1 and 500")
+    return number
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``jobs`` and ``agents`` to the ``automation`` command."""
+    common = _common()
+    layout: dict[str, Any] = {"epilog": EXIT_CODES, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+    def action(group: Any, name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = group.add_parser(
+            name, parents=[common], help=text, description=text, **layout
+        )
+        parser.set_defaults(run=run(handler))
+        return parser
+
+    jobs = commands.add_parser(
+        "jobs",
+        help="submit, list, watch and cancel jobs (over the REST API)",
+        description="Submit, list, watch and cancel jobs through the control plane's REST API.",
+        **layout,
+    )
+    group = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    submit = action(group, "submit", jobs_submit, "submit a YAML workflow file as a job")
+    submit.add_argument("file", help="the workflow file (- for standard input)")
+    submit.add_argument("--agent", help="pin the job to this agent")
+    submit.add_argument("--project", help="the project (default: the token's)")
+    submit.add_argument("--var", action="append", metavar="NAME=VALUE", help="a variable (repeatable)")
+    submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0-9 (default 5)")
+    submit.add_argument("--idempotency-key", metavar="KEY", help="submitting again with the same key returns the job")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only if it completed")
+
+    listing = action(group, "list", jobs_list, "list jobs, newest first")
+    listing.add_argument("--state", choices=STATES)
+    listing.add_argument("--agent", help="jobs pinned to this agent")
+    listing.add_argument("--project")
+    listing.add_argument("--limit", type=_limit, default=50, help="at most this many (1-500, default 50)")
+
+    get = action(group, "get", jobs_get, "show a job with its tasks")
+    get.add_argument("job_id")
+
+    live = action(group, "watch", jobs_watch, "follow a job live, a line per task, until it ends")
+    live.add_argument("job_id")
+
+    logs = action(group, "logs", jobs_logs, "print a job's log lines")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", "-f", action="store_true", help="wait for new lines until the job has ended")
+    logs.add_argument("--after", type=int, default=0, metavar="CURSOR", help="start after this cursor")
+
+    cancel = action(group, "cancel", jobs_cancel, "cancel a job (a running one stops at its agent)")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", help="why (kept as the job's error)")
+
+    agents = commands.add_parser(
+        "agents", help="list agents (over the REST API)", description="The agents registered in your tenant.", **layout
+    )
+    agent_group = agents.add_subparsers(dest="action", required=True, metavar="ACTION")
+    agent_list = action(agent_group, "list", agents_list, "list agents with their status and last heartbeat")
+    agent_list.add_argument("--status", choices=("online", "offline"))
+    agent_list.add_argument("--project")
+    agent_list.add_argument("--limit", type=_limit, default=50, help="at most this many (1-500, default 50)")
+
+
+def main(argv: list[str]) -> int:
+    """Run ``automation jobs|agents ...`` alone: what ``automation`` can call first, so these start fast."""
+    parser = argparse.ArgumentParser(prog="automation", description="The operator's commands (docs/CLI.md).")
+    add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    return int(args.run(args))
