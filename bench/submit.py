@@ -193,11 +193,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(target: str, env: dict[str, str], workers: int, chdir: Path) -> Iterator[int]:
-    """Run ``target`` under gunicorn with ``workers`` sync workers; yield its port."""
+def gunicorn(target: str, env: dict[str, str], workers: int, chdir: Path, threads: int = 1) -> Iterator[int]:
+    """Run ``target`` under gunicorn with ``workers`` workers of ``threads`` threads (1: sync); yield its port."""
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}"]
-    argv += ["--chdir", str(chdir), "--log-level", "warning", target]
+    argv += ["--threads", str(threads), "--chdir", str(chdir), "--log-level", "warning", target]
     process = subprocess.Popen(argv, env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 30
@@ -321,8 +321,8 @@ def measure(
         del os.environ["DATABASE_URL"]
     samples: dict[str, list[Sample]] = {"app": [], "bare": []}
     with (
-        gunicorn("app:create_app()", env, args.workers, ROOT) as app_port,
-        gunicorn("submit:bare_app()", bare_env, args.workers, ROOT / "bench") as bare_port,
+        gunicorn("app:create_app()", env, args.workers, ROOT, args.threads) as app_port,
+        gunicorn("submit:bare_app()", bare_env, args.workers, ROOT / "bench", args.threads) as bare_port,
     ):
         targets = {
             "app": (app_port, "/api/v1/jobs", app_headers),
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="alternate the two endpoints this many times")
     parser.add_argument("--backends", default="sqlite,mariadb")
     parser.add_argument(

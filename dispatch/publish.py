@@ -80,5 +80,11 @@ class Publisher:
             )
         except Exception as exc:  # kombu raises several connection error types
             raise PublishError(f"could not publish job {message.job_id} attempt {message.attempt}: {exc}") from exc
-        log.info("published job %s attempt %d to %s", message.job_id, message.attempt, queue)
+        log.info(
+            "published job %s attempt %d to %s",
+            message.job_id,
+            message.attempt,
+            queue,
+            extra={"job_id": message.job_id, "tenant_id": message.tenant},
+        )
         return queue

@@ -1,7 +1,8 @@
 """Deliver jobs: persist, commit, then publish each attempt; sweep what was never published; reap lost leases.
 
 The database is the outbox. A job waiting to be sent is ``pending``; an attempt whose message has not been
-confirmed sent has no ``published_at``. The sweeper sends both after a grace period, so a crash between the
+confirmed sent has no ``published_at`` (a submission's is written a moment after its publish, by the process's
+receipt writer in ``app/jobs/receipts.py``). The sweeper sends both after a grace period, so a crash between the
 commit and the publish loses nothing; a message sent twice is harmless because the claim is fenced.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +23,7 @@ from app.columns import utcnow
 from app.errors import Conflict
 from app.extensions import db
 from app.jobs.models import Job, JobAttempt
+from app.jobs.receipts import Receipts
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
 from dispatch.contract import control_channel
 from dispatch.publish import JobMessage, Publisher, PublishError
@@ -33,6 +36,7 @@ RETRYING = "attempt {number} {state}; run {failures} of {limit} failed, retrying
 EXPIRED = "not claimed before its deliver_by deadline ({deadline}Z)"
 BATCH = 100
 RETRYABLE = frozenset({AttemptState.FAILED.value, AttemptState.TIMED_OUT.value})
+_RECEIPTS_MADE = threading.Lock()
 
 
 def _publisher() -> Publisher | None:
@@ -61,8 +65,22 @@ def _message(job: Job, attempt: int) -> JobMessage:
     )
 
 
-def send(job: Job, attempt: JobAttempt) -> bool:
-    """Publish one committed attempt and record that it was sent; False when the broker did not take it."""
+def _receipts() -> Receipts:
+    receipts = current_app.extensions.get("receipts")
+    if not isinstance(receipts, Receipts):
+        with _RECEIPTS_MADE:
+            receipts = current_app.extensions.get("receipts")
+            if not isinstance(receipts, Receipts):
+                receipts = current_app.extensions["receipts"] = Receipts(db.engine)
+    return receipts
+
+
+def send(job: Job, attempt: JobAttempt, *, receipt: bool = False) -> bool:
+    """Publish one committed attempt and record that it was sent; False when the broker did not take it.
+
+    With ``receipt``, the record is left to the process's receipt writer (a moment later, many in one
+    transaction) instead of a transaction of its own: the path of every submission.
+    """
     publisher = _publisher()
     if publisher is None:
         return False
@@ -71,6 +89,9 @@ def send(job: Job, attempt: JobAttempt) -> bool:
     except PublishError as exc:
         log.warning("%s; the sweeper will try again", exc)
         return False
+    if receipt:
+        _receipts().add(attempt.id)
+        return True
     db.session.connection().execute(
         update(JobAttempt)
         .where(JobAttempt.id == attempt.id, JobAttempt.published_at.is_(None))
@@ -108,7 +129,7 @@ def queue_new(job: Job, *, actor: str = "dispatcher") -> bool:
     """
     if _publisher() is None or job.scheduled_at > utcnow():
         return False
-    db.session.flush()  # the job's row exists, so it moves to queued like any other job
+    # Not flushed yet: the job is inserted already queued, with its state change and first attempt.
     set_committed_value(job, "attempts", [_open_attempt(job, actor=actor)])  # known: no query to load the list
     return True
 
@@ -116,7 +137,7 @@ def queue_new(job: Job, *, actor: str = "dispatcher") -> bool:
 def deliver(job: Job, *, actor: str = "dispatcher") -> bool:
     """Publish a committed new job: the attempt ``queue_new`` opened, or queue a pending one that is due."""
     if job.state == JobState.QUEUED.value and job.attempts and job.attempts[-1].published_at is None:
-        return send(job, job.attempts[-1])
+        return send(job, job.attempts[-1], receipt=True)
     return dispatch_job(job_id=job.id, actor=actor)
 
 

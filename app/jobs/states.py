@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, update
+from sqlalchemy import ColumnElement, insert, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.columns import utcnow
@@ -105,34 +105,46 @@ def transition(
         )
     now = utcnow()
     values = {"state": target.value, "updated_at": now, **values}
+    # A stored job is moved with two plain statements on the session's connection (the ORM's bulk-update and
+    # unit-of-work machinery cost more than the statements themselves on the hot path of every job); one
+    # born in this transaction is not written yet, so its own INSERT carries the new state and its event.
+    born = inspect(job).pending
+    if born:
+        for key, value in values.items():
+            setattr(job, key, value)
+    else:
+        _update(job, current, values, where)
+    event = {
+        "job_id": job.id,
+        "tenant_id": job.tenant_id,
+        "attempt": job.attempt,
+        "from_state": current.value,
+        "to_state": target.value,
+        "reason": reason,
+        "actor": actor,
+        "created_at": now,
+    }
+    if born:
+        db.session.add(JobEvent(**event))
+    else:
+        db.session.connection().execute(insert(JobEvent).values(**event))
+    note_state(job)  # the live event, published when the transaction commits
+    if target in FINAL_STATES and job.started_at is not None:  # observed by /metrics when this commits
+        seconds = max(0.0, (now - job.started_at).total_seconds())
+        db.session.info.setdefault(FINISHED_JOBS, []).append((target.value, seconds))
+
+
+def _update(job: Job, current: JobState, values: dict[str, Any], where: tuple[ColumnElement[bool], ...]) -> None:
+    """Write a stored job's move, fenced by the state and attempt it was read with; Conflict if it lost a race."""
     statement = (
         update(Job)
         .where(Job.id == job.id, Job.state == current.value, Job.attempt == job.attempt, *where)
         .values(**values)
     )
-    # Both statements go straight to the session's connection: the ORM's bulk-update and unit-of-work
-    # machinery cost more than the statements themselves on the hot path of every job.
-    connection = db.session.connection()
-    if connection.execute(statement).rowcount != 1:
+    if db.session.connection().execute(statement).rowcount != 1:
         raise Conflict(CHANGED_MEANWHILE.format(job_id=job.id), code="concurrent_update")
     for key, value in values.items():
         set_committed_value(job, key, value)  # already written: do not let the flush write it again
-    connection.execute(
-        insert(JobEvent).values(
-            job_id=job.id,
-            tenant_id=job.tenant_id,
-            attempt=job.attempt,
-            from_state=current.value,
-            to_state=target.value,
-            reason=reason,
-            actor=actor,
-            created_at=now,
-        )
-    )
-    note_state(job)  # the live event, published when the transaction commits
-    if target in FINAL_STATES and job.started_at is not None:  # observed by /metrics when this commits
-        seconds = max(0.0, (now - job.started_at).total_seconds())
-        db.session.info.setdefault(FINISHED_JOBS, []).append((target.value, seconds))
 
 
 def transition_attempt(attempt: JobAttempt, target: AttemptState, **values: Any) -> None:

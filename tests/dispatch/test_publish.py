@@ -50,8 +50,11 @@ def queued(valkey_server, queue: str) -> list[dict]:
     return [json.loads(raw) for key in keys for raw in client.lrange(key, 0, -1)]
 
 
-def test_a_job_without_an_agent_goes_to_its_projects_platform_queue(publisher, valkey_server):
-    assert publisher.publish(message()) == "tenant.acme.web.linux"
+def test_a_job_without_an_agent_goes_to_its_projects_platform_queue(publisher, valkey_server, caplog):
+    with caplog.at_level("INFO", logger="dispatch.publish"):
+        assert publisher.publish(message()) == "tenant.acme.web.linux"
+    [logged] = [r for r in caplog.records if r.name == "dispatch.publish"]
+    assert (logged.job_id, logged.tenant_id) == ("job-1", "acme")  # type: ignore[attr-defined]
     [raw] = queued(valkey_server, shared_queue("acme", "web", "linux"))
     assert raw["headers"]["task"] == RUN_JOB_TASK
     assert raw["headers"]["id"] == "job-1:1"
