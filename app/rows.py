@@ -1,0 +1,75 @@
+"""Write a transaction's new rows with plain INSERT statements, for the hot path of every job.
+
+The unit of work's flush costs about three times the statements it sends: 0.6 ms of CPU against 0.2 ms
+for the four rows of a submission (job, audit entry, state change, attempt), measured with SQLite on the
+machines of docs/PERFORMANCE.md. ``insert_new`` writes the session's new objects itself, in foreign-key
+order and in the order they were added, and keeps them in the session as persistent, clean objects, so the
+code that builds them stays ordinary ORM code and the commit that follows has nothing left to flush.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Table, inspect
+from sqlalchemy.orm import Session, make_transient_to_detached, scoped_session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.extensions import Base
+
+_TABLE_ORDER: dict[Table, int] = {}  # table -> its place in foreign-key order, filled on first use
+
+
+def _default(column: Any) -> tuple[bool, Any]:
+    """(True, the value) the column's Python-side default gives an INSERT, or (False, None) to leave it out."""
+    default = column.default
+    if default is None:
+        return (False, None) if column.primary_key and column.autoincrement else (True, None)
+    if default.is_scalar:
+        return True, default.arg
+    if default.is_callable:
+        return True, default.arg(None)
+    return False, None  # a sequence or an SQL expression: the database fills it in
+
+
+def _values(obj: Base) -> tuple[Table, dict[str, Any], dict[str, Any]]:
+    """The object's table, the INSERT's parameters by column key, and the values to keep by attribute key."""
+    state = inspect(obj)
+    mapper = state.mapper
+    if mapper.inherits is not None or mapper.local_table is not mapper.persist_selectable:
+        raise TypeError(f"insert_new writes only plain one-table objects, not {type(obj).__name__}")
+    table = mapper.local_table
+    parameters: dict[str, Any] = {}
+    attributes: dict[str, Any] = {}
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        if prop.key in state.dict:
+            value = state.dict[prop.key]
+        else:
+            given, value = _default(column)
+            if not given:
+                continue
+        parameters[column.key] = value
+        attributes[prop.key] = value
+    return table, parameters, attributes  # type: ignore[return-value]
+
+
+def insert_new(session: Session | scoped_session[Any]) -> int:
+    """INSERT every object added to ``session`` and not written yet; keep each as persistent; return how many."""
+    if not _TABLE_ORDER:
+        _TABLE_ORDER.update({table: place for place, table in enumerate(Base.metadata.sorted_tables)})
+    new = sorted(session.new, key=lambda o: (_TABLE_ORDER[inspect(o).mapper.local_table], inspect(o).insert_order))
+    connection = session.connection()
+    for obj in new:
+        table, parameters, attributes = _values(obj)
+        result = connection.execute(table.insert(), parameters)
+        mapper = inspect(obj).mapper
+        for column, value in zip(table.primary_key.columns, result.inserted_primary_key or (), strict=False):
+            attributes[mapper.get_property_by_column(column).key] = value
+        if obj in session:  # expunging an object expunges what it cascades to: those come back with it
+            session.expunge(obj)
+        for key, value in attributes.items():
+            set_committed_value(obj, key, value)
+        make_transient_to_detached(obj)
+        session.add(obj)
+    return len(new)

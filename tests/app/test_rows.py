@@ -1,0 +1,86 @@
+"""insert_new: the session's new objects written with plain INSERTs, in order, and kept as persistent objects."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask
+from sqlalchemy import event, inspect, select
+from sqlalchemy.exc import IntegrityError
+
+from app.audit.models import AuditEvent
+from app.columns import utcnow
+from app.extensions import db
+from app.jobs.models import Job, JobAttempt, JobEvent
+from app.rows import insert_new
+from app.tenants import service as tenants
+
+
+@pytest.fixture(name="project")
+def acme_web(app: Flask) -> tuple[str, str]:
+    with app.test_request_context():
+        tenants.create_tenant(caller=None, tenant_id="acme")
+        tenants.create_project(caller=None, tenant_id="acme", project_id="web")
+    return "acme", "web"
+
+
+def new_job(project: tuple[str, str], job_id: str = "job-1") -> Job:
+    tenant, project_id = project
+    return Job(id=job_id, tenant_id=tenant, project_id=project_id, name="n", workflow="w", platform="linux")
+
+
+def test_new_objects_are_written_in_key_order_with_their_defaults_and_kept_persistent(
+    app: Flask, project: tuple[str, str]
+):
+    with app.test_request_context():
+        now = utcnow()
+        job = new_job(project)
+        # added children first: the foreign keys decide the order of the INSERTs, not the order of the adds
+        first = JobEvent(job_id=job.id, tenant_id="acme", from_state="pending", to_state="queued", created_at=now)
+        second = JobEvent(job_id=job.id, tenant_id="acme", from_state="queued", to_state="running", created_at=now)
+        attempt = JobAttempt(job_id=job.id, tenant_id="acme", number=1, queued_at=now)
+        audit = AuditEvent(action="job.submitted", outcome="success", tenant_id="acme", details={"k": "v"})
+        db.session.add_all([first, second, attempt, audit, job])
+        assert insert_new(db.session) == 5
+        assert not db.session.new
+        assert all(inspect(o).persistent for o in (job, first, second, attempt, audit))
+        assert first.id is not None and second.id is not None and first.id < second.id
+        assert attempt.id is not None and audit.id is not None
+        defaults = (job.state, job.attempt, job.revision, job.cancel_requested, job.variables)
+        assert defaults == ("pending", 0, 1, False, {})
+        statements: list[str] = []
+
+        def record(_connection: object, _cursor: object, statement: str, *_rest: object) -> None:
+            statements.append(statement)
+
+        engine = db.engine
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            db.session.commit()
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert not [s for s in statements if s.lstrip().upper().startswith(("INSERT", "UPDATE"))]
+    with app.app_context():
+        stored = db.session.get(Job, "job-1")
+        assert stored is not None and stored.revision == 1 and stored.created_at is not None
+        assert [a.number for a in stored.attempts] == [1]
+        moves = db.session.scalars(select(JobEvent).order_by(JobEvent.id)).all()
+        assert [m.to_state for m in moves] == ["queued", "running"]
+        submitted = select(AuditEvent.details).where(AuditEvent.action == "job.submitted")
+        assert db.session.scalars(submitted).one() == {"k": "v"}
+
+
+def test_a_rollback_after_the_inserts_leaves_nothing(app: Flask, project: tuple[str, str]):
+    with app.test_request_context():
+        db.session.add(new_job(project))
+        insert_new(db.session)
+        db.session.rollback()
+    with app.app_context():
+        assert db.session.get(Job, "job-1") is None
+
+
+def test_a_broken_foreign_key_is_refused_at_once(app: Flask, project: tuple[str, str]):
+    with app.test_request_context():
+        db.session.add(new_job(("acme", "no-such-project")))
+        with pytest.raises(IntegrityError):
+            insert_new(db.session)
+        db.session.rollback()
