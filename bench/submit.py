@@ -1,6 +1,6 @@
 """How fast is ``POST /api/v1/jobs`` next to a bare Flask + SQLAlchemy endpoint that inserts one row and publishes?
 
-    .venv/bin/python bench/submit.py [--seconds 10] [--clients 16] [--workers 2] [--rounds 5]
+    .venv/bin/python bench/submit.py [--seconds 10] [--clients 16] [--workers 2] [--threads 1] [--rounds 5]
                                      [--backends sqlite,mariadb] [--distinct] [--no-publish]
 
 For each database (an SQLite file; a throwaway MariaDB server started like the test fixture), the control
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="threads per gunicorn worker, both apps (1: sync)")
     parser.add_argument("--rounds", type=int, default=5, help="alternate the two endpoints this many times")
     parser.add_argument("--backends", default="sqlite,mariadb")
     parser.add_argument(
