@@ -1,4 +1,4 @@
-"""insert_new: the session's new objects written with plain INSERTs, in order, and kept as persistent objects."""
+"""commit_new: the session's new objects written with plain INSERTs in order, committed, kept as persistent."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from app.audit.models import AuditEvent
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs.models import Job, JobAttempt, JobEvent
-from app.rows import insert_new
+from app.rows import commit_new
 from app.tenants import service as tenants
 
 
@@ -40,25 +40,30 @@ def test_new_objects_are_written_in_key_order_with_their_defaults_and_kept_persi
         attempt = JobAttempt(job_id=job.id, tenant_id="acme", number=1, queued_at=now)
         audit = AuditEvent(action="job.submitted", outcome="success", tenant_id="acme", details={"k": "v"})
         db.session.add_all([first, second, attempt, audit, job])
-        assert insert_new(db.session) == 5
-        assert not db.session.new
+        statements: list[str] = []
+
+        def record(_connection: object, _cursor: object, statement: str, *_rest: object) -> None:
+            statements.append(statement.split()[0].upper() + " " + statement.split()[2])
+
+        engine = db.engine
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            assert commit_new(db.session) == 5
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        # one INSERT each and nothing else; parents first; within a table, in the order of the adds
+        assert sorted(statements) == sorted(
+            ["INSERT audit_events", "INSERT jobs", "INSERT job_events", "INSERT job_events", "INSERT job_attempts"]
+        )
+        assert statements.index("INSERT jobs") < min(
+            statements.index(t) for t in statements if t.startswith("INSERT job_")
+        )
+        assert not db.session.new and not db.session.dirty
         assert all(inspect(o).persistent for o in (job, first, second, attempt, audit))
         assert first.id is not None and second.id is not None and first.id < second.id
         assert attempt.id is not None and audit.id is not None
         defaults = (job.state, job.attempt, job.revision, job.cancel_requested, job.variables)
         assert defaults == ("pending", 0, 1, False, {})
-        statements: list[str] = []
-
-        def record(_connection: object, _cursor: object, statement: str, *_rest: object) -> None:
-            statements.append(statement)
-
-        engine = db.engine
-        event.listen(engine, "before_cursor_execute", record)
-        try:
-            db.session.commit()
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
-        assert not [s for s in statements if s.lstrip().upper().startswith(("INSERT", "UPDATE"))]
     with app.app_context():
         stored = db.session.get(Job, "job-1")
         assert stored is not None and stored.revision == 1 and stored.created_at is not None
@@ -69,18 +74,13 @@ def test_new_objects_are_written_in_key_order_with_their_defaults_and_kept_persi
         assert db.session.scalars(submitted).one() == {"k": "v"}
 
 
-def test_a_rollback_after_the_inserts_leaves_nothing(app: Flask, project: tuple[str, str]):
+def test_a_broken_foreign_key_writes_nothing(app: Flask, project: tuple[str, str]):
     with app.test_request_context():
-        db.session.add(new_job(project))
-        insert_new(db.session)
+        db.session.add(AuditEvent(action="job.submitted", outcome="success", tenant_id="acme"))
+        db.session.add(new_job(("acme", "no-such-project")))
+        with pytest.raises(IntegrityError):
+            commit_new(db.session)
         db.session.rollback()
     with app.app_context():
         assert db.session.get(Job, "job-1") is None
-
-
-def test_a_broken_foreign_key_is_refused_at_once(app: Flask, project: tuple[str, str]):
-    with app.test_request_context():
-        db.session.add(new_job(("acme", "no-such-project")))
-        with pytest.raises(IntegrityError):
-            insert_new(db.session)
-        db.session.rollback()
+        assert db.session.scalars(select(AuditEvent).where(AuditEvent.action == "job.submitted")).all() == []
