@@ -9,10 +9,10 @@ code that builds them stays ordinary ORM code; and it holds the write lock only 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Insert, Table, inspect
-from sqlalchemy.orm import Session, make_transient_to_detached, scoped_session
+from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.extensions import Base
@@ -33,13 +33,12 @@ def _default(column: Any) -> tuple[bool, Any]:
     return False, None  # a sequence or an SQL expression: the database fills it in
 
 
-def _values(obj: Base) -> tuple[Table, dict[str, Any], dict[str, Any]]:
-    """The object's table, the INSERT's parameters by column key, and the values to keep by attribute key."""
+def _values(obj: Base) -> tuple[Mapper[Any], dict[str, Any], dict[str, Any]]:
+    """The object's mapper, the INSERT's parameters by column key, and the values to keep by attribute key."""
     state = inspect(obj)
     mapper = state.mapper
     if mapper.inherits is not None or mapper.local_table is not mapper.persist_selectable:
-        raise TypeError(f"insert_new writes only plain one-table objects, not {type(obj).__name__}")
-    table = mapper.local_table
+        raise TypeError(f"commit_new writes only plain one-table objects, not {type(obj).__name__}")
     parameters: dict[str, Any] = {}
     attributes: dict[str, Any] = {}
     for prop in mapper.column_attrs:
@@ -52,7 +51,7 @@ def _values(obj: Base) -> tuple[Table, dict[str, Any], dict[str, Any]]:
                 continue
         parameters[column.key] = value
         attributes[prop.key] = value
-    return table, parameters, attributes  # type: ignore[return-value]
+    return mapper, parameters, attributes
 
 
 def commit_new(session: Session | scoped_session[Any]) -> int:
@@ -70,16 +69,16 @@ def commit_new(session: Session | scoped_session[Any]) -> int:
         if obj in session:  # expunging an object expunges what it cascades to
             session.expunge(obj)
     connection = session.connection()
-    for obj, table, parameters, attributes in rows:
+    for _obj, mapper, parameters, attributes in rows:
+        table = cast(Table, mapper.local_table)
         statement = _INSERTS.get(table)
         if statement is None:
             statement = _INSERTS[table] = table.insert()
         result = connection.execute(statement, parameters)
-        mapper = inspect(obj).mapper
         for column, value in zip(table.primary_key.columns, result.inserted_primary_key or (), strict=False):
             attributes[mapper.get_property_by_column(column).key] = value
     session.commit()
-    for obj, _table, _parameters, attributes in rows:
+    for obj, _mapper, _parameters, attributes in rows:
         if obj in session:  # brought back by a parent's cascade: it comes back as persistent instead
             session.expunge(obj)
         for key, value in attributes.items():

@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Engine
@@ -48,12 +47,12 @@ class Receipts:
         self._pid = os.getpid()
         atexit.register(self.close)
 
-    def add(self, attempt_id: int, at: datetime | None = None) -> None:
-        """Note that ``attempt_id``'s message was sent (at ``at``); it is written within ``every`` seconds."""
+    def add(self, attempt_id: int) -> None:
+        """Note that ``attempt_id``'s message was sent now; it is written within ``every`` seconds."""
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's thread and receipts are not ours
                 self._pid, self._waiting, self._writer = os.getpid(), [], None
-            self._waiting.append({"receipt_id": attempt_id, "receipt_at": at or utcnow()})
+            self._waiting.append({"receipt_id": attempt_id, "receipt_at": utcnow()})
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._write_while_any, name="publish-receipts", daemon=True)
                 self._writer.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -108,13 +109,24 @@ def transition(
     # A stored job is moved with two plain statements on the session's connection (the ORM's bulk-update and
     # unit-of-work machinery cost more than the statements themselves on the hot path of every job); one
     # born in this transaction is not written yet, so its own INSERT carries the new state and its event.
-    born = inspect(job).pending
-    if born:
+    if inspect(job).pending:
         for key, value in values.items():
             setattr(job, key, value)
+        db.session.add(JobEvent(**_event(job, current, target, reason, actor, now)))
     else:
         _update(job, current, values, where)
-    event = {
+        db.session.connection().execute(insert(JobEvent).values(**_event(job, current, target, reason, actor, now)))
+    note_state(job)  # the live event, published when the transaction commits
+    if target in FINAL_STATES and job.started_at is not None:  # observed by /metrics when this commits
+        seconds = max(0.0, (now - job.started_at).total_seconds())
+        db.session.info.setdefault(FINISHED_JOBS, []).append((target.value, seconds))
+
+
+def _event(
+    job: Job, current: JobState, target: JobState, reason: str | None, actor: str | None, now: datetime
+) -> dict[str, Any]:
+    """The JobEvent row of a move, once the job carries its new attempt number."""
+    return {
         "job_id": job.id,
         "tenant_id": job.tenant_id,
         "attempt": job.attempt,
@@ -124,14 +136,6 @@ def transition(
         "actor": actor,
         "created_at": now,
     }
-    if born:
-        db.session.add(JobEvent(**event))
-    else:
-        db.session.connection().execute(insert(JobEvent).values(**event))
-    note_state(job)  # the live event, published when the transaction commits
-    if target in FINAL_STATES and job.started_at is not None:  # observed by /metrics when this commits
-        seconds = max(0.0, (now - job.started_at).total_seconds())
-        db.session.info.setdefault(FINISHED_JOBS, []).append((target.value, seconds))
 
 
 def _update(job: Job, current: JobState, values: dict[str, Any], where: tuple[ColumnElement[bool], ...]) -> None:
