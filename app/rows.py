@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, inspect
+from sqlalchemy import Insert, Table, Update, bindparam, inspect
 from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -86,3 +86,51 @@ def commit_new(session: Session | scoped_session[Any]) -> int:
         make_transient_to_detached(obj)
         session.add(obj)
     return len(rows)
+
+
+_UPDATES: dict[tuple[Table, tuple[str, ...], tuple[str, ...]], Update] = {}  # fenced UPDATEs, built once each
+
+
+def _fenced_statement(table: Table, guards: tuple[str, ...], keys: tuple[str, ...]) -> Update:
+    """``UPDATE table SET keys WHERE primary key AND guards``, with bound parameters, built once per shape."""
+    shape = (table, guards, keys)
+    statement = _UPDATES.get(shape)
+    if statement is None:
+        where = [column == bindparam(f"pk_{column.key}") for column in table.primary_key.columns]
+        where += [table.c[key] == bindparam(f"was_{key}") for key in guards]
+        statement = _UPDATES[shape] = (
+            table.update().where(*where).values({table.c[key]: bindparam(f"set_{key}") for key in keys})
+        )
+    return statement
+
+
+def update_fenced(
+    session: Session | scoped_session[Any], obj: Base, values: dict[str, Any], guards: dict[str, Any]
+) -> bool:
+    """Write ``values`` to a stored object's row now, only where its columns still hold ``guards``; True if it did.
+
+    One plain UPDATE (cached per shape) on the session's connection, without the unit of work; on success the
+    object carries the new values as committed ones, so the commit's flush does not write them again.
+    Attribute keys must equal column keys (true of every model here).
+    """
+    state = inspect(obj)
+    table = cast(Table, state.mapper.local_table)
+    statement = _fenced_statement(table, tuple(guards), tuple(values))
+    parameters = {f"pk_{column.key}": state.dict[column.key] for column in table.primary_key.columns}
+    parameters.update({f"was_{key}": value for key, value in guards.items()})
+    parameters.update({f"set_{key}": value for key, value in values.items()})
+    if session.connection().execute(statement, parameters).rowcount != 1:
+        return False
+    for key, value in values.items():
+        set_committed_value(obj, key, value)
+    return True
+
+
+def insert_row(session: Session | scoped_session[Any], model: type[Base], values: dict[str, Any]) -> Any:
+    """INSERT one row of ``model`` now (its columns' defaults fill the rest); returns its primary key value."""
+    table = cast(Table, model.__table__)
+    statement = _INSERTS.get(table)
+    if statement is None:
+        statement = _INSERTS[table] = table.insert()
+    key = session.connection().execute(statement, values).inserted_primary_key
+    return key[0] if key else None

@@ -93,7 +93,10 @@ def make_agent(settings: AgentSettings) -> Agent:
     def run_job(self: Task, *args: Any, **kwargs: Any) -> str:
         """Verify a job message before anything runs, then claim and run it."""
         task_id = str(self.request.id)
-        deliveries = _count_delivery(valkey, task_id)
+        # A first delivery costs the broker nothing: only one the broker gave back (its worker died, or never
+        # acknowledged it within the visibility timeout) carries ``redelivered`` and is counted.
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        deliveries = _count_delivery(valkey, task_id) if redelivered else 1
         try:
             if deliveries > settings.poison_limit:
                 raise EnvelopeRefused(
@@ -107,12 +110,14 @@ def make_agent(settings: AgentSettings) -> Agent:
         except EnvelopeRefused as refusal:
             log.warning("refused message %s: %s (%s)", task_id, refusal, refusal.reason)
             report_refusal(client, settings.agent_id, refusal, task_id)
-            _forget_delivery(valkey, task_id)
+            if redelivered:
+                _forget_delivery(valkey, task_id)
             return f"refused: {refusal.reason}"
         try:
             return runner.run(envelope)
         finally:
-            _forget_delivery(valkey, task_id)
+            if redelivered:
+                _forget_delivery(valkey, task_id)
 
     def on_unknown(sender: Any = None, name: str = "", id: str = "", **extra: Any) -> None:
         refusal = EnvelopeRefused("unknown_task", f"a message for the unknown task {name!r} was dropped")
@@ -139,15 +144,16 @@ def _claims_of(task_id: str) -> dict[str, Any]:
 
 
 def _count_delivery(valkey: redis.Redis, task_id: str) -> int:
-    """Count one more delivery of a message that has not finished; 1 when the broker cannot be asked."""
+    """Count one more delivery of a redelivered message that has not finished (the first one counts too);
+    2 when the broker cannot be asked."""
     try:
         pipe = valkey.pipeline()
         pipe.incr(deliveries_key(task_id))
         pipe.expire(deliveries_key(task_id), DELIVERIES_TTL)
-        return int(pipe.execute()[0])
+        return 1 + int(pipe.execute()[0])
     except redis.RedisError:
         log.warning("could not count the deliveries of %s", task_id)
-        return 1
+        return 2
 
 
 def _forget_delivery(valkey: redis.Redis, task_id: str) -> None:

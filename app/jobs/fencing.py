@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import and_, bindparam, func, select
 
 import probe.results
 from app.agents.models import Agent
@@ -17,10 +17,11 @@ from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt, TaskResult
 from app.jobs.schemas import StatusReport, TaskReport, TaskResultIn
-from app.jobs.service import scoped
+from app.jobs.service import visible
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
 from app.logs.service import append_lines
 from app.realtime.events import note_task
+from app.rows import insert_row, update_fenced
 from app.tenants.models import Project
 
 STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
@@ -33,8 +34,22 @@ NOT_REGISTERED = "agent '{agent}' is not registered: register before claiming jo
 WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platform}"
 
 
-def _attempt(job: Job, number: int) -> JobAttempt | None:
-    return db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == number))
+# The job with one of its attempts, in one statement built once; claims add what they check of the agent and project.
+_JOB_AND_ATTEMPT = (
+    select(Job, JobAttempt)
+    .outerjoin(JobAttempt, and_(JobAttempt.job_id == Job.id, JobAttempt.number == bindparam("number")))
+    .where(Job.id == bindparam("job_id"))
+)
+_FOR_CLAIM = (
+    _JOB_AND_ATTEMPT.add_columns(Agent.platform, Agent.project_id, Project.max_running_jobs)
+    .outerjoin(Agent, and_(Agent.tenant_id == Job.tenant_id, Agent.id == bindparam("agent_id")))
+    .outerjoin(Project, and_(Project.tenant_id == Job.tenant_id, Project.id == Job.project_id))
+)
+_RESULT = select(TaskResult).where(
+    TaskResult.job_id == bindparam("job_id"),
+    TaskResult.attempt == bindparam("attempt"),
+    TaskResult.name == bindparam("name"),
+)
 
 
 def _lease() -> tuple[datetime, datetime]:
@@ -47,9 +62,12 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
 
     ``task`` names the workflow's first task, which the agent starts right after the claim.
     """
-    job = scoped(caller, job_id)
-    agent = db.session.get(Agent, (caller.tenant_id, caller.agent_id))
-    if agent is None:
+    parameters = {"job_id": job_id, "number": attempt, "agent_id": caller.agent_id}  # the agent: in the job's tenant
+    found = db.session.execute(_FOR_CLAIM, parameters).one_or_none()
+    job = visible(caller, job_id, found[0] if found is not None else None)
+    assert found is not None
+    row, agent_platform, agent_project, max_running = found[1:]
+    if agent_platform is None:
         raise Conflict(NOT_REGISTERED.format(agent=caller.agent_id), code="agent_not_registered")
     if job.agent_id is not None and job.agent_id != caller.agent_id:
         raise deny(caller, PINNED_ELSEWHERE.format(job_id=job.id), job_id=job.id)
@@ -57,25 +75,27 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
         raise Conflict(STALE_ATTEMPT.format(attempt=attempt, job_id=job.id, current=job.attempt), code="stale_attempt")
     if job.cancel_requested or job.state == JobState.CANCELLED.value:
         raise Conflict(CANCELLED.format(job_id=job.id), code="job_cancelled", state=job.state)
-    if agent.platform != job.platform or agent.project_id != job.project_id:
+    if agent_platform != job.platform or agent_project != job.project_id:
         raise Conflict(
-            WRONG_PLATFORM.format(job_id=job.id, platform=job.platform, agent_platform=agent.platform),
+            WRONG_PLATFORM.format(job_id=job.id, platform=job.platform, agent_platform=agent_platform),
             code="wrong_agent",
         )
-    row = _attempt(job, attempt)
     now, expires = _lease()
-    # Serialize the claims of one project (a row lock on MariaDB; SQLite has a single writer anyway).
-    project = db.session.scalar(
-        select(Project).where(Project.tenant_id == job.tenant_id, Project.id == job.project_id).with_for_update()
-    )
+    if max_running is not None:
+        # Serialize the claims of a limited project (a row lock on MariaDB; SQLite has a single writer anyway).
+        max_running = db.session.scalar(
+            select(Project.max_running_jobs)
+            .where(Project.tenant_id == job.tenant_id, Project.id == job.project_id)
+            .with_for_update()
+        )
     transition(
         job,
         JobState.RUNNING,
         actor=caller.subject,
-        where=(Job.cancel_requested.is_(False),),
+        guards={"cancel_requested": False},
         started_at=job.started_at or now,
     )
-    if project is not None and project.max_running_jobs is not None:
+    if max_running is not None:
         running = (
             db.session.scalar(
                 select(func.count())
@@ -88,11 +108,9 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
             )
             or 0
         )
-        if running > project.max_running_jobs:
+        if running > max_running:
             db.session.rollback()
-            raise Conflict(
-                AT_CAPACITY.format(project=job.project_id, limit=project.max_running_jobs), code="project_at_capacity"
-            )
+            raise Conflict(AT_CAPACITY.format(project=job.project_id, limit=max_running), code="project_at_capacity")
     assert row is not None  # a queued job always has its current attempt
     transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
     if task is not None:
@@ -111,35 +129,37 @@ def _task_finished(job: Job, result: TaskResult) -> None:
     note_task(job, result.attempt, result.name, result.status)
 
 
-def _fenced(caller: Principal, job: Job, number: int) -> JobAttempt:
-    row = _attempt(job, number)
+def fenced(caller: Principal, job_id: str, number: int) -> tuple[Job, JobAttempt]:
+    """The job (scoped to the caller: 404 otherwise) and its attempt ``number``, which must be the caller's own
+    (403) and the job's current one (409 ``stale_attempt``); read in one statement."""
+    found = db.session.execute(_JOB_AND_ATTEMPT, {"job_id": job_id, "number": number}).one_or_none()
+    job = visible(caller, job_id, found[0] if found is not None else None)
+    assert found is not None
+    row: JobAttempt | None = found[1]
     if row is None:
         raise Conflict(STALE_ATTEMPT.format(attempt=number, job_id=job.id, current=job.attempt), code="stale_attempt")
     if row.agent_id != caller.agent_id:
         raise deny(caller, NOT_YOURS.format(attempt=number, job_id=job.id), job_id=job.id)
     if number != job.attempt:
         raise Conflict(STALE_ATTEMPT.format(attempt=number, job_id=job.id, current=job.attempt), code="stale_attempt")
-    return row
+    return job, row
 
 
 def _store_result(job: Job, number: int, report: TaskResultIn) -> tuple[TaskResult, bool]:
     """Insert or update one task's result of attempt ``number``; return it and whether it is new."""
-    result = db.session.scalar(
-        select(TaskResult).where(
-            TaskResult.job_id == job.id, TaskResult.attempt == number, TaskResult.name == report.name
-        )
-    )
-    created = result is None
-    if result is None:
-        result = TaskResult(job_id=job.id, attempt=number, name=report.name)
-        db.session.add(result)
+    result = db.session.scalar(_RESULT, {"job_id": job.id, "attempt": number, "name": report.name})
     fields = report.model_dump(include=set(TaskResultIn.model_fields) - {"name"})
     fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
-    for key, value in fields.items():
-        setattr(result, key, value)
-    if created:  # a repeated report (a retry after a lost answer) is not a second event
-        _task_finished(job, result)
-    return result, created
+    if result is not None:  # a repeated report (a retry after a lost answer): updated, not a second event
+        for key, value in fields.items():
+            setattr(result, key, value)
+        return result, False
+    # A new result is one plain INSERT (the unit of work would cost more than the statement).
+    values = {"job_id": job.id, "attempt": number, "name": report.name, "reported_at": utcnow(), **fields}
+    result = TaskResult(**values)  # not added to the session: only read back to answer the request
+    result.id = insert_row(db.session, TaskResult, values)
+    _task_finished(job, result)
+    return result, True
 
 
 def _still_running(job: Job, row: JobAttempt) -> None:
@@ -153,21 +173,19 @@ def _still_running(job: Job, row: JobAttempt) -> None:
 
 def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[TaskResult, bool]:
     """Store one task's result of the caller's current attempt; return it and whether it is new."""
-    job = scoped(caller, job_id)
-    row = _fenced(caller, job, report.attempt)
+    job, row = fenced(caller, job_id, report.attempt)
     _still_running(job, row)
     result, created = _store_result(job, row.number, report)
     if report.next_task is not None:
         _task_started(job, row.number, report.next_task)
-    row.lease_expires_at = _lease()[1]  # a report is a sign of life too
+    update_fenced(db.session, row, {"lease_expires_at": _lease()[1]}, {})  # a report is a sign of life too
     db.session.commit()
     return result, created
 
 
 def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Job:
     """Apply the state an agent reports for its current attempt; ``running`` only renews the lease."""
-    job = scoped(caller, job_id)
-    row = _fenced(caller, job, report.attempt)
+    job, row = fenced(caller, job_id, report.attempt)
     target = report.state
     if row.state == target and job.state == target:
         return job  # a retried report of the same final state
@@ -178,7 +196,7 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
         append_lines(job, row.number, report.logs)
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
-        row.lease_expires_at = expires
+        update_fenced(db.session, row, {"lease_expires_at": expires}, {})
         db.session.commit()
         return job
     transition_attempt(row, AttemptState(target), finished_at=now, error=report.error)

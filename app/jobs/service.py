@@ -39,12 +39,17 @@ NOT_CLAIMED_BY_YOU = "an agent may read only the jobs it claimed"
 def scoped(caller: Principal, job_id: str) -> Job:
     """Return the job if the caller's tenant (and project) can see it; 404 exactly as if it did not exist."""
     job = db.session.get(Job, job_id)
-    visible = (
+    return visible(caller, job_id, job)
+
+
+def visible(caller: Principal, job_id: str, job: Job | None) -> Job:
+    """Return ``job`` (read by id ``job_id``) if the caller can see it; 404 exactly as if it did not exist."""
+    seen = (
         job is not None
         and job.tenant_id == caller.tenant_id
         and (caller.project_id is None or job.project_id == caller.project_id)
     )
-    if not visible:
+    if not seen:
         if job is not None:
             audit.record_refusal(action="access.cross_tenant", principal=caller, target_type="job", target_id=job_id)
         raise NotFound(NOT_FOUND.format(kind="job", id=job_id))

@@ -6,14 +6,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, inspect, update
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy import inspect
 
 from app.columns import utcnow
 from app.errors import Conflict
 from app.extensions import db
 from app.jobs.models import Job, JobAttempt, JobEvent
 from app.realtime.events import note_state
+from app.rows import insert_row, update_fenced
 
 FINISHED_JOBS = "automation.metrics.finished_jobs"  # session.info: (state, seconds run) of jobs ended meanwhile
 INVALID_TRANSITION = "job {job_id} is {current}; it cannot become {target}"
@@ -89,13 +89,14 @@ def transition(
     *,
     reason: str | None = None,
     actor: str | None = None,
-    where: tuple[ColumnElement[bool], ...] = (),
+    guards: dict[str, Any] | None = None,
     **values: Any,
 ) -> None:
     """Move ``job`` to ``target`` atomically, or raise Conflict (409) if that is illegal or lost a race.
 
-    The row is updated only if it still has the state and attempt it was read with (and every ``where``
-    condition holds), so two concurrent requests can never both win. Records a JobEvent and notes the live event.
+    The row is updated only if it still has the state and attempt it was read with (and the columns named in
+    ``guards`` still hold those values), so two concurrent requests can never both win. Records a JobEvent and
+    notes the live event.
     """
     current = JobState(job.state)
     if target not in JOB_TRANSITIONS[current]:
@@ -114,8 +115,10 @@ def transition(
             setattr(job, key, value)
         db.session.add(JobEvent(**_event(job, current, target, reason, actor, now)))
     else:
-        _update(job, current, values, where)
-        db.session.connection().execute(insert(JobEvent).values(**_event(job, current, target, reason, actor, now)))
+        fence = {"state": current.value, "attempt": job.attempt, **(guards or {})}
+        if not update_fenced(db.session, job, values, fence):
+            raise Conflict(CHANGED_MEANWHILE.format(job_id=job.id), code="concurrent_update")
+        insert_row(db.session, JobEvent, _event(job, current, target, reason, actor, now))
     note_state(job)  # the live event, published when the transaction commits
     if target in FINAL_STATES and job.started_at is not None:  # observed by /metrics when this commits
         seconds = max(0.0, (now - job.started_at).total_seconds())
@@ -138,19 +141,6 @@ def _event(
     }
 
 
-def _update(job: Job, current: JobState, values: dict[str, Any], where: tuple[ColumnElement[bool], ...]) -> None:
-    """Write a stored job's move, fenced by the state and attempt it was read with; Conflict if it lost a race."""
-    statement = (
-        update(Job)
-        .where(Job.id == job.id, Job.state == current.value, Job.attempt == job.attempt, *where)
-        .values(**values)
-    )
-    if db.session.connection().execute(statement).rowcount != 1:
-        raise Conflict(CHANGED_MEANWHILE.format(job_id=job.id), code="concurrent_update")
-    for key, value in values.items():
-        set_committed_value(job, key, value)  # already written: do not let the flush write it again
-
-
 def transition_attempt(attempt: JobAttempt, target: AttemptState, **values: Any) -> None:
     """Move an attempt to ``target``, or raise Conflict (409) when its state does not allow it."""
     current = AttemptState(attempt.state)
@@ -160,6 +150,13 @@ def transition_attempt(attempt: JobAttempt, target: AttemptState, **values: Any)
             code="invalid_transition",
             state=current.value,
         )
-    attempt.state = target.value
+    values = {"state": target.value, **values}
+    if inspect(attempt).persistent:  # written now, fenced by the state it was read with
+        if not update_fenced(db.session, attempt, values, {"state": current.value}):
+            raise Conflict(
+                f"attempt {attempt.number} of job {attempt.job_id} changed while the request was handled",
+                code="concurrent_update",
+            )
+        return
     for key, value in values.items():
         setattr(attempt, key, value)

@@ -11,8 +11,7 @@ from flask import current_app
 from app.auth.tokens import Principal
 from app.errors import Conflict, PayloadTooLarge
 from app.extensions import db
-from app.jobs.fencing import ATTEMPT_OVER, _fenced
-from app.jobs.service import scoped
+from app.jobs.fencing import ATTEMPT_OVER, fenced
 from app.jobs.states import AttemptState
 from app.logs.schemas import LogLineIn
 from app.logs.service import append_lines
@@ -29,8 +28,7 @@ def receive_lines(*, caller: Principal, job_id: str, attempt: int, lines: list[L
         Conflict: the attempt is not the job's current one, or it is over (``stale_attempt``).
         PayloadTooLarge: more lines than LOG_BATCH_MAX_LINES.
     """
-    job = scoped(caller, job_id)
-    row = _fenced(caller, job, attempt)
+    job, row = fenced(caller, job_id, attempt)
     if row.state != AttemptState.RUNNING.value:
         raise Conflict(
             ATTEMPT_OVER.format(attempt=row.number, job_id=job.id, state=row.state),

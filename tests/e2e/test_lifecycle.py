@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import textwrap
 import time
 from datetime import UTC, datetime, timedelta
@@ -84,12 +85,31 @@ def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lett
     operator = platform.token("operator", tenant, project)
     marker = tmp_path / "poison"
     job_id = platform.submit(operator, marker_workflow(str(marker)), agent_id="v1")["job_id"]
-    # Three earlier deliveries of this message started and never finished: each crashed its agent.
-    platform.valkey.client().set(deliveries_key(f"{job_id}:1"), 3)
+    # Three earlier deliveries of this message started and never finished: each crashed its agent, and the
+    # broker gave the message back each time (as kombu restores an unacknowledged one: flagged redelivered).
+    valkey = platform.valkey.client()
+    wait_until(lambda: valkey.keys(f"agent.{tenant}.v1*"), timeout=10)
+    (queue,) = valkey.keys(f"agent.{tenant}.v1*")
+    message = json.loads(valkey.rpop(queue))
+    message["headers"]["redelivered"] = True
+    message["properties"]["delivery_info"]["redelivered"] = True
+    valkey.rpush(queue, json.dumps(message))
+    valkey.set(deliveries_key(f"{job_id}:1"), 2)  # the first delivery is not counted, the two after it are
     platform.start_agent(tenant, project, "v1")
     dead = platform.wait_for(operator, job_id, {"dead_letter"}, timeout=15)
     assert dead["dead_letter_reason"] == "poison" and "crashes agents" in dead["error"]
     assert not marker.exists()
+
+
+def test_a_first_delivery_is_not_counted_in_the_broker(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "f1")
+    operator = platform.token("operator", tenant, project)
+    marker = tmp_path / "ran"
+    job_id = platform.submit(operator, marker_workflow(str(marker), sleep=2), agent_id="f1")["job_id"]
+    wait_until(marker.exists, timeout=15, what="the job starting")
+    assert platform.valkey.client().exists(deliveries_key(f"{job_id}:1")) == 0  # not even while it runs
+    assert platform.wait_for(operator, job_id, {"completed"})["state"] == "completed"
 
 
 def test_jobs_over_a_projects_running_limit_wait_queued_and_all_run(platform: Platform, tmp_path):
