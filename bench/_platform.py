@@ -85,7 +85,8 @@ class BenchPlatform(Platform):
 
     def start_web(self) -> None:
         """Start gunicorn as the Procfile's ``web`` line does: ``web_workers`` processes of ``web_threads`` threads."""
-        argv = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.web_workers)]
+        argv = [str(BIN / "gunicorn"), "-c", "python:app.system.gunicorn", "--bind", f"127.0.0.1:{self.port}"]
+        argv += ["--workers", str(self.web_workers)]
         argv += ["--threads", str(self.web_threads), "--access-logfile", "-", "app:create_app()"]
         self.process("web").start(
             argv,

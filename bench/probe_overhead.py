@@ -84,8 +84,15 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -
     """Return a callable that runs ``argv`` with its output discarded and fails loudly on a non-zero exit."""
 
     def run() -> None:
-        code = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, check=False).returncode
+        code = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        ).returncode
         if code != 0:
             raise BenchError(f"{' '.join(argv)} exited {code}")
 
@@ -111,8 +118,18 @@ def ensure_ansible() -> Path:
             note(f"creating a virtualenv for ansible-core at {ANSIBLE_VENV} with {python} (one-off)")
             subprocess.run([python, "-m", "venv", str(ANSIBLE_VENV)], check=True)
         note(f"installing ansible-core into {ANSIBLE_VENV} with pip (one-off, about a minute)")
-        subprocess.run([str(ANSIBLE_VENV / "bin" / "python"), "-m", "pip", "install",
-                        "--disable-pip-version-check", "ansible-core"], check=True, stdout=sys.stderr)
+        subprocess.run(
+            [
+                str(ANSIBLE_VENV / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "ansible-core",
+            ],
+            check=True,
+            stdout=sys.stderr,
+        )
     except subprocess.CalledProcessError as exc:
         raise BenchError(f"installing ansible-core failed: {exc}") from exc
     if not playbook.exists():
@@ -123,18 +140,20 @@ def ensure_ansible() -> Path:
 def ansible_env(home: Path) -> dict[str, str]:
     """The environment for ansible-playbook: quiet, no retry files or host-key prompts, state kept in ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-    env.update({
-        "ANSIBLE_HOME": str(home),
-        "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
-        "ANSIBLE_RETRY_FILES_ENABLED": "False",
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
-        "ANSIBLE_FORKS": "1",
-        "ANSIBLE_PIPELINING": "True",  # Ansible's own advice for speed: give it its best ordinary setting
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_DEPRECATION_WARNINGS": "False",
-        "ANSIBLE_LOCALHOST_WARNING": "False",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-    })
+    env.update(
+        {
+            "ANSIBLE_HOME": str(home),
+            "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
+            "ANSIBLE_RETRY_FILES_ENABLED": "False",
+            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            "ANSIBLE_FORKS": "1",
+            "ANSIBLE_PIPELINING": "True",  # Ansible's own advice for speed: give it its best ordinary setting
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_DEPRECATION_WARNINGS": "False",
+            "ANSIBLE_LOCALHOST_WARNING": "False",
+            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+        }
+    )
     return env
 
 
@@ -188,8 +207,10 @@ def report(tasks: int, times: dict[str, list[float]], ansible: str | None) -> No
         elif key == "ansible":
             speedup = median[key] / median["cli"]
             target = f"{speedup:.1f}x probe CLI (>= {ANSIBLE_TARGET:.0f}x): {verdict(speedup >= ANSIBLE_TARGET)}"
-        line = (f"{label:<22}{len(values):>5}{median[key]:>10.3f}{min(values):>9.3f}"
-                f"{median[key] / tasks * 1000:>9.2f}{median[key] / bare:>8.2f}  {target}")
+        line = (
+            f"{label:<22}{len(values):>5}{median[key]:>10.3f}{min(values):>9.3f}"
+            f"{median[key] / tasks * 1000:>9.2f}{median[key] / bare:>8.2f}  {target}"
+        )
         print(line.rstrip())
     startup = median["cli"] - median["probe"]
     print(f"\nprobe CLI start-up and loading the file (CLI minus in-process): {startup * 1000:.0f} ms")
@@ -201,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200, metavar="N", help="tasks per run (default 200)")
-    parser.add_argument("--repeat", type=int, metavar="R",
-                        help="timed runs of each (default 5 for probe and bare, 3 for ansible)")
+    parser.add_argument(
+        "--repeat", type=int, metavar="R", help="timed runs of each (default 5 for probe and bare, 3 for ansible)"
+    )
     parser.add_argument("--skip-ansible", action="store_true", help="do not install or time ansible-playbook")
     args = parser.parse_args(argv)
     if args.tasks < 1 or (args.repeat is not None and args.repeat < 1):
@@ -243,8 +265,7 @@ def bench(tasks: int, repeat: int, ansible_repeat: int, skip_ansible: bool) -> i
             version = ansible_version(playbook)
             (work / "playbook.yml").write_text(playbook_text(tasks))
             python = ANSIBLE_VENV / "bin" / "python"
-            (work / "inventory").write_text(
-                f"localhost ansible_connection=local ansible_python_interpreter={python}\n")
+            (work / "inventory").write_text(f"localhost ansible_connection=local ansible_python_interpreter={python}\n")
             env = ansible_env(work / "ansible-home")
             argv = [str(playbook), "-i", "inventory", "playbook.yml"]
             note("ansible-playbook: one untimed run to check it runs every task")
