@@ -11,7 +11,7 @@ from app.audit.models import AuditEvent
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs.models import Job, JobAttempt, JobEvent
-from app.rows import commit_new
+from app.rows import commit_new, insert_row, update_fenced
 from app.tenants import service as tenants
 
 
@@ -84,3 +84,35 @@ def test_a_broken_foreign_key_writes_nothing(app: Flask, project: tuple[str, str
     with app.app_context():
         assert db.session.get(Job, "job-1") is None
         assert db.session.scalars(select(AuditEvent).where(AuditEvent.action == "job.submitted")).all() == []
+
+
+def test_update_fenced_writes_only_while_the_guards_hold_and_leaves_nothing_for_the_flush(
+    app: Flask, project: tuple[str, str]
+):
+    with app.test_request_context():
+        job = new_job(project)
+        db.session.add(job)
+        commit_new(db.session)
+        assert update_fenced(db.session, job, {"state": "queued", "attempt": 1}, {"state": "pending", "attempt": 0})
+        assert (job.state, job.attempt) == ("queued", 1)
+        assert not inspect(job).modified  # written already: the commit's flush has nothing to send
+        # the row moved on: a writer that read it as it was changes nothing and is told so
+        assert not update_fenced(db.session, job, {"state": "running"}, {"state": "pending"})
+        assert job.state == "queued"
+        db.session.commit()
+        db.session.expire_all()
+        assert db.session.execute(select(Job.state, Job.attempt).where(Job.id == job.id)).one() == ("queued", 1)
+
+
+def test_insert_row_fills_the_column_defaults_and_returns_the_key(app: Flask, project: tuple[str, str]):
+    with app.test_request_context():
+        job = new_job(project)
+        db.session.add(job)
+        commit_new(db.session)
+        first = insert_row(db.session, JobEvent, {"job_id": job.id, "tenant_id": "acme", "to_state": "queued"})
+        second = insert_row(db.session, JobEvent, {"job_id": job.id, "tenant_id": "acme", "to_state": "running"})
+        db.session.commit()
+        assert isinstance(first, int) and second == first + 1
+        stored = db.session.get(JobEvent, second)
+        assert stored is not None and stored.to_state == "running"
+        assert stored.attempt == 0 and stored.created_at is not None  # the columns' defaults
