@@ -21,6 +21,14 @@ _TABLE_ORDER: dict[Table, int] = {}  # table -> its place in foreign-key order, 
 _INSERTS: dict[Table, Insert] = {}  # table -> its INSERT statement, built once (its cache key with it)
 
 
+def _insert_statement(table: Table) -> Insert:
+    """The table's INSERT statement, built once (its cache key with it)."""
+    statement = _INSERTS.get(table)
+    if statement is None:
+        statement = _INSERTS[table] = table.insert()
+    return statement
+
+
 def _default(column: Any) -> tuple[bool, Any]:
     """(True, the value) the column's Python-side default gives an INSERT, or (False, None) to leave it out."""
     default = column.default
@@ -71,10 +79,7 @@ def commit_new(session: Session | scoped_session[Any]) -> int:
     connection = session.connection()
     for _obj, mapper, parameters, attributes in rows:
         table = cast(Table, mapper.local_table)
-        statement = _INSERTS.get(table)
-        if statement is None:
-            statement = _INSERTS[table] = table.insert()
-        result = connection.execute(statement, parameters)
+        result = connection.execute(_insert_statement(table), parameters)
         for column, value in zip(table.primary_key.columns, result.inserted_primary_key or (), strict=False):
             attributes[mapper.get_property_by_column(column).key] = value
     session.commit()
@@ -129,8 +134,5 @@ def update_fenced(
 def insert_row(session: Session | scoped_session[Any], model: type[Base], values: dict[str, Any]) -> Any:
     """INSERT one row of ``model`` now (its columns' defaults fill the rest); returns its primary key value."""
     table = cast(Table, model.__table__)
-    statement = _INSERTS.get(table)
-    if statement is None:
-        statement = _INSERTS[table] = table.insert()
-    key = session.connection().execute(statement, values).inserted_primary_key
+    key = session.connection().execute(_insert_statement(table), values).inserted_primary_key
     return key[0] if key else None

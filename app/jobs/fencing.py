@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from flask import current_app
-from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy import Executable, and_, bindparam, func, select
 
 import probe.results
 from app.agents.models import Agent
@@ -52,6 +53,14 @@ _RESULT = select(TaskResult).where(
 )
 
 
+def _read(caller: Principal, job_id: str, statement: Executable, parameters: dict[str, Any]) -> tuple[Any, ...]:
+    """Run one of the statements above; its row, with the job first, if the caller may see the job (else 404)."""
+    found = db.session.execute(statement, {"job_id": job_id, **parameters}).one_or_none()
+    visible(caller, job_id, found[0] if found is not None else None)
+    assert found is not None
+    return tuple(found)
+
+
 def _lease() -> tuple[datetime, datetime]:
     now = utcnow()
     return now, now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
@@ -62,11 +71,10 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
 
     ``task`` names the workflow's first task, which the agent starts right after the claim.
     """
-    parameters = {"job_id": job_id, "number": attempt, "agent_id": caller.agent_id}  # the agent: in the job's tenant
-    found = db.session.execute(_FOR_CLAIM, parameters).one_or_none()
-    job = visible(caller, job_id, found[0] if found is not None else None)
-    assert found is not None
-    row, agent_platform, agent_project, max_running = found[1:]
+    # the agent is looked up in the job's tenant, which _read has checked is the caller's
+    job, row, agent_platform, agent_project, max_running = _read(
+        caller, job_id, _FOR_CLAIM, {"number": attempt, "agent_id": caller.agent_id}
+    )
     if agent_platform is None:
         raise Conflict(NOT_REGISTERED.format(agent=caller.agent_id), code="agent_not_registered")
     if job.agent_id is not None and job.agent_id != caller.agent_id:
@@ -132,10 +140,7 @@ def _task_finished(job: Job, result: TaskResult) -> None:
 def fenced(caller: Principal, job_id: str, number: int) -> tuple[Job, JobAttempt]:
     """The job (scoped to the caller: 404 otherwise) and its attempt ``number``, which must be the caller's own
     (403) and the job's current one (409 ``stale_attempt``); read in one statement."""
-    found = db.session.execute(_JOB_AND_ATTEMPT, {"job_id": job_id, "number": number}).one_or_none()
-    job = visible(caller, job_id, found[0] if found is not None else None)
-    assert found is not None
-    row: JobAttempt | None = found[1]
+    job, row = _read(caller, job_id, _JOB_AND_ATTEMPT, {"number": number})  # row: JobAttempt | None
     if row is None:
         raise Conflict(STALE_ATTEMPT.format(attempt=number, job_id=job.id, current=job.attempt), code="stale_attempt")
     if row.agent_id != caller.agent_id:
