@@ -86,8 +86,7 @@ def commit_new(session: Session | scoped_session[Any]) -> int:
     for obj, _mapper, _parameters, attributes in rows:
         if obj in session:  # brought back by a parent's cascade: it comes back as persistent instead
             session.expunge(obj)
-        for key, value in attributes.items():
-            set_committed_value(obj, key, value)
+        inspect(obj).dict.update(attributes)  # as a query loads them: the next line commits them all at once
         make_transient_to_detached(obj)
         session.add(obj)
     return len(rows)

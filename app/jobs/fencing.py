@@ -46,7 +46,7 @@ _FOR_CLAIM = (
     .outerjoin(Agent, and_(Agent.tenant_id == Job.tenant_id, Agent.id == bindparam("agent_id")))
     .outerjoin(Project, and_(Project.tenant_id == Job.tenant_id, Project.id == Job.project_id))
 )
-_RESULT = select(TaskResult).where(
+_RESULT_ID = select(TaskResult.id).where(
     TaskResult.job_id == bindparam("job_id"),
     TaskResult.attempt == bindparam("attempt"),
     TaskResult.name == bindparam("name"),
@@ -152,10 +152,12 @@ def fenced(caller: Principal, job_id: str, number: int) -> tuple[Job, JobAttempt
 
 def _store_result(job: Job, number: int, report: TaskResultIn) -> tuple[TaskResult, bool]:
     """Insert or update one task's result of attempt ``number``; return it and whether it is new."""
-    result = db.session.scalar(_RESULT, {"job_id": job.id, "attempt": number, "name": report.name})
+    found = db.session.connection().execute(_RESULT_ID, {"job_id": job.id, "attempt": number, "name": report.name})
+    existing = found.scalar()
     fields = report.model_dump(include=set(TaskResultIn.model_fields) - {"name"})
     fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
-    if result is not None:  # a repeated report (a retry after a lost answer): updated, not a second event
+    if existing is not None:  # a repeated report (a retry after a lost answer): updated, not a second event
+        result = db.session.get_one(TaskResult, existing)
         for key, value in fields.items():
             setattr(result, key, value)
         return result, False

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import current_app
 from pydantic import ValidationError
-from sqlalchemy import LargeBinary, case, cast, func, insert, select
+from sqlalchemy import LargeBinary, bindparam, case, cast, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.api import describe_errors
@@ -25,6 +25,15 @@ PENDING = "automation.logs.pending"  # session.info key: (sink, documents) to fo
 LINE_CUT = " [… line cut: {dropped} more bytes]"
 MARKER = "[log truncated: {dropped} more lines dropped; limit {lines} lines / {size} bytes per job]"
 INVALID_LINES = "invalid log lines: {message}"
+# Built once (and their cache keys with them): an append runs with every final state report.
+_LOCK_JOB = select(Job.id).where(Job.id == bindparam("job_id")).with_for_update()
+_TOTALS = select(
+    func.count(),
+    func.coalesce(func.sum(func.length(cast(JobLogLine.message, LargeBinary))), 0),
+    func.coalesce(func.max(JobLogLine.seq), 0),
+    func.max(case((JobLogLine.dropped.is_not(None), JobLogLine.id))),
+).where(JobLogLine.job_id == bindparam("job_id"))
+_INSERT = insert(JobLogLine)
 DOCUMENT_FIELDS = ("ts", "tenant_id", "project_id", "job_id", "attempt", "seq", "task", "level", "message")
 
 
@@ -78,15 +87,8 @@ def append_lines(
         return 0
     config = current_app.config
     if not job_locked:  # serialize the appends of one job (a row lock on MariaDB; SQLite has a single writer)
-        db.session.execute(select(Job.id).where(Job.id == job.id).with_for_update())
-    count, size, last, marker_id = db.session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(func.length(cast(JobLogLine.message, LargeBinary))), 0),
-            func.coalesce(func.max(JobLogLine.seq), 0),
-            func.max(case((JobLogLine.dropped.is_not(None), JobLogLine.id))),
-        ).where(JobLogLine.job_id == job.id)
-    ).one()
+        db.session.connection().execute(_LOCK_JOB, {"job_id": job.id})
+    count, size, last, marker_id = db.session.connection().execute(_TOTALS, {"job_id": job.id}).one()
     if marker_id is not None:
         marker = db.session.get(JobLogLine, marker_id)
         assert marker is not None
@@ -104,7 +106,7 @@ def append_lines(
             break
         last, count, size = last + 1, count + 1, size + length
         stored.append(_row(job, attempt, last, line.ts, line.task, line.level, message, now))
-    db.session.connection().execute(insert(JobLogLine), stored)  # one statement, no unit of work
+    db.session.connection().execute(_INSERT, stored)  # one statement, no unit of work
     _forward_after_commit(db.session(), stored)
     return sum(1 for row in stored if row["dropped"] is None)
 
