@@ -12,7 +12,8 @@ pool and concurrency, consuming their own queue on the same Valkey. Then, in one
   claim (the attempt's ``claimed_at``; the server and this script share a clock), interleaved job by job with
   bare Celery's round trip (``send_task`` returning to the no-op task starting, on one worker);
 - throughput with two agents: ``--jobs`` one-task jobs (``command: "true"``) submitted by ``--clients``
-  threads as fast as the server takes them, until all are completed; against ``--bare-tasks`` no-op tasks sent
+  threads as fast as the server takes them, until all are completed (the script counts the jobs' final
+  live events on Valkey, then checks the count through the API); against ``--bare-tasks`` no-op tasks sent
   as fast as possible to two bare workers. Rounds alternate between the two after an untimed warm-up.
 
 Bare tasks carry a payload the size of the platform's signed envelope; each counts itself in Valkey (one
@@ -58,6 +59,7 @@ from _platform import (
 from probe_overhead import machine, verdict
 
 from dispatch.contract import celery_priority
+from dispatch.realtime import tenant_channel
 
 LATENCY_TARGET_MS = 50.0  # p95 of POST returned -> claimed
 RATE_TARGET = 0.20  # platform jobs/s at least this share of bare Celery tasks/s
@@ -169,6 +171,36 @@ class Submitter:
         self.connection.close()
 
 
+class Finished:
+    """Counts the tenant's jobs that reached a final state, from the live events the platform publishes on Valkey.
+
+    The script watches the throughput rounds this way rather than by polling ``GET /api/v1/jobs``, whose count
+    queries would take the web's CPU from the jobs it measures; an operator's ``automation watch`` follows the
+    same events.
+    """
+
+    def __init__(self, valkey_url: str, tenant: str) -> None:
+        self.valkey = redis.Redis.from_url(valkey_url)
+        self.pubsub = self.valkey.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(tenant_channel(tenant))
+        self.states: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._listen, name="finished-jobs", daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        for message in self.pubsub.listen():
+            event = json.loads(message["data"])
+            if event.get("task") is None and event.get("state") in FINAL:
+                with self.lock:
+                    self.states[event["job_id"]] = event["state"]
+
+    def count(self, state: str | None = None) -> int:
+        """How many jobs ended (in ``state``, if given) since the watch began."""
+        with self.lock:
+            return sum(1 for s in self.states.values() if state is None or s == state)
+
+
 class Bare:
     """The sending side of bare Celery, with the platform's settings, to the bare workers' queue."""
 
@@ -249,9 +281,9 @@ def until(total: Callable[[], int], target: int, began: float, poll: float, what
         time.sleep(poll)
 
 
-def platform_round(client: Client, jobs: int, clients: int) -> tuple[float, float]:
+def platform_round(client: Client, finished: Finished, jobs: int, clients: int) -> tuple[float, float]:
     """Submit ``jobs`` jobs from ``clients`` threads at once; return (seconds to submit, seconds to complete)."""
-    baseline = client.count("completed")
+    baseline, api_baseline = finished.count(), client.count("completed")
     errors: list[BaseException] = []
     submitted = [0.0]
     lock = threading.Lock()
@@ -278,7 +310,7 @@ def platform_round(client: Client, jobs: int, clients: int) -> tuple[float, floa
     def completed() -> int:
         if errors:
             raise BenchError(f"a submission failed: {errors[0]}")
-        return client.count("completed")
+        return finished.count()
 
     threads = [threading.Thread(target=submitter, daemon=True) for _ in range(clients)]
     for thread in threads:
@@ -286,13 +318,15 @@ def platform_round(client: Client, jobs: int, clients: int) -> tuple[float, floa
     start.wait()
     began = time.perf_counter()
     try:
-        elapsed = until(completed, baseline + jobs, began, 0.05, "platform jobs completed")
+        elapsed = until(completed, baseline + jobs, began, 0.005, "platform jobs finished")
     finally:
         for thread in threads:
             thread.join()
-    failed = sum(client.count(state) for state in FINAL - {"completed"})
+    failed = finished.count() - finished.count("completed")
     if failed:
         raise BenchError(f"{failed} jobs ended in a state other than completed")
+    if client.count("completed") != api_baseline + jobs:  # the API agrees with the live events
+        raise BenchError(f"the API counts {client.count('completed') - api_baseline} jobs completed, not {jobs}")
     return submitted[0] - began, elapsed
 
 
@@ -310,14 +344,14 @@ Meter = Callable[[], dict[str, float]]  # CPU seconds used so far, by group of p
 
 
 def measure_throughput(
-    client: Client, bare: Bare, meter: Meter, args: argparse.Namespace
+    client: Client, finished: Finished, bare: Bare, meter: Meter, args: argparse.Namespace
 ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
     """Alternate platform and bare rounds (which goes first alternates too), after an untimed warm-up of each.
 
     Returns the rates of each round, and the CPU milliseconds per job (or task) each group of processes used.
     """
     note(f"throughput: warm-up, {max(args.jobs // 5, 10)} jobs and {max(args.bare_tasks // 5, 10)} bare tasks")
-    platform_round(client, max(args.jobs // 5, 10), args.clients)
+    platform_round(client, finished, max(args.jobs // 5, 10), args.clients)
     bare_round(bare, max(args.bare_tasks // 5, 10))
     rates: dict[str, list[float]] = {"platform": [], "bare": [], "submit": [], "send": []}
     cpu: dict[str, list[dict[str, float]]] = {"platform": [], "bare": []}
@@ -328,7 +362,7 @@ def measure_throughput(
             before = meter()
             if which == "platform":
                 items = args.jobs
-                submit, done = platform_round(client, items, args.clients)
+                submit, done = platform_round(client, finished, items, args.clients)
                 rates["platform"].append(items / done)
                 rates["submit"].append(items / submit)
             else:
@@ -461,7 +495,8 @@ def bench(args: argparse.Namespace) -> int:
             note("starting agent a2 and a second bare worker")
             platform.start_agent(tenant, project, "a2", **concurrency)
             workers.add()
-            rates, cpu = measure_throughput(client, bare, meter(platform, workers, valkey), args)
+            finished = Finished(valkey.url, tenant)
+            rates, cpu = measure_throughput(client, finished, bare, meter(platform, workers, valkey), args)
         finally:
             note("stopping every process")
             workers.stop()
