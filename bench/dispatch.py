@@ -25,6 +25,7 @@ non-zero only when something fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -189,11 +190,20 @@ class Finished:
         self.thread.start()
 
     def _listen(self) -> None:
-        for message in self.pubsub.listen():
-            event = json.loads(message["data"])
-            if event.get("task") is None and event.get("state") in FINAL:
-                with self.lock:
-                    self.states[event["job_id"]] = event["state"]
+        try:
+            for message in self.pubsub.listen():
+                event = json.loads(message["data"])
+                if event.get("task") is None and event.get("state") in FINAL:
+                    with self.lock:
+                        self.states[event["job_id"]] = event["state"]
+        except (redis.ConnectionError, ValueError):  # closed at the end of the run (or Valkey stopped)
+            return
+
+    def close(self) -> None:
+        """Stop watching."""
+        with contextlib.suppress(redis.RedisError):
+            self.pubsub.close()
+        self.thread.join(timeout=5)
 
     def count(self, state: str | None = None) -> int:
         """How many jobs ended (in ``state``, if given) since the watch began."""
@@ -496,7 +506,10 @@ def bench(args: argparse.Namespace) -> int:
             platform.start_agent(tenant, project, "a2", **concurrency)
             workers.add()
             finished = Finished(valkey.url, tenant)
-            rates, cpu = measure_throughput(client, finished, bare, meter(platform, workers, valkey), args)
+            try:
+                rates, cpu = measure_throughput(client, finished, bare, meter(platform, workers, valkey), args)
+            finally:
+                finished.close()
         finally:
             note("stopping every process")
             workers.stop()
