@@ -176,7 +176,8 @@ def test_counters_are_added_up_across_gunicorn_workers(tmp_path: Path) -> None:
     web = ServerProcess("gunicorn", tmp_path / "web.log")
     argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:app.system.gunicorn"]
     argv += ["--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"]
-    web.start(argv, ready=lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok, env=env)
+    # A readiness check that reaches the server is answered, even slowly: one abandoned would be counted unseen.
+    web.start(argv, ready=lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=30).ok, env=env)
     try:
         sent = 1  # the readiness check
         busy = half_a_request(port)  # one worker waits for the rest of this request...
