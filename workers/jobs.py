@@ -152,7 +152,7 @@ class JobRunner:
             )
             return f"dropped: {claim.error or claim.status}"
         if workflow is None:
-            return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {problem}", [], [])
+            return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {problem}", [], [], 1)
         secrets = claim.body.get("secrets") or {}
         reports = Reports(self.client, job_id, attempt)
         logs = LogBuffer(self._log_sender(job_id, attempt))
@@ -175,7 +175,8 @@ class JobRunner:
                 state, error = "failed", f"the workflow cannot run here: {exc}"
             else:
                 state, error = FINAL_STATE[result.status.value], result.error
-            return self._finish(job_id, attempt, state, error, reports.left(), logs.drain())
+            lines = logs.drain()
+            return self._finish(job_id, attempt, state, error, reports.left(), lines, logs.first_pending)
 
     def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
         """Claim the attempt; while its project runs as many jobs as it may, wait (holding the message)."""
@@ -191,11 +192,12 @@ class JobRunner:
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
 
-    def _log_sender(self, job_id: str, attempt: int) -> Callable[[list[dict[str, Any]]], None]:
-        """Send a batch of log lines; ControlPlaneError propagates, so that the buffer keeps them."""
+    def _log_sender(self, job_id: str, attempt: int) -> Callable[[list[dict[str, Any]], int], None]:
+        """Send a batch of log lines numbered from ``first``; ControlPlaneError propagates (the buffer keeps them)."""
 
-        def send(lines: list[dict[str, Any]]) -> None:
-            reply = self.client.call("POST", f"/jobs/{job_id}/logs", {"attempt": attempt, "lines": lines})
+        def send(lines: list[dict[str, Any]], first: int) -> None:
+            body = {"attempt": attempt, "lines": lines, "first_line": first}
+            reply = self.client.call("POST", f"/jobs/{job_id}/logs", body)
             if not reply.ok:
                 log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error)
 
@@ -209,7 +211,9 @@ class JobRunner:
         error: str | None,
         tasks: list[dict[str, Any]],
         lines: list[dict[str, Any]],
+        first_line: int,
     ) -> str:
+        """Send the final state with the results and log lines (numbered from ``first_line``) not sent yet."""
         body: dict[str, Any] = {"attempt": attempt, "state": state, "error": error}
         if tasks:
             body["tasks"] = tasks  # the last task's result rides with the final state: one request fewer
@@ -218,11 +222,13 @@ class JobRunner:
             send = self._log_sender(job_id, attempt)
             for start in range(0, len(surplus), LOG_LINES_WITH_FINAL_STATE):
                 try:
-                    send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE])
+                    send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE], first_line + start)
                 except ControlPlaneError as exc:
                     log.error("job %s: log lines lost: %s", job_id, exc)
+            first_line += len(surplus)
         if lines:
             body["logs"] = lines  # so is the rest of the log
+            body["logs_first_line"] = first_line
         reply = self.client.call("POST", f"/jobs/{job_id}/status", body)
         if not reply.ok:
             log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)

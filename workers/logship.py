@@ -22,7 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Line = dict[str, Any]
-Send = Callable[[list[Line]], None]
+Send = Callable[[list[Line], int], None]  # a batch, and the number of its first line within the attempt (from 1)
 
 LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "warn": "warning", "error": "error"}
 FINISH_LEVELS = {"succeeded": "info", "skipped": "info", "cancelled": "warning"}  # anything else: error
@@ -104,8 +104,9 @@ def cut_line(message: str, limit: int) -> str:
 class LogBuffer:
     """Buffers one job's log lines and sends them in batches from a background thread; thread-safe.
 
-    ``send`` raising means "not delivered": the lines are kept, tried again after ``max_delay``, and
-    returned by ``drain()`` if still unsent. ``send`` returning means they were taken care of.
+    ``send`` raising means "not delivered": the lines are kept, tried again after ``max_delay`` (with the same
+    numbers, so that the control plane stores a batch it did receive only once), and returned by ``drain()`` if
+    still unsent. ``send`` returning means they were taken care of.
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class LogBuffer:
         self._totalled = False  # drain() added the line that counts them
         self._kept_lines = 0
         self._kept_bytes = 0
+        self._first = 1  # the number (within the attempt) of the first pending line
         self._pending: list[Line] = []
         self._oldest = 0.0  # monotonic time the oldest pending line arrived
         self._not_before = 0.0  # after a failed send: no new try before this
@@ -184,16 +186,24 @@ class LogBuffer:
                 # Taking the send lock before the lines lets drain() wait for a send in flight.
                 self._sending.acquire()
                 batch, self._pending = self._pending[: self.batch_lines], self._pending[self.batch_lines :]
+                first, self._first = self._first, self._first + len(batch)
                 self._oldest = time.monotonic()
             try:
-                self.send(batch)
+                self.send(batch, first)
             except Exception as exc:
                 log.warning("%d log lines not delivered (%s); kept for later", len(batch), exc)
                 with self._changed:
                     self._pending[:0] = batch
+                    self._first = first
                     self._not_before = time.monotonic() + self.max_delay
             finally:
                 self._sending.release()
+
+    @property
+    def first_pending(self) -> int:
+        """The number (within the attempt, from 1) of the first line not sent: after ``drain()``, of its first."""
+        with self._changed:
+            return self._first
 
     def drain(self) -> list[Line]:
         """Stop sending (waiting for a send in flight) and return the lines not sent yet, for the final report."""

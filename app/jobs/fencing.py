@@ -20,7 +20,7 @@ from app.jobs.models import Job, JobAttempt, TaskResult
 from app.jobs.schemas import StatusReport, TaskReport, TaskResultIn
 from app.jobs.service import visible
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
-from app.logs.service import append_lines
+from app.logs.service import append_lines, unseen
 from app.realtime.events import note_task
 from app.rows import insert_row, update_fenced
 from app.tenants.models import Project
@@ -199,14 +199,16 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
     _still_running(job, row)
     for task in report.tasks:
         _store_result(job, row.number, task)
-    if report.logs:
-        append_lines(job, row.number, report.logs)
+    fresh, received = unseen(row.log_lines, report.logs_first_line, report.logs)
+    if fresh:
+        append_lines(job, row.number, fresh)
+    counted = {"log_lines": received} if received != row.log_lines else {}
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
-        update_fenced(db.session, row, {"lease_expires_at": expires}, {})
+        update_fenced(db.session, row, {"lease_expires_at": expires, **counted}, {})
         db.session.commit()
         return job
-    transition_attempt(row, AttemptState(target), finished_at=now, error=report.error)
+    transition_attempt(row, AttemptState(target), finished_at=now, error=report.error, **counted)
     if dispatching.retry_failed(job, row, now=now) is None:
         transition(
             job, JobState(target), actor=caller.subject, reason=report.error, finished_at=now, error=report.error

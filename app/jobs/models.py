@@ -96,6 +96,7 @@ class JobAttempt(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    log_lines: Mapped[int] = mapped_column(default=0, server_default="0")  # log lines received from its agent
 
     job: Mapped[Job] = relationship(back_populates="attempts")
 

@@ -126,6 +126,7 @@ class StatusReport(Request):
     error: str | None = Field(None, max_length=10000)
     tasks: list[TaskResultIn] = Field(default_factory=list, max_length=MAX_TASKS_PER_REPORT)
     logs: list[LogLineIn] = Field(default_factory=list, max_length=MAX_LOG_LINES_PER_REPORT)
+    logs_first_line: int | None = Field(None, ge=1)  # the number of the first of ``logs`` within the attempt
 
 
 class TaskResultOut(Response):

@@ -26,14 +26,18 @@ class LogBatch(Request):
 
     attempt: int = Field(ge=1)
     lines: list[LogLineIn]
+    # The number of the batch's first line within the attempt (its first line is 1). A batch sent again after a
+    # lost answer carries the same number, and the lines received before are not stored twice.
+    first_line: int | None = Field(None, ge=1)
 
 
 class LogBatchOut(Response):
-    """What became of a batch: lines stored, and lines refused because the job reached its bound."""
+    """What became of a batch: lines stored, refused over the job's bound, and received before (a resend)."""
 
     job_id: str
     accepted: int
     dropped: int
+    repeated: int = 0
 
 
 class LogQuery(Query):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import current_app
 from pydantic import ValidationError
@@ -34,6 +34,7 @@ _TOTALS = select(
     func.max(case((JobLogLine.dropped.is_not(None), JobLogLine.id))),
 ).where(JobLogLine.job_id == bindparam("job_id"))
 _INSERT = insert(JobLogLine)
+Line = TypeVar("Line")
 DOCUMENT_FIELDS = ("ts", "tenant_id", "project_id", "job_id", "attempt", "seq", "task", "level", "message")
 
 
@@ -57,6 +58,19 @@ def _parse(lines: Iterable[LogLineIn | Mapping[str, Any]]) -> list[LogLineIn]:
             INVALID_LINES.format(message="; ".join(f"{d['field']}: {d['message']}" for d in details)),
             details=details,
         ) from None
+
+
+def unseen(received: int, first: int | None, lines: Sequence[Line]) -> tuple[Sequence[Line], int]:
+    """The lines of a batch not received before, and the attempt's new count of lines received.
+
+    An agent numbers its lines within an attempt from 1 and sends the number of a batch's first line; a batch
+    sent again after its answer was lost starts at or before the count, and only the lines after it are new.
+    Without a number (an agent that does not send one) every line is new.
+    """
+    if first is None:
+        return lines, received + len(lines)
+    skip = max(0, received - (first - 1))
+    return lines[skip:], max(received, first - 1 + len(lines))
 
 
 def _marker_text(dropped: int) -> str:

@@ -45,8 +45,10 @@ LINE_LIMIT = f"LOG_LINE_MAX_BYTES must be between 256 and {MAX_LINE_BYTES}"
 def ship(job_id: str) -> Response:
     """Store a batch of lines."""
     data = body(LogBatch)
-    stored, dropped = shipping.receive_lines(caller=principal(), job_id=job_id, attempt=data.attempt, lines=data.lines)
-    return reply(LogBatchOut(job_id=job_id, accepted=stored, dropped=dropped))
+    stored, dropped, repeated = shipping.receive_lines(
+        caller=principal(), job_id=job_id, attempt=data.attempt, lines=data.lines, first=data.first_line
+    )
+    return reply(LogBatchOut(job_id=job_id, accepted=stored, dropped=dropped, repeated=repeated))
 
 
 def _state(job_id: str) -> str | None:

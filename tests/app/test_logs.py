@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 import probe
 from app.extensions import db
 from app.jobs import fencing
-from app.jobs.models import Job
+from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import StatusReport
+from app.logs import shipping
 from app.logs.models import JobLogLine
 from app.logs.service import append_lines
 from tests.app.support import Api, MakeApp, Tenant, agent_principal, token
@@ -48,7 +49,7 @@ def test_shipped_lines_are_read_back_in_order_page_by_page(api: Api, world: dict
     response = ship(
         api, acme, acme.running, [line(f"line {n}", level="warning" if n == 3 else "info") for n in range(5)]
     )
-    assert response.status_code == 200 and response.json == {"job_id": acme.running, "accepted": 5, "dropped": 0}
+    assert response.json == {"job_id": acme.running, "accepted": 5, "dropped": 0, "repeated": 0}
     first = read(api, acme, acme.running, "?limit=2").json
     assert [x["message"] for x in first["lines"]] == ["line 0", "line 1"] and first["next"] == 2
     assert first["lines"][0] == {
@@ -94,6 +95,7 @@ def test_a_job_over_its_line_bound_keeps_one_marker_that_counts_every_dropped_li
         "job_id": acme.running,
         "accepted": 1,
         "dropped": 2,
+        "repeated": 0,
     }
     assert ship(api, acme, acme.running, [line(str(n)) for n in range(4)]).json["dropped"] == 4
     page = read(api, acme, acme.running).json
@@ -109,7 +111,12 @@ def test_the_byte_bound_counts_bytes_not_characters(api: Api, make_app: MakeApp,
     api = Api(make_app(LOG_MAX_BYTES_PER_JOB=20).test_client())
     wide = "é" * 5  # 5 characters, 10 bytes
     assert ship(api, acme, acme.running, [line(wide), line(wide)]).json["accepted"] == 2
-    assert ship(api, acme, acme.running, [line(wide)]).json == {"job_id": acme.running, "accepted": 0, "dropped": 1}
+    assert ship(api, acme, acme.running, [line(wide)]).json == {
+        "job_id": acme.running,
+        "accepted": 0,
+        "dropped": 1,
+        "repeated": 0,
+    }
     page = read(api, acme, acme.running).json
     assert [x["message"] for x in page["lines"][:2]] == [wide, wide] and page["truncated"] is True
 
@@ -361,3 +368,63 @@ def test_lines_added_in_the_final_status_reports_transaction_are_committed_with_
         )
     page = read(api, acme, acme.running).json
     assert [x["message"] for x in page["lines"]] == ["last words"] and page["finished"] is True
+
+
+def ship_numbered(api: Api, tenant: Tenant, job_id: str, lines: list[dict], first: int) -> Any:
+    body = {"attempt": 1, "lines": lines, "first_line": first}
+    return api.post(f"/api/v1/jobs/{job_id}/logs", tenant.tokens["agent"], json=body)
+
+
+def test_a_batch_sent_again_after_a_lost_answer_is_stored_once(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    batch = [line("a"), line("b"), line("c")]
+    first = ship_numbered(api, acme, acme.running, batch, 1)
+    assert first.json == {"job_id": acme.running, "accepted": 3, "dropped": 0, "repeated": 0}
+    again = ship_numbered(api, acme, acme.running, batch, 1)  # its answer was lost: the agent sends it again
+    assert again.status_code == 200 and again.json == {
+        "job_id": acme.running,
+        "accepted": 0,
+        "dropped": 0,
+        "repeated": 3,
+    }
+    overlapping = ship_numbered(api, acme, acme.running, [line("c"), line("d")], 3)
+    assert overlapping.json["accepted"] == 1 and overlapping.json["repeated"] == 1
+    assert ship(api, acme, acme.running, [line("e")]).json["accepted"] == 1  # unnumbered: new, and counted
+    assert ship_numbered(api, acme, acme.running, [line("f")], 6).json["accepted"] == 1
+    assert [x["message"] for x in read(api, acme, acme.running).json["lines"]] == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_a_final_report_stores_only_the_log_lines_not_received_before(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    ship_numbered(api, acme, acme.running, [line("a"), line("b")], 1)
+    body = {"attempt": 1, "state": "completed", "logs": [line("b"), line("c")], "logs_first_line": 2}
+    assert api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body).status_code == 200
+    assert [x["message"] for x in read(api, acme, acme.running).json["lines"]] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("first", [0, -1, "one"])
+def test_a_batch_numbered_below_one_is_refused_and_nothing_is_stored(
+    app: Flask, api: Api, world: dict[str, Tenant], first: Any
+) -> None:
+    acme = world["acme"]
+    response = ship_numbered(api, acme, acme.running, [line("a")], first)
+    assert response.status_code == 400 and response.json["error"] == "invalid_request"
+    assert stored(app) == 0
+
+
+def test_a_batch_racing_another_request_of_its_attempt_is_refused_and_stores_nothing(
+    app: Flask, api: Api, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme = world["acme"]
+    real = shipping.fenced
+
+    def fenced_then_raced(*args: Any, **kwargs: Any) -> Any:
+        job, row = real(*args, **kwargs)  # read with its count of lines; another request now stores two lines
+        attempts = JobAttempt.__table__
+        db.session.connection().execute(update(attempts).where(attempts.c.id == row.id).values(log_lines=2))
+        return job, row
+
+    monkeypatch.setattr(shipping, "fenced", fenced_then_raced)
+    response = ship_numbered(api, acme, acme.running, [line("a")], 1)
+    assert response.status_code == 409 and response.json["error"] == "concurrent_update"
+    assert stored(app) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -114,13 +115,17 @@ class Receiver:
         self.release = threading.Event()
         self.release.set()
         self.fail = False
+        self.tried: list[int] = []  # the number of each batch's first line, sent or not
+        self.firsts: list[int] = []  # the same, of the batches delivered
 
-    def __call__(self, lines: list[dict[str, Any]]) -> None:
+    def __call__(self, lines: list[dict[str, Any]], first: int) -> None:
+        self.tried.append(first)
         self.called.set()
         self.release.wait(30)
         if self.fail:
             raise ConnectionError("control plane unreachable")
         self.batches.append(list(lines))
+        self.firsts.append(first)
 
     @property
     def sent(self) -> list[dict[str, Any]]:
@@ -223,3 +228,18 @@ def test_the_byte_bound_and_the_line_cut(size: int) -> None:
         assert lines[0]["message"].endswith("more bytes]")
     else:  # 200 bytes of "é", then 100 more would pass 250
         assert lines[0]["message"] == "é" * 100 and buffer.dropped == 1
+
+
+def test_batches_are_numbered_within_the_attempt_and_a_resend_keeps_its_numbers() -> None:
+    receiver = Receiver()
+    receiver.fail = True
+    buffer = LogBuffer(receiver, batch_lines=2, max_delay=0.05)
+    buffer.add([line(n) for n in range(1, 6)])
+    assert receiver.called.wait(10)  # the first batch failed: it is kept, and sent again with the same number
+    receiver.fail = False
+    deadline = time.monotonic() + 10
+    while len(receiver.batches) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert receiver.batches[:2] == [[line(1), line(2)], [line(3), line(4)]]
+    assert receiver.firsts[:2] == [1, 3] and receiver.tried[0] == receiver.tried[1] == 1
+    assert buffer.drain() == [line(5)] and buffer.first_pending == 5
