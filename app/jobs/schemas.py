@@ -196,6 +196,7 @@ class JobOut(Response):
     finished_at: datetime | None
     error: str | None
     created_by: str | None
+    schedule_id: str | None = None  # the schedule that fired it
 
 
 class JobDetail(JobOut):

@@ -64,6 +64,7 @@ def job_out(job: Job) -> JobOut:
         finished_at=job.finished_at,
         error=job.error,
         created_by=job.created_by,
+        schedule_id=job.schedule_id,
     )
 
 

@@ -14,6 +14,7 @@ def test_a_submitted_job_is_pending_with_its_id_and_schedule(api: Api, world: di
     job = JobOut.model_validate(response.json)
     assert job.state == "pending" and job.attempt == 0 and job.name == "three-steps"
     assert job.project_id == "web" and job.platform == "linux" and job.scheduled_at is not None
+    assert response.json["schedule_id"] is None  # submitted directly, not fired by a schedule
     assert response.headers["Location"] == f"/api/v1/jobs/{job.job_id}"
 
 

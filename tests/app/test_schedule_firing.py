@@ -66,7 +66,8 @@ def test_a_due_schedule_fires_an_ordinary_job_linked_to_its_schedule(
         schedule_id, first
     )
     listed = api.get("/api/v1/jobs", world["acme"].tokens["viewer"]).json["jobs"]
-    assert job.id in {j["job_id"] for j in listed}
+    assert {j["job_id"]: j["schedule_id"] for j in listed}[job.id] == schedule_id
+    assert api.get(f"/api/v1/jobs/{job.id}", world["acme"].tokens["viewer"]).json["schedule_id"] == schedule_id
     audit = api.get("/api/v1/audit?action=job.submitted&limit=100", world["acme"].tokens["tenant_admin"]).json
     assert any(e["target_id"] == job.id and e["actor"] == f"schedule:{schedule_id}" for e in audit["events"])
 
