@@ -146,6 +146,27 @@ def keys_public(args: argparse.Namespace) -> int:
     return _in_app(work)
 
 
+def acl_agent(args: argparse.Namespace) -> int:
+    """Print the Valkey ACL user of an isolated agent (``AGENT_BROKER_ISOLATION``), as one ``valkey-cli`` command."""
+    import secrets
+    import shlex
+
+    from dispatch.contract import PLATFORMS, agent_acl
+
+    if args.platform not in PLATFORMS:
+        raise CommandError(f"--platform must be one of {', '.join(PLATFORMS)}")
+    password = args.password or secrets.token_urlsafe(32)
+    try:
+        rules = agent_acl(args.tenant, args.project, args.agent_id, args.platform, password, db=args.db)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    print(shlex.join(["ACL", "SETUSER", *rules]))
+    if not args.password:
+        url = f"redis://{rules[0]}:{password}@<valkey host>:<port>/{args.db}"
+        print(f"# the agent's VALKEY_URL: {url}", file=sys.stderr)
+    return 0
+
+
 def _plugin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the commands of other packages (the agent's ``automation agent``) from their entry points."""
     for entry in entry_points(group=COMMANDS_GROUP):
@@ -201,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=keys_generate)
     public = keys.add_parser("public", help="print JOB_VERIFY_KEY for this control plane's signing key")
     public.set_defaults(run=keys_public)
+    acl = commands.add_parser("acl", help="Valkey ACL users").add_subparsers(dest="action", required=True)
+    agent = acl.add_parser("agent", help="print the ACL SETUSER command of an isolated agent")
+    agent.add_argument("--tenant", required=True)
+    agent.add_argument("--project", required=True)
+    agent.add_argument("--agent-id", required=True)
+    agent.add_argument("--platform", default="linux", help="the agent's platform (default: linux)")
+    agent.add_argument("--password", help="its password (default: a new random one, printed with its URL)")
+    agent.add_argument("--db", type=int, default=0, help="the Valkey database of the broker (default: 0)")
+    agent.set_defaults(run=acl_agent)
     add_audit_commands(commands)
     add_client_commands(commands)
     _plugin_commands(commands)

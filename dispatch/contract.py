@@ -56,9 +56,64 @@ def control_channel(tenant: str, agent_id: str) -> str:
     return f"automation.control.{check_name('tenant', tenant)}.{check_name('agent id', agent_id)}"
 
 
-def deliveries_key(celery_task_id: str) -> str:
-    """The Valkey counter of deliveries of one message that never finished (a poison message crashes agents)."""
-    return f"automation.deliveries.{celery_task_id}"
+def deliveries_key(celery_task_id: str, scope: str = "automation") -> str:
+    """The Valkey counter of deliveries of one message that never finished (a poison message crashes agents).
+
+    An isolated agent keeps its counters under its own queue's name (``scope``), inside its ACL.
+    """
+    return f"{scope}.deliveries.{celery_task_id}"
+
+
+def event_exchange(tenant: str) -> str:
+    """The Celery event exchange of a tenant's isolated agents (their task events stay within the tenant)."""
+    return f"ev.{check_name('tenant', tenant)}"
+
+
+def isolated_transport_options(tenant: str, agent_id: str) -> dict[str, str]:
+    """kombu's bookkeeping of unacknowledged messages under the agent's own names, not the broker-wide ones."""
+    prefix = agent_queue(tenant, agent_id)
+    return {
+        "unacked_key": f"{prefix}.unacked",
+        "unacked_index_key": f"{prefix}.unacked_index",
+        "unacked_mutex_key": f"{prefix}.unacked_mutex",
+    }
+
+
+# What an isolated agent sends to Valkey: kombu's consumer and producer commands, its scripts, and pub/sub.
+AGENT_ACL_COMMANDS = (
+    "+ping +hello +auth +client|setinfo +client|setname +select +quit +reset"
+    " +brpop +lpush +rpush +rpop +llen +del +exists +pexpire +expire +incr"
+    " +sadd +srem +smembers +hset +hget +hdel +zadd +zrem +zrange +zrangebyscore +zrevrangebyscore"
+    " +set +get +evalsha +script|load +script|exists +multi +exec +discard +watch +unwatch +time"
+    " +publish +subscribe +unsubscribe +psubscribe +punsubscribe"
+)
+
+
+def agent_acl(tenant: str, project: str, agent_id: str, platform: str, password: str, db: int = 0) -> list[str]:
+    """The ``ACL SETUSER`` arguments of an isolated agent: its queues, its own keys and channels, nothing else.
+
+    The user is ``agent-<tenant>-<agent_id>``. The keys are its pinned queue and its project's queue for its
+    platform (with their priority lists and kombu's binding sets), its unacknowledged-message bookkeeping and
+    poison counters (``agent.<tenant>.<agent_id>.*``), and kombu's shared binding-expiry set; the channels are
+    its control channel and its tenant's Celery event exchange (in database ``db``, as kombu names it).
+    """
+    own, shared = agent_queue(tenant, agent_id), shared_queue(tenant, project, platform)
+    keys = [own, f"{own}:*", f"{own}.*", shared, f"{shared}:*", "_kombu.binding_deadlines"]
+    for queue in (own, shared):
+        keys += [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+    channels = [control_channel(tenant, agent_id), f"/{db}.{event_exchange(tenant)}/*"]
+    return [
+        f"agent-{tenant}-{agent_id}",
+        "reset",
+        "on",
+        f">{password}",
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        *AGENT_ACL_COMMANDS.split(),
+        *(f"~{key}" for key in keys),
+        *(f"&{channel}" for channel in channels),
+    ]
 
 
 def task_id(job_id: str, attempt: int) -> str:

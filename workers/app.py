@@ -15,6 +15,8 @@ from dispatch.contract import (
     celery_settings,
     control_channel,
     deliveries_key,
+    event_exchange,
+    isolated_transport_options,
     shared_queue,
 )
 from workers.client import ControlPlane
@@ -76,6 +78,16 @@ def make_agent(settings: AgentSettings) -> Agent:
         task_send_sent_event=False,
         worker_concurrency=settings.concurrency,
     )
+    scope = "automation"  # where the poison counters live
+    if settings.isolated:  # everything it touches can be confined by a Valkey ACL (dispatch.contract.agent_acl)
+        scope = agent_queue(settings.tenant_id, settings.agent_id)
+        options = {**celery.conf.broker_transport_options}
+        options.update(isolated_transport_options(settings.tenant_id, settings.agent_id))
+        celery.conf.update(
+            broker_transport_options=options,
+            event_exchange=event_exchange(settings.tenant_id),
+            worker_enable_remote_control=False,  # no broker-wide pidbox: cancels come on its own control channel
+        )
     verifier = Verifier(
         settings.verify_key,
         tenant=settings.tenant_id,
@@ -96,7 +108,7 @@ def make_agent(settings: AgentSettings) -> Agent:
         # A first delivery costs the broker nothing: only one the broker gave back (its worker died, or never
         # acknowledged it within the visibility timeout) carries ``redelivered`` and is counted.
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        deliveries = _count_delivery(valkey, task_id) if redelivered else 1
+        deliveries = _count_delivery(valkey, task_id, scope) if redelivered else 1
         try:
             if deliveries > settings.poison_limit:
                 raise EnvelopeRefused(
@@ -111,13 +123,13 @@ def make_agent(settings: AgentSettings) -> Agent:
             log.warning("refused message %s: %s (%s)", task_id, refusal, refusal.reason)
             report_refusal(client, settings.agent_id, refusal, task_id)
             if redelivered:
-                _forget_delivery(valkey, task_id)
+                _forget_delivery(valkey, task_id, scope)
             return f"refused: {refusal.reason}"
         try:
             return runner.run(envelope)
         finally:
             if redelivered:
-                _forget_delivery(valkey, task_id)
+                _forget_delivery(valkey, task_id, scope)
 
     def on_unknown(sender: Any = None, name: str = "", id: str = "", **extra: Any) -> None:
         refusal = EnvelopeRefused("unknown_task", f"a message for the unknown task {name!r} was dropped")
@@ -143,21 +155,21 @@ def _claims_of(task_id: str) -> dict[str, Any]:
     return {"job_id": job_id, "attempt": int(attempt)} if job_id and attempt.isdigit() else {}
 
 
-def _count_delivery(valkey: redis.Redis, task_id: str) -> int:
+def _count_delivery(valkey: redis.Redis, task_id: str, scope: str) -> int:
     """Count one more delivery of a redelivered message that has not finished (the first one counts too);
     2 when the broker cannot be asked."""
     try:
         pipe = valkey.pipeline()
-        pipe.incr(deliveries_key(task_id))
-        pipe.expire(deliveries_key(task_id), DELIVERIES_TTL)
+        pipe.incr(deliveries_key(task_id, scope))
+        pipe.expire(deliveries_key(task_id, scope), DELIVERIES_TTL)
         return 1 + int(pipe.execute()[0])
     except redis.RedisError:
         log.warning("could not count the deliveries of %s", task_id)
         return 2
 
 
-def _forget_delivery(valkey: redis.Redis, task_id: str) -> None:
+def _forget_delivery(valkey: redis.Redis, task_id: str, scope: str) -> None:
     try:
-        valkey.delete(deliveries_key(task_id))
+        valkey.delete(deliveries_key(task_id, scope))
     except redis.RedisError:
         log.warning("could not clear the delivery count of %s", task_id)

@@ -48,6 +48,7 @@ class AgentSettings:
     report_deadline: float = 300.0  # how long a result is retried before the agent gives up on it
     poison_limit: int = 3  # deliveries of one message that never finished before it is refused
     ca_file: str | None = None
+    isolated: bool = False  # own names for kombu's bookkeeping and its tenant's event exchange, for a Valkey ACL
 
     @property
     def api(self) -> str:
@@ -96,7 +97,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
         report_deadline=_number(env, "REPORT_DEADLINE", 300.0),
         poison_limit=int(_number(env, "POISON_LIMIT", 3, int)),
         ca_file=env.get("CONTROL_PLANE_CA_FILE") or None,
+        isolated=_flag(env, "AGENT_BROKER_ISOLATION"),
     )
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = (environ.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be true or false, got {environ.get(name)!r}")
 
 
 def scrub_environment(environ: MutableMapping[str, str] | None = None) -> list[str]:
