@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ ECHO = textwrap.dedent(
     """
 )
 
+SLEEP = "name: slow\ntimeout: 5m\ntasks:\n  - {name: slow, type: command, config: {command: sleep, args: ['120']}}\n"
+
 
 @pytest.fixture
 def confined(platform: Platform) -> Iterator[tuple[str, str, str]]:
@@ -48,13 +51,21 @@ def test_an_isolated_agent_runs_its_jobs_as_a_confined_valkey_user(
     platform: Platform, confined: tuple[str, str, str]
 ) -> None:
     tenant, project, url = confined
-    platform.start_agent(tenant, project, "a1", VALKEY_URL=url, AGENT_BROKER_ISOLATION="true")
+    # A long heartbeat: a cancel must come through the agent's own control channel, not the next beat.
+    platform.start_agent(tenant, project, "a1", VALKEY_URL=url, AGENT_BROKER_ISOLATION="true", HEARTBEAT_INTERVAL="60")
     operator = platform.token("operator", tenant, project)
     for pinned in (None, "a1"):  # through the project's queue, then the agent's own
         job = platform.submit(operator, ECHO, **({"agent_id": pinned} if pinned else {}))
         done = platform.wait_for(operator, job["job_id"])
         assert done["state"] == "completed", done
         assert done["tasks"][0]["output"].strip() == "hello from an isolated agent"
+    job_id = platform.submit(operator, SLEEP)["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    time.sleep(0.5)  # the task has started
+    started = time.monotonic()
+    assert platform.api("POST", f"/jobs/{job_id}/cancel", operator).status_code == 202
+    assert platform.wait_for(operator, job_id, timeout=10)["state"] == "cancelled"
+    assert time.monotonic() - started < 5
     # Nothing it tried was refused (kombu's broker-wide bookkeeping, pidbox or event keys would have been).
     acl_log = platform.valkey.client().execute_command("ACL", "LOG")
     assert not [entry for entry in acl_log if f"agent-{tenant}-a1" in str(entry)], acl_log
