@@ -119,6 +119,9 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
         if running > max_running:
             db.session.rollback()
             raise Conflict(AT_CAPACITY.format(project=job.project_id, limit=max_running), code="project_at_capacity")
+        # Read the clock again now that this claim is serialized after the project's other claims and reports:
+        # the attempt's claimed_at is then never before the finished_at of the job whose place it takes.
+        now, expires = _lease()
     assert row is not None  # a queued job always has its current attempt
     transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
     if task is not None:
