@@ -12,6 +12,8 @@ REAP_TASK = "control.reap_leases"  # running attempts whose lease expired -> los
 SWEEP_TASK = "control.sweep_pending"  # pending jobs whose publish never happened -> published
 FIRE_SCHEDULES_TASK = "control.fire_schedules"  # recurring schedules whose time has come -> jobs
 SEAL_AUDIT_TASK = "control.seal_audit"  # audit entries written since the last seal -> hash-chained
+PRUNE_SCHEDULE_RUNS_TASK = "control.prune_schedule_runs"  # schedule runs past their retention -> deleted
+PRUNE_INTERVAL = 3600.0  # seconds between two pruning passes
 
 
 def beat_schedule(
@@ -37,6 +39,11 @@ def beat_schedule(
             "task": FIRE_SCHEDULES_TASK,
             "schedule": scheduler_interval or sweeper_interval,
             "options": {"queue": CONTROL_QUEUE},
+        },
+        "prune-schedule-runs": {
+            "task": PRUNE_SCHEDULE_RUNS_TASK,
+            "schedule": PRUNE_INTERVAL,
+            "options": {"queue": CONTROL_QUEUE, "expires": PRUNE_INTERVAL},
         },
     }
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from celery import shared_task
 
 from app.jobs import dispatching
-from app.schedules import firing
-from dispatch.celery import FIRE_SCHEDULES_TASK, REAP_TASK, SWEEP_TASK
+from app.schedules import firing, retention
+from dispatch.celery import FIRE_SCHEDULES_TASK, PRUNE_SCHEDULE_RUNS_TASK, REAP_TASK, SWEEP_TASK
 
 
 @shared_task(name=REAP_TASK)
@@ -25,3 +25,9 @@ def sweep_pending() -> int:
 def fire_schedules() -> int:
     """Turn recurring schedules whose time has come into jobs; record missed and skipped fire times."""
     return firing.fire_due()
+
+
+@shared_task(name=PRUNE_SCHEDULE_RUNS_TASK)
+def prune_schedule_runs() -> int:
+    """Delete schedule runs older than ``SCHEDULE_RUN_RETENTION_DAYS`` (each schedule's latest ones stay)."""
+    return retention.prune_runs()
