@@ -151,8 +151,12 @@ class _Run:
                 continue
             result = self.run_task(spec)
             results.append(result)
-            self.results[spec.name] = {"output": result.output, "error": result.error,
-                                       "status": result.status.value, "metrics": result.metrics}
+            self.results[spec.name] = {
+                "output": result.output,
+                "error": result.error,
+                "status": result.status.value,
+                "metrics": result.metrics,
+            }
             if result.status is Status.CANCELLED:
                 status, error = Status.CANCELLED, "the run was cancelled"
             elif time.monotonic() >= self.deadline and result.status is Status.TIMED_OUT:
@@ -205,8 +209,14 @@ class _Run:
             attempts=attempts,
         )
         if self.on_event is not None:
-            self.emit("task_finished", task=spec.name, type=spec.type, index=spec.index, status=status.value,
-                      result=result.to_dict())
+            self.emit(
+                "task_finished",
+                task=spec.name,
+                type=spec.type,
+                index=spec.index,
+                status=status.value,
+                result=result.to_dict(),
+            )
         return result
 
     def _cancelled(self) -> bool:
