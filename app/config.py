@@ -31,6 +31,7 @@ class Config:
     TASK_OUTPUT_LIMIT = 64 * 1024
     RATE_LIMIT = "600 per minute"
     RATE_LIMIT_ENABLED = True
+    AGENT_RATE_LIMIT = "6000 per minute"  # the limit of each agent token (claims, results, logs, reports)
     LEASE_SECONDS = 90
     HEARTBEAT_INTERVAL = 30
     AGENT_OFFLINE_AFTER = 90
@@ -85,6 +86,7 @@ ENVIRONMENT: dict[str, type] = {
     "TASK_OUTPUT_LIMIT": int,
     "RATE_LIMIT": str,
     "RATE_LIMIT_ENABLED": bool,
+    "AGENT_RATE_LIMIT": str,
     "LEASE_SECONDS": int,
     "HEARTBEAT_INTERVAL": int,
     "AGENT_OFFLINE_AFTER": int,

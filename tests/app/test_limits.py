@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from flask import Flask
 
+from app.auth.tokens import issue_token
+from app.config import ConfigError
 from tests.app.support import WORKFLOW, Api, MakeApp, Tenant, token
 from tests.servers.valkey import ValkeyServer
 
@@ -44,6 +47,27 @@ def test_the_rate_limit_answers_429_with_retry_after_per_token(make_app: MakeApp
     assert 0 < int(limited.headers["Retry-After"]) <= 60
     assert api.get("/api/v1/jobs", other).status_code == 200
     assert api.get("/health").status_code == 200
+
+
+def test_agents_have_a_rate_limit_of_their_own(make_app: MakeApp, world: dict[str, Tenant]) -> None:
+    app: Flask = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="2 per minute", AGENT_RATE_LIMIT="5 per minute")
+    api = Api(app.test_client())
+    agent, operator = world["acme"].tokens["agent"], world["acme"].tokens["operator"]
+    assert [api.get("/api/v1/agents/a1", agent).status_code for _ in range(6)] == [200] * 5 + [429]
+    assert [api.get("/api/v1/jobs", operator).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_forged_agent_token_counts_under_the_ordinary_limit(make_app: MakeApp) -> None:
+    app: Flask = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="2 per minute", AGENT_RATE_LIMIT="50 per minute")
+    forged = issue_token("x" * 40, tenant_id="acme", role="agent", project_id="web", agent_id="a1")
+    statuses = [Api(app.test_client()).get("/api/v1/agents/a1", forged).status_code for _ in range(3)]
+    assert statuses == [401, 401, 429]
+
+
+def test_a_malformed_rate_limit_is_a_clear_error(make_app: MakeApp) -> None:
+    for name in ("RATE_LIMIT", "AGENT_RATE_LIMIT"):
+        with pytest.raises(ConfigError, match=f"{name} must be like '600 per minute'.*'lots'"):
+            make_app(RATE_LIMIT_ENABLED=True, **{name: "lots"})
 
 
 def test_the_rate_limit_is_shared_through_valkey(
