@@ -4,6 +4,12 @@ Agents have a limit of their own, ``AGENT_RATE_LIMIT``: a busy agent makes a cla
 final report for every job, far more requests than a person or a script, and a refused report only delays the
 job it is about. The limit follows the role of the verified token (the token cache makes that a lookup); a
 token that does not verify counts under ``RATE_LIMIT`` and is then refused by authentication.
+
+With Valkey, a process does not ask it about every request: it takes a caller's hits for the current window in
+blocks (``Reservations``: one ``INCRBY`` for up to ``BLOCK`` requests) and spends them locally. The block
+shrinks as the window's count nears the limit, down to one hit at a time, so the limit holds exactly at its
+edge; the price is that hits a process reserved and did not use are lost when the window ends (at most
+``BLOCK - 1`` per process and caller, only while the caller is far from its limit).
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
+import redis
 from flask import Flask, current_app, request
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage, Storage, storage_from_string
+from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
 from app.auth.tokens import TokenError, verify_token
@@ -28,6 +37,21 @@ log = logging.getLogger(__name__)
 RETRY_VALKEY_AFTER = 10.0  # seconds of counting in memory after Valkey failed, before trying it again
 RATE_LIMITED = "rate limit exceeded: {limit}; retry in {seconds} s"
 BAD_LIMIT = "{name} must be like '600 per minute' (several: '10 per second; 600 per minute'), got {value!r}"
+BLOCK = 10  # hits of a caller's window a process takes from Valkey at once, far from the limit
+SPREAD = 8  # a block is at most 1/SPREAD of what is left of the limit (so: one at a time near it)
+KEY_PREFIX = "automation.ratelimit."
+SWEEP_ABOVE = 10000  # callers held by a process before the ones whose windows ended are forgotten
+
+# KEYS[1]: the window's counter. ARGV: hits taken, window in ms. Returns {the count with them, ms left}.
+_RESERVE_LUA = """
+local count = redis.call('INCRBY', KEYS[1], ARGV[1])
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  left = tonumber(ARGV[2])
+end
+return {count, left}
+"""
 
 
 class RateLimited(AppError):
@@ -45,6 +69,51 @@ def caller_key() -> str:
     return "addr:" + (request.remote_addr or "unknown")
 
 
+@dataclass
+class _Held:
+    """A caller's hits this process took from one window: until when, how many are left, the window's count."""
+
+    ends: float  # time.monotonic() when the window ends
+    left: int
+    count: int
+
+
+class Reservations:
+    """Callers' hits taken from Valkey's fixed-window counters in blocks and spent in this process."""
+
+    def __init__(self, client: redis.Redis, block: int = BLOCK) -> None:
+        self.block = block
+        self._reserve = client.register_script(_RESERVE_LUA)
+        self._held: dict[str, _Held] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, item: RateLimitItem, key: str) -> tuple[bool, float]:
+        """Count one request of ``key`` under ``item``; whether it is allowed, and seconds until the window ends.
+
+        Raises:
+            redis.RedisError, OSError: Valkey could not be asked (the caller counts in memory instead).
+        """
+        name = item.key_for(key)
+        now = time.monotonic()
+        with self._lock:
+            held = self._held.get(name)
+            if held is not None and held.ends <= now:
+                held = None
+            if held is not None and held.left > 0:
+                held.left -= 1
+                return True, held.ends - now
+            counted = held.count if held is not None else 0
+        wanted = min(self.block, max(1, (item.amount - counted) // SPREAD))
+        reply = cast(list[Any], self._reserve(keys=[KEY_PREFIX + name], args=[wanted, item.get_expiry() * 1000]))
+        count, ends_in = int(reply[0]), int(reply[1]) / 1000
+        granted = max(0, min(wanted, item.amount - (count - wanted)))
+        with self._lock:
+            if len(self._held) >= SWEEP_ABOVE:
+                self._held = {k: v for k, v in self._held.items() if v.ends > now}
+            self._held[name] = _Held(ends=time.monotonic() + ends_in, left=max(0, granted - 1), count=count)
+        return granted > 0, ends_in
+
+
 class RateLimit:
     """Counts each caller's API requests and refuses (429, with Retry-After) those over ``RATE_LIMIT``."""
 
@@ -53,20 +122,16 @@ class RateLimit:
         self.agent_items = _limits(app, "AGENT_RATE_LIMIT")
         url = app.config["VALKEY_URL"]
         timeout = app.config["HEALTH_TIMEOUT"]
-        storage = (
-            cast(Storage, storage_from_string(url, socket_connect_timeout=timeout, socket_timeout=timeout))
-            if url
-            else MemoryStorage()
-        )
-        self.shared = FixedWindowRateLimiter(storage)
+        self.shared: Reservations | None = None
+        if url:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+            self.shared = Reservations(client)
         self.local = FixedWindowRateLimiter(MemoryStorage())
-        self.valkey_failed_at: float | None = None if url else math.inf
+        self.valkey_failed_at: float | None = None
 
-    def _limiter(self) -> FixedWindowRateLimiter:
+    def _use_valkey(self) -> bool:
         failed = self.valkey_failed_at
-        if failed is None or (failed != math.inf and time.monotonic() - failed > RETRY_VALKEY_AFTER):
-            return self.shared
-        return self.local
+        return self.shared is not None and (failed is None or time.monotonic() - failed > RETRY_VALKEY_AFTER)
 
     def check(self) -> None:
         """Count this request; raise RateLimited when it is over a limit. Registered before API requests."""
@@ -74,27 +139,33 @@ class RateLimit:
             return
         key = caller_key()
         items = self.agent_items if _is_agent() else self.items
-        limiter = self._limiter()
-        try:
-            self._hit(limiter, items, key)
-        except RateLimited:
-            raise
-        except Exception as exc:  # Valkey unreachable: keep limiting, in memory, rather than fail the API
-            log.warning("rate limit storage failed, counting in memory for %.0f s: %s", RETRY_VALKEY_AFTER, exc)
-            self.valkey_failed_at = time.monotonic()
-            self._hit(self.local, items, key)
-        else:
-            if limiter is self.shared and self.valkey_failed_at not in (None, math.inf):
+        if self._use_valkey():
+            try:
+                self._hit_shared(items, key)
+            except (redis.RedisError, OSError) as exc:  # Valkey unreachable: keep limiting, in memory
+                log.warning("rate limit storage failed, counting in memory for %.0f s: %s", RETRY_VALKEY_AFTER, exc)
+                self.valkey_failed_at = time.monotonic()
+            else:
                 self.valkey_failed_at = None
+                return
+        self._hit_local(items, key)
 
-    def _hit(self, limiter: FixedWindowRateLimiter, items: list[RateLimitItem], key: str) -> None:
+    def _hit_shared(self, items: list[RateLimitItem], key: str) -> None:
+        assert self.shared is not None
         for item in items:
-            if not limiter.hit(item, key):
-                reset = limiter.get_window_stats(item, key).reset_time
-                seconds = max(1, math.ceil(reset - time.time()))
-                raise RateLimited(
-                    RATE_LIMITED.format(limit=item, seconds=seconds), headers={"Retry-After": str(seconds)}
-                )
+            allowed, ends_in = self.shared.hit(item, key)
+            if not allowed:
+                raise _refusal(item, ends_in)
+
+    def _hit_local(self, items: list[RateLimitItem], key: str) -> None:
+        for item in items:
+            if not self.local.hit(item, key):
+                raise _refusal(item, self.local.get_window_stats(item, key).reset_time - time.time())
+
+
+def _refusal(item: RateLimitItem, ends_in: float) -> RateLimited:
+    seconds = max(1, math.ceil(ends_in))
+    return RateLimited(RATE_LIMITED.format(limit=item, seconds=seconds), headers={"Retry-After": str(seconds)})
 
 
 def _limits(app: Flask, name: str) -> list[RateLimitItem]:

@@ -43,6 +43,7 @@ PRODUCTION = {
     "SWEEP_GRACE": "5",
     "RATE_LIMIT_ENABLED": "true",
     "RATE_LIMIT": "1000000 per minute",
+    "AGENT_RATE_LIMIT": "1000000 per minute",
 }
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
+import redis
 from flask import Flask
+from limits import parse as parse_item
 
 from app.auth.tokens import issue_token
 from app.config import ConfigError
+from app.ratelimit import BLOCK, KEY_PREFIX, Reservations
 from tests.app.support import WORKFLOW, Api, MakeApp, Tenant, token
 from tests.servers.valkey import ValkeyServer
 
@@ -81,6 +85,33 @@ def test_the_rate_limit_is_shared_through_valkey(
     assert statuses == [200, 200, 200, 200, 429, 429]
     cache = first.test_client().get("/health").json["components"]["cache"]
     assert cache["status"] == "ok" and cache["backend"] == "valkey" and cache["detail"] is None
+
+
+def test_far_from_its_limit_a_process_takes_hits_from_valkey_in_blocks(valkey_server: ValkeyServer) -> None:
+    client = redis.Redis.from_url(valkey_server.url)
+    reservations, key = Reservations(client), f"token:{uuid.uuid4().hex}"
+    item = parse_item("1000 per minute")
+    results = [reservations.hit(item, key) for _ in range(25)]
+    assert all(allowed for allowed, _ in results) and all(0 < ends_in <= 60 for _, ends_in in results)
+    assert int(client.get(KEY_PREFIX + item.key_for(key)) or 0) == 3 * BLOCK  # three round trips, not 25
+
+
+def test_near_its_limit_the_count_is_exact_across_processes(valkey_server: ValkeyServer) -> None:
+    client = redis.Redis.from_url(valkey_server.url)
+    first, second = Reservations(client), Reservations(client)  # two web processes
+    key, item = f"token:{uuid.uuid4().hex}", parse_item("40 per minute")
+    allowed = [process.hit(item, key)[0] for _ in range(30) for process in (first, second)]
+    assert allowed == [True] * 40 + [False] * 20
+    refused, ends_in = first.hit(item, key)
+    assert not refused and 0 < ends_in <= 60
+
+
+def test_a_new_window_starts_afresh(valkey_server: ValkeyServer) -> None:
+    reservations, key = Reservations(redis.Redis.from_url(valkey_server.url)), f"token:{uuid.uuid4().hex}"
+    item = parse_item("3 per second")
+    assert [reservations.hit(item, key)[0] for _ in range(4)] == [True, True, True, False]
+    time.sleep(1.1)
+    assert reservations.hit(item, key)[0]
 
 
 def test_the_same_idempotency_key_and_body_return_the_same_job(api: Api, world: dict[str, Tenant]) -> None:
