@@ -6,10 +6,11 @@ job it is about. The limit follows the role of the verified token (the token cac
 token that does not verify counts under ``RATE_LIMIT`` and is then refused by authentication.
 
 With Valkey, a process does not ask it about every request: it takes a caller's hits for the current window in
-blocks (``Reservations``: one ``INCRBY`` for up to ``BLOCK`` requests) and spends them locally. The block
-shrinks as the window's count nears the limit, down to one hit at a time, so the limit holds exactly at its
-edge; the price is that hits a process reserved and did not use are lost when the window ends (at most
-``BLOCK - 1`` per process and caller, only while the caller is far from its limit).
+blocks (``Reservations``: one ``INCRBY`` for up to ``BLOCK`` requests) and spends them locally. No more than
+the limit ever gets through: a block is granted only up to the limit. The block shrinks as the window's count
+(as this process last saw it) nears the limit, down to one hit at a time; the price is that hits a process
+reserved and did not use lapse when the window ends (fewer than ``BLOCK`` per process and caller), so a caller
+spread over several processes may be refused a little before its limit.
 """
 
 from __future__ import annotations
