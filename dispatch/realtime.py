@@ -89,6 +89,14 @@ def centrifugo_tenant_channel(tenant_id: str) -> str:
     return f"{NAMESPACE}:{tenant_id}"
 
 
+def centrifugo_project_channel(tenant_id: str, project_id: str) -> str:
+    """Centrifugo's channel of every live event of one project: ``jobs:<tenant>.project.<project>``.
+
+    It never names a job's channel: a job id (a UUID) has no dot.
+    """
+    return f"{NAMESPACE}:{tenant_id}.project.{project_id}"
+
+
 def centrifugo_job_channel(tenant_id: str, job_id: str) -> str:
     """Centrifugo's channel of one job: ``jobs:<tenant>.<job_id>`` (tenant ids never contain a dot)."""
     return f"{NAMESPACE}:{tenant_id}.{job_id}"
@@ -198,7 +206,7 @@ class CentrifugoPublisher:
         self._closed = threading.Event()
 
     def submit(self, events: Sequence[dict[str, Any]]) -> None:
-        """Queue numbered events for their tenant's and their job's channels; count what the full queue refuses."""
+        """Queue numbered events for their tenant's, project's and job's channels; count what a full queue refuses."""
         self._ensure_worker()
         metrics = counters()
         now = time.monotonic()
@@ -206,6 +214,7 @@ class CentrifugoPublisher:
             key = f"{event['job_id']}:{event['id']}"
             for channel in (
                 centrifugo_tenant_channel(event["tenant_id"]),
+                centrifugo_project_channel(event["tenant_id"], event["project_id"]),
                 centrifugo_job_channel(event["tenant_id"], event["job_id"]),
             ):
                 try:

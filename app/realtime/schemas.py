@@ -16,9 +16,12 @@ class TokenRequest(Request):
 
 
 class RealtimeChannels(Response):
-    """The Centrifugo channels granted: the tenant's (not for project-limited tokens) and the job's."""
+    """The Centrifugo channels granted: the tenant's (the project's for a project-limited token) and the job's."""
 
     tenant: str | None = Field(description="jobs:<tenant>: every job of the tenant; null for a project-limited token")
+    project: str | None = Field(
+        description="jobs:<tenant>.project.<project>: every job of the project, for a project-limited token (else null)"
+    )
     job: str | None = Field(description="jobs:<tenant>.<job_id> when a job_id was asked for")
 
 

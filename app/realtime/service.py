@@ -16,16 +16,16 @@ from app.extensions import db
 from app.jobs.models import Job
 from app.jobs.service import scoped
 from app.realtime.schemas import RealtimeChannels, RealtimeToken
-from dispatch.realtime import centrifugo_job_channel, centrifugo_tenant_channel
+from dispatch.realtime import centrifugo_job_channel, centrifugo_project_channel, centrifugo_tenant_channel
 
 NO_TOKEN_SECRET = "live status through Centrifugo is not configured here: CENTRIFUGO_TOKEN_SECRET is not set"  # noqa: S105
 
 
 def issue_tokens(*, caller: Principal, job_id: str | None = None) -> RealtimeToken:
-    """Return a connection token and subscription tokens for the caller's tenant channel and, if asked, a job's.
+    """Return a connection token and subscription tokens for the caller's tenant (or project) channel and a job's.
 
-    A project-limited token gets no tenant channel (it carries every project's jobs). Another tenant's or
-    project's job is 404, exactly as if it did not exist.
+    A project-limited token gets its project's channel instead of the tenant's (which carries every project's
+    jobs). Another tenant's or project's job is 404, exactly as if it did not exist.
     """
     config = current_app.config
     secret = config["CENTRIFUGO_TOKEN_SECRET"]
@@ -34,6 +34,7 @@ def issue_tokens(*, caller: Principal, job_id: str | None = None) -> RealtimeTok
     job = scoped(caller, job_id) if job_id is not None else None
     channels = RealtimeChannels(
         tenant=centrifugo_tenant_channel(caller.tenant_id) if caller.project_id is None else None,
+        project=centrifugo_project_channel(caller.tenant_id, caller.project_id) if caller.project_id else None,
         job=centrifugo_job_channel(job.tenant_id, job.id) if job is not None else None,
     )
     now = int(time.time())
@@ -42,7 +43,7 @@ def issue_tokens(*, caller: Principal, job_id: str | None = None) -> RealtimeTok
     connection = jwt.encode(
         {**claims, "info": {"tenant_id": caller.tenant_id, "role": caller.role}}, secret, algorithm=ALGORITHM
     )
-    granted = [channel for channel in (channels.tenant, channels.job) if channel is not None]
+    granted = [channel for channel in (channels.tenant, channels.project, channels.job) if channel is not None]
     return RealtimeToken(
         token=connection,
         user=caller.subject,

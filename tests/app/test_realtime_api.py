@@ -35,7 +35,7 @@ def test_a_token_grants_the_callers_tenant_channel_and_nothing_else(live: Flask,
     response = api.post("/api/v1/realtime/token", world["acme"].tokens["tenant_admin"])
     assert response.status_code == 200, response.json
     body = response.json
-    assert body["channels"] == {"tenant": "jobs:acme", "job": None}
+    assert body["channels"] == {"tenant": "jobs:acme", "project": None, "job": None}
     assert list(body["subscriptions"]) == ["jobs:acme"]
     connection = claims(body["token"])
     assert connection["sub"] == body["user"] and connection["info"]["tenant_id"] == "acme"
@@ -56,14 +56,18 @@ def test_a_token_for_a_job_adds_that_jobs_channel(live: Flask, world: dict[str, 
     assert claims(response.json["subscriptions"][job_channel])["channel"] == job_channel
 
 
-def test_a_project_limited_token_gets_no_tenant_channel(live: Flask, world: dict[str, Tenant]) -> None:
+def test_a_project_limited_token_gets_its_projects_channel_not_the_tenants(
+    live: Flask, world: dict[str, Tenant]
+) -> None:
     acme = world["acme"]
     response = Api(live.test_client()).post(
         "/api/v1/realtime/token", acme.tokens["operator"], json={"job_id": acme.completed}
     )
     assert response.status_code == 200
-    assert response.json["channels"] == {"tenant": None, "job": f"jobs:acme.{acme.completed}"}
-    assert list(response.json["subscriptions"]) == [f"jobs:acme.{acme.completed}"]
+    job_channel = f"jobs:acme.{acme.completed}"
+    assert response.json["channels"] == {"tenant": None, "project": "jobs:acme.project.web", "job": job_channel}
+    assert list(response.json["subscriptions"]) == ["jobs:acme.project.web", job_channel]
+    assert claims(response.json["subscriptions"]["jobs:acme.project.web"])["channel"] == "jobs:acme.project.web"
 
 
 def test_another_tenants_job_gets_no_token_and_reads_as_missing(live: Flask, world: dict[str, Tenant]) -> None:

@@ -58,7 +58,7 @@ def value(target: str, reason: str | None = None) -> float:
     return float(counter._value.get())
 
 
-def test_each_event_goes_to_the_tenant_and_the_job_channel_with_an_idempotency_key(
+def test_each_event_goes_to_the_tenant_project_and_job_channels_with_an_idempotency_key(
     valkey: redis.Redis, centrifugo_server: CentrifugoStandIn, fanout: Callable[..., Fanout]
 ) -> None:
     job_id = str(uuid.uuid4())
@@ -67,7 +67,7 @@ def test_each_event_goes_to_the_tenant_and_the_job_channel_with_an_idempotency_k
     job_channel = f"jobs:acme.{job_id}"
     centrifugo_server.wait_until(lambda: len(centrifugo_server.on(job_channel)) == 2)
     kept = [json.loads(raw) for raw in valkey.lrange(history_key("acme", job_id), 0, -1)]
-    for channel in (job_channel, "jobs:acme"):
+    for channel in (job_channel, "jobs:acme", "jobs:acme.project.web"):
         sent = [p for p in centrifugo_server.on(channel) if p.data["job_id"] == job_id]
         assert [p.data for p in sent] == kept
         assert [p.idempotency_key for p in sent] == [f"{job_id}:1", f"{job_id}:2"]
@@ -79,7 +79,7 @@ def test_a_wrong_api_key_is_refused_and_the_publications_dropped(
 ) -> None:
     before = value("centrifugo", "refused")
     fanout(api_key="not-the-key").publish_events(events(str(uuid.uuid4())))
-    wait_until(lambda: value("centrifugo", "refused") == before + 4, "four refused publications")
+    wait_until(lambda: value("centrifugo", "refused") == before + 6, "six refused publications (2 events x 3 channels)")
     assert {code for code, _ in centrifugo_server.refusals} == {401}
     assert centrifugo_server.publications == []
 
@@ -106,14 +106,14 @@ def test_a_stopped_centrifugo_costs_the_publisher_nothing_and_old_publications_a
     job_id = str(uuid.uuid4())
     assert fanout(retry_for=0.3).publish_events(events(job_id)) == [1, 2]
     assert len(valkey.lrange(history_key("acme", job_id), 0, -1)) == 2  # Valkey has them all the same
-    wait_until(lambda: value("centrifugo", "retries_exhausted") == before + 4, "four publications given up")
+    wait_until(lambda: value("centrifugo", "retries_exhausted") == before + 6, "six publications given up")
 
 
 def test_a_full_queue_drops_and_counts(centrifugo_server: CentrifugoStandIn, fanout: Callable[..., Fanout]) -> None:
     centrifugo_server.stop()
     before = value("centrifugo", "queue_full")
     fanout(queue_size=1).publish_events(events(str(uuid.uuid4())))
-    assert value("centrifugo", "queue_full") >= before + 2  # four publications: one sending, one waiting at most
+    assert value("centrifugo", "queue_full") >= before + 4  # six publications: one sending, one waiting at most
 
 
 def test_health_checks_centrifugos_api_with_the_key(make_app: MakeApp, centrifugo_server: CentrifugoStandIn) -> None:

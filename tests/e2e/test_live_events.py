@@ -129,6 +129,11 @@ def test_a_jobs_events_arrive_in_order_through_sse_and_centrifugo(
     assert [p.data for p in centrifugo.on(job_channel)] == events
     assert [p.idempotency_key for p in centrifugo.on(job_channel)] == [f"{job_id}:{e['id']}" for e in events]
     assert [p.data for p in centrifugo.on(f"jobs:{tenant}") if p.data["job_id"] == job_id] == events
+    project_channel = f"jobs:{tenant}.project.{project}"
+    centrifugo.wait_until(
+        lambda: len([p for p in centrifugo.on(project_channel) if p.data["job_id"] == job_id]) == len(events)
+    )
+    assert [p.data for p in centrifugo.on(project_channel) if p.data["job_id"] == job_id] == events
     assert centrifugo.refusals == []
 
     resumed = read_stream(platform, platform.token("viewer", tenant), job_id, after=2)
