@@ -82,8 +82,7 @@ class _Held:
 class Reservations:
     """Callers' hits taken from Valkey's fixed-window counters in blocks and spent in this process."""
 
-    def __init__(self, client: redis.Redis, block: int = BLOCK) -> None:
-        self.block = block
+    def __init__(self, client: redis.Redis) -> None:
         self._reserve = client.register_script(_RESERVE_LUA)
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
@@ -104,7 +103,7 @@ class Reservations:
                 held.left -= 1
                 return True, held.ends - now
             counted = held.count if held is not None else 0
-        wanted = min(self.block, max(1, (item.amount - counted) // SPREAD))
+        wanted = min(BLOCK, max(1, (item.amount - counted) // SPREAD))
         reply = cast(list[Any], self._reserve(keys=[KEY_PREFIX + name], args=[wanted, item.get_expiry() * 1000]))
         count, ends_in = int(reply[0]), int(reply[1]) / 1000
         granted = max(0, min(wanted, item.amount - (count - wanted)))

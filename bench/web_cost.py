@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +69,19 @@ def final_report() -> dict[str, Any]:
 
 def batch(web_pid: int | None, operator: Caller, agent: Caller, jobs: int) -> dict[str, float]:
     """Run one batch; the web's CPU milliseconds per request of each kind."""
-    used: dict[str, float] = {}
-    before = cpu_seconds(web_pid)
-    ids = [operator.post("/api/v1/jobs", {"workflow": WORKFLOW})["job_id"] for _ in range(jobs)]
-    steps = [
-        lambda job_id: agent.post(f"/api/v1/jobs/{job_id}/claim", {"attempt": 1, "task": "noop"}),
-        lambda job_id: agent.post(f"/api/v1/jobs/{job_id}/status", final_report()),
-    ]
-    after = cpu_seconds(web_pid)
-    used["submit"] = after - before
-    for kind, step in zip(KINDS[1:], steps, strict=True):
-        before = after
-        for job_id in ids:
-            step(job_id)
-        after = cpu_seconds(web_pid)
-        used[kind] = after - before
-    return {kind: 1000 * seconds / jobs for kind, seconds in used.items()}
+
+    def timed(requests: Callable[[], object]) -> float:
+        before = cpu_seconds(web_pid)
+        requests()
+        return 1000 * (cpu_seconds(web_pid) - before) / jobs
+
+    ids: list[str] = []
+    submit = timed(
+        lambda: ids.extend(operator.post("/api/v1/jobs", {"workflow": WORKFLOW})["job_id"] for _ in range(jobs))
+    )
+    claim = timed(lambda: [agent.post(f"/api/v1/jobs/{i}/claim", {"attempt": 1, "task": "noop"}) for i in ids])
+    final = timed(lambda: [agent.post(f"/api/v1/jobs/{i}/status", final_report()) for i in ids])
+    return dict(zip(KINDS, (submit, claim, final), strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
