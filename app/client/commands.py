@@ -99,15 +99,20 @@ def follow(client: Client, job_id: str, *, as_json: bool, final_json: bool = Fal
 
 
 def jobs_submit(client: Client, args: argparse.Namespace) -> int:
-    """POST the workflow file as a job; with --wait, follow it to its end."""
+    """POST the workflow file as a job (one per --agent, in one batch); with --wait, follow them to their end."""
     body: dict[str, Any] = {"workflow": read_workflow(args.file)}
     variables = parse_vars(args.var)
     if variables:
         body["variables"] = variables
-    for field, value in (("agent_id", args.agent), ("project_id", args.project), ("priority", args.priority)):
+    for field, value in (("project_id", args.project), ("priority", args.priority)):
         if value is not None:
             body[field] = value
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    agents = list(dict.fromkeys(args.agent or []))  # in order, each once
+    if len(agents) > 1:
+        return _submit_batch(client, args, [{**body, "agent_id": agent} for agent in agents], headers)
+    if agents:
+        body["agent_id"] = agents[0]
     job = client.call("POST", "/jobs", body=body, headers=headers)
     if not args.wait:
         if args.json:
@@ -118,6 +123,35 @@ def jobs_submit(client: Client, args: argparse.Namespace) -> int:
     if not args.json:
         print(f"submitted job {job['job_id']} ({job.get('name')})", flush=True)
     return follow(client, job["job_id"], as_json=args.json, final_json=True)
+
+
+def _submit_batch(
+    client: Client, args: argparse.Namespace, entries: list[dict[str, Any]], headers: dict[str, str] | None
+) -> int:
+    """One job per agent through ``POST /jobs/batch``; with --wait, follow each in turn (they run meanwhile)."""
+    jobs = client.call("POST", "/jobs/batch", body={"jobs": entries}, headers=headers)["jobs"]
+    if args.json and not args.wait:
+        _out({"jobs": jobs})
+        return OK
+    if not args.json:
+        for job in jobs:
+            print(f"submitted job {job['job_id']} ({job.get('name')}) to {job.get('agent_id')}: {job.get('state')}")
+    if not args.wait:
+        return OK
+    status, finals = OK, []
+    for job in jobs:
+        if args.json:
+            for _event in watch.events(client, job["job_id"]):
+                pass
+            finals.append(client.call("GET", watch.job_path(job["job_id"])))
+            ended = finals[-1].get("state") == "completed"
+        else:
+            print(f"{job.get('agent_id')}:", flush=True)
+            ended = follow(client, job["job_id"], as_json=False) == OK
+        status = status if ended else NOT_COMPLETED
+    if args.json:
+        _out({"jobs": finals})
+    return status
 
 
 def jobs_list(client: Client, args: argparse.Namespace) -> int:
@@ -293,7 +327,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     submit = action(group, "submit", jobs_submit, "submit a YAML workflow file as a job")
     submit.add_argument("file", help="the workflow file (- for standard input)")
-    submit.add_argument("--agent", help="pin the job to this agent")
+    submit.add_argument(
+        "--agent",
+        action="append",
+        metavar="AGENT",
+        help="pin the job to this agent; repeated, one job per agent, submitted together (all or none)",
+    )
     submit.add_argument("--project", help="the project (default: the token's)")
     submit.add_argument("--var", action="append", metavar="NAME=VALUE", help="a variable (repeatable)")
     submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0-9 (default 5)")

@@ -11,6 +11,7 @@ from app.jobs.states import JobState
 from app.logs.schemas import LogLineIn
 from app.schemas import Page, Platform, Request, Response, Slug
 
+MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
 MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
 MAX_LOG_LINES_PER_REPORT = 1000  # log lines one state report may carry (more go to POST .../logs)
 
@@ -38,6 +39,12 @@ class JobSubmit(Request):
         if self.deliver_by is not None and self.scheduled_at is not None and self.deliver_by <= self.scheduled_at:
             raise ValueError("deliver_by must be later than scheduled_at")
         return self
+
+
+class JobBatchSubmit(Request):
+    """``POST /api/v1/jobs/batch``: several jobs at once, each as ``POST /api/v1/jobs`` takes it."""
+
+    jobs: list[JobSubmit] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
 
 
 class JobUpdate(Request):
@@ -206,6 +213,12 @@ class JobDetail(JobOut):
     tasks: list[TaskResultOut]
     attempts: list[AttemptOut]
     events: list[EventOut]
+
+
+class JobBatchOut(Response):
+    """The jobs of a batch, in the order they were submitted."""
+
+    jobs: list[JobOut]
 
 
 class JobList(Response):

@@ -14,7 +14,7 @@ from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant, deny
 from app.auth.tokens import Principal
 from app.columns import new_id, utcnow
-from app.errors import NOT_FOUND, BadRequest, Conflict, NotFound, Unprocessable
+from app.errors import NOT_FOUND, AppError, BadRequest, Conflict, NotFound, Unprocessable
 from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
@@ -88,15 +88,9 @@ def check_target(caller: Principal, project_id: str, agent_id: str | None, platf
     return agent
 
 
-def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Validate and store a new ``pending`` job; return it and whether it was created (False: a replay)."""
-    check_tenant(caller, data.tenant_id)
-    project_id = check_project(caller, data.project_id)
-    if project_id is None:
-        raise Unprocessable(NO_PROJECT, code="unknown_project")
-    digest = _request_hash(data, project_id)
-    if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
-        return existing, False
+def _new_job(caller: Principal, data: JobSubmit, idempotency_key: str | None, digest: str) -> Job:
+    """Validate one submission and add it to the session as a new job (queued when it is due), not committed."""
+    project_id = _project_of(caller, data)
     workflow = validate_workflow(data.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
     agent = check_target(caller, project_id, data.agent_id, data.platform)
     platform = choose_platform(workflow, data.platform or (agent.platform if agent else None))
@@ -131,17 +125,102 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
         target_id=job.id,
         details={"project_id": project_id, "name": job.name, "agent_id": data.agent_id},
     )
+    if not dispatching.queue_new(job):
+        note_state(job)  # the live event of a job that waits (queued jobs have theirs from the transition)
+    return job
+
+
+def _project_of(caller: Principal, data: JobSubmit) -> str:
+    check_tenant(caller, data.tenant_id)
+    project_id = check_project(caller, data.project_id)
+    if project_id is None:
+        raise Unprocessable(NO_PROJECT, code="unknown_project")
+    return project_id
+
+
+def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate and store a new ``pending`` job; return it and whether it was created (False: a replay)."""
+    digest = _request_hash(data, _project_of(caller, data))
+    if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
+        return existing, False
+    job = _new_job(caller, data, idempotency_key, digest)
     try:
-        if not dispatching.queue_new(job):
-            note_state(job)  # the live event of a job that waits (queued jobs have theirs from the transition)
         commit_new(db.session)  # plain INSERTs: a third of what the unit of work's flush would cost
     except IntegrityError:  # the project's foreign key, or a concurrent request with the same key
         db.session.rollback()
-        _check_project(caller, project_id)
+        _check_project(caller, job.project_id)
         if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
             return existing, False
         raise
     return job, True
+
+
+def batch_key(idempotency_key: str, index: int) -> str:
+    """The idempotency key stored with the job at ``index`` of a batch submitted with ``idempotency_key``."""
+    return f"{idempotency_key}#{index}"
+
+
+def _replay_batch(caller: Principal, idempotency_key: str, digests: list[str]) -> list[Job] | None:
+    """The jobs of an earlier batch with the same key (None if there was none); 409 if it was another request."""
+    keys = [batch_key(idempotency_key, index) for index in range(len(digests))]
+    found = {
+        job.idempotency_key: job
+        for job in db.session.scalars(
+            select(Job).where(Job.tenant_id == caller.tenant_id, Job.idempotency_key.in_(keys))
+        )
+    }
+    if not found:
+        return None
+    jobs = [found.get(key) for key in keys]
+    if any(job is None or job.request_hash != digest for job, digest in zip(jobs, digests, strict=True)):
+        raise Conflict(IDEMPOTENCY_CONFLICT.format(key=idempotency_key), code="idempotency_conflict")
+    return [job for job in jobs if job is not None]
+
+
+def _at(index: int, exc: AppError) -> AppError:
+    """The same error, naming the batch entry it is about."""
+    return type(exc)(
+        f"jobs[{index}]: {exc.message}", code=exc.code, headers=exc.headers, **{**exc.extra, "index": index}
+    )
+
+
+def submit_jobs(
+    *, caller: Principal, items: list[JobSubmit], idempotency_key: str | None = None
+) -> tuple[list[Job], bool]:
+    """Validate and store several jobs in one transaction, all or none; return them and whether they were created.
+
+    The first entry that cannot be accepted refuses the whole batch, with the error it would get alone and its
+    ``index``. With ``idempotency_key`` K, entry i is stored under ``K#i``, so a resent batch returns the same jobs.
+    """
+    digests = []
+    for index, data in enumerate(items):
+        try:
+            digests.append(_request_hash(data, _project_of(caller, data)))
+        except AppError as exc:
+            raise _at(index, exc) from None
+    if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, digests)) is not None:
+        return existing, False
+    jobs = []
+    for index, (data, digest) in enumerate(zip(items, digests, strict=True)):
+        key = None if idempotency_key is None else batch_key(idempotency_key, index)
+        try:
+            jobs.append(_new_job(caller, data, key, digest))
+        except AppError as exc:
+            db.session.rollback()
+            raise _at(index, exc) from None
+    try:
+        commit_new(db.session)
+    except IntegrityError:  # a project that was just deleted, or a concurrent batch with the same key
+        db.session.rollback()
+        for index, job in enumerate(jobs):
+            try:
+                _check_project(caller, job.project_id)
+            except AppError as exc:
+                raise _at(index, exc) from None
+        if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, digests)) is not None:
+            return existing, False
+        raise
+    return jobs, True
 
 
 def list_jobs(*, caller: Principal, params: JobListQuery) -> tuple[list[Job], int]:

@@ -12,12 +12,15 @@ from app.extensions import db
 from app.jobs import dispatching, fencing, service
 from app.jobs.models import Job, JobEvent, TaskResult
 from app.jobs.schemas import (
+    MAX_BATCH_JOBS,
     AttemptOut,
     CancelRequest,
     ClaimOut,
     ClaimRequest,
     DeadLetterQuery,
     EventOut,
+    JobBatchOut,
+    JobBatchSubmit,
     JobDetail,
     JobList,
     JobListQuery,
@@ -140,9 +143,7 @@ def job_detail(job: Job) -> JobDetail:
 @require(*WRITERS, action="submit jobs")
 def submit() -> Response:
     """Submit a job."""
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
-        raise BadRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    key = idempotency_key(IDEMPOTENCY_KEY_MAX)
     job, created = service.submit_job(caller=principal(), data=body(JobSubmit), idempotency_key=key)
     if created:
         dispatching.deliver(job)  # committed first; if this fails, the sweeper sends it
@@ -150,6 +151,39 @@ def submit() -> Response:
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return reply(job_out(job), 201, headers)
+
+
+@bp.post("/batch")
+@document(
+    "Submit several jobs at once, all or none",
+    body=JobBatchSubmit,
+    responses={201: JobBatchOut},
+    errors={
+        **ERR_WRITE,
+        409: ("idempotency_conflict",),
+        422: ("invalid_workflow", "unknown_project", "unknown_agent", "incompatible_platform"),
+    },
+    headers=("Idempotency-Key",),
+)
+@require(*WRITERS, action="submit jobs")
+def submit_batch() -> Response:
+    """Submit a batch of jobs: one transaction, then each is published."""
+    key = idempotency_key(IDEMPOTENCY_KEY_MAX - len(service.batch_key("", MAX_BATCH_JOBS - 1)))
+    items = body(JobBatchSubmit).jobs
+    jobs, created = service.submit_jobs(caller=principal(), items=items, idempotency_key=key)
+    if created:
+        for job in jobs:
+            dispatching.deliver(job)  # committed first; whatever is not sent, the sweeper sends
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return reply(JobBatchOut(jobs=[job_out(job) for job in jobs]), 201, headers)
+
+
+def idempotency_key(longest: int) -> str | None:
+    """The request's Idempotency-Key header, if any; 400 unless it has 1 to ``longest`` characters."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= longest:
+        raise BadRequest(f"Idempotency-Key must be 1 to {longest} characters")
+    return key
 
 
 @bp.get("")

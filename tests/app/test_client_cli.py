@@ -496,6 +496,51 @@ def test_submit_posts_the_workflow_with_its_variables_target_and_priority(
     assert sent.header("Idempotency-Key") == "k1" and sent.header("Content-Type") == "application/json"
 
 
+JOB2 = "3f2a1b2c-0000-4000-8000-000000000002"
+
+
+def test_submit_to_several_agents_posts_one_batch_with_a_job_per_agent(
+    cli: Any, http_server: HTTPTestServer, tmp_path: Path
+) -> None:
+    answer = {"jobs": [job("queued", agent_id="a1"), job("queued", job_id=JOB2, agent_id="a2")]}
+    http_server.route("/api/v1/jobs/batch", method="POST", body=lambda r: reply(answer, 201))
+    workflow = tmp_path / "w.yaml"
+    workflow.write_text("name: hello\ntasks: []\n")
+    args = ["--agent", "a1", "--agent", "a2", "--agent", "a1", "--var", "WHO=you", "--idempotency-key", "k2"]
+    status, out, _ = cli("jobs", "submit", str(workflow), *args)
+    assert status == 0
+    assert out.splitlines() == [
+        f"submitted job {JOB} (hello) to a1: queued",
+        f"submitted job {JOB2} (hello) to a2: queued",
+    ]
+    [sent] = http_server.requests
+    entry = {"workflow": "name: hello\ntasks: []\n", "variables": {"WHO": "you"}}
+    assert json.loads(sent.body) == {"jobs": [{**entry, "agent_id": "a1"}, {**entry, "agent_id": "a2"}]}
+    assert sent.header("Idempotency-Key") == "k2"
+
+
+def test_waiting_for_several_agents_follows_each_job_and_fails_unless_all_completed(
+    cli: Any, http_server: HTTPTestServer, tmp_path: Path
+) -> None:
+    answer = {"jobs": [job("queued", agent_id="a1"), job("queued", job_id=JOB2, agent_id="a2")]}
+    http_server.route("/api/v1/jobs/batch", method="POST", body=lambda r: reply(answer, 201))
+    for job_id, final in ((JOB, "completed"), (JOB2, "failed")):
+        events = [{**e, "job_id": job_id} for e in history(final)]
+        http_server.route(f"/api/v1/jobs/{job_id}/events", body=lambda r, ev=events: stream(*map(frame, ev)))
+        http_server.route(f"/api/v1/jobs/{job_id}", body=fixed(job(final, job_id=job_id)))
+    workflow = tmp_path / "w.yaml"
+    workflow.write_text("name: hello\ntasks: []\n")
+    status, out, err = cli("jobs", "submit", str(workflow), "--agent", "a1", "--agent", "a2", "--wait")
+    assert status == 1, err
+    lines = out.splitlines()
+    assert lines[2] == "a1:" and "a2:" in lines
+    assert lines[lines.index("a2:") - 1].split()[1:5] == ["job", JOB, "(hello)", "completed"]
+    assert lines[-1].split()[1:5] == ["job", JOB2, "(hello)", "failed"]
+    status, out, err = cli("jobs", "submit", str(workflow), "--agent", "a1", "--agent", "a2", "--wait", "--json")
+    assert status == 1, err
+    assert [j["state"] for j in json.loads(out)["jobs"]] == ["completed", "failed"]
+
+
 def test_a_job_and_lists_are_readable_tables(cli: Any, http_server: HTTPTestServer) -> None:
     tasks = [result("greet", "succeeded", 0, "hello\n"), result("check", "failed", 1)]
     http_server.route(API, body=fixed(job("failed", tasks, agent_id="a1", variables={"WHO": "you"})))

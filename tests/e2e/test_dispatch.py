@@ -111,6 +111,25 @@ def test_pinned_jobs_run_on_their_agent_and_shared_jobs_are_shared_by_the_projec
     nothing_running(platform, tenant)
 
 
+def test_a_batch_runs_each_job_on_its_agent_and_the_shared_ones_on_either(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "b1")
+    platform.start_agent(tenant, project, "b2")
+    operator = platform.token("operator", tenant, project)
+    entries = [{"workflow": marker_workflow(str(tmp_path / "pinned1")), "agent_id": "b1"}]
+    entries += [{"workflow": marker_workflow(str(tmp_path / "pinned2")), "agent_id": "b2"}]
+    entries += [{"workflow": marker_workflow(str(tmp_path / f"shared{i}"), sleep=0.3)} for i in range(4)]
+    reply = platform.api("POST", "/jobs/batch", operator, {"jobs": entries})
+    assert reply.status_code == 201, reply.text
+    jobs = [platform.wait_for(operator, job["job_id"]) for job in reply.json()["jobs"]]
+    assert all(job["state"] == "completed" for job in jobs), jobs
+    assert [job["attempts"][-1]["agent_id"] for job in jobs[:2]] == ["b1", "b2"]
+    assert {job["attempts"][-1]["agent_id"] for job in jobs[2:]} <= {"b1", "b2"}
+    assert runs(tmp_path / "pinned1") == runs(tmp_path / "pinned2") == 1
+    assert all(runs(tmp_path / f"shared{i}") == 1 for i in range(4))
+    nothing_running(platform, tenant)
+
+
 def test_a_powershell_workflow_never_reaches_a_linux_agent(platform: Platform):
     tenant, project = platform.tenant()
     platform.start_agent(tenant, project, "lin")

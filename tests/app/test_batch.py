@@ -1,0 +1,170 @@
+"""``POST /api/v1/jobs/batch``: several jobs in one transaction, all or none, each published after the commit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from flask import Flask
+from sqlalchemy import event, func, select
+
+from app.audit.models import AuditEvent
+from app.extensions import db
+from app.jobs.models import Job
+from app.jobs.schemas import MAX_BATCH_JOBS, JobBatchOut
+from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, Tenant, build_world
+from tests.app.test_receipts import live_app, messages, wait_for_receipt
+from tests.servers.valkey import ValkeyServer
+
+BATCH = "/api/v1/jobs/batch"
+__all__ = ["live_app"]  # the fixture "live": the control plane with a broker
+
+
+def stored(app: Flask) -> tuple[int, int]:
+    """How many jobs and audit records the database holds."""
+    with app.app_context():
+        jobs = db.session.scalar(select(func.count()).select_from(Job)) or 0
+        records = db.session.scalar(select(func.count()).select_from(AuditEvent)) or 0
+        return jobs, records
+
+
+@pytest.fixture(name="acme")
+def acme_tenant(app: Flask) -> Tenant:
+    return build_world(app)["acme"]
+
+
+def test_a_batch_is_stored_in_one_commit_and_every_job_is_published(
+    live: Flask, acme: Tenant, valkey_server: ValkeyServer
+):
+    before = messages(valkey_server)
+    commits: list[int] = []
+    with live.app_context():
+        engine = db.engine
+
+    def count(_connection: object) -> None:
+        commits.append(threading.get_ident())
+
+    event.listen(engine, "commit", count)
+    try:
+        reply = Api(live.test_client()).post(
+            BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}] * 5}
+        )
+    finally:
+        event.remove(engine, "commit", count)
+    assert reply.status_code == 201, reply.json
+    jobs = JobBatchOut.model_validate(reply.json).jobs
+    assert len(jobs) == 5 and len({job.job_id for job in jobs}) == 5
+    assert all(job.state == "queued" and job.attempt == 1 for job in jobs)
+    assert commits.count(threading.get_ident()) == 1  # five jobs, their audit records, moves and attempts
+    assert messages(valkey_server) == before + 5
+    for job in jobs:
+        assert wait_for_receipt(live, job.job_id).published_at is not None
+
+
+def test_each_entry_keeps_its_own_options_and_the_order_of_the_batch(api: Api, acme: Tenant):
+    entries = [
+        {"workflow": WORKFLOW, "agent_id": "a1", "priority": 9, "variables": {"HOST": "web1"}},
+        {"workflow": POWERSHELL},
+        {"workflow": WORKFLOW, "project_id": "web", "max_attempts": 1},
+    ]
+    reply = api.post(BATCH, acme.tokens["operator"], json={"jobs": entries})
+    assert reply.status_code == 201, reply.json
+    first, second, third = JobBatchOut.model_validate(reply.json).jobs
+    assert (first.agent_id, first.priority, first.variables) == ("a1", 9, {"HOST": "web1"})
+    assert (second.name, second.platform) == ("windows-only", "windows")
+    assert (third.name, third.max_attempts, third.agent_id) == ("three-steps", 1, None)
+    for job in (first, second, third):
+        assert api.get(f"/api/v1/jobs/{job.job_id}", acme.tokens["viewer"]).json["job_id"] == job.job_id
+    audited = api.get("/api/v1/audit?action=job.submitted&limit=100", acme.tokens["tenant_admin"]).json["events"]
+    assert {first.job_id, second.job_id, third.job_id} <= {e["target_id"] for e in audited}
+
+
+def test_one_invalid_workflow_refuses_the_whole_batch_with_its_index_and_line(app: Flask, api: Api, acme: Tenant):
+    before = stored(app)
+    entries = [{"workflow": WORKFLOW}, {"workflow": WORKFLOW}, {"workflow": BAD_WORKFLOW}]
+    reply = api.post(BATCH, acme.tokens["operator"], json={"jobs": entries})
+    assert reply.status_code == 422
+    assert reply.json["error"] == "invalid_workflow" and reply.json["index"] == 2 and reply.json["line"] == 8
+    assert reply.json["message"].startswith("jobs[2]: the workflow is invalid")
+    assert stored(app) == before  # nothing half-written: no job, no audit record
+
+
+@pytest.mark.parametrize(
+    ("entry", "status", "code"),
+    [
+        ({"workflow": WORKFLOW, "agent_id": "nobody"}, 422, "unknown_agent"),
+        ({"workflow": POWERSHELL, "agent_id": "a1"}, 422, "incompatible_platform"),
+        ({"workflow": WORKFLOW, "project_id": "db"}, 403, "access_denied"),  # the token is limited to web
+        ({"workflow": WORKFLOW, "tenant_id": "globex"}, 403, "access_denied"),
+    ],
+)
+def test_an_entry_the_caller_may_not_submit_refuses_the_batch(
+    app: Flask, api: Api, acme: Tenant, entry: dict[str, str], status: int, code: str
+):
+    before = stored(app)
+    reply = api.post(BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}, entry]})
+    assert reply.status_code == status and reply.json["error"] == code and reply.json["index"] == 1
+    jobs, _records = stored(app)
+    assert jobs == before[0]
+
+
+def test_a_project_that_does_not_exist_refuses_the_batch(app: Flask, api: Api, acme: Tenant):
+    before = stored(app)
+    entries = [{"workflow": WORKFLOW, "project_id": "web"}, {"workflow": WORKFLOW, "project_id": "nope"}]
+    reply = api.post(BATCH, acme.tokens["tenant_admin"], json={"jobs": entries})
+    assert reply.status_code == 422 and reply.json["error"] == "unknown_project" and reply.json["index"] == 1
+    assert stored(app) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"jobs": []},
+        {"jobs": [{"workflow": WORKFLOW}] * (MAX_BATCH_JOBS + 1)},
+        {"jobs": [{"workflow": WORKFLOW, "priority": "high"}]},
+        {"jobs": [{"workflow": WORKFLOW}], "extra": 1},
+        {"workflow": WORKFLOW},
+    ],
+)
+def test_a_malformed_batch_is_a_400_that_names_the_field(app: Flask, api: Api, acme: Tenant, body: dict):
+    before = stored(app)
+    reply = api.post(BATCH, acme.tokens["operator"], json=body)
+    assert reply.status_code == 400 and reply.json["error"] == "invalid_request", reply.json
+    assert stored(app) == before
+
+
+def test_a_viewer_may_not_submit_a_batch(api: Api, acme: Tenant):
+    reply = api.post(BATCH, acme.tokens["viewer"], json={"jobs": [{"workflow": WORKFLOW}]})
+    assert reply.status_code == 403 and reply.json["error"] == "access_denied"
+
+
+def test_a_resent_batch_with_the_same_idempotency_key_returns_the_same_jobs(app: Flask, api: Api, acme: Tenant):
+    operator, headers = acme.tokens["operator"], {"Idempotency-Key": "rollout-7"}
+    body = {"jobs": [{"workflow": WORKFLOW, "variables": {"N": n}} for n in range(3)]}
+    first = api.post(BATCH, operator, json=body, headers=headers)
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first.headers
+    count = stored(app)
+    again = api.post(BATCH, operator, json=body, headers=headers)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert [j["job_id"] for j in again.json["jobs"]] == [j["job_id"] for j in first.json["jobs"]]
+    assert stored(app) == count
+    with app.app_context():
+        keys = db.session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.like("rollout-7#%"))).all()
+    assert sorted(keys) == ["rollout-7#0", "rollout-7#1", "rollout-7#2"]
+
+
+def test_the_same_idempotency_key_with_another_batch_is_a_conflict(app: Flask, api: Api, acme: Tenant):
+    operator, headers = acme.tokens["operator"], {"Idempotency-Key": "rollout-8"}
+    api.post(BATCH, operator, json={"jobs": [{"workflow": WORKFLOW}] * 2}, headers=headers)
+    count = stored(app)
+    for other in ([{"workflow": WORKFLOW, "priority": 1}] * 2, [{"workflow": WORKFLOW}] * 3):
+        reply = api.post(BATCH, operator, json={"jobs": other}, headers=headers)
+        assert reply.status_code == 409 and reply.json["error"] == "idempotency_conflict"
+    assert stored(app) == count
+
+
+def test_an_idempotency_key_too_long_for_a_batch_is_refused(api: Api, acme: Tenant):
+    reply = api.post(
+        BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}]}, headers={"Idempotency-Key": "k" * 253}
+    )
+    assert reply.status_code == 400 and "1 to 252 characters" in reply.json["message"]
