@@ -168,3 +168,21 @@ def test_an_idempotency_key_too_long_for_a_batch_is_refused(api: Api, acme: Tena
         BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}]}, headers={"Idempotency-Key": "k" * 253}
     )
     assert reply.status_code == 400 and "1 to 252 characters" in reply.json["message"]
+
+
+def test_every_job_of_a_batch_counts_as_submitted_in_the_metrics(api: Api, acme: Tenant):
+    from tests.app.test_metrics import scrape, value
+
+    operator = acme.tokens["operator"]
+    earlier = scrape(api)
+    before = value(earlier, "automation_jobs_submitted_total", tenant="acme")
+    headers = {"Idempotency-Key": "counted"}
+    for _ in range(2):  # the replay is not three more jobs
+        api.post(BATCH, operator, json={"jobs": [{"workflow": WORKFLOW}] * 3}, headers=headers)
+    after = scrape(api)
+    assert value(after, "automation_jobs_submitted_total", tenant="acme") == before + 3
+    posted = {"method": "POST", "endpoint": "/api/v1/jobs/batch", "status": "201"}
+    sent = value(after, "automation_http_requests_total", **posted) - value(
+        earlier, "automation_http_requests_total", **posted
+    )
+    assert sent == 2
