@@ -87,8 +87,9 @@ class Reservations:
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
 
-    def hit(self, item: RateLimitItem, key: str) -> tuple[bool, float]:
-        """Count one request of ``key`` under ``item``; whether it is allowed, and seconds until the window ends.
+    def hit(self, item: RateLimitItem, key: str, cost: int = 1) -> tuple[bool, float]:
+        """Count ``cost`` requests of ``key`` under ``item``; whether they are allowed, and seconds until the window
+        ends. Hits a refused request was granted stay with the caller, for smaller requests.
 
         Raises:
             redis.RedisError, OSError: Valkey could not be asked (the caller counts in memory instead).
@@ -99,19 +100,22 @@ class Reservations:
             held = self._held.get(name)
             if held is not None and held.ends <= now:
                 held = None
-            if held is not None and held.left > 0:
-                held.left -= 1
+            if held is not None and held.left >= cost:
+                held.left -= cost
                 return True, held.ends - now
+            spare = held.left if held is not None else 0
             counted = held.count if held is not None else 0
-        wanted = min(BLOCK, max(1, (item.amount - counted) // SPREAD))
+        wanted = max(cost - spare, min(BLOCK, max(1, (item.amount - counted) // SPREAD)))
         reply = cast(list[Any], self._reserve(keys=[KEY_PREFIX + name], args=[wanted, item.get_expiry() * 1000]))
         count, ends_in = int(reply[0]), int(reply[1]) / 1000
         granted = max(0, min(wanted, item.amount - (count - wanted)))
+        allowed = spare + granted >= cost
         with self._lock:
             if len(self._held) >= SWEEP_ABOVE:
                 self._held = {k: v for k, v in self._held.items() if v.ends > now}
-            self._held[name] = _Held(ends=time.monotonic() + ends_in, left=max(0, granted - 1), count=count)
-        return granted > 0, ends_in
+            left = spare + granted - (cost if allowed else 0)
+            self._held[name] = _Held(ends=time.monotonic() + ends_in, left=left, count=count)
+        return allowed, ends_in
 
 
 class RateLimit:
@@ -135,31 +139,34 @@ class RateLimit:
 
     def check(self) -> None:
         """Count this request; raise RateLimited when it is over a limit. Registered before API requests."""
-        if not request.path.startswith("/api/"):
-            return
+        if request.path.startswith("/api/"):
+            self.count(1)
+
+    def count(self, cost: int) -> None:
+        """Count ``cost`` requests of this request's caller; raise RateLimited when they are over a limit."""
         key = caller_key()
         items = self.agent_items if _is_agent() else self.items
         if self._use_valkey():
             try:
-                self._hit_shared(items, key)
+                self._hit_shared(items, key, cost)
             except (redis.RedisError, OSError) as exc:  # Valkey unreachable: keep limiting, in memory
                 log.warning("rate limit storage failed, counting in memory for %.0f s: %s", RETRY_VALKEY_AFTER, exc)
                 self.valkey_failed_at = time.monotonic()
             else:
                 self.valkey_failed_at = None
                 return
-        self._hit_local(items, key)
+        self._hit_local(items, key, cost)
 
-    def _hit_shared(self, items: list[RateLimitItem], key: str) -> None:
+    def _hit_shared(self, items: list[RateLimitItem], key: str, cost: int) -> None:
         assert self.shared is not None
         for item in items:
-            allowed, ends_in = self.shared.hit(item, key)
+            allowed, ends_in = self.shared.hit(item, key, cost)
             if not allowed:
                 raise _refusal(item, ends_in)
 
-    def _hit_local(self, items: list[RateLimitItem], key: str) -> None:
+    def _hit_local(self, items: list[RateLimitItem], key: str, cost: int) -> None:
         for item in items:
-            if not self.local.hit(item, key):
+            if not self.local.hit(item, key, cost=cost):
                 raise _refusal(item, self.local.get_window_stats(item, key).reset_time - time.time())
 
 
@@ -185,6 +192,13 @@ def _is_agent() -> bool:
         return verify_token(current_app.config["JWT_SECRET"], token.strip()).role == "agent"
     except TokenError:
         return False
+
+
+def charge_rate_limit(extra: int) -> None:
+    """Count ``extra`` more requests of the current caller, when the rate limit is on (a batch of N jobs counts N)."""
+    limit = current_app.extensions.get("rate_limit")
+    if extra > 0 and isinstance(limit, RateLimit):
+        limit.count(extra)
 
 
 def init_rate_limit(app: Flask) -> None:

@@ -37,6 +37,8 @@ LOG_PAGE = 500
 LOG_WAIT = 25  # seconds the server may hold a follow request (the contract allows 30)
 UNREADABLE = "cannot read the workflow file {path}: {problem}"
 BAD_VAR = "--var {item!r}: expected NAME=VALUE"
+MAX_AGENTS = 100  # jobs one POST /jobs/batch takes (the API's MAX_BATCH_JOBS; the client loads no app module)
+TOO_MANY_AGENTS = "--agent: at most {limit} agents at once, not {count}"
 POLLING = "automation: the control plane serves no live events for this job ({why}); polling it every second"
 NO_LOG_ROUTE = "automation: the control plane does not serve job logs; showing the tasks' output instead"
 TRUNCATED = "automation: the control plane truncated this job's log (it keeps a bounded number of lines per job)"
@@ -109,6 +111,8 @@ def jobs_submit(client: Client, args: argparse.Namespace) -> int:
             body[field] = value
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     agents = list(dict.fromkeys(args.agent or []))  # in order, each once
+    if len(agents) > MAX_AGENTS:
+        raise UsageError(TOO_MANY_AGENTS.format(limit=MAX_AGENTS, count=len(agents)))
     if len(agents) > 1:
         return _submit_batch(client, args, [{**body, "agent_id": agent} for agent in agents], headers)
     if agents:
@@ -133,9 +137,9 @@ def _submit_batch(
     if args.json and not args.wait:
         _out({"jobs": jobs})
         return OK
-    if not args.json:
-        for job in jobs:
-            print(f"submitted job {job['job_id']} ({job.get('name')}) to {job.get('agent_id')}: {job.get('state')}")
+    for job in jobs:  # with --wait --json on stderr: the ids are known even if following is cut short
+        line = f"submitted job {job['job_id']} ({job.get('name')}) to {job.get('agent_id')}: {job.get('state')}"
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
     if not args.wait:
         return OK
     status, finals = OK, []

@@ -160,9 +160,16 @@ def batch_key(idempotency_key: str, index: int) -> str:
     return f"{idempotency_key}#{index}"
 
 
-def _replay_batch(caller: Principal, idempotency_key: str, digests: list[str]) -> list[Job] | None:
+def _batch_hashes(digests: list[str]) -> list[str]:
+    """The request hash kept with each job of a batch: of the whole batch and the job's place in it, so that only
+    the same batch sent again matches (never a shorter or reordered one, never a single submission)."""
+    whole = hashlib.sha256(("batch\n" + "\n".join(digests)).encode()).hexdigest()
+    return [hashlib.sha256(f"{whole}\n{index}".encode()).hexdigest() for index in range(len(digests))]
+
+
+def _replay_batch(caller: Principal, idempotency_key: str, hashes: list[str]) -> list[Job] | None:
     """The jobs of an earlier batch with the same key (None if there was none); 409 if it was another request."""
-    keys = [batch_key(idempotency_key, index) for index in range(len(digests))]
+    keys = [batch_key(idempotency_key, index) for index in range(len(hashes))]
     found = {
         job.idempotency_key: job
         for job in db.session.scalars(
@@ -172,7 +179,7 @@ def _replay_batch(caller: Principal, idempotency_key: str, digests: list[str]) -
     if not found:
         return None
     jobs = [found.get(key) for key in keys]
-    if any(job is None or job.request_hash != digest for job, digest in zip(jobs, digests, strict=True)):
+    if any(job is None or job.request_hash != digest for job, digest in zip(jobs, hashes, strict=True)):
         raise Conflict(IDEMPOTENCY_CONFLICT.format(key=idempotency_key), code="idempotency_conflict")
     return [job for job in jobs if job is not None]
 
@@ -189,8 +196,9 @@ def submit_jobs(
 ) -> tuple[list[Job], bool]:
     """Validate and store several jobs in one transaction, all or none; return them and whether they were created.
 
-    The first entry that cannot be accepted refuses the whole batch, with the error it would get alone and its
-    ``index``. With ``idempotency_key`` K, entry i is stored under ``K#i``, so a resent batch returns the same jobs.
+    Every entry's tenant and project are checked first, then each entry's workflow and agent in order; the first
+    entry that cannot be accepted refuses the whole batch, with the error it would get alone and its ``index``.
+    With ``idempotency_key`` K, entry i is stored under ``K#i``, so the same batch sent again returns the same jobs.
     """
     digests = []
     for index, data in enumerate(items):
@@ -198,16 +206,22 @@ def submit_jobs(
             digests.append(_request_hash(data, _project_of(caller, data)))
         except AppError as exc:
             raise _at(index, exc) from None
-    if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, digests)) is not None:
+    hashes = _batch_hashes(digests)
+    if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, hashes)) is not None:
         return existing, False
+    pinned = {data.agent_id for data in items if data.agent_id is not None}
+    # Loaded at once and held until the end: the checks below find them in the session without a query each.
+    agents = list(db.session.scalars(select(Agent).where(Agent.tenant_id == caller.tenant_id, Agent.id.in_(pinned))))
     jobs = []
-    for index, (data, digest) in enumerate(zip(items, digests, strict=True)):
-        key = None if idempotency_key is None else batch_key(idempotency_key, index)
-        try:
-            jobs.append(_new_job(caller, data, key, digest))
-        except AppError as exc:
-            db.session.rollback()
-            raise _at(index, exc) from None
+    with db.session.no_autoflush:  # nothing is written before the one commit, whatever a check reads
+        for index, (data, digest) in enumerate(zip(items, hashes, strict=True)):
+            key = None if idempotency_key is None else batch_key(idempotency_key, index)
+            try:
+                jobs.append(_new_job(caller, data, key, digest))
+            except AppError as exc:
+                db.session.rollback()
+                raise _at(index, exc) from None
+    del agents
     try:
         commit_new(db.session)
     except IntegrityError:  # a project that was just deleted, or a concurrent batch with the same key
@@ -217,7 +231,7 @@ def submit_jobs(
                 _check_project(caller, job.project_id)
             except AppError as exc:
                 raise _at(index, exc) from None
-        if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, digests)) is not None:
+        if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, hashes)) is not None:
             return existing, False
         raise
     return jobs, True

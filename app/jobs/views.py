@@ -32,6 +32,7 @@ from app.jobs.schemas import (
     TaskReport,
     TaskResultOut,
 )
+from app.ratelimit import charge_rate_limit
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
@@ -170,10 +171,12 @@ def submit_batch() -> Response:
     """Submit a batch of jobs: one transaction, then each is published."""
     key = idempotency_key(IDEMPOTENCY_KEY_MAX - len(service.batch_key("", MAX_BATCH_JOBS - 1)))
     items = body(JobBatchSubmit).jobs
+    charge_rate_limit(len(items) - 1)  # a batch counts as one request per job
     jobs, created = service.submit_jobs(caller=principal(), items=items, idempotency_key=key)
     if created:
-        for job in jobs:
-            dispatching.deliver(job)  # committed first; whatever is not sent, the sweeper sends
+        for job in jobs:  # committed first; what is not sent here, the sweeper sends
+            if not dispatching.deliver(job) and job.state == "queued":
+                break  # the broker failed (after its retries): no point in waiting for it once per job
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return reply(JobBatchOut(jobs=[job_out(job) for job in jobs]), 201, headers)
 

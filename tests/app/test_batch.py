@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import threading
+import uuid
+from datetime import timedelta
 
 import pytest
 from flask import Flask
 from sqlalchemy import event, func, select
 
 from app.audit.models import AuditEvent
+from app.columns import utcnow
 from app.extensions import db
+from app.jobs import dispatching
 from app.jobs.models import Job
 from app.jobs.schemas import MAX_BATCH_JOBS, JobBatchOut
-from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, Tenant, build_world
+from dispatch.publish import PublishError
+from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, MakeApp, Tenant, build_world, token
 from tests.app.test_receipts import live_app, messages, wait_for_receipt
 from tests.servers.valkey import ValkeyServer
 
@@ -104,6 +109,7 @@ def test_an_entry_the_caller_may_not_submit_refuses_the_batch(
     before = stored(app)
     reply = api.post(BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}, entry]})
     assert reply.status_code == status and reply.json["error"] == code and reply.json["index"] == 1
+    assert reply.json["message"].startswith("jobs[1]: ")
     jobs, _records = stored(app)
     assert jobs == before[0]
 
@@ -186,3 +192,85 @@ def test_every_job_of_a_batch_counts_as_submitted_in_the_metrics(api: Api, acme:
         earlier, "automation_http_requests_total", **posted
     )
     assert sent == 2
+
+
+def test_an_unknown_project_before_a_pinned_agent_is_a_422_and_nothing_is_written_early(
+    app: Flask, api: Api, acme: Tenant
+):
+    # The agent's lookup must not flush the job before it into the database (its project does not exist).
+    before = stored(app)
+    entries = [
+        {"workflow": WORKFLOW, "project_id": "nope"},
+        {"workflow": WORKFLOW, "project_id": "web", "agent_id": "a1"},
+    ]
+    reply = api.post(BATCH, acme.tokens["tenant_admin"], json={"jobs": entries})
+    assert reply.status_code == 422 and reply.json["error"] == "unknown_project" and reply.json["index"] == 0
+    assert stored(app) == before
+
+
+def test_only_the_same_batch_replays_its_key(app: Flask, api: Api, acme: Tenant):
+    operator = acme.tokens["operator"]
+    entries = [{"workflow": WORKFLOW, "variables": {"N": n}} for n in range(3)]
+    first = api.post(BATCH, operator, json={"jobs": entries}, headers={"Idempotency-Key": "K"})
+    assert first.status_code == 201
+    count = stored(app)
+    for other in (entries[:2], entries[::-1]):  # shorter, reordered
+        reply = api.post(BATCH, operator, json={"jobs": other}, headers={"Idempotency-Key": "K"})
+        assert reply.status_code == 409 and reply.json["error"] == "idempotency_conflict", other
+    single = api.post("/api/v1/jobs", operator, json=entries[0], headers={"Idempotency-Key": "K#0"})
+    assert single.status_code == 409  # a batch's job is never a single submission's replay
+    assert api.post("/api/v1/jobs", operator, json=entries[0], headers={"Idempotency-Key": "L#0"}).status_code == 201
+    batch = api.post(BATCH, operator, json={"jobs": entries[:1]}, headers={"Idempotency-Key": "L"})
+    assert batch.status_code == 409  # nor the other way round
+    assert stored(app)[0] == count[0] + 1
+
+
+def test_two_identical_batches_at_once_store_one(app: Flask, acme: Tenant):
+    body = {"jobs": [{"workflow": WORKFLOW, "variables": {"N": n}} for n in range(3)]}
+    before = stored(app)[0]
+    start = threading.Barrier(2)
+    replies = []
+
+    def send() -> None:
+        client = Api(app.test_client())
+        start.wait()
+        replies.append(client.post(BATCH, acme.tokens["operator"], json=body, headers={"Idempotency-Key": "race"}))
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in replies] == [201, 201], [r.json for r in replies]
+    assert [j["job_id"] for j in replies[0].json["jobs"]] == [j["job_id"] for j in replies[1].json["jobs"]]
+    assert stored(app)[0] == before + 3
+
+
+def test_a_batch_counts_one_request_per_job_for_the_rate_limit(make_app: MakeApp, acme: Tenant):
+    limited = Api(make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT="5 per minute").test_client())
+    operator = token("acme", "operator", subject=f"batcher-{uuid.uuid4().hex}")
+    assert limited.post(BATCH, operator, json={"jobs": [{"workflow": WORKFLOW}] * 3}).status_code == 201
+    refused = limited.post(BATCH, operator, json={"jobs": [{"workflow": WORKFLOW}] * 3})
+    assert refused.status_code == 429 and refused.json["error"] == "rate_limited"
+    assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_a_broker_that_fails_is_tried_once_and_the_sweeper_sends_the_rest(
+    live: Flask, acme: Tenant, monkeypatch: pytest.MonkeyPatch
+):
+    tries = []
+
+    def failing(message: object) -> str:
+        tries.append(message)
+        raise PublishError("the broker is down")
+
+    monkeypatch.setattr(live.extensions["publisher"], "publish", failing)
+    reply = Api(live.test_client()).post(BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}] * 4})
+    assert reply.status_code == 201 and [j["state"] for j in reply.json["jobs"]] == ["queued"] * 4
+    assert len(tries) == 1  # not once per job
+    monkeypatch.undo()
+    later = utcnow() + timedelta(seconds=live.config["SWEEP_GRACE"] + 60)
+    with live.app_context():
+        assert dispatching.sweep(now=later) >= 4
+    for job in reply.json["jobs"]:
+        assert wait_for_receipt(live, job["job_id"]).published_at is not None

@@ -539,6 +539,18 @@ def test_waiting_for_several_agents_follows_each_job_and_fails_unless_all_comple
     status, out, err = cli("jobs", "submit", str(workflow), "--agent", "a1", "--agent", "a2", "--wait", "--json")
     assert status == 1, err
     assert [j["state"] for j in json.loads(out)["jobs"]] == ["completed", "failed"]
+    assert f"submitted job {JOB2} (hello) to a2" in err  # the ids, before following them
+
+
+def test_more_agents_than_a_batch_takes_is_a_usage_error(cli: Any, tmp_path: Path) -> None:
+    from app.jobs.schemas import MAX_BATCH_JOBS
+
+    assert commands.MAX_AGENTS == MAX_BATCH_JOBS
+    workflow = tmp_path / "w.yaml"
+    workflow.write_text("name: hello\ntasks: []\n")
+    agents = [arg for n in range(MAX_BATCH_JOBS + 1) for arg in ("--agent", f"a{n}")]
+    status, _, err = cli("jobs", "submit", str(workflow), *agents)
+    assert status == 2 and "at most 100 agents" in err
 
 
 def test_a_job_and_lists_are_readable_tables(cli: Any, http_server: HTTPTestServer) -> None:

@@ -106,6 +106,17 @@ def test_near_its_limit_the_count_is_exact_across_processes(valkey_server: Valke
     assert not refused and 0 < ends_in <= 60
 
 
+def test_a_request_that_costs_several_hits_takes_them_all_or_none(valkey_server: ValkeyServer) -> None:
+    client = redis.Redis.from_url(valkey_server.url)
+    first, second = Reservations(client), Reservations(client)
+    key, item = f"token:{uuid.uuid4().hex}", parse_item("40 per minute")
+    assert first.hit(item, key, cost=25)[0]  # a batch of 25 jobs
+    assert not second.hit(item, key, cost=25)[0]  # 15 are left: refused whole
+    assert [second.hit(item, key)[0] for _ in range(15)] == [True] * 15  # what it was granted stays usable
+    assert not first.hit(item, key)[0] and not first.hit(item, key, cost=3)[0]
+    assert int(client.get(KEY_PREFIX + item.key_for(key)) or 0) >= 40
+
+
 def test_a_new_window_starts_afresh(valkey_server: ValkeyServer) -> None:
     reservations, key = Reservations(redis.Redis.from_url(valkey_server.url)), f"token:{uuid.uuid4().hex}"
     item = parse_item("3 per second")
