@@ -50,6 +50,7 @@ class Config:
     SCHEDULE_MISFIRE_GRACE = 60.0  # seconds late a cron run may still fire; older ones are recorded as missed
     SCHEDULE_ALLOW_SECONDS = False  # accept 6-field cron expressions with the seconds first (tests, demos)
     SCHEDULE_RUN_RETENTION_DAYS = 30  # days of schedule run history kept (each schedule's latest 20 always); 0: all
+    JOB_RETENTION_DAYS = 0  # days finished jobs are kept (with attempts, results, history, logs); 0: all
     CENTRIFUGO_URL: str | None = None
     CENTRIFUGO_API_URL: str | None = None  # e.g. http://centrifugo:8000/api; with the key: live events published there
     CENTRIFUGO_API_KEY: str | None = None
@@ -105,6 +106,7 @@ ENVIRONMENT: dict[str, type] = {
     "SCHEDULE_MISFIRE_GRACE": float,
     "SCHEDULE_ALLOW_SECONDS": bool,
     "SCHEDULE_RUN_RETENTION_DAYS": int,
+    "JOB_RETENTION_DAYS": int,
     "CENTRIFUGO_URL": str,
     "CENTRIFUGO_API_URL": str,
     "CENTRIFUGO_API_KEY": str,

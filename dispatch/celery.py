@@ -13,6 +13,7 @@ SWEEP_TASK = "control.sweep_pending"  # pending jobs whose publish never happene
 FIRE_SCHEDULES_TASK = "control.fire_schedules"  # recurring schedules whose time has come -> jobs
 SEAL_AUDIT_TASK = "control.seal_audit"  # audit entries written since the last seal -> hash-chained
 PRUNE_SCHEDULE_RUNS_TASK = "control.prune_schedule_runs"  # schedule runs past their retention -> deleted
+PRUNE_JOBS_TASK = "control.prune_jobs"  # finished jobs past their retention -> deleted
 PRUNE_INTERVAL = 3600.0  # seconds between two pruning passes
 
 
@@ -42,6 +43,11 @@ def beat_schedule(
         },
         "prune-schedule-runs": {
             "task": PRUNE_SCHEDULE_RUNS_TASK,
+            "schedule": PRUNE_INTERVAL,
+            "options": {"queue": CONTROL_QUEUE, "expires": PRUNE_INTERVAL},
+        },
+        "prune-finished-jobs": {
+            "task": PRUNE_JOBS_TASK,
             "schedule": PRUNE_INTERVAL,
             "options": {"queue": CONTROL_QUEUE, "expires": PRUNE_INTERVAL},
         },

@@ -5,8 +5,9 @@ from __future__ import annotations
 from celery import shared_task
 
 from app.jobs import dispatching
+from app.jobs import retention as job_retention
 from app.schedules import firing, retention
-from dispatch.celery import FIRE_SCHEDULES_TASK, PRUNE_SCHEDULE_RUNS_TASK, REAP_TASK, SWEEP_TASK
+from dispatch.celery import FIRE_SCHEDULES_TASK, PRUNE_JOBS_TASK, PRUNE_SCHEDULE_RUNS_TASK, REAP_TASK, SWEEP_TASK
 
 
 @shared_task(name=REAP_TASK)
@@ -31,3 +32,9 @@ def fire_schedules() -> int:
 def prune_schedule_runs() -> int:
     """Delete schedule runs older than ``SCHEDULE_RUN_RETENTION_DAYS`` (each schedule's latest ones stay)."""
     return retention.prune_runs()
+
+
+@shared_task(name=PRUNE_JOBS_TASK)
+def prune_jobs() -> int:
+    """Delete jobs that finished more than ``JOB_RETENTION_DAYS`` ago (none when it is 0, the default)."""
+    return job_retention.prune_jobs()
