@@ -77,15 +77,14 @@ def follow(client: Client, job_id: str, *, as_json: bool, final_json: bool = Fal
     """Show a job's live events until it ends; 0 when it completed, 1 otherwise."""
     path = watch.job_path(job_id)
     state: Any = None
+    if as_json and final_json:
+        job = _finished(client, job_id)
+        _out(job)
+        return OK if job.get("state") == "completed" else NOT_COMPLETED
     if as_json:
         for event in watch.events(client, job_id):
             state = event.get("state")
-            if not final_json:
-                _line(event)
-        if final_json:
-            job = client.call("GET", path)
-            state = job.get("state")
-            _out(job)
+            _line(event)
         return OK if state == "completed" else NOT_COMPLETED
     progress = render.Progress(sys.stdout, job_id)
     try:
@@ -98,6 +97,13 @@ def follow(client: Client, job_id: str, *, as_json: bool, final_json: bool = Fal
     finally:
         progress.close()
     return OK if job.get("state") == "completed" else NOT_COMPLETED
+
+
+def _finished(client: Client, job_id: str) -> dict[str, Any]:
+    """Wait for a job's live events to end, then read it."""
+    for _event in watch.events(client, job_id):
+        pass
+    return dict(client.call("GET", watch.job_path(job_id)))
 
 
 def jobs_submit(client: Client, args: argparse.Namespace) -> int:
@@ -145,9 +151,7 @@ def _submit_batch(
     status, finals = OK, []
     for job in jobs:
         if args.json:
-            for _event in watch.events(client, job["job_id"]):
-                pass
-            finals.append(client.call("GET", watch.job_path(job["job_id"])))
+            finals.append(_finished(client, job["job_id"]))
             ended = finals[-1].get("state") == "completed"
         else:
             print(f"{job.get('agent_id')}:", flush=True)

@@ -88,9 +88,9 @@ def check_target(caller: Principal, project_id: str, agent_id: str | None, platf
     return agent
 
 
-def _new_job(caller: Principal, data: JobSubmit, idempotency_key: str | None, digest: str) -> Job:
-    """Validate one submission and add it to the session as a new job (queued when it is due), not committed."""
-    project_id = _project_of(caller, data)
+def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_key: str | None, digest: str) -> Job:
+    """Validate one submission (its tenant and ``project_id`` already checked) and add it to the session as a new
+    job (queued when it is due), not committed."""
     workflow = validate_workflow(data.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
     agent = check_target(caller, project_id, data.agent_id, data.platform)
     platform = choose_platform(workflow, data.platform or (agent.platform if agent else None))
@@ -140,10 +140,11 @@ def _project_of(caller: Principal, data: JobSubmit) -> str:
 
 def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Validate and store a new ``pending`` job; return it and whether it was created (False: a replay)."""
-    digest = _request_hash(data, _project_of(caller, data))
+    project_id = _project_of(caller, data)
+    digest = _request_hash(data, project_id)
     if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
         return existing, False
-    job = _new_job(caller, data, idempotency_key, digest)
+    job = _new_job(caller, data, project_id, idempotency_key, digest)
     try:
         commit_new(db.session)  # plain INSERTs: a third of what the unit of work's flush would cost
     except IntegrityError:  # the project's foreign key, or a concurrent request with the same key
@@ -200,24 +201,28 @@ def submit_jobs(
     entry that cannot be accepted refuses the whole batch, with the error it would get alone and its ``index``.
     With ``idempotency_key`` K, entry i is stored under ``K#i``, so the same batch sent again returns the same jobs.
     """
-    digests = []
+    projects = []
     for index, data in enumerate(items):
         try:
-            digests.append(_request_hash(data, _project_of(caller, data)))
+            projects.append(_project_of(caller, data))
         except AppError as exc:
             raise _at(index, exc) from None
-    hashes = _batch_hashes(digests)
+    hashes = _batch_hashes([_request_hash(data, project) for data, project in zip(items, projects, strict=True)])
     if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, hashes)) is not None:
         return existing, False
     pinned = {data.agent_id for data in items if data.agent_id is not None}
     # Loaded at once and held until the end: the checks below find them in the session without a query each.
-    agents = list(db.session.scalars(select(Agent).where(Agent.tenant_id == caller.tenant_id, Agent.id.in_(pinned))))
+    agents = (
+        list(db.session.scalars(select(Agent).where(Agent.tenant_id == caller.tenant_id, Agent.id.in_(pinned))))
+        if pinned
+        else []
+    )
     jobs = []
     with db.session.no_autoflush:  # nothing is written before the one commit, whatever a check reads
-        for index, (data, digest) in enumerate(zip(items, hashes, strict=True)):
+        for index, (data, project, digest) in enumerate(zip(items, projects, hashes, strict=True)):
             key = None if idempotency_key is None else batch_key(idempotency_key, index)
             try:
-                jobs.append(_new_job(caller, data, key, digest))
+                jobs.append(_new_job(caller, data, project, key, digest))
             except AppError as exc:
                 db.session.rollback()
                 raise _at(index, exc) from None
@@ -226,9 +231,11 @@ def submit_jobs(
         commit_new(db.session)
     except IntegrityError:  # a project that was just deleted, or a concurrent batch with the same key
         db.session.rollback()
-        for index, job in enumerate(jobs):
+        for index, project in enumerate(projects):
+            if project in projects[:index]:
+                continue  # checked already, for an earlier entry
             try:
-                _check_project(caller, job.project_id)
+                _check_project(caller, project)
             except AppError as exc:
                 raise _at(index, exc) from None
         if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, hashes)) is not None:

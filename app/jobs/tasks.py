@@ -6,7 +6,8 @@ from celery import shared_task
 
 from app.jobs import dispatching
 from app.jobs import retention as job_retention
-from app.schedules import firing, retention
+from app.schedules import firing
+from app.schedules import retention as schedule_retention
 from dispatch.celery import FIRE_SCHEDULES_TASK, PRUNE_JOBS_TASK, PRUNE_SCHEDULE_RUNS_TASK, REAP_TASK, SWEEP_TASK
 
 
@@ -31,7 +32,7 @@ def fire_schedules() -> int:
 @shared_task(name=PRUNE_SCHEDULE_RUNS_TASK)
 def prune_schedule_runs() -> int:
     """Delete schedule runs older than ``SCHEDULE_RUN_RETENTION_DAYS`` (each schedule's latest ones stay)."""
-    return retention.prune_runs()
+    return schedule_retention.prune_runs()
 
 
 @shared_task(name=PRUNE_JOBS_TASK)

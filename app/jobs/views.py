@@ -32,6 +32,7 @@ from app.jobs.schemas import (
     TaskReport,
     TaskResultOut,
 )
+from app.jobs.states import JobState
 from app.ratelimit import charge_rate_limit
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
@@ -39,6 +40,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 AGENT = ("agent",)
 ERR_FENCED = {**ERR_WRITE, 409: ("stale_attempt", "invalid_transition", "concurrent_update")}
 IDEMPOTENCY_KEY_MAX = 255
+BATCH_KEY_MAX = IDEMPOTENCY_KEY_MAX - len(service.batch_key("", MAX_BATCH_JOBS - 1))  # room for "#99"
 
 
 def job_out(job: Job) -> JobOut:
@@ -169,13 +171,13 @@ def submit() -> Response:
 @require(*WRITERS, action="submit jobs")
 def submit_batch() -> Response:
     """Submit a batch of jobs: one transaction, then each is published."""
-    key = idempotency_key(IDEMPOTENCY_KEY_MAX - len(service.batch_key("", MAX_BATCH_JOBS - 1)))
+    key = idempotency_key(BATCH_KEY_MAX)
     items = body(JobBatchSubmit).jobs
     charge_rate_limit(len(items) - 1)  # a batch counts as one request per job
     jobs, created = service.submit_jobs(caller=principal(), items=items, idempotency_key=key)
     if created:
         for job in jobs:  # committed first; what is not sent here, the sweeper sends
-            if not dispatching.deliver(job) and job.state == "queued":
+            if not dispatching.deliver(job) and job.state == JobState.QUEUED.value:
                 break  # the broker failed (after its retries): no point in waiting for it once per job
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return reply(JobBatchOut(jobs=[job_out(job) for job in jobs]), 201, headers)
