@@ -24,6 +24,7 @@ from workers.control import ControlListener
 from workers.envelope import EnvelopeRefused, Verifier
 from workers.heartbeat import Heartbeat
 from workers.jobs import Inflight, JobRunner, report_refusal
+from workers.outbox import Outbox
 from workers.settings import AgentSettings
 
 DELIVERIES_TTL = 7 * 86400
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Agent:
-    """One agent process: its settings, Celery app, control-plane client and heartbeat."""
+    """One agent process: its settings, Celery app, control-plane client, heartbeat and final reports' outbox."""
 
     settings: AgentSettings
     celery: Celery
@@ -41,6 +42,7 @@ class Agent:
     inflight: Inflight
     heartbeat: Heartbeat
     control: ControlListener
+    outbox: Outbox
 
     @property
     def queues(self) -> list[str]:
@@ -97,7 +99,7 @@ def make_agent(settings: AgentSettings) -> Agent:
     )
     client = ControlPlane(settings)
     inflight = Inflight()
-    runner = JobRunner(client, inflight)
+    runner = JobRunner(client, inflight, settings.concurrency)
 
     valkey = redis.Redis.from_url(settings.valkey_url, socket_timeout=10, socket_connect_timeout=10)
 
@@ -146,7 +148,7 @@ def make_agent(settings: AgentSettings) -> Agent:
     control = ControlListener(
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
-    return Agent(settings, celery, client, inflight, heartbeat, control)
+    return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox)
 
 
 def _claims_of(task_id: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def run_agent(args: argparse.Namespace) -> int:
         agent.celery.worker_main(agent.worker_argv())
     finally:
         agent.control.stop()
+        agent.outbox.close(settings.report_deadline)  # the last final states, their leases renewed meanwhile
         agent.heartbeat.stop()
     return 0
 

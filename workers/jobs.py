@@ -1,12 +1,15 @@
-"""Run one verified job: claim it, run its workflow with probe, report every task and the final state."""
+"""Run one verified job: claim it, run its workflow with probe, report every task and the final state.
+
+The final state goes through the outbox (``workers/outbox.py``): the task thread hands it over and returns, so the
+agent acknowledges the message and takes the next one while the report is delivered.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +17,7 @@ import probe
 from workers.client import ControlPlane, ControlPlaneError, Reply
 from workers.envelope import Envelope, EnvelopeRefused
 from workers.logship import LogBuffer, lines_from_event
+from workers.outbox import FinalReport, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +36,24 @@ class RunningJob:
 
 
 class Inflight:
-    """The jobs this agent is running right now, shared by the task threads and the heartbeat."""
+    """The jobs this agent is running, or has run and not yet reported; shared by the task threads, the outbox and
+    the heartbeat (which renews their leases)."""
 
     def __init__(self) -> None:
-        self._jobs: dict[str, RunningJob] = {}
+        self._jobs: dict[tuple[str, int], RunningJob] = {}
         self._lock = threading.Lock()
 
-    @contextmanager
-    def track(self, job_id: str, attempt: int) -> Iterator[RunningJob]:
-        """Hold a job in the set while it runs."""
+    def add(self, job_id: str, attempt: int) -> RunningJob:
+        """Hold an attempt in the set."""
         running = RunningJob(job_id, attempt)
         with self._lock:
-            self._jobs[job_id] = running
-        try:
-            yield running
-        finally:
-            with self._lock:
-                self._jobs.pop(job_id, None)
+            self._jobs[job_id, attempt] = running
+        return running
+
+    def discard(self, job_id: str, attempt: int) -> None:
+        """Drop an attempt from the set (it may not be in it)."""
+        with self._lock:
+            self._jobs.pop((job_id, attempt), None)
 
     def snapshot(self) -> list[RunningJob]:
         """The jobs running now."""
@@ -57,11 +62,11 @@ class Inflight:
 
     def cancel(self, job_ids: list[str]) -> None:
         """Stop the named jobs' running tasks (their workflows end ``cancelled``)."""
+        wanted = set(job_ids)
         with self._lock:
-            for job_id in job_ids:
-                running = self._jobs.get(job_id)
-                if running is not None and not running.cancel.is_set():
-                    log.info("job %s: cancel requested by the control plane", job_id)
+            for running in self._jobs.values():
+                if running.job_id in wanted and not running.cancel.is_set():
+                    log.info("job %s: cancel requested by the control plane", running.job_id)
                     running.cancel.set()
 
 
@@ -126,14 +131,16 @@ class Reports:
 
 
 class JobRunner:
-    """Claims and runs verified envelopes for one agent."""
+    """Claims and runs verified envelopes for one agent; ``concurrency`` of them at once."""
 
-    def __init__(self, client: ControlPlane, inflight: Inflight) -> None:
+    def __init__(self, client: ControlPlane, inflight: Inflight, concurrency: int = 1) -> None:
         self.client = client
         self.inflight = inflight
+        self.outbox = Outbox(self._deliver, limit=concurrency)
 
     def run(self, envelope: Envelope) -> str:
-        """Run one envelope to its end; returns what happened (``completed``, ``dropped: …``)."""
+        """Run one envelope and hand its final state to the outbox; returns what happened (``completed``,
+        ``dropped: …``), the final state before the control plane has recorded it."""
         job_id, attempt = envelope.job_id, envelope.attempt
         workflow: probe.Workflow | None = None
         try:
@@ -151,9 +158,23 @@ class JobRunner:
                 claim.error or claim.body.get("message", ""),
             )
             return f"dropped: {claim.error or claim.status}"
-        if workflow is None:
-            return self._finish(job_id, attempt, "failed", f"the workflow cannot run here: {problem}", [], [], 1)
-        secrets = claim.body.get("secrets") or {}
+        running = self.inflight.add(job_id, attempt)  # until its final state is delivered: the lease is renewed
+        try:
+            if workflow is None:
+                self.outbox.put(FinalReport(job_id, attempt, "failed", f"the workflow cannot run here: {problem}"))
+                return "failed"
+            report = self._execute(envelope, workflow, running, claim.body.get("secrets") or {})
+            self.outbox.put(report)
+        except BaseException:
+            self.inflight.discard(job_id, attempt)
+            raise
+        return report.state
+
+    def _execute(
+        self, envelope: Envelope, workflow: probe.Workflow, running: RunningJob, secrets: dict[str, Any]
+    ) -> FinalReport:
+        """Run the workflow, sending each task's result as the next one starts; the final report of the run."""
+        job_id, attempt = envelope.job_id, envelope.attempt
         reports = Reports(self.client, job_id, attempt)
         logs = LogBuffer(self._log_sender(job_id, attempt))
 
@@ -162,21 +183,36 @@ class JobRunner:
             reports.on_event(event)
 
         error: str | None
-        with self.inflight.track(job_id, attempt) as running:
-            try:
-                result = probe.run_workflow(
-                    workflow,
-                    variables=envelope.variables,
-                    secrets=secrets,
-                    cancel=running.cancel,
-                    on_event=on_event,
-                )
-            except probe.WorkflowError as exc:
-                state, error = "failed", f"the workflow cannot run here: {exc}"
-            else:
-                state, error = FINAL_STATE[result.status.value], result.error
-            lines = logs.drain()
-            return self._finish(job_id, attempt, state, error, reports.left(), lines, logs.first_pending)
+        try:
+            result = probe.run_workflow(
+                workflow,
+                variables=envelope.variables,
+                secrets=secrets,
+                cancel=running.cancel,
+                on_event=on_event,
+            )
+        except probe.WorkflowError as exc:
+            state, error = "failed", f"the workflow cannot run here: {exc}"
+        else:
+            state, error = FINAL_STATE[result.status.value], result.error
+        lines = logs.drain()
+        return FinalReport(job_id, attempt, state, error, reports.left(), lines, logs.first_pending)
+
+    def _deliver(self, report: FinalReport) -> None:
+        """Deliver a final report (in the outbox's thread); the attempt leaves the running set either way."""
+        try:
+            self._finish(report)
+        except ControlPlaneError as exc:
+            log.error(
+                "job %s attempt %d: the final state %s could not be delivered (%s); the control plane will retry the "
+                "job when its lease expires",
+                report.job_id,
+                report.attempt,
+                report.state,
+                exc,
+            )
+        finally:
+            self.inflight.discard(report.job_id, report.attempt)
 
     def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
         """Claim the attempt; while its project runs as many jobs as it may, wait (holding the message)."""
@@ -184,10 +220,15 @@ class JobRunner:
         request: dict[str, Any] = {"attempt": envelope.attempt}
         if first_task is not None:
             request["task"] = first_task  # it starts right after the claim: the control plane tells watchers
+        flushed = False
         while True:
             claim = self.client.call("POST", f"/jobs/{envelope.job_id}/claim", request)
             if claim.error != "project_at_capacity" or time.time() + delay > envelope.expires_at:
                 return claim
+            if not flushed:
+                flushed = True
+                if self.outbox.flush():  # jobs of ours that ended and were still counted as running: ask again
+                    continue
             log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", "project at capacity"))
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
@@ -203,20 +244,13 @@ class JobRunner:
 
         return send
 
-    def _finish(
-        self,
-        job_id: str,
-        attempt: int,
-        state: str,
-        error: str | None,
-        tasks: list[dict[str, Any]],
-        lines: list[dict[str, Any]],
-        first_line: int,
-    ) -> str:
-        """Send the final state with the results and log lines (numbered from ``first_line``) not sent yet."""
-        body: dict[str, Any] = {"attempt": attempt, "state": state, "error": error}
-        if tasks:
-            body["tasks"] = tasks  # the last task's result rides with the final state: one request fewer
+    def _finish(self, report: FinalReport) -> str:
+        """Send the final state with the results and log lines not sent yet; returns what the control plane did."""
+        job_id, attempt, state = report.job_id, report.attempt, report.state
+        lines, first_line = report.lines, report.first_line
+        body: dict[str, Any] = {"attempt": attempt, "state": state, "error": report.error}
+        if report.tasks:
+            body["tasks"] = report.tasks  # the last task's result rides with the final state: one request fewer
         if len(lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog: ship it first, so the final report stays small
             surplus, lines = lines[:-LOG_LINES_WITH_FINAL_STATE], lines[-LOG_LINES_WITH_FINAL_STATE:]
             send = self._log_sender(job_id, attempt)

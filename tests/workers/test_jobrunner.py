@@ -1,22 +1,53 @@
-"""The job runner's reports: a long log's backlog goes in numbered batches before the final state."""
+"""The job runner: claim, run, then the final state through the outbox; a long log goes in batches before it."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
-from workers.client import Reply
+import pytest
+
+from workers.client import ControlPlaneError, Reply
+from workers.envelope import Envelope
 from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
+from workers.outbox import FinalReport
+
+WORKFLOW = 'name: w\ntasks:\n  - name: noop\n    type: command\n    config:\n      command: "true"\n'
+AT_CAPACITY = Reply(409, {"error": "project_at_capacity", "message": "project 'web' already runs 1 jobs"})
 
 
 class Recorder:
-    """A control plane that accepts everything and remembers each request."""
+    """A control plane that accepts everything and remembers each request; final states wait for ``opened``."""
 
-    def __init__(self) -> None:
+    def __init__(self, claims: list[Reply] | None = None) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.claims = claims or []
+        self.opened = threading.Event()
+        self.opened.set()
+        self.fail_status = False
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Reply:
+        if path.endswith("/status"):
+            assert self.opened.wait(10)
+            if self.fail_status:
+                raise ControlPlaneError("POST /status failed 9 times; last: HTTP 503")
         self.calls.append((method, path, body or {}))
+        if path.endswith("/claim") and self.claims:
+            return self.claims.pop(0)
         return Reply(200, {})
+
+    def paths(self) -> list[str]:
+        return [path for _, path, _ in self.calls]
+
+
+def envelope(job_id: str = "j1", attempt: int = 1) -> Envelope:
+    now = int(time.time())
+    return Envelope("tenant.t.p.linux", "t", "p", job_id, attempt, now, now + 60, "n", "w", WORKFLOW, {})
+
+
+def running(inflight: Inflight) -> list[tuple[str, int]]:
+    return [(job.job_id, job.attempt) for job in inflight.snapshot()]
 
 
 def line(n: int) -> dict[str, Any]:
@@ -28,9 +59,68 @@ def test_a_backlog_is_sent_in_numbered_batches_and_the_rest_rides_with_the_final
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
     size = LOG_LINES_WITH_FINAL_STATE
     lines = [line(n) for n in range(41, 41 + 2 * size + 7)]  # lines 1-40 went out in batches already
-    assert runner._finish("j1", 2, "completed", None, [], lines, 41) == "completed"
+    assert runner._finish(FinalReport("j1", 2, "completed", None, [], lines, 41)) == "completed"
     logs = [(path, body.get("first_line"), len(body["lines"])) for _, path, body in recorder.calls[:-1]]
     assert logs == [("/jobs/j1/logs", 41, size), ("/jobs/j1/logs", 41 + size, 7)]
     method, path, final = recorder.calls[-1]
     assert (method, path, final["state"], final["attempt"]) == ("POST", "/jobs/j1/status", "completed", 2)
     assert final["logs_first_line"] == 41 + size + 7 and final["logs"] == lines[size + 7 :]
+
+
+def test_a_run_ends_before_its_final_state_is_delivered_and_its_lease_is_kept_until_then() -> None:
+    recorder = Recorder()
+    recorder.opened.clear()
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    assert runner.run(envelope()) == "completed"  # the message can be acknowledged: the report is on its way
+    assert running(inflight) == [("j1", 1)]  # still sent with each heartbeat, which renews the lease
+    recorder.opened.set()
+    assert runner.outbox.flush(5)
+    assert running(inflight) == []
+    method, path, final = recorder.calls[-1]
+    assert (method, path, final["state"], final["attempt"]) == ("POST", "/jobs/j1/status", "completed", 1)
+    assert [task["name"] for task in final["tasks"]] == ["noop"] and final["logs"]
+
+
+def test_a_final_state_that_cannot_be_delivered_is_logged_and_its_lease_left_to_expire(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = Recorder()
+    recorder.fail_status = True
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    assert runner.run(envelope()) == "completed"
+    runner.outbox.flush(5)
+    assert running(inflight) == []  # no more heartbeats for it: the reaper retries the job
+    assert "job j1 attempt 1: the final state completed could not be delivered" in caplog.text
+
+
+def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_is_made_again_at_once() -> None:
+    recorder = Recorder(claims=[Reply(200, {}), AT_CAPACITY, Reply(200, {})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    recorder.opened.clear()
+    assert runner.run(envelope("j1")) == "completed"  # its final state waits: j1 still counts as running
+    threading.Timer(0.2, recorder.opened.set).start()
+    started = time.monotonic()
+    assert runner.run(envelope("j2")) == "completed"
+    assert time.monotonic() - started < 0.9  # no second's wait between the two claims
+    runner.outbox.flush(5)
+    assert recorder.paths() == [
+        "/jobs/j1/claim",
+        "/jobs/j2/claim",
+        "/jobs/j1/status",
+        "/jobs/j2/claim",
+        "/jobs/j2/status",
+    ]
+
+
+def test_a_workflow_the_agent_cannot_load_is_claimed_and_reported_failed() -> None:
+    recorder = Recorder()
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    broken = envelope()
+    broken = Envelope(**{**broken.__dict__, "workflow": "name: w\ntasks: []\nbogus: 1\n"})
+    assert runner.run(broken) == "failed"
+    runner.outbox.flush(5)
+    _, path, final = recorder.calls[-1]
+    assert path == "/jobs/j1/status" and final["state"] == "failed"
+    assert final["error"].startswith("the workflow cannot run here")

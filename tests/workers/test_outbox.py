@@ -1,0 +1,121 @@
+"""The outbox: final reports delivered in order by a thread of their own, bounded, flushed, drained at exit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from workers.outbox import FinalReport, Outbox
+
+
+class Gate:
+    """A delivery that records each report and, while closed, holds it."""
+
+    def __init__(self, *, open_: bool = True) -> None:
+        self.delivered: list[str] = []
+        self.threads: set[str] = set()
+        self.opened = threading.Event()
+        self.started = threading.Event()
+        if open_:
+            self.opened.set()
+
+    def __call__(self, report: FinalReport) -> None:
+        self.started.set()
+        assert self.opened.wait(10)
+        self.threads.add(threading.current_thread().name)
+        self.delivered.append(report.job_id)
+
+
+def report(job_id: str) -> FinalReport:
+    return FinalReport(job_id, 1, "completed", None)
+
+
+def in_thread(target: object, *args: object) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread
+
+
+def test_put_returns_before_the_report_is_delivered_and_another_thread_delivers_it() -> None:
+    gate = Gate(open_=False)
+    outbox = Outbox(gate, limit=1)
+    outbox.put(report("j1"))
+    assert gate.started.wait(5) and gate.delivered == []
+    gate.opened.set()
+    assert outbox.flush(5) is True
+    assert gate.delivered == ["j1"] and gate.threads == {"agent-reports"}
+
+
+def test_reports_are_delivered_in_the_order_they_were_handed_over() -> None:
+    gate = Gate()
+    outbox = Outbox(gate, limit=3)
+    for n in range(20):
+        outbox.put(report(f"j{n}"))
+    outbox.flush(5)
+    assert gate.delivered == [f"j{n}" for n in range(20)]
+
+
+def test_put_blocks_while_limit_reports_are_unfinished() -> None:
+    gate = Gate(open_=False)
+    outbox = Outbox(gate, limit=2)
+    outbox.put(report("j1"))
+    outbox.put(report("j2"))
+    third = in_thread(outbox.put, report("j3"))
+    third.join(0.3)
+    assert third.is_alive()  # j1 is being delivered and j2 waits: no room for j3
+    gate.opened.set()
+    third.join(5)
+    assert not third.is_alive()
+    outbox.flush(5)
+    assert gate.delivered == ["j1", "j2", "j3"]
+
+
+def test_flush_waits_for_every_report_and_says_whether_there_was_one() -> None:
+    gate = Gate(open_=False)
+    outbox = Outbox(gate)
+    assert outbox.flush(1) is False
+    outbox.put(report("j1"))
+    threading.Timer(0.2, gate.opened.set).start()
+    started = time.monotonic()
+    assert outbox.flush(5) is True
+    assert gate.delivered == ["j1"] and time.monotonic() - started >= 0.15
+
+
+def test_a_report_whose_delivery_fails_does_not_stop_the_next(caplog: pytest.LogCaptureFixture) -> None:
+    delivered: list[str] = []
+
+    def deliver(item: FinalReport) -> None:
+        if item.job_id == "bad":
+            raise RuntimeError("boom")
+        delivered.append(item.job_id)
+
+    outbox = Outbox(deliver)
+    outbox.put(report("bad"))
+    outbox.put(report("good"))
+    outbox.flush(5)
+    assert delivered == ["good"]
+    assert "job bad: delivering the final state completed failed" in caplog.text
+
+
+def test_close_delivers_what_was_handed_over_then_later_reports_are_delivered_by_their_caller() -> None:
+    gate = Gate(open_=False)
+    outbox = Outbox(gate, limit=2)
+    outbox.put(report("j1"))
+    outbox.put(report("j2"))
+    threading.Timer(0.2, gate.opened.set).start()
+    assert outbox.close(5) is True
+    assert gate.delivered == ["j1", "j2"]
+    outbox.put(report("j3"))  # a task that ended during the shutdown: delivered before put returns
+    assert gate.delivered == ["j1", "j2", "j3"]
+    assert "MainThread" in gate.threads
+
+
+def test_close_gives_up_after_its_timeout_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    gate = Gate(open_=False)
+    outbox = Outbox(gate)
+    outbox.put(report("j1"))
+    assert outbox.close(0.2) is False
+    assert "1 final reports were not delivered before the agent stopped" in caplog.text
+    gate.opened.set()
