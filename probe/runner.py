@@ -84,7 +84,7 @@ def run_workflow(
     Raises:
         WorkflowError: a placeholder names a variable or secret that has no value (nothing has run).
     """
-    env = os.environ if env is None else env
+    env = dict(os.environ) if env is None else env  # read once: decoding os.environ costs at each read
     secrets = {k: str(v) for k, v in (secrets or {}).items()}
     problems = workflow.missing_values(variables, secrets, env)
     if problems:

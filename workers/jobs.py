@@ -6,6 +6,7 @@ agent acknowledges the message and takes the next one while the report is delive
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
+WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same few again and again
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
 
@@ -130,6 +132,12 @@ class Reports:
             log.warning("job %s: task result %s refused (%s)", self.job_id, body["name"], reply.error)
 
 
+@functools.lru_cache(maxsize=WORKFLOWS_KEPT)
+def _load(text: str, name: str) -> probe.Workflow:
+    """The workflow of an envelope, parsed once per text (a Workflow is immutable; a WorkflowError is not kept)."""
+    return probe.load_workflow(text.encode(), name=name)
+
+
 class JobRunner:
     """Claims and runs verified envelopes for one agent; ``concurrency`` of them at once."""
 
@@ -144,7 +152,7 @@ class JobRunner:
         job_id, attempt = envelope.job_id, envelope.attempt
         workflow: probe.Workflow | None = None
         try:
-            workflow = probe.load_workflow(envelope.workflow.encode(), name=envelope.name)
+            workflow = _load(envelope.workflow, envelope.name)
         except probe.WorkflowError as exc:
             problem = str(exc)
         first = workflow.tasks[0].name if workflow is not None and workflow.tasks else None

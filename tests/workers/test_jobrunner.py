@@ -10,7 +10,7 @@ import pytest
 
 from workers.client import ControlPlaneError, Reply
 from workers.envelope import Envelope
-from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
+from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner, _load
 from workers.outbox import FinalReport
 
 WORKFLOW = 'name: w\ntasks:\n  - name: noop\n    type: command\n    config:\n      command: "true"\n'
@@ -124,3 +124,14 @@ def test_a_workflow_the_agent_cannot_load_is_claimed_and_reported_failed() -> No
     _, path, final = recorder.calls[-1]
     assert path == "/jobs/j1/status" and final["state"] == "failed"
     assert final["error"].startswith("the workflow cannot run here")
+
+
+def test_an_agent_parses_a_workflow_it_has_run_before_only_once() -> None:
+    runner = JobRunner(Recorder(), Inflight())  # type: ignore[arg-type]
+    text = WORKFLOW.replace("noop", "cached-once")
+    runs = [Envelope(**{**envelope(f"j{n}").__dict__, "workflow": text}) for n in range(3)]
+    before = _load.cache_info()
+    assert [runner.run(run) for run in runs] == ["completed"] * 3
+    after = _load.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 2)
+    runner.outbox.flush(5)
