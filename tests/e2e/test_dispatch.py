@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from app import create_app
@@ -306,6 +308,38 @@ def test_an_agent_killed_mid_job_loses_its_attempt_and_the_next_attempt_runs_on_
     ]
     assert done["tasks"][-1]["output"] == "second\n"
     nothing_running(platform, tenant)
+
+
+def test_an_agent_asked_to_stop_delivers_its_last_final_state_before_it_exits(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    agent = platform.start_agent(tenant, project, "s1")
+    operator = platform.token("operator", tenant, project)
+    ran = tmp_path / "ran"
+    workflow = textwrap.dedent(
+        f"""\
+        name: last
+        tasks:
+          - {{name: work, type: command, config: {{command: sh, args: ["-c", "sleep 0.5; touch {ran}"]}}}}
+        """
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    web = psutil.Process(platform.processes["web"].pid)
+    frozen = [web, *web.children(recursive=True)]
+    for process in frozen:  # the control plane stops answering: the final state waits in the agent's outbox
+        process.suspend()
+    try:
+        assert agent._process is not None
+        agent._process.send_signal(signal.SIGTERM)  # a warm shutdown: the job ends, then the agent stops
+        wait_until(ran.exists, what="the job's command")
+        time.sleep(0.7)
+        assert agent._process.poll() is None  # still there, with the report it could not deliver yet
+    finally:
+        for process in frozen:
+            process.resume()
+    assert agent._process.wait(timeout=30) == 0
+    done = platform.wait_for(operator, job_id, timeout=5)
+    assert done["state"] == "completed" and [a["state"] for a in done["attempts"]] == ["completed"]
 
 
 def test_a_job_whose_publish_never_happened_is_published_by_the_sweeper(platform: Platform, tmp_path):
