@@ -30,7 +30,8 @@ FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed
 
 @dataclass
 class RunningJob:
-    """A job this agent is running: what the heartbeat reports, and how a cancel reaches it."""
+    """An attempt this agent runs, or ran and has not reported yet: what the heartbeat reports, and how a cancel
+    reaches it."""
 
     job_id: str
     attempt: int
@@ -58,7 +59,7 @@ class Inflight:
             self._jobs.pop((job_id, attempt), None)
 
     def snapshot(self) -> list[RunningJob]:
-        """The jobs running now."""
+        """The attempts in the set now."""
         with self._lock:
             return list(self._jobs.values())
 
@@ -134,12 +135,14 @@ class Reports:
 
 @functools.lru_cache(maxsize=WORKFLOWS_KEPT)
 def _load(text: str, name: str) -> probe.Workflow:
-    """The workflow of an envelope, parsed once per text (a Workflow is immutable; a WorkflowError is not kept)."""
+    """The workflow of an envelope, parsed once per text: nothing changes a Workflow while it runs (probe renders
+    each task's options into a new dict), so runs share it; a WorkflowError is not kept."""
     return probe.load_workflow(text.encode(), name=name)
 
 
 class JobRunner:
-    """Claims and runs verified envelopes for one agent; ``concurrency`` of them at once."""
+    """Claims and runs verified envelopes for one agent; ``concurrency`` is how many Celery runs at once, and how
+    many final reports the outbox delivers at once."""
 
     def __init__(self, client: ControlPlane, inflight: Inflight, concurrency: int = 1) -> None:
         self.client = client
@@ -233,9 +236,9 @@ class JobRunner:
             claim = self.client.call("POST", f"/jobs/{envelope.job_id}/claim", request)
             if claim.error != "project_at_capacity" or time.time() + delay > envelope.expires_at:
                 return claim
-            if not flushed:
+            if not flushed:  # jobs of ours that ended may still count as running: once reported, ask again
                 flushed = True
-                if self.outbox.flush():  # jobs of ours that ended and were still counted as running: ask again
+                if self.outbox.flush(min(MAX_CAPACITY_WAIT, envelope.expires_at - time.time())):
                     continue
             log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", "project at capacity"))
             time.sleep(delay)
@@ -265,8 +268,9 @@ class JobRunner:
             for start in range(0, len(surplus), LOG_LINES_WITH_FINAL_STATE):
                 try:
                     send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE], first_line + start)
-                except ControlPlaneError as exc:
-                    log.error("job %s: log lines lost: %s", job_id, exc)
+                except ControlPlaneError as exc:  # the next batches would wait as long: the final state goes now
+                    log.error("job %s: %d log lines lost: %s", job_id, len(surplus) - start, exc)
+                    break
             first_line += len(surplus)
         if lines:
             body["logs"] = lines  # so is the rest of the log

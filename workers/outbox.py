@@ -1,4 +1,5 @@
-"""Final reports, delivered by one thread: a task thread hands its job's final state over and takes the next message.
+"""Final reports, delivered by threads of their own: a task thread hands its job's final state over and takes the
+next message.
 
 The control plane answers a final report in a few milliseconds, but an agent that waited for the answer before
 acknowledging its message would fetch, verify and claim the next job only after it. With the outbox, the next
@@ -6,14 +7,16 @@ claim and the last report travel at the same time. Nothing is lost by it:
 
 - a job stays in the agent's running set, and its lease is renewed by the heartbeat, until its report is
   delivered (or given up after ``REPORT_DEADLINE``, when the lease runs out and the control plane retries it);
-- the outbox holds at most ``limit`` reports (the agent's concurrency), so a control plane that does not answer
-  holds up the task threads instead of piling up reports;
+- the outbox delivers with as many threads as the agent runs jobs at once, so a report that the control plane
+  keeps refusing with 5xx holds up only its own thread; and it holds at most that many reports, so a control
+  plane that does not answer holds up the task threads instead of piling up reports;
 - the agent delivers what is left before it exits; an agent killed before that leaves a ``running`` attempt whose
   lease expires, exactly as when it is killed while the workflow runs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
@@ -38,47 +41,56 @@ class FinalReport:
 
 
 class Outbox:
-    """Delivers final reports in the order they were handed over, from a thread of its own started on first use."""
+    """Delivers final reports with up to ``limit`` threads of its own, started on first use."""
 
     def __init__(self, deliver: Callable[[FinalReport], object], limit: int = 1) -> None:
         self._deliver = deliver
         self._limit = max(1, limit)
-        self._waiting: deque[FinalReport] = deque()
-        self._unfinished = 0  # handed over and not yet delivered: waiting, or being delivered
+        self._waiting: deque[tuple[int, FinalReport]] = deque()
+        self._unfinished: set[int] = set()  # handed over and not yet delivered: waiting, or being delivered
+        self._numbers = itertools.count()
         self._changed = threading.Condition()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def put(self, report: FinalReport) -> None:
-        """Hand a report over; blocks while ``limit`` reports are unfinished. After close, delivers it at once."""
+        """Hand a report over; blocks while ``limit`` reports are unfinished. Once closed, delivers it at once."""
         with self._changed:
+            self._changed.wait_for(lambda: self._closed or len(self._unfinished) < self._limit)
             if not self._closed:
-                self._changed.wait_for(lambda: self._unfinished < self._limit)
-                self._waiting.append(report)
-                self._unfinished += 1
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="agent-reports", daemon=True)
-                    self._thread.start()
+                self._start_threads()
+                number = next(self._numbers)
+                self._waiting.append((number, report))
+                self._unfinished.add(number)
                 self._changed.notify_all()
                 return
-        self._deliver(report)  # a task that ends while the agent shuts down: the caller waits for its report
+        self._deliver(report)  # a task that ends while the agent shuts down: its caller waits for the report
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every report handed over so far is delivered; tell whether there was any to wait for."""
+        """Wait until the reports handed over before this call are delivered; True if there were some and they
+        were delivered within ``timeout``."""
         with self._changed:
-            waited = self._unfinished > 0
-            self._changed.wait_for(lambda: self._unfinished == 0, timeout)
-            return waited
+            if not self._unfinished:
+                return False
+            last = max(self._unfinished)
+            return self._changed.wait_for(lambda: not any(n <= last for n in self._unfinished), timeout)
 
     def close(self, timeout: float) -> bool:
         """Deliver what was handed over, then stop; False if reports were still unfinished after ``timeout``."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-            done = self._changed.wait_for(lambda: self._unfinished == 0, timeout)
+            done = self._changed.wait_for(lambda: not self._unfinished, timeout)
             if not done:
-                log.error("%d final reports were not delivered before the agent stopped", self._unfinished)
+                log.error("%d final reports were not delivered before the agent stopped", len(self._unfinished))
             return done
+
+    def _start_threads(self) -> None:
+        """Start the delivery threads missing (called with the lock held, before anything is queued)."""
+        while len(self._threads) < self._limit:
+            thread = threading.Thread(target=self._run, name=f"agent-reports-{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _run(self) -> None:
         while True:
@@ -86,12 +98,12 @@ class Outbox:
                 self._changed.wait_for(lambda: bool(self._waiting) or self._closed)
                 if not self._waiting:
                     return
-                report = self._waiting.popleft()
+                number, report = self._waiting.popleft()
             try:
                 self._deliver(report)
-            except Exception:  # the thread must outlive one bad report; deliver logs what it knows
+            except BaseException:  # the thread must outlive one bad report; deliver logs what it knows
                 log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
             finally:
                 with self._changed:
-                    self._unfinished -= 1
+                    self._unfinished.discard(number)
                     self._changed.notify_all()

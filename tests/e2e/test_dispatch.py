@@ -314,12 +314,13 @@ def test_an_agent_asked_to_stop_delivers_its_last_final_state_before_it_exits(pl
     tenant, project = platform.tenant()
     agent = platform.start_agent(tenant, project, "s1")
     operator = platform.token("operator", tenant, project)
-    ran = tmp_path / "ran"
+    go, ran = tmp_path / "go", tmp_path / "ran"
+    script = f"until [ -e {go} ]; do sleep 0.05; done; touch {ran}"
     workflow = textwrap.dedent(
         f"""\
         name: last
         tasks:
-          - {{name: work, type: command, config: {{command: sh, args: ["-c", "sleep 0.5; touch {ran}"]}}}}
+          - {{name: work, type: command, config: {{command: sh, args: ["-c", "{script}"]}}}}
         """
     )
     job_id = platform.submit(operator, workflow)["job_id"]
@@ -331,6 +332,7 @@ def test_an_agent_asked_to_stop_delivers_its_last_final_state_before_it_exits(pl
     try:
         assert agent._process is not None
         agent._process.send_signal(signal.SIGTERM)  # a warm shutdown: the job ends, then the agent stops
+        go.touch()  # the job ends only now, while the control plane does not answer
         wait_until(ran.exists, what="the job's command")
         time.sleep(0.7)
         assert agent._process.poll() is None  # still there, with the report it could not deliver yet

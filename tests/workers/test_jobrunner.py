@@ -95,15 +95,18 @@ def test_a_final_state_that_cannot_be_delivered_is_logged_and_its_lease_left_to_
     assert "job j1 attempt 1: the final state completed could not be delivered" in caplog.text
 
 
-def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_is_made_again_at_once() -> None:
+def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_is_made_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("workers.jobs.time.sleep", slept.append)
     recorder = Recorder(claims=[Reply(200, {}), AT_CAPACITY, Reply(200, {})])
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
     recorder.opened.clear()
     assert runner.run(envelope("j1")) == "completed"  # its final state waits: j1 still counts as running
     threading.Timer(0.2, recorder.opened.set).start()
-    started = time.monotonic()
     assert runner.run(envelope("j2")) == "completed"
-    assert time.monotonic() - started < 0.9  # no second's wait between the two claims
+    assert slept == []  # claimed again as soon as j1 was reported, without the wait of a project at capacity
     runner.outbox.flush(5)
     assert recorder.paths() == [
         "/jobs/j1/claim",
@@ -114,9 +117,20 @@ def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_
     ]
 
 
+def test_a_claim_still_refused_at_capacity_waits_before_asking_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("workers.jobs.time.sleep", slept.append)
+    recorder = Recorder(claims=[AT_CAPACITY, Reply(200, {})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    assert runner.run(envelope("j1")) == "completed"  # nothing of ours pending: the capacity is others'
+    assert slept == [1.0]
+    runner.outbox.flush(5)
+
+
 def test_a_workflow_the_agent_cannot_load_is_claimed_and_reported_failed() -> None:
     recorder = Recorder()
-    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
     broken = envelope()
     broken = Envelope(**{**broken.__dict__, "workflow": "name: w\ntasks: []\nbogus: 1\n"})
     assert runner.run(broken) == "failed"
@@ -124,6 +138,16 @@ def test_a_workflow_the_agent_cannot_load_is_claimed_and_reported_failed() -> No
     _, path, final = recorder.calls[-1]
     assert path == "/jobs/j1/status" and final["state"] == "failed"
     assert final["error"].startswith("the workflow cannot run here")
+    assert running(inflight) == []
+
+
+def test_a_cancel_reaches_every_attempt_of_the_job_this_agent_holds() -> None:
+    inflight = Inflight()
+    old, new, other = inflight.add("j1", 1), inflight.add("j1", 2), inflight.add("j2", 1)
+    inflight.cancel(["j1"])
+    assert (old.cancel.is_set(), new.cancel.is_set(), other.cancel.is_set()) == (True, True, False)
+    inflight.discard("j1", 1)
+    assert running(inflight) == [("j1", 2), ("j2", 1)]
 
 
 def test_an_agent_parses_a_workflow_it_has_run_before_only_once() -> None:

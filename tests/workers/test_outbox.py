@@ -1,4 +1,4 @@
-"""The outbox: final reports delivered in order by a thread of their own, bounded, flushed, drained at exit."""
+"""The outbox: final reports delivered by threads of their own, bounded, flushed, drained at exit."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def test_put_returns_before_the_report_is_delivered_and_another_thread_delivers_
     assert gate.started.wait(5) and gate.delivered == []
     gate.opened.set()
     assert outbox.flush(5) is True
-    assert gate.delivered == ["j1"] and gate.threads == {"agent-reports"}
+    assert gate.delivered == ["j1"] and gate.threads == {"agent-reports-0"}
 
 
-def test_reports_are_delivered_in_the_order_they_were_handed_over() -> None:
+def test_with_one_thread_reports_are_delivered_in_the_order_they_were_handed_over() -> None:
     gate = Gate()
-    outbox = Outbox(gate, limit=3)
+    outbox = Outbox(gate, limit=1)
     for n in range(20):
         outbox.put(report(f"j{n}"))
     outbox.flush(5)
@@ -69,7 +69,56 @@ def test_put_blocks_while_limit_reports_are_unfinished() -> None:
     third.join(5)
     assert not third.is_alive()
     outbox.flush(5)
-    assert gate.delivered == ["j1", "j2", "j3"]
+    assert sorted(gate.delivered) == ["j1", "j2", "j3"]
+
+
+def test_a_report_that_hangs_holds_up_only_its_own_thread() -> None:
+    held = threading.Event()
+    delivered: list[str] = []
+
+    def deliver(item: FinalReport) -> None:
+        if item.job_id == "stuck":
+            assert held.wait(10)
+        delivered.append(item.job_id)
+
+    outbox = Outbox(deliver, limit=2)
+    outbox.put(report("stuck"))
+    outbox.put(report("j1"))
+    outbox.put(report("j2"))  # j1 is done: there is room again
+    assert wait_for(lambda: delivered == ["j1", "j2"])
+    held.set()
+    assert outbox.flush(5) and delivered == ["j1", "j2", "stuck"]
+
+
+def wait_for(check: object, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_flush_waits_only_for_the_reports_handed_over_before_it() -> None:
+    first, second = threading.Event(), threading.Event()
+    delivered: list[str] = []
+
+    def deliver(item: FinalReport) -> None:
+        assert (first if item.job_id == "j1" else second).wait(10)
+        delivered.append(item.job_id)
+
+    outbox = Outbox(deliver, limit=2)
+    outbox.put(report("j1"))
+    flushed: list[bool] = []
+    flusher = in_thread(lambda: flushed.append(outbox.flush(5)))
+    time.sleep(0.3)  # the flush has begun (it waits for j1)
+    outbox.put(report("j2"))  # handed over after the flush began: not waited for
+    first.set()
+    flusher.join(5)
+    assert flushed == [True] and delivered == ["j1"]
+    assert outbox.flush(0.1) is False  # j2 is still held: not delivered within the timeout
+    second.set()
+    assert outbox.flush(5) is True and delivered == ["j1", "j2"]
 
 
 def test_flush_waits_for_every_report_and_says_whether_there_was_one() -> None:
@@ -106,10 +155,25 @@ def test_close_delivers_what_was_handed_over_then_later_reports_are_delivered_by
     outbox.put(report("j2"))
     threading.Timer(0.2, gate.opened.set).start()
     assert outbox.close(5) is True
-    assert gate.delivered == ["j1", "j2"]
+    assert sorted(gate.delivered) == ["j1", "j2"]
     outbox.put(report("j3"))  # a task that ended during the shutdown: delivered before put returns
-    assert gate.delivered == ["j1", "j2", "j3"]
+    assert gate.delivered[-1] == "j3"
     assert "MainThread" in gate.threads
+
+
+def test_a_put_waiting_for_room_when_the_outbox_closes_delivers_its_report_itself() -> None:
+    gate = Gate(open_=False)
+    outbox = Outbox(gate, limit=1)
+    outbox.put(report("j1"))
+    second = in_thread(outbox.put, report("j2"))
+    second.join(0.2)
+    assert second.is_alive()  # no room: j1 is being delivered
+    closing = in_thread(outbox.close, 5)
+    threading.Timer(0.2, gate.opened.set).start()
+    second.join(5)
+    closing.join(5)
+    assert not second.is_alive() and not closing.is_alive()
+    assert sorted(gate.delivered) == ["j1", "j2"]
 
 
 def test_close_gives_up_after_its_timeout_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
