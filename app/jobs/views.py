@@ -9,7 +9,7 @@ from app.api import ERR_READ, ERR_WRITE, READERS, WRITERS, body, document, query
 from app.auth.guard import principal, require
 from app.errors import BadRequest
 from app.extensions import db
-from app.jobs import dispatching, fencing, service
+from app.jobs import dispatching, fencing, service, submission
 from app.jobs.models import Job, JobEvent, TaskResult
 from app.jobs.schemas import (
     MAX_BATCH_JOBS,
@@ -40,7 +40,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 AGENT = ("agent",)
 ERR_FENCED = {**ERR_WRITE, 409: ("stale_attempt", "invalid_transition", "concurrent_update")}
 IDEMPOTENCY_KEY_MAX = 255
-BATCH_KEY_MAX = IDEMPOTENCY_KEY_MAX - len(service.batch_key("", MAX_BATCH_JOBS - 1))  # room for "#99"
+BATCH_KEY_MAX = IDEMPOTENCY_KEY_MAX - len(submission.batch_key("", MAX_BATCH_JOBS - 1))  # room for "#99"
 
 
 def job_out(job: Job) -> JobOut:
@@ -147,7 +147,7 @@ def job_detail(job: Job) -> JobDetail:
 def submit() -> Response:
     """Submit a job."""
     key = idempotency_key(IDEMPOTENCY_KEY_MAX)
-    job, created = service.submit_job(caller=principal(), data=body(JobSubmit), idempotency_key=key)
+    job, created = submission.submit_job(caller=principal(), data=body(JobSubmit), idempotency_key=key)
     if created:
         dispatching.deliver(job)  # committed first; if this fails, the sweeper sends it
     headers = {"Location": f"/api/v1/jobs/{job.id}"}
@@ -174,7 +174,7 @@ def submit_batch() -> Response:
     key = idempotency_key(BATCH_KEY_MAX)
     items = body(JobBatchSubmit).jobs
     charge_rate_limit(len(items) - 1)  # a batch counts as one request per job
-    jobs, created = service.submit_jobs(caller=principal(), items=items, idempotency_key=key)
+    jobs, created = submission.submit_jobs(caller=principal(), items=items, idempotency_key=key)
     if created:
         for job in jobs:  # committed first; what is not sent here, the sweeper sends
             if not dispatching.deliver(job) and job.state == JobState.QUEUED.value:

@@ -22,8 +22,7 @@ from app.auth.tokens import Principal
 from app.columns import utcnow
 from app.errors import AppError
 from app.extensions import db
-from app.jobs import dispatching
-from app.jobs import service as jobs
+from app.jobs import dispatching, submission
 from app.jobs.models import Job
 from app.jobs.schemas import JobSubmit
 from app.jobs.states import ACTIVE_STATES
@@ -170,7 +169,7 @@ def submit_run(*, schedule: Schedule, run: ScheduleRun) -> int:
             retry_backoff=None,
         )
         try:
-            job, _ = jobs.submit_job(caller=caller, data=data, idempotency_key=key)
+            job, _ = submission.submit_job(caller=caller, data=data, idempotency_key=key)
         except AppError as exc:  # the workflow, the agent or the platform is no longer acceptable
             db.session.rollback()
             _refused(run, exc.message)

@@ -15,7 +15,7 @@ from app.columns import new_id, utcnow
 from app.errors import NOT_FOUND, BadRequest, Conflict, NotFound, Unprocessable
 from app.extensions import db
 from app.jobs.models import Job
-from app.jobs.service import (
+from app.jobs.submission import (
     NO_PROJECT,
     UNKNOWN_PROJECT,
     check_target,  # the job submission's own agent and platform checks

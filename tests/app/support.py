@@ -13,7 +13,7 @@ from werkzeug.test import TestResponse
 from app.agents import service as agents
 from app.agents.schemas import AgentRegister
 from app.auth.tokens import Principal, issue_token
-from app.jobs import fencing
+from app.jobs import fencing, submission
 from app.jobs import service as jobs
 from app.jobs.schemas import JobSubmit, StatusReport
 from app.tenants import service as tenants
@@ -135,7 +135,7 @@ def build_world(app: Flask) -> dict[str, Tenant]:
                 caller=agent, data=AgentRegister(agent_id=t.agent, hostname=f"{t.agent}.local", platform="linux")
             )
             operator = Principal(subject=f"operator@{t.id}", tenant_id=t.id, role="operator", project_id="web")
-            ids = [jobs.submit_job(caller=operator, data=JobSubmit(workflow=WORKFLOW))[0].id for _ in range(4)]
+            ids = [submission.submit_job(caller=operator, data=JobSubmit(workflow=WORKFLOW))[0].id for _ in range(4)]
             t.pending, t.queued, t.running, t.completed = ids
             for job_id in ids[1:]:
                 jobs.publish_job(job_id=job_id)

@@ -12,7 +12,7 @@ import pytest
 
 from app import create_app
 from app.auth.tokens import Principal
-from app.jobs import service
+from app.jobs import submission
 from app.jobs.schemas import JobSubmit
 from dispatch.celery import make_celery
 from dispatch.contract import RUN_JOB_TASK, agent_queue
@@ -354,7 +354,7 @@ def test_a_job_whose_publish_never_happened_is_published_by_the_sweeper(platform
     )
     with flask_app.app_context():
         caller = Principal(subject="operator", tenant_id=tenant, role="operator", project_id=project)
-        job, _ = service.submit_job(caller=caller, data=JobSubmit(workflow=marker_workflow(str(marker))))
+        job, _ = submission.submit_job(caller=caller, data=JobSubmit(workflow=marker_workflow(str(marker))))
         job_id = job.id
     operator = platform.token("operator", tenant, project)
     assert platform.api("GET", f"/jobs/{job_id}", operator).json()["state"] == "pending"
