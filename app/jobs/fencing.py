@@ -13,11 +13,11 @@ from app.agents.models import Agent
 from app.auth.guard import deny
 from app.auth.tokens import Principal
 from app.columns import utcnow
-from app.errors import Conflict
+from app.errors import AppError, Conflict
 from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt, TaskResult
-from app.jobs.schemas import StatusReport, TaskReport, TaskResultIn
+from app.jobs.schemas import FinishedOut, FinishedReport, StatusReport, TaskReport, TaskResultIn
 from app.jobs.service import visible
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
 from app.logs.service import append_lines, unseen
@@ -218,3 +218,19 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
         )
         db.session.commit()
     return job
+
+
+def report_finished(*, caller: Principal, report: FinishedReport) -> FinishedOut:
+    """Record the final state of another job of the caller, carried by a claim, in a transaction of its own.
+
+    A refusal (the attempt is stale, not the caller's, the job gone) is the outcome of this report alone: it is
+    rolled back and answered as ``POST .../status`` would have answered it, and the claim goes on.
+    """
+    try:
+        job = report_status(caller=caller, job_id=report.job_id, report=report)
+    except AppError as exc:
+        db.session.rollback()
+        return FinishedOut(
+            job_id=report.job_id, attempt=report.attempt, status=exc.status, error=exc.code, message=exc.message
+        )
+    return FinishedOut(job_id=report.job_id, attempt=report.attempt, status=200, state=job.state)

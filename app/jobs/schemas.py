@@ -14,9 +14,11 @@ from app.schemas import Page, Platform, Request, Response, Slug
 MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
 MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
 MAX_LOG_LINES_PER_REPORT = 1000  # log lines one state report may carry (more go to POST .../logs)
+MAX_FINISHED_PER_CLAIM = 8  # final reports of other jobs one claim may carry
 
 TaskStatus = Literal["succeeded", "failed", "error", "timed_out", "skipped", "cancelled"]
 ReportedState = Literal["running", "completed", "failed", "timed_out", "cancelled"]
+FinalState = Literal["completed", "failed", "timed_out", "cancelled"]
 
 
 class JobSubmit(Request):
@@ -93,13 +95,6 @@ class CancelRequest(Request):
     reason: str | None = Field(None, max_length=500)
 
 
-class ClaimRequest(Request):
-    """``POST /api/v1/jobs/{id}/claim``: the attempt named in the agent's message, and the task it starts first."""
-
-    attempt: int = Field(ge=1)
-    task: str | None = Field(None, min_length=1, max_length=200, description="the first task, about to start")
-
-
 class TaskResultIn(Request):
     """One task's result, as an agent reports it."""
 
@@ -134,6 +129,22 @@ class StatusReport(Request):
     tasks: list[TaskResultIn] = Field(default_factory=list, max_length=MAX_TASKS_PER_REPORT)
     logs: list[LogLineIn] = Field(default_factory=list, max_length=MAX_LOG_LINES_PER_REPORT)
     logs_first_line: int | None = Field(None, ge=1)  # the number of the first of ``logs`` within the attempt
+
+
+class FinishedReport(StatusReport):
+    """The final state of another job of the calling agent, carried by a claim (as ``POST .../status`` takes it)."""
+
+    job_id: str = Field(min_length=1, max_length=64)
+    state: FinalState  # narrower than a status report's: no "running"
+
+
+class ClaimRequest(Request):
+    """``POST /api/v1/jobs/{id}/claim``: the attempt named in the agent's message, the task it starts first, and
+    the final states of jobs of this agent that ended meanwhile (recorded first, whatever the claim's outcome)."""
+
+    attempt: int = Field(ge=1)
+    task: str | None = Field(None, min_length=1, max_length=200, description="the first task, about to start")
+    finished: list[FinishedReport] = Field(default_factory=list, max_length=MAX_FINISHED_PER_CLAIM)
 
 
 class TaskResultOut(Response):
@@ -230,6 +241,17 @@ class JobList(Response):
     offset: int
 
 
+class FinishedOut(Response):
+    """What became of one final report carried by a claim: ``status`` as ``POST .../status`` would have answered."""
+
+    job_id: str
+    attempt: int
+    status: int
+    state: str | None = None  # the job's state once recorded (status 200)
+    error: str | None = None  # the error code otherwise
+    message: str | None = None
+
+
 class ClaimOut(Response):
     """What a successful claim hands the agent: the lease and the job's current workflow."""
 
@@ -244,3 +266,4 @@ class ClaimOut(Response):
     workflow: str
     variables: dict[str, Any]
     secrets: dict[str, str]
+    finished: list[FinishedOut] = Field(default_factory=list)  # in the order of the request's ``finished``

@@ -1,0 +1,90 @@
+"""A claim that carries the final states of the agent's other jobs: each recorded first, on its own, whatever
+becomes of the claim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.jobs.schemas import MAX_FINISHED_PER_CLAIM, ClaimOut
+from tests.app.support import Api, Tenant, token
+
+LINE = {"ts": "2026-12-05T10:00:00Z", "task": "disk", "level": "info", "message": "47% used"}
+LAST_TASK = {"name": "disk", "type": "command", "status": "succeeded", "position": 1, "output": "47%\n"}
+
+
+def finished(job_id: str, state: str = "completed", **extra: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "attempt": 1, "state": state, "tasks": [LAST_TASK], "logs": [LINE], **extra}
+
+
+def state(api: Api, tenant: Tenant, job_id: str) -> str:
+    return str(api.get(f"/api/v1/jobs/{job_id}", tenant.tokens["viewer"]).json["state"])
+
+
+def test_a_claim_records_the_final_state_it_carries_then_claims(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    body = {"attempt": 1, "task": "kernel", "finished": [finished(acme.running)]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 200
+    granted = ClaimOut.model_validate(response.json)
+    assert granted.state == "running" and granted.job_id == acme.queued
+    assert [(o.job_id, o.attempt, o.status, o.state) for o in granted.finished] == [(acme.running, 1, 200, "completed")]
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert detail["state"] == "completed" and detail["attempts"][0]["state"] == "completed"
+    assert [(t["name"], t["output"]) for t in detail["tasks"]] == [("disk", "47%\n")]
+    logs = api.get(f"/api/v1/jobs/{acme.running}/logs", acme.tokens["viewer"]).json
+    assert [line["message"] for line in logs["lines"]] == ["47% used"]
+
+
+def test_a_carried_report_that_is_refused_is_answered_alone_and_the_claim_goes_on(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    other = token("acme", "agent", agent="a2")
+    api.post("/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"})
+    body = {"attempt": 1, "finished": [finished(acme.running), finished(acme.completed, "failed")]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", other, json=body)  # a1 runs acme.running
+    assert response.status_code == 200
+    outcomes = [(o["job_id"], o["status"], o["error"]) for o in response.json["finished"]]
+    assert outcomes == [(acme.running, 403, "access_denied"), (acme.completed, 403, "access_denied")]
+    assert state(api, acme, acme.running) == "running" and state(api, acme, acme.queued) == "running"
+    audited = api.get("/api/v1/audit?action=access.denied", acme.tokens["admin"]).json["events"]
+    assert any(event["details"].get("job_id") == acme.running for event in audited)
+
+
+def test_a_refused_claim_still_answers_for_the_reports_it_carried(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
+    body = {"attempt": 1, "finished": [finished(acme.running, "failed", error="task 'disk' failed")]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 409 and response.json["error"] == "job_cancelled"
+    assert response.json["finished"] == [
+        {"job_id": acme.running, "attempt": 1, "status": 200, "state": "failed", "error": None, "message": None}
+    ]
+    assert state(api, acme, acme.running) == "failed"
+
+
+def test_a_claim_retried_after_a_lost_answer_records_what_it_carries_once(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    body = {"attempt": 1, "finished": [finished(acme.running)]}
+    assert api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body).status_code == 200
+    again = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert again.status_code == 409 and again.json["error"] == "invalid_transition"  # the claim was made
+    assert [(o["status"], o["state"]) for o in again.json["finished"]] == [(200, "completed")]  # and so was this
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert len(detail["tasks"]) == 1 and [e["to_state"] for e in detail["events"]].count("completed") == 1
+    logs = api.get(f"/api/v1/jobs/{acme.running}/logs", acme.tokens["viewer"]).json
+    assert len(logs["lines"]) == 1
+
+
+def test_a_claim_whose_carried_reports_are_malformed_changes_nothing(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    for carried in (
+        [finished(acme.running, "running")],  # only final states ride with a claim
+        [{"attempt": 1, "state": "completed"}],  # whose job?
+        [finished(acme.running)] * (MAX_FINISHED_PER_CLAIM + 1),
+    ):
+        response = api.post(
+            f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1, "finished": carried}
+        )
+        assert response.status_code == 400 and response.json["error"] == "invalid_request"
+        assert state(api, acme, acme.running) == "running" and state(api, acme, acme.queued) == "queued"
