@@ -1,7 +1,9 @@
 """Run one verified job: claim it, run its workflow with probe, report every task and the final state.
 
 The final state goes through the outbox (``workers/outbox.py``): the task thread hands it over and returns, so the
-agent acknowledges the message and takes the next one while the report is delivered.
+agent acknowledges the message and takes the next one while the report is delivered. An agent that runs jobs back
+to back lets the report wait a moment (``LINGER``) for its next claim, which carries it: one request per job
+fewer for the control plane.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same few again and again
+LINGER = 0.05  # seconds a busy agent's final report waits for the next claim to carry it
+BACK_TO_BACK = 0.02  # a job whose message came within this many seconds of the last final report: the agent is busy
+CARRIED_PER_CLAIM = 8  # final reports one claim carries at most (the control plane's limit)
+CARRIED_TEXT = 64 * 1024  # characters of output, errors and log lines above which a report goes on its own
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
 
@@ -148,11 +154,13 @@ class JobRunner:
         self.client = client
         self.inflight = inflight
         self.outbox = Outbox(self._deliver, limit=concurrency)
+        self._last_report = float("-inf")  # time.monotonic() of the last final report handed to the outbox
 
     def run(self, envelope: Envelope) -> str:
         """Run one envelope and hand its final state to the outbox; returns what happened (``completed``,
         ``dropped: …``), the final state before the control plane has recorded it."""
         job_id, attempt = envelope.job_id, envelope.attempt
+        linger = LINGER if time.monotonic() - self._last_report < BACK_TO_BACK else 0.0
         workflow: probe.Workflow | None = None
         try:
             workflow = _load(envelope.workflow, envelope.name)
@@ -172,10 +180,11 @@ class JobRunner:
         running = self.inflight.add(job_id, attempt)  # until its final state is delivered: the lease is renewed
         try:
             if workflow is None:
-                self.outbox.put(FinalReport(job_id, attempt, "failed", f"the workflow cannot run here: {problem}"))
-                return "failed"
-            report = self._execute(envelope, workflow, running, claim.body.get("secrets") or {})
-            self.outbox.put(report)
+                report = FinalReport(job_id, attempt, "failed", f"the workflow cannot run here: {problem}")
+            else:
+                report = self._execute(envelope, workflow, running, claim.body.get("secrets") or {})
+            self._last_report = time.monotonic()
+            self.outbox.put(report, linger)
         except BaseException:
             self.inflight.discard(job_id, attempt)
             raise
@@ -233,7 +242,7 @@ class JobRunner:
             request["task"] = first_task  # it starts right after the claim: the control plane tells watchers
         flushed = False
         while True:
-            claim = self.client.call("POST", f"/jobs/{envelope.job_id}/claim", request)
+            claim = self._claim_carrying(envelope.job_id, request)
             if claim.error != "project_at_capacity" or time.time() + delay > envelope.expires_at:
                 return claim
             if not flushed:  # jobs of ours that ended may still count as running: once reported, ask again
@@ -243,6 +252,37 @@ class JobRunner:
             log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", "project at capacity"))
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
+
+    def _claim_carrying(self, job_id: str, request: dict[str, Any]) -> Reply:
+        """Send a claim carrying the final reports waiting in the outbox; each is settled by the answer, or handed
+        back to the outbox's threads when the answer does not say what became of it."""
+        taken = self.outbox.take(CARRIED_PER_CLAIM, _fits_a_claim)
+        if not taken:
+            return self.client.call("POST", f"/jobs/{job_id}/claim", request)
+        carried = [{"job_id": r.job_id, **_status_body(r, r.lines, r.first_line)} for _, r in taken]
+        try:
+            claim = self.client.call("POST", f"/jobs/{job_id}/claim", {**request, "finished": carried})
+        except BaseException:
+            self.outbox.back(taken)
+            raise
+        outcomes = claim.body.get("finished")
+        if not isinstance(outcomes, list) or len(outcomes) != len(taken):  # not recorded: refused before that
+            self.outbox.back(taken)
+            if claim.status == 400:  # a report the control plane cannot read: the claim goes alone
+                return self.client.call("POST", f"/jobs/{job_id}/claim", request)
+            return claim
+        for (_, report), outcome in zip(taken, outcomes, strict=True):
+            self._settled(report, outcome if isinstance(outcome, dict) else {})
+        self.outbox.settle(taken)
+        return claim
+
+    def _settled(self, report: FinalReport, outcome: dict[str, Any]) -> None:
+        """Log what the control plane did with a final report carried by a claim; the attempt leaves the running set."""
+        if outcome.get("status") == 200:
+            log.info("job %s attempt %d %s", report.job_id, report.attempt, report.state)
+        else:
+            log.warning("job %s: final state %s refused (%s)", report.job_id, report.state, outcome.get("error"))
+        self.inflight.discard(report.job_id, report.attempt)
 
     def _log_sender(self, job_id: str, attempt: int) -> Callable[[list[dict[str, Any]], int], None]:
         """Send a batch of log lines numbered from ``first``; ControlPlaneError propagates (the buffer keeps them)."""
@@ -259,9 +299,6 @@ class JobRunner:
         """Send the final state with the results and log lines not sent yet; returns what the control plane did."""
         job_id, attempt, state = report.job_id, report.attempt, report.state
         lines, first_line = report.lines, report.first_line
-        body: dict[str, Any] = {"attempt": attempt, "state": state, "error": report.error}
-        if report.tasks:
-            body["tasks"] = report.tasks  # the last task's result rides with the final state: one request fewer
         if len(lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog: ship it first, so the final report stays small
             surplus, lines = lines[:-LOG_LINES_WITH_FINAL_STATE], lines[-LOG_LINES_WITH_FINAL_STATE:]
             send = self._log_sender(job_id, attempt)
@@ -272,12 +309,29 @@ class JobRunner:
                     log.error("job %s: %d log lines lost: %s", job_id, len(surplus) - start, exc)
                     break
             first_line += len(surplus)
-        if lines:
-            body["logs"] = lines  # so is the rest of the log
-            body["logs_first_line"] = first_line
-        reply = self.client.call("POST", f"/jobs/{job_id}/status", body)
+        reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, lines, first_line))
         if not reply.ok:
             log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)
             return f"refused: {reply.error}"
         log.info("job %s attempt %d %s", job_id, attempt, state)
         return state
+
+
+def _status_body(report: FinalReport, lines: list[dict[str, Any]], first_line: int) -> dict[str, Any]:
+    """The body of a final state report with ``lines`` of its log, numbered from ``first_line``."""
+    body: dict[str, Any] = {"attempt": report.attempt, "state": report.state, "error": report.error}
+    if report.tasks:
+        body["tasks"] = report.tasks  # the last task's result rides with the final state: one request fewer
+    if lines:
+        body["logs"] = lines  # so does the rest of the log
+        body["logs_first_line"] = first_line
+    return body
+
+
+def _fits_a_claim(report: FinalReport) -> bool:
+    """Whether a claim may carry ``report``: no log backlog to ship first, and little text (the claim stays small)."""
+    if len(report.lines) > LOG_LINES_WITH_FINAL_STATE:
+        return False
+    text = len(report.error or "") + sum(len(line.get("message") or "") for line in report.lines)
+    text += sum(len(task.get("output") or "") + len(task.get("error") or "") for task in report.tasks)
+    return text <= CARRIED_TEXT

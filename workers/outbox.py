@@ -12,6 +12,9 @@ claim and the last report travel at the same time. Nothing is lost by it:
   plane that does not answer holds up the task threads instead of piling up reports;
 - the agent delivers what is left before it exits; an agent killed before that leaves a ``running`` attempt whose
   lease expires, exactly as when it is killed while the workflow runs.
+
+A busy agent saves the control plane a request per job: its next claim carries the reports still waiting
+(``take``), and a report put with a ``linger`` waits that long for such a claim before a thread delivers it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,39 +44,77 @@ class FinalReport:
     first_line: int = 1  # the number of the first of ``lines`` in the attempt's log
 
 
+Taken = list[tuple[int, FinalReport]]  # reports taken for a claim to carry, with their numbers in the outbox
+
+
 class Outbox:
     """Delivers final reports with up to ``limit`` threads of its own, started on first use."""
 
     def __init__(self, deliver: Callable[[FinalReport], object], limit: int = 1) -> None:
         self._deliver = deliver
         self._limit = max(1, limit)
-        self._waiting: deque[tuple[int, FinalReport]] = deque()
-        self._unfinished: set[int] = set()  # handed over and not yet delivered: waiting, or being delivered
+        self._waiting: deque[tuple[int, FinalReport, float]] = deque()  # number, report, when a thread takes it
+        self._unfinished: set[int] = set()  # handed over and not yet delivered: waiting, taken, or being delivered
         self._numbers = itertools.count()
         self._changed = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
 
-    def put(self, report: FinalReport) -> None:
-        """Hand a report over; blocks while ``limit`` reports are unfinished. Once closed, delivers it at once."""
+    def put(self, report: FinalReport, linger: float = 0.0) -> None:
+        """Hand a report over, for a thread to deliver after ``linger`` seconds unless a claim takes it first;
+        blocks while ``limit`` reports are unfinished. Once closed, delivers it at once."""
         with self._changed:
             self._changed.wait_for(lambda: self._closed or len(self._unfinished) < self._limit)
             if not self._closed:
                 self._start_threads()
                 number = next(self._numbers)
-                self._waiting.append((number, report))
+                self._waiting.append((number, report, time.monotonic() + linger))
                 self._unfinished.add(number)
                 self._changed.notify_all()
                 return
         self._deliver(report)  # a task that ends while the agent shuts down: its caller waits for the report
 
+    def take(self, limit: int, fits: Callable[[FinalReport], bool] = lambda _: True) -> Taken:
+        """Take up to ``limit`` waiting reports that ``fits`` accepts, for a request of the caller to carry; the
+        caller then settles them (delivered, or refused for good) or gives them back."""
+        with self._changed:
+            if self._closed:
+                return []
+            taken = [(number, report) for number, report, _ in self._waiting if fits(report)][:limit]
+            numbers = {number for number, _ in taken}
+            self._waiting = deque(item for item in self._waiting if item[0] not in numbers)
+            return taken
+
+    def settle(self, taken: Taken) -> None:
+        """The reports taken were delivered (or refused for good): they are finished."""
+        with self._changed:
+            self._unfinished.difference_update(number for number, _ in taken)
+            self._changed.notify_all()
+
+    def back(self, taken: Taken) -> None:
+        """The request that carried the reports taken failed: the threads deliver them now, oldest first (once
+        closed, the caller does)."""
+        with self._changed:
+            if not self._closed:
+                now = time.monotonic()
+                self._waiting.extendleft((number, report, now) for number, report in reversed(taken))
+                self._changed.notify_all()
+                return
+        for item in taken:
+            try:
+                self._deliver(item[1])
+            finally:
+                self.settle([item])
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the reports handed over before this call are delivered; True if there were some and they
-        were delivered within ``timeout``."""
+        """Deliver now the reports handed over before this call and wait until they are delivered; True if there
+        were some and they were delivered within ``timeout``."""
         with self._changed:
             if not self._unfinished:
                 return False
             last = max(self._unfinished)
+            self._waiting = deque((number, report, 0.0) for number, report, _ in self._waiting)
+            self._changed.notify_all()
             return self._changed.wait_for(lambda: not any(n <= last for n in self._unfinished), timeout)
 
     def close(self, timeout: float) -> bool:
@@ -92,18 +134,28 @@ class Outbox:
             thread.start()
             self._threads.append(thread)
 
+    def _next(self) -> tuple[int, FinalReport] | None:
+        """Wait for the oldest report's turn (its linger over, or the outbox closed); None once closed and empty."""
+        with self._changed:
+            while True:
+                if self._waiting:
+                    number, report, due = self._waiting[0]
+                    left = due - time.monotonic()
+                    if left <= 0 or self._closed:
+                        self._waiting.popleft()
+                        return number, report
+                    self._changed.wait(left)
+                elif self._closed:
+                    return None
+                else:
+                    self._changed.wait()
+
     def _run(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: bool(self._waiting) or self._closed)
-                if not self._waiting:
-                    return
-                number, report = self._waiting.popleft()
+        while (item := self._next()) is not None:
+            report = item[1]
             try:
                 self._deliver(report)
             except BaseException:  # the thread must outlive one bad report; deliver logs what it knows
                 log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
             finally:
-                with self._changed:
-                    self._unfinished.discard(number)
-                    self._changed.notify_all()
+                self.settle([item])

@@ -183,3 +183,43 @@ def test_close_gives_up_after_its_timeout_and_says_so(caplog: pytest.LogCaptureF
     assert outbox.close(0.2) is False
     assert "1 final reports were not delivered before the agent stopped" in caplog.text
     gate.opened.set()
+
+
+def test_a_lingering_report_taken_for_a_claim_is_never_delivered_by_a_thread() -> None:
+    gate = Gate()
+    outbox = Outbox(gate, limit=2)
+    outbox.put(report("j1"), linger=60)
+    outbox.put(report("j2"), linger=60)
+    taken = outbox.take(1)
+    assert [r.job_id for _, r in taken] == ["j1"] and outbox.take(5, lambda r: r.job_id == "j9") == []
+    outbox.settle(taken)
+    assert outbox.flush(5) is True  # j2 is hurried; j1 was settled by its claim
+    assert gate.delivered == ["j2"]
+
+
+def test_reports_given_back_are_delivered_by_the_threads_oldest_first() -> None:
+    gate = Gate()
+    outbox = Outbox(gate, limit=3)
+    for n in range(3):
+        outbox.put(report(f"j{n}"), linger=60)
+    outbox.back(outbox.take(2))  # the claim that carried j0 and j1 failed
+    waited = 0.0
+    while len(gate.delivered) < 2 and waited < 30:  # without a flush: given back means due now
+        time.sleep(0.01)
+        waited += 0.01
+    assert gate.delivered == ["j0", "j1"]
+    outbox.flush(5)
+    assert gate.delivered == ["j0", "j1", "j2"]
+
+
+def test_a_taken_report_counts_until_it_is_settled() -> None:
+    outbox = Outbox(Gate(), limit=1)
+    outbox.put(report("j1"), linger=60)
+    taken = outbox.take(1)
+    waiting = in_thread(outbox.put, report("j2"))
+    waiting.join(0.2)
+    assert waiting.is_alive()  # j1, carried by a claim not answered yet, still holds the outbox's one place
+    outbox.settle(taken)
+    waiting.join(5)
+    assert not waiting.is_alive()
+    assert outbox.close(5) and outbox.take(1) == []

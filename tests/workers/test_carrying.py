@@ -1,0 +1,148 @@
+"""A busy agent's final reports ride with its next claim; whatever the claim's answer does not settle is delivered
+on its own."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.workers.test_jobrunner import envelope, line, running
+from workers.client import ControlPlaneError, Reply
+from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
+from workers.outbox import FinalReport
+
+UNREAD = Reply(400, {"error": "invalid_request", "message": "body.finished.0.state: bad"})
+
+
+class Carrier:
+    """A control plane that answers each carried report as ``outcome`` says (None: the reply says nothing of it),
+    and remembers every request; ``claim_replies`` replace the answers of the next claims that carry reports."""
+
+    def __init__(self, outcome: dict[str, Any] | None = None) -> None:
+        self.outcome = {"status": 200, "state": "completed"} if outcome is None else outcome
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.claim_replies: list[Reply | Exception] = []
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Reply:
+        body = body or {}
+        self.calls.append((path, body))
+        carried = body.get("finished", [])
+        if path.endswith("/claim") and carried:
+            if self.claim_replies:
+                answer = self.claim_replies.pop(0)
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+            outcomes = [{"job_id": r["job_id"], "attempt": r["attempt"], **self.outcome} for r in carried]
+            return Reply(200, {"finished": outcomes})
+        return Reply(200, {})
+
+    def requests(self) -> list[tuple[str, list[str]]]:
+        """Each request's path, with the jobs whose final states it carried."""
+        return [(path, [r["job_id"] for r in body.get("finished", [])]) for path, body in self.calls]
+
+
+@pytest.fixture(autouse=True)
+def long_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy agent's report waits for the next claim as long as a test needs (a flush still sends it at once)."""
+    monkeypatch.setattr("workers.jobs.LINGER", 60.0)
+
+
+def busy_runner(control_plane: Carrier, inflight: Inflight | None = None, concurrency: int = 1) -> JobRunner:
+    """A runner that has just reported a job: the next one's report waits for a claim to carry it."""
+    runner = JobRunner(control_plane, inflight or Inflight(), concurrency)  # type: ignore[arg-type]
+    runner.run(envelope("j0"))
+    runner.outbox.flush(5)
+    control_plane.calls.clear()
+    return runner
+
+
+def test_a_busy_agent_s_final_report_rides_with_its_next_claim() -> None:
+    carrier = Carrier()
+    inflight = Inflight()
+    runner = busy_runner(carrier, inflight)
+    assert runner.run(envelope("j1")) == "completed"
+    assert running(inflight) == [("j1", 1)]  # its report waits for the next claim; the lease is still renewed
+    assert runner.run(envelope("j2")) == "completed"
+    assert running(inflight) == [("j2", 1)]
+    path, claim = carrier.calls[-1]
+    assert path == "/jobs/j2/claim" and claim["attempt"] == 1 and claim["task"] == "noop"
+    (report,) = claim["finished"]
+    assert (report["job_id"], report["attempt"], report["state"]) == ("j1", 1, "completed")
+    assert [task["name"] for task in report["tasks"]] == ["noop"] and report["logs"]
+    assert runner.outbox.flush(5)  # the last one has no claim to ride with: it goes alone
+    assert carrier.requests() == [("/jobs/j1/claim", []), ("/jobs/j2/claim", ["j1"]), ("/jobs/j2/status", [])]
+    assert running(inflight) == []
+
+
+def test_an_agent_that_was_idle_reports_at_once() -> None:
+    carrier = Carrier()
+    runner = JobRunner(carrier, Inflight())  # type: ignore[arg-type]
+    runner.run(envelope("j1"))  # nothing reported before it: no next claim is expected
+    waited = 0.0
+    while len(carrier.calls) < 2 and waited < 30:  # without flush, which would hurry it; the linger is 60 s
+        time.sleep(0.01)
+        waited += 0.01
+    assert carrier.requests() == [("/jobs/j1/claim", []), ("/jobs/j1/status", [])]
+
+
+def test_a_carried_report_the_control_plane_refuses_is_logged_and_not_sent_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    carrier = Carrier({"status": 409, "error": "stale_attempt", "message": "attempt 1 of job j1 is lost"})
+    inflight = Inflight()
+    runner = busy_runner(carrier, inflight)
+    runner.run(envelope("j1"))
+    runner.run(envelope("j2"))
+    assert running(inflight) == [("j2", 1)]
+    assert "job j1: final state completed refused (stale_attempt)" in caplog.text
+    runner.outbox.flush(5)
+    assert [path for path, _ in carrier.requests()] == ["/jobs/j1/claim", "/jobs/j2/claim", "/jobs/j2/status"]
+
+
+def test_a_claim_that_fails_gives_its_reports_back_to_be_delivered_alone() -> None:
+    carrier = Carrier()
+    inflight = Inflight()
+    runner = busy_runner(carrier, inflight)
+    runner.run(envelope("j1"))
+    carrier.claim_replies.append(ControlPlaneError("POST /jobs/j2/claim failed 9 times; last: HTTP 503"))
+    with pytest.raises(ControlPlaneError):
+        runner.run(envelope("j2"))  # Celery gets the message back; j1's report must not go with it
+    assert runner.outbox.flush(5)
+    assert carrier.requests()[-1] == ("/jobs/j1/status", [])
+    assert running(inflight) == []
+
+
+@pytest.mark.parametrize("answer", [UNREAD, Reply(401, {"error": "invalid_token", "message": "expired"})])
+def test_reports_a_claim_s_answer_does_not_account_for_are_delivered_alone(answer: Reply) -> None:
+    carrier = Carrier()
+    inflight = Inflight()
+    runner = busy_runner(carrier, inflight)
+    runner.run(envelope("j1"))
+    carrier.claim_replies.append(answer)
+    outcome = runner.run(envelope("j2"))
+    runner.outbox.flush(5)
+    requests = carrier.requests()
+    if answer.status == 400:  # the claim is made again without them
+        assert outcome == "completed"
+        assert requests[1:3] == [("/jobs/j2/claim", ["j1"]), ("/jobs/j2/claim", [])]
+    else:
+        assert outcome == "dropped: invalid_token" and requests[1] == ("/jobs/j2/claim", ["j1"])
+    assert ("/jobs/j1/status", []) in requests and running(inflight) == []
+
+
+def test_a_report_with_a_log_backlog_or_much_output_goes_alone() -> None:
+    carrier = Carrier()
+    runner = busy_runner(carrier, concurrency=4)
+    backlog = FinalReport("j7", 1, "completed", None, [], [line(n) for n in range(LOG_LINES_WITH_FINAL_STATE + 1)])
+    big = FinalReport("j8", 1, "failed", None, [{"name": "dump", "output": "x" * 100_000}])
+    small = FinalReport("j9", 1, "completed", None)
+    for report in (backlog, big, small):
+        runner.outbox.put(report, linger=60.0)
+    runner.run(envelope("j1"))
+    assert carrier.requests()[0] == ("/jobs/j1/claim", ["j9"])
+    runner.outbox.flush(5)
+    paths = [path for path, _ in carrier.requests()]
+    assert {"/jobs/j7/logs", "/jobs/j7/status", "/jobs/j8/status"} <= set(paths) and "/jobs/j9/status" not in paths
