@@ -9,6 +9,7 @@ fewer for the control plane.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import probe
-from workers.client import ControlPlane, ControlPlaneError, Reply
+from workers.client import RETRY_STATUSES, ControlPlane, ControlPlaneError, Reply
 from workers.envelope import Envelope, EnvelopeRefused
 from workers.logship import LogBuffer, lines_from_event
 from workers.outbox import FinalReport, Outbox
@@ -30,7 +31,7 @@ WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same fe
 LINGER = 0.05  # seconds a busy agent's final report waits for the next claim to carry it
 BACK_TO_BACK = 0.02  # a job whose message came within this many seconds of the last final report: the agent is busy
 CARRIED_PER_CLAIM = 8  # final reports one claim carries at most (the control plane's limit)
-CARRIED_TEXT = 64 * 1024  # characters of output, errors and log lines above which a report goes on its own
+CARRIED_BYTES = 256 * 1024  # encoded final reports one claim carries at most (the control plane takes 1 MiB)
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
 
@@ -256,33 +257,59 @@ class JobRunner:
     def _claim_carrying(self, job_id: str, request: dict[str, Any]) -> Reply:
         """Send a claim carrying the final reports waiting in the outbox; each is settled by the answer, or handed
         back to the outbox's threads when the answer does not say what became of it."""
-        taken = self.outbox.take(CARRIED_PER_CLAIM, _fits_a_claim)
+        carried: dict[int, dict[str, Any]] = {}  # by the report's number in the outbox: the body it adds to the claim
+        room = CARRIED_BYTES
+
+        def fits(number: int, report: FinalReport) -> bool:
+            nonlocal room
+            if len(report.lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog to ship first: _finish does that
+                return False
+            body = {"job_id": report.job_id, **_status_body(report, report.lines, report.first_line)}
+            size = len(json.dumps(body, separators=(",", ":")))  # ASCII-escaped: its length is its size in bytes
+            if size > room:
+                return False
+            room -= size
+            carried[number] = body
+            return True
+
+        taken = self.outbox.take(CARRIED_PER_CLAIM, fits)
         if not taken:
             return self.client.call("POST", f"/jobs/{job_id}/claim", request)
-        carried = [{"job_id": r.job_id, **_status_body(r, r.lines, r.first_line)} for _, r in taken]
         try:
-            claim = self.client.call("POST", f"/jobs/{job_id}/claim", {**request, "finished": carried})
+            claim = self.client.call("POST", f"/jobs/{job_id}/claim", {**request, "finished": list(carried.values())})
         except BaseException:
             self.outbox.back(taken)
             raise
         outcomes = claim.body.get("finished")
-        if not isinstance(outcomes, list) or len(outcomes) != len(taken):  # not recorded: refused before that
+        if not isinstance(outcomes, list) or len(outcomes) != len(taken):  # refused before they were recorded
             self.outbox.back(taken)
-            if claim.status == 400:  # a report the control plane cannot read: the claim goes alone
-                return self.client.call("POST", f"/jobs/{job_id}/claim", request)
-            return claim
-        for (_, report), outcome in zip(taken, outcomes, strict=True):
-            self._settled(report, outcome if isinstance(outcome, dict) else {})
-        self.outbox.settle(taken)
+            if claim.ok:
+                return claim
+            return self.client.call("POST", f"/jobs/{job_id}/claim", request)  # the claim goes alone
+        again: list[tuple[int, FinalReport]] = []
+        try:
+            for item, outcome in zip(taken, outcomes, strict=True):
+                if not self._settled(item[1], outcome if isinstance(outcome, dict) else {}):
+                    again.append(item)
+        finally:
+            self.outbox.settle([item for item in taken if item not in again])
+            if again:
+                self.outbox.back(again)
         return claim
 
-    def _settled(self, report: FinalReport, outcome: dict[str, Any]) -> None:
-        """Log what the control plane did with a final report carried by a claim; the attempt leaves the running set."""
-        if outcome.get("status") == 200:
+    def _settled(self, report: FinalReport, outcome: dict[str, Any]) -> bool:
+        """Log what the control plane did with a final report carried by a claim; False when it could not record
+        it for now (to be sent again). Once recorded or refused for good, the attempt leaves the running set."""
+        status = outcome.get("status")
+        if status in RETRY_STATUSES or not isinstance(status, int):
+            log.warning("job %s: final state %s not recorded yet (%s)", report.job_id, report.state, status)
+            return False
+        if status == 200:
             log.info("job %s attempt %d %s", report.job_id, report.attempt, report.state)
         else:
             log.warning("job %s: final state %s refused (%s)", report.job_id, report.state, outcome.get("error"))
         self.inflight.discard(report.job_id, report.attempt)
+        return True
 
     def _log_sender(self, job_id: str, attempt: int) -> Callable[[list[dict[str, Any]], int], None]:
         """Send a batch of log lines numbered from ``first``; ControlPlaneError propagates (the buffer keeps them)."""
@@ -326,12 +353,3 @@ def _status_body(report: FinalReport, lines: list[dict[str, Any]], first_line: i
         body["logs"] = lines  # so does the rest of the log
         body["logs_first_line"] = first_line
     return body
-
-
-def _fits_a_claim(report: FinalReport) -> bool:
-    """Whether a claim may carry ``report``: no log backlog to ship first, and little text (the claim stays small)."""
-    if len(report.lines) > LOG_LINES_WITH_FINAL_STATE:
-        return False
-    text = len(report.error or "") + sum(len(line.get("message") or "") for line in report.lines)
-    text += sum(len(task.get("output") or "") + len(task.get("error") or "") for task in report.tasks)
-    return text <= CARRIED_TEXT

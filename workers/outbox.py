@@ -74,15 +74,22 @@ class Outbox:
                 return
         self._deliver(report)  # a task that ends while the agent shuts down: its caller waits for the report
 
-    def take(self, limit: int, fits: Callable[[FinalReport], bool] = lambda _: True) -> Taken:
-        """Take up to ``limit`` waiting reports that ``fits`` accepts, for a request of the caller to carry; the
-        caller then settles them (delivered, or refused for good) or gives them back."""
+    def take(self, limit: int, fits: Callable[[int, FinalReport], bool] = lambda _n, _r: True) -> Taken:
+        """Take up to ``limit`` waiting reports, oldest first, that ``fits`` accepts (it is asked about each in turn
+        until ``limit`` are taken), for a request of the caller to carry; the caller then settles them (delivered,
+        or refused for good) or gives them back."""
         with self._changed:
             if self._closed:
                 return []
-            taken = [(number, report) for number, report, _ in self._waiting if fits(report)][:limit]
+            taken: Taken = []
+            for number, report, _ in self._waiting:
+                if len(taken) == limit:
+                    break
+                if fits(number, report):
+                    taken.append((number, report))
             numbers = {number for number, _ in taken}
             self._waiting = deque(item for item in self._waiting if item[0] not in numbers)
+            self._changed.notify_all()  # a thread waiting for a report that is gone picks the next one
             return taken
 
     def settle(self, taken: Taken) -> None:
@@ -103,6 +110,8 @@ class Outbox:
         for item in taken:
             try:
                 self._deliver(item[1])
+            except Exception:  # as in the delivery threads: the rest are still delivered
+                log.exception("job %s: delivering the final state %s failed", item[1].job_id, item[1].state)
             finally:
                 self.settle([item])
 
@@ -135,15 +144,16 @@ class Outbox:
             self._threads.append(thread)
 
     def _next(self) -> tuple[int, FinalReport] | None:
-        """Wait for the oldest report's turn (its linger over, or the outbox closed); None once closed and empty."""
+        """Wait for the turn of the report due first (its linger over, or the outbox closed); None once closed and
+        empty."""
         with self._changed:
             while True:
                 if self._waiting:
-                    number, report, due = self._waiting[0]
-                    left = due - time.monotonic()
+                    first = min(self._waiting, key=lambda item: item[2])  # the oldest of those due first
+                    left = first[2] - time.monotonic()
                     if left <= 0 or self._closed:
-                        self._waiting.popleft()
-                        return number, report
+                        self._waiting.remove(first)
+                        return first[0], first[1]
                     self._changed.wait(left)
                 elif self._closed:
                     return None

@@ -3,6 +3,7 @@ on its own."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.workers.test_jobrunner import envelope, line, running
 from workers.client import ControlPlaneError, Reply
-from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
+from workers.jobs import CARRIED_BYTES, LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
 from workers.outbox import FinalReport
 
 UNREAD = Reply(400, {"error": "invalid_request", "message": "body.finished.0.state: bad"})
@@ -46,7 +47,9 @@ class Carrier:
 
 @pytest.fixture(autouse=True)
 def long_linger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A busy agent's report waits for the next claim as long as a test needs (a flush still sends it at once)."""
+    """A job run after another counts as back to back however slow the machine, and its report waits for the next
+    claim as long as a test needs (a flush still sends it at once)."""
+    monkeypatch.setattr("workers.jobs.BACK_TO_BACK", 60.0)
     monkeypatch.setattr("workers.jobs.LINGER", 60.0)
 
 
@@ -115,34 +118,50 @@ def test_a_claim_that_fails_gives_its_reports_back_to_be_delivered_alone() -> No
     assert running(inflight) == []
 
 
-@pytest.mark.parametrize("answer", [UNREAD, Reply(401, {"error": "invalid_token", "message": "expired"})])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        UNREAD,
+        Reply(413, {"error": "payload_too_large", "message": "the body is larger than 1048576 bytes"}),
+        Reply(401, {"error": "invalid_token", "message": "expired"}),
+    ],
+)
 def test_reports_a_claim_s_answer_does_not_account_for_are_delivered_alone(answer: Reply) -> None:
     carrier = Carrier()
     inflight = Inflight()
     runner = busy_runner(carrier, inflight)
     runner.run(envelope("j1"))
     carrier.claim_replies.append(answer)
-    outcome = runner.run(envelope("j2"))
+    assert runner.run(envelope("j2")) == "completed"  # the claim was made again without them
     runner.outbox.flush(5)
     requests = carrier.requests()
-    if answer.status == 400:  # the claim is made again without them
-        assert outcome == "completed"
-        assert requests[1:3] == [("/jobs/j2/claim", ["j1"]), ("/jobs/j2/claim", [])]
-    else:
-        assert outcome == "dropped: invalid_token" and requests[1] == ("/jobs/j2/claim", ["j1"])
+    assert requests[1:3] == [("/jobs/j2/claim", ["j1"]), ("/jobs/j2/claim", [])]
     assert ("/jobs/j1/status", []) in requests and running(inflight) == []
 
 
-def test_a_report_with_a_log_backlog_or_much_output_goes_alone() -> None:
+def test_a_carried_report_the_control_plane_could_not_record_yet_is_sent_again_alone() -> None:
+    carrier = Carrier({"status": 503, "error": "service_unavailable", "message": "the database is unavailable"})
+    inflight = Inflight()
+    runner = busy_runner(carrier, inflight)
+    runner.run(envelope("j1"))
+    runner.run(envelope("j2"))
+    runner.outbox.flush(5)
+    assert ("/jobs/j1/status", []) in carrier.requests() and running(inflight) == []
+
+
+def test_a_claim_carries_no_log_backlog_and_no_more_than_its_share_of_bytes() -> None:
     carrier = Carrier()
-    runner = busy_runner(carrier, concurrency=4)
-    backlog = FinalReport("j7", 1, "completed", None, [], [line(n) for n in range(LOG_LINES_WITH_FINAL_STATE + 1)])
-    big = FinalReport("j8", 1, "failed", None, [{"name": "dump", "output": "x" * 100_000}])
-    small = FinalReport("j9", 1, "completed", None)
-    for report in (backlog, big, small):
+    runner = busy_runner(carrier, concurrency=6)
+    backlog = FinalReport("j6", 1, "completed", None, [], [line(n) for n in range(LOG_LINES_WITH_FINAL_STATE + 1)])
+    escaped = FinalReport("j7", 1, "failed", "é" * 50_000)  # 50,000 characters, 300,000 bytes as JSON escapes
+    big = [FinalReport(f"j{n}", 1, "failed", None, [{"name": "dump", "output": "x" * 100_000}]) for n in (8, 9, 10)]
+    small = FinalReport("j11", 1, "completed", None)
+    for report in (backlog, escaped, *big, small):
         runner.outbox.put(report, linger=60.0)
     runner.run(envelope("j1"))
-    assert carrier.requests()[0] == ("/jobs/j1/claim", ["j9"])
+    assert carrier.requests()[0] == ("/jobs/j1/claim", ["j8", "j9", "j11"])  # a third 100 KB would pass 256 KiB
     runner.outbox.flush(5)
+    assert len(json.dumps(carrier.calls[0][1], separators=(",", ":"))) < CARRIED_BYTES + 1024
     paths = [path for path, _ in carrier.requests()]
-    assert {"/jobs/j7/logs", "/jobs/j7/status", "/jobs/j8/status"} <= set(paths) and "/jobs/j9/status" not in paths
+    assert {"/jobs/j6/logs", "/jobs/j6/status", "/jobs/j7/status", "/jobs/j10/status"} <= set(paths)
+    assert not {"/jobs/j8/status", "/jobs/j9/status", "/jobs/j11/status"} & set(paths)

@@ -191,7 +191,7 @@ def test_a_lingering_report_taken_for_a_claim_is_never_delivered_by_a_thread() -
     outbox.put(report("j1"), linger=60)
     outbox.put(report("j2"), linger=60)
     taken = outbox.take(1)
-    assert [r.job_id for _, r in taken] == ["j1"] and outbox.take(5, lambda r: r.job_id == "j9") == []
+    assert [r.job_id for _, r in taken] == ["j1"] and outbox.take(5, lambda _, r: r.job_id == "j9") == []
     outbox.settle(taken)
     assert outbox.flush(5) is True  # j2 is hurried; j1 was settled by its claim
     assert gate.delivered == ["j2"]
@@ -223,3 +223,17 @@ def test_a_taken_report_counts_until_it_is_settled() -> None:
     waiting.join(5)
     assert not waiting.is_alive()
     assert outbox.close(5) and outbox.take(1) == []
+
+
+def test_a_report_due_now_is_not_held_up_by_an_older_one_that_lingers() -> None:
+    gate = Gate()
+    outbox = Outbox(gate, limit=2)
+    outbox.put(report("lingers"), linger=60)
+    outbox.put(report("due"))
+    waited = 0.0
+    while not gate.delivered and waited < 30:  # without a flush, which would hurry both
+        time.sleep(0.01)
+        waited += 0.01
+    assert gate.delivered == ["due"]
+    outbox.flush(5)
+    assert gate.delivered == ["due", "lingers"]
