@@ -21,7 +21,7 @@ import probe
 from workers.client import RETRY_STATUSES, ControlPlane, ControlPlaneError, Reply
 from workers.envelope import Envelope, EnvelopeRefused
 from workers.logship import LogBuffer, lines_from_event
-from workers.outbox import FinalReport, Outbox
+from workers.outbox import FinalReport, Outbox, Taken
 
 log = logging.getLogger(__name__)
 
@@ -286,15 +286,14 @@ class JobRunner:
             if claim.ok:
                 return claim
             return self.client.call("POST", f"/jobs/{job_id}/claim", request)  # the claim goes alone
-        again: list[tuple[int, FinalReport]] = []
+        done: Taken = []
         try:
             for item, outcome in zip(taken, outcomes, strict=True):
-                if not self._settled(item[1], outcome if isinstance(outcome, dict) else {}):
-                    again.append(item)
+                if self._settled(item[1], outcome if isinstance(outcome, dict) else {}):
+                    done.append(item)
         finally:
-            self.outbox.settle([item for item in taken if item not in again])
-            if again:
-                self.outbox.back(again)
+            self.outbox.settle(done)
+            self.outbox.back([item for item in taken if item not in done])  # not recorded yet: sent again alone
         return claim
 
     def _settled(self, report: FinalReport, outcome: dict[str, Any]) -> bool:

@@ -108,12 +108,7 @@ class Outbox:
                 self._changed.notify_all()
                 return
         for item in taken:
-            try:
-                self._deliver(item[1])
-            except Exception:  # as in the delivery threads: the rest are still delivered
-                log.exception("job %s: delivering the final state %s failed", item[1].job_id, item[1].state)
-            finally:
-                self.settle([item])
+            self._deliver_one(item)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Deliver now the reports handed over before this call and wait until they are delivered; True if there
@@ -162,10 +157,14 @@ class Outbox:
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
-            report = item[1]
-            try:
-                self._deliver(report)
-            except BaseException:  # the thread must outlive one bad report; deliver logs what it knows
-                log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
-            finally:
-                self.settle([item])
+            self._deliver_one(item)
+
+    def _deliver_one(self, item: tuple[int, FinalReport]) -> None:
+        """Deliver one report and settle it, whatever happens: one bad report never stops the others."""
+        report = item[1]
+        try:
+            self._deliver(report)
+        except BaseException:  # deliver logs what it knows
+            log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
+        finally:
+            self.settle([item])
