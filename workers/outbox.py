@@ -101,6 +101,8 @@ class Outbox:
     def back(self, taken: Taken) -> None:
         """The request that carried the reports taken failed: the threads deliver them now, oldest first (once
         closed, the caller does)."""
+        if not taken:  # a claim whose carried reports were all settled gives nothing back: no thread to wake
+            return
         with self._changed:
             if not self._closed:
                 now = time.monotonic()
@@ -164,7 +166,7 @@ class Outbox:
         report = item[1]
         try:
             self._deliver(report)
-        except BaseException:  # deliver logs what it knows
+        except Exception:  # deliver logs what it knows (on the caller's thread after close, nothing more is caught)
             log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
         finally:
             self.settle([item])
