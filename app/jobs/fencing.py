@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -71,6 +72,17 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
 
     ``task`` names the workflow's first task, which the agent starts right after the claim.
     """
+    job, row, max_running = _claimable(caller, job_id, attempt)
+    _take(caller, job, row, max_running, task)
+    db.session.commit()
+    return job, row
+
+
+def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAttempt, int | None]:
+    """The job, its attempt ``attempt`` and its project's running limit, if the caller may claim it (else raise).
+
+    Reads only: a refusal leaves nothing of the caller's transaction to roll back.
+    """
     # the agent is looked up in the job's tenant, which _read has checked is the caller's
     job, row, agent_platform, agent_project, max_running = _read(
         caller, job_id, _FOR_CLAIM, {"number": attempt, "agent_id": caller.agent_id}
@@ -88,6 +100,12 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
             WRONG_PLATFORM.format(job_id=job.id, platform=job.platform, agent_platform=agent_platform),
             code="wrong_agent",
         )
+    assert row is not None  # the job's current attempt
+    return job, row, max_running
+
+
+def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None) -> None:
+    """Move the claimable job to ``running`` with a lease, uncommitted (409, rolled back, when that is refused)."""
     now, expires = _lease()
     if max_running is not None:
         # Serialize the claims of a limited project (a row lock on MariaDB; SQLite has a single writer anyway).
@@ -122,12 +140,9 @@ def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None 
         # Read the clock again now that this claim is serialized after the project's other claims and reports:
         # the attempt's claimed_at is then never before the finished_at of the job whose place it takes.
         now, expires = _lease()
-    assert row is not None  # a queued job always has its current attempt
     transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
     if task is not None:
         _task_started(job, row.number, task)
-    db.session.commit()
-    return job, row
 
 
 def _task_started(job: Job, attempt: int, task: str) -> None:
@@ -195,11 +210,26 @@ def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[
 
 def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Job:
     """Apply the state an agent reports for its current attempt; ``running`` only renews the lease."""
+    job, row, due = _reportable(caller, job_id, report)
+    if due and not _record_status(caller, job, row, report):
+        db.session.commit()
+    return job
+
+
+def _reportable(caller: Principal, job_id: str, report: StatusReport) -> tuple[Job, JobAttempt, bool]:
+    """The job and the caller's current attempt the report is for, and whether there is anything to record (not
+    when it repeats a final state already recorded); raise if the report is refused. Reads only."""
     job, row = fenced(caller, job_id, report.attempt)
-    target = report.state
-    if row.state == target and job.state == target:
-        return job  # a retried report of the same final state
+    if row.state == report.state and job.state == report.state:
+        return job, row, False  # a retried report of the same final state
     _still_running(job, row)
+    return job, row, True
+
+
+def _record_status(caller: Principal, job: Job, row: JobAttempt, report: StatusReport) -> bool:
+    """Record the report on its checked attempt, uncommitted; True when it was committed already (a retry has
+    opened and published the job's next attempt)."""
+    target = report.state
     for task in report.tasks:
         _store_result(job, row.number, task)
     fresh, received = unseen(row.log_lines, report.logs_first_line, report.logs)
@@ -209,15 +239,12 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
         update_fenced(db.session, row, {"lease_expires_at": expires, **counted}, {})
-        db.session.commit()
-        return job
+        return False
     transition_attempt(row, AttemptState(target), finished_at=now, error=report.error, **counted)
-    if dispatching.retry_failed(job, row, now=now) is None:
-        transition(
-            job, JobState(target), actor=caller.subject, reason=report.error, finished_at=now, error=report.error
-        )
-        db.session.commit()
-    return job
+    if dispatching.retry_failed(job, row, now=now) is not None:
+        return True
+    transition(job, JobState(target), actor=caller.subject, reason=report.error, finished_at=now, error=report.error)
+    return False
 
 
 def report_finished(*, caller: Principal, report: FinishedReport) -> FinishedOut:
@@ -230,7 +257,72 @@ def report_finished(*, caller: Principal, report: FinishedReport) -> FinishedOut
         job = report_status(caller=caller, job_id=report.job_id, report=report)
     except AppError as exc:
         db.session.rollback()
-        return FinishedOut(
-            job_id=report.job_id, attempt=report.attempt, status=exc.status, error=exc.code, message=exc.message
-        )
+        return _refused(report, exc)
+    return _recorded(report, job)
+
+
+def _recorded(report: FinishedReport, job: Job) -> FinishedOut:
     return FinishedOut(job_id=report.job_id, attempt=report.attempt, status=200, state=job.state)
+
+
+def _refused(report: FinishedReport, exc: AppError) -> FinishedOut:
+    return FinishedOut(
+        job_id=report.job_id, attempt=report.attempt, status=exc.status, error=exc.code, message=exc.message
+    )
+
+
+def claim_carrying(
+    *, caller: Principal, job_id: str, attempt: int, task: str | None, reports: Sequence[FinishedReport]
+) -> tuple[Job, JobAttempt, list[FinishedOut]]:
+    """Record the final states a claim carries, each as if reported alone, then make the claim.
+
+    Every check comes first (reads only); then the reports and the claim are written in one transaction, one
+    commit. A report refused by its check is answered alone, as ``POST .../status`` would answer it; the others
+    are recorded whatever becomes of the claim. Should a write be refused after all (a concurrent update, a full
+    project), that transaction is rolled back and each report is recorded in a transaction of its own before the
+    claim is made again, as the reports would have been sent alone.
+
+    Returns the claimed job, its attempt and the reports' outcomes, in their order. Raises the claim's refusal,
+    with the reports' outcomes in its ``finished`` field.
+    """
+    outcomes: list[FinishedOut] = []
+    due: list[tuple[int, Job, JobAttempt]] = []
+    for index, report in enumerate(reports):
+        try:
+            job, row, todo = _reportable(caller, report.job_id, report)
+        except AppError as exc:
+            outcomes.append(_refused(report, exc))
+            continue
+        outcomes.append(_recorded(report, job))
+        if todo:
+            due.append((index, job, row))
+    refusal: AppError | None = None
+    claimable: tuple[Job, JobAttempt, int | None] | None = None
+    try:
+        claimable = _claimable(caller, job_id, attempt)
+    except AppError as exc:
+        refusal = exc
+    pending = [index for index, _, _ in due]  # recorded but not committed yet
+    try:
+        for index, job, row in due:
+            if _record_status(caller, job, row, reports[index]):
+                pending = [later for later in pending if later > index]
+            outcomes[index] = _recorded(reports[index], job)
+        if claimable is not None:
+            _take(caller, *claimable, task)
+        db.session.commit()
+    except AppError:
+        db.session.rollback()
+        for index in pending:
+            outcomes[index] = report_finished(caller=caller, report=reports[index])
+        if refusal is None:
+            try:
+                claimable = (*claim_job(caller=caller, job_id=job_id, attempt=attempt, task=task), None)
+            except AppError as exc:
+                refusal = exc
+    if refusal is not None:
+        if outcomes:
+            refusal.extra["finished"] = [outcome.model_dump() for outcome in outcomes]
+        raise refusal
+    assert claimable is not None
+    return claimable[0], claimable[1], outcomes

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.api import ERR_READ, ERR_WRITE, READERS, WRITERS, body, document, query, reply
 from app.auth.guard import principal, require
-from app.errors import AppError, BadRequest
+from app.errors import BadRequest
 from app.extensions import db
 from app.jobs import dispatching, fencing, service, submission
 from app.jobs.models import Job, JobEvent, TaskResult
@@ -288,13 +288,9 @@ def claim(job_id: str) -> Response:
     data = body(ClaimRequest)
     caller = principal()
     charge_rate_limit(len(data.finished))  # each carried report counts as the request it saves
-    finished = [fencing.report_finished(caller=caller, report=report) for report in data.finished]
-    try:
-        job, attempt = fencing.claim_job(caller=caller, job_id=job_id, attempt=data.attempt, task=data.task)
-    except AppError as exc:  # the carried reports were recorded (or refused) whatever became of the claim
-        if finished:
-            exc.extra["finished"] = [outcome.model_dump() for outcome in finished]
-        raise
+    job, attempt, finished = fencing.claim_carrying(
+        caller=caller, job_id=job_id, attempt=data.attempt, task=data.task, reports=data.finished
+    )
     assert attempt.lease_expires_at is not None
     return reply(
         ClaimOut(

@@ -1,10 +1,19 @@
-"""A claim that carries the final states of the agent's other jobs: each recorded first, on its own, whatever
-becomes of the claim."""
+"""A claim that carries the final states of the agent's other jobs: each recorded as if reported alone, whatever
+becomes of the claim, and all of it in one commit when nothing is refused."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+from flask import Flask
+from sqlalchemy import event, update
+from sqlalchemy.orm import Session
+
+from app.extensions import db
+from app.jobs import dispatching, fencing
+from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import MAX_FINISHED_PER_CLAIM, ClaimOut
 from tests.app.support import Api, Tenant, token
 
@@ -88,3 +97,80 @@ def test_a_claim_whose_carried_reports_are_malformed_changes_nothing(api: Api, w
         )
         assert response.status_code == 400 and response.json["error"] == "invalid_request"
         assert state(api, acme, acme.running) == "running" and state(api, acme, acme.queued) == "queued"
+
+
+@pytest.fixture
+def commits() -> Iterator[list[int]]:
+    """Counts the commits of every session while the test runs."""
+    counted: list[int] = []
+
+    def count(_session: Session) -> None:
+        counted.append(1)
+
+    event.listen(Session, "after_commit", count)
+    yield counted
+    event.remove(Session, "after_commit", count)
+
+
+def queue_job(api: Api, app: Flask, tenant: Tenant, **fields: Any) -> str:
+    """Submit a one-task job and open its first attempt, as dispatch would; returns its id."""
+    workflow = "name: one\ntasks:\n  - {name: a, type: command, config: {command: id}}\n"
+    job_id = str(
+        api.post("/api/v1/jobs", tenant.tokens["operator"], json={"workflow": workflow, **fields}).json["job_id"]
+    )
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job is not None
+        dispatching.open_next_attempt(job, actor="test")
+    return job_id
+
+
+def test_a_claim_and_the_reports_it_carries_are_written_in_one_commit(
+    api: Api, world: dict[str, Tenant], commits: list[int]
+) -> None:
+    acme = world["acme"]
+    body = {"attempt": 1, "task": "kernel", "finished": [finished(acme.running)]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 200 and response.json["finished"][0]["state"] == "completed"
+    assert len(commits) == 1
+    assert state(api, acme, acme.running) == "completed" and state(api, acme, acme.queued) == "running"
+
+
+def test_a_carried_report_overtaken_between_its_check_and_its_write_is_answered_alone(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme = world["acme"]
+    assert api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    fresh = queue_job(api, app, acme)
+    record = fencing._record_status
+
+    def overtaken(caller: Any, job: Job, row: JobAttempt, report: Any) -> bool:
+        if job.id == acme.running:  # the reaper, say, ends the attempt on another connection meanwhile
+            with db.engine.begin() as other:
+                other.execute(
+                    update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == 1).values(state="lost")
+                )
+        return record(caller, job, row, report)
+
+    monkeypatch.setattr(fencing, "_record_status", overtaken)
+    body = {"attempt": 1, "finished": [finished(acme.running), finished(acme.queued, "failed", error="boom")]}
+    response = api.post(f"/api/v1/jobs/{fresh}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 200 and response.json["state"] == "running"
+    outcomes = [(o["job_id"], o["status"], o["state"], o["error"]) for o in response.json["finished"]]
+    assert outcomes == [(acme.running, 409, None, "stale_attempt"), (acme.queued, 200, "failed", None)]
+    assert state(api, acme, acme.running) == "running" and state(api, acme, acme.queued) == "failed"
+
+
+def test_a_carried_failure_that_opens_the_next_attempt_is_answered_with_the_job_queued_again(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    retried = queue_job(api, app, acme, max_attempts=2, retry_backoff=0)
+    assert api.post(f"/api/v1/jobs/{retried}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    body = {"attempt": 1, "finished": [finished(retried, "failed", error="boom"), finished(acme.running)]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 200
+    assert [(o["status"], o["state"]) for o in response.json["finished"]] == [(200, "queued"), (200, "completed")]
+    detail = api.get(f"/api/v1/jobs/{retried}", acme.tokens["viewer"]).json
+    assert detail["attempt"] == 2 and [a["state"] for a in detail["attempts"]] == ["failed", "queued"]
+    assert state(api, acme, acme.running) == "completed" and state(api, acme, acme.queued) == "running"
