@@ -28,225 +28,30 @@ non-zero only when something fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
-import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import psutil
-import redis
-import requests
-from _platform import (
-    DONE_KEY,
-    NOOP_TASK,
-    RAN_KEY,
-    BareWorkers,
-    BenchPlatform,
-    ValkeyServer,
-    bare_celery,
-    cpu_seconds,
-    envelope_payload,
-    note,
-    start_valkey,
-)
-from probe_overhead import machine, verdict
+from _dispatch_clients import BARE_QUEUE, Bare, BenchError, Client, Finished, Submitter
+from _dispatch_report import report
+from _platform import BareWorkers, BenchPlatform, ValkeyServer, cpu_seconds, note, start_valkey
+from probe_overhead import machine
 
 from app.jobs.schemas import MAX_BATCH_JOBS
-from dispatch.contract import celery_priority
-from dispatch.realtime import tenant_channel
 
-LATENCY_TARGET_MS = 50.0  # p95 of POST returned -> claimed
-RATE_TARGET = 0.20  # platform jobs/s at least this share of bare Celery tasks/s
-BARE_QUEUE = "bench.bare"
-PRIORITY = 5  # the API's default priority, mapped as the publisher maps it
-FINAL = {"completed", "failed", "timed_out", "cancelled", "dead_letter"}
 STALL_SECONDS = 60.0
-WORKFLOW = """\
-name: bench
-tasks:
-  - name: noop
-    type: command
-    config:
-      command: "true"
-"""
-
-
-class BenchError(Exception):
-    """Raised when a measured run fails, so its figures would mean nothing."""
 
 
 def stamp(text: str) -> float:
     """A server timestamp (ISO 8601, UTC) as a UNIX time."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def ms_figures(values: list[float]) -> tuple[float, float, float]:
-    """p50, p95 and max of ``values`` (seconds), in milliseconds."""
-    ordered = sorted(values)
-    if len(ordered) < 2:
-        return ordered[0] * 1000, ordered[0] * 1000, ordered[0] * 1000
-    q = statistics.quantiles(ordered, n=100, method="inclusive")
-    return q[49] * 1000, q[94] * 1000, ordered[-1] * 1000
-
-
-class Client:
-    """The operator's side of the platform: submit, read, count."""
-
-    def __init__(self, platform: BenchPlatform, token: str) -> None:
-        self.url = platform.url + "/api/v1"
-        self.token = token
-        self.session = self.new_session()
-
-    def new_session(self) -> requests.Session:
-        """A keep-alive session carrying the operator's token."""
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {self.token}"
-        return session
-
-    def submit(self, session: requests.Session | None = None) -> str:
-        """Submit the bench workflow; return the job id."""
-        reply = (session or self.session).post(f"{self.url}/jobs", json={"workflow": WORKFLOW}, timeout=30)
-        if reply.status_code != 201:
-            raise BenchError(f"POST /api/v1/jobs answered {reply.status_code}: {reply.text[:300]}")
-        return str(reply.json()["job_id"])
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        """One job with its attempts."""
-        reply = self.session.get(f"{self.url}/jobs/{job_id}", timeout=30)
-        if reply.status_code != 200:
-            raise BenchError(f"GET /api/v1/jobs/{job_id} answered {reply.status_code}: {reply.text[:300]}")
-        return dict(reply.json())
-
-    def count(self, state: str) -> int:
-        """How many of the tenant's jobs are in ``state``."""
-        reply = self.session.get(f"{self.url}/jobs", params={"state": state, "limit": "1"}, timeout=30)
-        if reply.status_code != 200:
-            raise BenchError(f"GET /api/v1/jobs answered {reply.status_code}: {reply.text[:300]}")
-        return int(reply.json()["total"])
-
-    def wait_final(self, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll a job until it reaches a final state; it must be ``completed``."""
-        deadline = time.monotonic() + timeout
-        time.sleep(0.05)  # after the claim has usually happened, so that polling does not delay it
-        while True:
-            job = self.job(job_id)
-            if job["state"] in FINAL:
-                if job["state"] != "completed":
-                    raise BenchError(f"job {job_id} ended {job['state']}: {job.get('error')}")
-                return job
-            if time.monotonic() > deadline:
-                raise BenchError(f"job {job_id} is still {job['state']} after {timeout:.0f} s")
-            time.sleep(0.02)
-
-
-class Submitter:
-    """One client thread's kept-alive connection for submissions: http.client, so that the load generator
-    spends little of the CPU it measures (requests took about twice as much per call)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        parts = urllib.parse.urlsplit(client.url)
-        self.connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
-        self.path = parts.path + "/jobs"
-        self.headers = {"Authorization": f"Bearer {client.token}", "Content-Type": "application/json"}
-        self.body = json.dumps({"workflow": WORKFLOW}).encode()
-
-    def submit(self, jobs: int = 1) -> None:
-        """Submit the bench workflow as ``jobs`` jobs: one ``POST /api/v1/jobs``, or a batch of them."""
-        path, body = self.path, self.body
-        if jobs > 1:
-            path, body = self.path + "/batch", json.dumps({"jobs": [{"workflow": WORKFLOW}] * jobs}).encode()
-        self.connection.request("POST", path, body=body, headers=self.headers)
-        reply = self.connection.getresponse()
-        data = reply.read()
-        if reply.status != 201:
-            raise BenchError(f"POST {path} answered {reply.status}: {data[:300]!r}")
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.connection.close()
-
-
-class Finished:
-    """Counts the tenant's jobs that reached a final state, from the live events the platform publishes on Valkey.
-
-    The script watches the throughput rounds this way rather than by polling ``GET /api/v1/jobs``, whose count
-    queries would take the web's CPU from the jobs it measures; an operator's ``automation watch`` follows the
-    same events.
-    """
-
-    def __init__(self, valkey_url: str, tenant: str) -> None:
-        self.valkey = redis.Redis.from_url(valkey_url)
-        self.pubsub = self.valkey.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(tenant_channel(tenant))
-        self.states: dict[str, str] = {}
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._listen, name="finished-jobs", daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        try:
-            for message in self.pubsub.listen():
-                event = json.loads(message["data"])
-                if event.get("task") is None and event.get("state") in FINAL:
-                    with self.lock:
-                        self.states[event["job_id"]] = event["state"]
-        except (redis.ConnectionError, ValueError):  # closed at the end of the run (or Valkey stopped)
-            return
-
-    def close(self) -> None:
-        """Stop watching."""
-        with contextlib.suppress(redis.RedisError):
-            self.pubsub.close()
-        self.thread.join(timeout=5)
-
-    def count(self, state: str | None = None) -> int:
-        """How many jobs ended (in ``state``, if given) since the watch began."""
-        with self.lock:
-            return sum(1 for s in self.states.values() if state is None or s == state)
-
-
-class Bare:
-    """The sending side of bare Celery, with the platform's settings, to the bare workers' queue."""
-
-    def __init__(self, valkey_url: str) -> None:
-        self.celery = bare_celery(valkey_url)
-        self.valkey = redis.Redis.from_url(valkey_url)
-        self.payload = envelope_payload(WORKFLOW)
-
-    def send(self, mark: str | None = None) -> None:
-        """Send one no-op task (with a mark: the worker notes when it started)."""
-        self.celery.send_task(
-            NOOP_TASK,
-            kwargs={"mark": mark, "payload": self.payload},
-            queue=BARE_QUEUE,
-            task_id=str(uuid.uuid4()),
-            priority=celery_priority(PRIORITY),
-        )
-
-    def done(self) -> int:
-        """How many no-op tasks have run."""
-        return int(self.valkey.get(DONE_KEY) or 0)
-
-    def ran_at(self, mark: str, timeout: float = 30.0) -> float:
-        """When the task with ``mark`` started (its worker's time.time())."""
-        deadline = time.monotonic() + timeout
-        while (value := self.valkey.get(RAN_KEY + mark)) is None:
-            if time.monotonic() > deadline:
-                raise BenchError(f"the bare task {mark} did not run within {timeout:.0f} s")
-            time.sleep(0.002)
-        return float(value)
 
 
 def platform_latency(client: Client) -> tuple[float, float, float]:
@@ -396,67 +201,6 @@ def measure_throughput(
             used["wall x cores"] = done * 1000 / items * (os.cpu_count() or 1)
             cpu[which].append(used)
     return rates, cpu
-
-
-def report(
-    latency: dict[str, list[float]],
-    rates: dict[str, list[float]],
-    cpu: dict[str, list[dict[str, float]]],
-    args: argparse.Namespace,
-) -> None:
-    """Print the two tables and the verdicts."""
-    n = len(latency["claim"])
-    print(f"\nlatency at low load: one job at a time, {n} jobs, one agent; bare Celery: {n} tasks, one worker")
-    print(f"{'':<44}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  target")
-    rows = [
-        ("platform: POST returned -> agent's claim", "claim", True),
-        ("bare Celery: send_task returned -> task runs", "run", False),
-        ("platform: POST /api/v1/jobs round trip", "post", False),
-        ("bare Celery: send_task call", "send", False),
-        ("platform: POST returned -> job finished", "finish", False),
-    ]
-    for label, key, judged in rows:
-        p50, p95, top = ms_figures(latency[key])
-        target = f"p95 < {LATENCY_TARGET_MS:.0f} ms: {verdict(p95 < LATENCY_TARGET_MS)}" if judged else ""
-        print(f"{label:<44}{len(latency[key]):>4}{p50:>9.1f}{p95:>9.1f}{top:>9.1f}  {target}".rstrip())
-    claim50 = ms_figures(latency["claim"])[0]
-    run50 = ms_figures(latency["run"])[0]
-    print(f"claim p50 minus bare round trip p50: {claim50 - run50:.1f} ms")
-
-    bare = statistics.median(rates["bare"])
-    print(
-        f"\nthroughput: {args.rounds} rounds; two agents (AGENT_CONCURRENCY {args.agent_concurrency}) "
-        f"and two bare workers (-P threads -c {args.agent_concurrency})"
-    )
-    print(f"{'':<38}{'items':>6}{'median/s':>10}{'min/s':>8}{'max/s':>8}{'x bare':>8}  target")
-    rows2 = [
-        (f"platform: jobs completed ({args.clients} clients)", "platform", args.jobs),
-        (f"platform, batches of {args.batch}: completed", "batched", args.jobs),
-        ("bare Celery: no-op tasks run", "bare", args.bare_tasks),
-        ("platform: POST /api/v1/jobs accepted", "submit", args.jobs),
-        ("platform: jobs accepted in batches", "submit batched", args.jobs),
-        ("bare Celery: send_task calls", "send", args.bare_tasks),
-    ]
-    for label, key, items in rows2:
-        values = rates[key]
-        median = statistics.median(values)
-        target = ""
-        if key in ("platform", "batched"):
-            target = f">= {RATE_TARGET:.0%} of bare: {verdict(median / bare >= RATE_TARGET)}"
-        print(
-            f"{label:<38}{items:>6}{median:>10.1f}{min(values):>8.1f}{max(values):>8.1f}"
-            f"{median / bare:>8.2f}  {target}".rstrip()
-        )
-    for key in ("platform", "batched"):
-        ratios = [p / b for p, b in zip(rates[key], rates["bare"], strict=True)]
-        print(f"{key}/bare per round: " + ", ".join(f"{r:.3f}" for r in ratios))
-
-    groups = list(cpu["platform"][0])
-    print("\nCPU ms per job (platform) or per task (bare), by process, median of the rounds")
-    print(f"{'':<12}" + "".join(f"{group:>13}" for group in groups))
-    for which in ("platform", "batched", "bare"):
-        medians = [statistics.median(used[group] for used in cpu[which]) for group in groups]
-        print(f"{which:<12}" + "".join(f"{value:>13.2f}" for value in medians))
 
 
 def main(argv: list[str] | None = None) -> int:

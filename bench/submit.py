@@ -23,247 +23,33 @@ Exits 0 whether or not the targets are met, non-zero only when something fails.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from celery import Celery
-from flask import Flask, Response, jsonify, request
-from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import String, Text, event
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # first: bench/dispatch.py would otherwise hide the ``dispatch`` package
 
-from _platform import ValkeyServer, envelope_payload, start_valkey  # noqa: E402
+from _bare_app import BARE_QUEUE, WORKFLOW, bare_app  # noqa: E402
+from _platform import ValkeyServer, start_valkey  # noqa: E402
+from _submit_load import BenchError, Figures, Sample, gunicorn, load  # noqa: E402
 from probe_overhead import machine, verdict  # noqa: E402
 
-from dispatch.contract import celery_priority, celery_settings  # noqa: E402
 from dispatch.signing import generate_keypair  # noqa: E402
 
 P95_TARGET_MS = 100.0
 RATIO_TARGET = 0.60
 SECRET = "bench-secret-" + "b" * 48
-BARE_TASK = "bench.submitted"  # nobody consumes it: the messages wait in Valkey, as the platform's do
-BARE_QUEUE = "bench.bare.submit"
 PLATFORM_QUEUE = "tenant.bench.web.linux"  # where the control plane publishes the bench's jobs
-WORKFLOW = """\
-name: bench
-tasks:
-  - name: kernel
-    type: command
-    config:
-      command: uname -a
-  - name: disk
-    type: command
-    config:
-      command: df -h
-  - name: uptime
-    type: command
-    config:
-      command: uptime
-"""
-
-
-class BenchError(Exception):
-    """Raised when a measured run fails, so its figures would mean nothing."""
 
 
 def note(message: str) -> None:
     """Tell what the benchmark is doing, on stderr so the figures on stdout stay clean."""
     print(message, file=sys.stderr, flush=True)
-
-
-class BareBase(DeclarativeBase):
-    """The bare app's declarative base."""
-
-
-class BareRow(BareBase):
-    """The one row the bare endpoint inserts per request."""
-
-    __tablename__ = "bare_rows"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    body: Mapped[str] = mapped_column(Text)
-
-
-def bare_app() -> Flask:
-    """The ceiling: Flask + Flask-SQLAlchemy, one JSON endpoint that inserts one row (gunicorn entry point).
-
-    With ``VALKEY_URL`` set, the endpoint then sends a Celery task with the platform's settings, carrying a
-    signed envelope of the bench's workflow (the platform's message, signed once here rather than per request).
-    """
-    db = SQLAlchemy(model_class=BareBase)
-    app = Flask(__name__)
-    url = os.environ["DATABASE_URL"]
-    celery: Celery | None = None
-    payload: dict[str, str] = {}
-    if os.environ.get("VALKEY_URL"):
-        celery = Celery("bench-bare-submit")
-        celery.conf.update(celery_settings(os.environ["VALKEY_URL"]))
-        payload = envelope_payload(WORKFLOW)
-    app.config["SQLALCHEMY_DATABASE_URI"] = url
-    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = (
-        {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    )
-    db.init_app(app)
-
-    @app.post("/insert")
-    def insert() -> tuple[Response, int]:
-        data = request.get_json()
-        row = BareRow(name="bench", body=data["workflow"])
-        db.session.add(row)
-        db.session.commit()
-        if celery is not None:
-            celery.send_task(
-                BARE_TASK, kwargs=payload, queue=BARE_QUEUE, task_id=str(uuid.uuid4()), priority=celery_priority(5)
-            )
-        return jsonify({"id": row.id}), 201
-
-    with app.app_context():
-        if url.startswith("sqlite"):  # the same pragmas as the control plane, for a fair ceiling
-
-            @event.listens_for(db.engine, "connect")
-            def _pragmas(connection: Any, _record: Any) -> None:
-                cursor = connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.close()
-
-        db.create_all()
-    return app
-
-
-@dataclass
-class Sample:
-    """One load round: the latency of every success, the failures, and how long it took."""
-
-    latencies: list[float]
-    errors: int
-    seconds: float
-
-
-@dataclass
-class Figures:
-    """What one endpoint did under load, over all its rounds."""
-
-    name: str
-    requests: int
-    errors: int
-    seconds: float
-    p50_ms: float
-    p95_ms: float
-
-    @property
-    def rps(self) -> float:
-        """Successful requests per second."""
-        return self.requests / self.seconds
-
-    @classmethod
-    def of(cls, name: str, samples: list[Sample]) -> Figures:
-        """Pool the rounds of one endpoint."""
-        everything = sorted(x for sample in samples for x in sample.latencies)
-        errors = sum(sample.errors for sample in samples)
-        if not everything:
-            raise BenchError(f"{name}: no request succeeded ({errors} failed)")
-        q = statistics.quantiles(everything, n=100)
-        return cls(name, len(everything), errors, sum(x.seconds for x in samples), q[49] * 1000, q[94] * 1000)
-
-
-def free_port() -> int:
-    """Return a free TCP port on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def gunicorn(target: str, env: dict[str, str], workers: int, chdir: Path, threads: int = 1) -> Iterator[int]:
-    """Run ``target`` under gunicorn with ``workers`` workers of ``threads`` threads (1: sync); yield its port."""
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}"]
-    argv += ["--threads", str(threads), "--chdir", str(chdir), "--log-level", "warning", target]
-    process = subprocess.Popen(argv, env={**os.environ, **env})
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"gunicorn {target} did not start") from None
-                time.sleep(0.1)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def load(
-    name: str,
-    port: int,
-    path: str,
-    body: bytes,
-    headers: dict[str, str],
-    clients: int,
-    seconds: float,
-    expect: int,
-    distinct: bool = False,
-) -> Sample:
-    """POST ``body`` from ``clients`` threads for ``seconds``; return the latencies of the successes.
-
-    With ``distinct``, every request's workflow differs (a numbered comment), so no cache can help.
-    """
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start = threading.Barrier(clients + 1)
-    stop_at = [0.0]
-
-    def client(index: int) -> None:
-        start.wait()
-        while time.perf_counter() < stop_at[0]:
-            payload = body.replace(b'"}', f'# {uuid.uuid4().hex}\\n"}}'.encode()) if distinct else body
-            began = time.perf_counter()
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                connection.request("POST", path, body=payload, headers=headers)
-                response = connection.getresponse()
-                response.read()
-                connection.close()
-                ok = response.status == expect
-            except OSError:
-                ok = False
-            if ok:
-                latencies[index].append(time.perf_counter() - began)
-            else:
-                errors[index] += 1
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    began = time.perf_counter()
-    stop_at[0] = began + seconds
-    start.wait()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    return Sample([x for per in latencies for x in per], sum(errors), elapsed)
 
 
 def prepare_control_plane(env: dict[str, str]) -> str:
@@ -322,7 +108,7 @@ def measure(
     samples: dict[str, list[Sample]] = {"app": [], "bare": []}
     with (
         gunicorn("app:create_app()", env, args.workers, ROOT, args.threads) as app_port,
-        gunicorn("submit:bare_app()", bare_env, args.workers, ROOT / "bench", args.threads) as bare_port,
+        gunicorn("_bare_app:bare_app()", bare_env, args.workers, ROOT / "bench", args.threads) as bare_port,
     ):
         targets = {
             "app": (app_port, "/api/v1/jobs", app_headers),

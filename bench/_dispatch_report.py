@@ -1,0 +1,81 @@
+"""What ``bench/dispatch.py`` prints: the latency, throughput and CPU tables, with the verdicts against its targets."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from probe_overhead import verdict
+
+LATENCY_TARGET_MS = 50.0  # p95 of POST returned -> claimed
+RATE_TARGET = 0.20  # platform jobs/s at least this share of bare Celery tasks/s
+
+
+def ms_figures(values: list[float]) -> tuple[float, float, float]:
+    """p50, p95 and max of ``values`` (seconds), in milliseconds."""
+    ordered = sorted(values)
+    if len(ordered) < 2:
+        return ordered[0] * 1000, ordered[0] * 1000, ordered[0] * 1000
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    return q[49] * 1000, q[94] * 1000, ordered[-1] * 1000
+
+
+def report(
+    latency: dict[str, list[float]],
+    rates: dict[str, list[float]],
+    cpu: dict[str, list[dict[str, float]]],
+    args: argparse.Namespace,
+) -> None:
+    """Print the two tables and the verdicts."""
+    n = len(latency["claim"])
+    print(f"\nlatency at low load: one job at a time, {n} jobs, one agent; bare Celery: {n} tasks, one worker")
+    print(f"{'':<44}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  target")
+    rows = [
+        ("platform: POST returned -> agent's claim", "claim", True),
+        ("bare Celery: send_task returned -> task runs", "run", False),
+        ("platform: POST /api/v1/jobs round trip", "post", False),
+        ("bare Celery: send_task call", "send", False),
+        ("platform: POST returned -> job finished", "finish", False),
+    ]
+    for label, key, judged in rows:
+        p50, p95, top = ms_figures(latency[key])
+        target = f"p95 < {LATENCY_TARGET_MS:.0f} ms: {verdict(p95 < LATENCY_TARGET_MS)}" if judged else ""
+        print(f"{label:<44}{len(latency[key]):>4}{p50:>9.1f}{p95:>9.1f}{top:>9.1f}  {target}".rstrip())
+    claim50 = ms_figures(latency["claim"])[0]
+    run50 = ms_figures(latency["run"])[0]
+    print(f"claim p50 minus bare round trip p50: {claim50 - run50:.1f} ms")
+
+    bare = statistics.median(rates["bare"])
+    print(
+        f"\nthroughput: {args.rounds} rounds; two agents (AGENT_CONCURRENCY {args.agent_concurrency}) "
+        f"and two bare workers (-P threads -c {args.agent_concurrency})"
+    )
+    print(f"{'':<38}{'items':>6}{'median/s':>10}{'min/s':>8}{'max/s':>8}{'x bare':>8}  target")
+    rows2 = [
+        (f"platform: jobs completed ({args.clients} clients)", "platform", args.jobs),
+        (f"platform, batches of {args.batch}: completed", "batched", args.jobs),
+        ("bare Celery: no-op tasks run", "bare", args.bare_tasks),
+        ("platform: POST /api/v1/jobs accepted", "submit", args.jobs),
+        ("platform: jobs accepted in batches", "submit batched", args.jobs),
+        ("bare Celery: send_task calls", "send", args.bare_tasks),
+    ]
+    for label, key, items in rows2:
+        values = rates[key]
+        median = statistics.median(values)
+        target = ""
+        if key in ("platform", "batched"):
+            target = f">= {RATE_TARGET:.0%} of bare: {verdict(median / bare >= RATE_TARGET)}"
+        print(
+            f"{label:<38}{items:>6}{median:>10.1f}{min(values):>8.1f}{max(values):>8.1f}"
+            f"{median / bare:>8.2f}  {target}".rstrip()
+        )
+    for key in ("platform", "batched"):
+        ratios = [p / b for p, b in zip(rates[key], rates["bare"], strict=True)]
+        print(f"{key}/bare per round: " + ", ".join(f"{r:.3f}" for r in ratios))
+
+    groups = list(cpu["platform"][0])
+    print("\nCPU ms per job (platform) or per task (bare), by process, median of the rounds")
+    print(f"{'':<12}" + "".join(f"{group:>13}" for group in groups))
+    for which in ("platform", "batched", "bare"):
+        medians = [statistics.median(used[group] for used in cpu[which]) for group in groups]
+        print(f"{which:<12}" + "".join(f"{value:>13.2f}" for value in medians))
