@@ -105,7 +105,8 @@ def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAt
 
 
 def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None) -> None:
-    """Move the claimable job to ``running`` with a lease, uncommitted (409, rolled back, when that is refused)."""
+    """Move the claimable job to ``running`` with a lease, uncommitted; 409 when that is refused (a full project's
+    refusal rolls back at once, releasing the project's lock; the caller rolls back any other)."""
     now, expires = _lease()
     if max_running is not None:
         # Serialize the claims of a limited project (a row lock on MariaDB; SQLite has a single writer anyway).
@@ -277,10 +278,13 @@ def claim_carrying(
     """Record the final states a claim carries, each as if reported alone, then make the claim.
 
     Every check comes first (reads only); then the reports and the claim are written in one transaction, one
-    commit. A report refused by its check is answered alone, as ``POST .../status`` would answer it; the others
-    are recorded whatever becomes of the claim. Should a write be refused after all (a concurrent update, a full
-    project), that transaction is rolled back and each report is recorded in a transaction of its own before the
-    claim is made again, as the reports would have been sent alone.
+    commit (a carried failure that opens its job's next attempt commits what came before it, as it must publish
+    that attempt). A report refused by its check is answered alone, as ``POST .../status`` would answer it; the
+    others are recorded whatever becomes of the claim. Should a report's write be refused after all (a
+    concurrent update), the transaction is rolled back, each report not yet committed is recorded in a
+    transaction of its own, and the claim is made alone. Should the claim's write be refused (a full project, a
+    concurrent claim), the reports are recorded the same way and the refusal stands: asking again would get the
+    same answer.
 
     Returns the claimed job, its attempt and the reports' outcomes, in their order. Raises the claim's refusal,
     with the reports' outcomes in its ``finished`` field.
@@ -308,21 +312,34 @@ def claim_carrying(
             if _record_status(caller, job, row, reports[index]):
                 pending = [later for later in pending if later > index]
             outcomes[index] = _recorded(reports[index], job)
-        if claimable is not None:
-            _take(caller, *claimable, task)
-        db.session.commit()
     except AppError:
-        db.session.rollback()
-        for index in pending:
-            outcomes[index] = report_finished(caller=caller, report=reports[index])
-        if refusal is None:
+        _record_alone(caller, reports, pending, outcomes)
+        if claimable is not None:
             try:
                 claimable = (*claim_job(caller=caller, job_id=job_id, attempt=attempt, task=task), None)
             except AppError as exc:
                 refusal = exc
+    else:
+        try:
+            if claimable is not None:
+                _take(caller, *claimable, task)
+        except AppError as exc:
+            _record_alone(caller, reports, pending, outcomes)
+            refusal = exc
+        else:
+            db.session.commit()
     if refusal is not None:
         if outcomes:
             refusal.extra["finished"] = [outcome.model_dump() for outcome in outcomes]
         raise refusal
     assert claimable is not None
     return claimable[0], claimable[1], outcomes
+
+
+def _record_alone(
+    caller: Principal, reports: Sequence[FinishedReport], pending: list[int], outcomes: list[FinishedOut]
+) -> None:
+    """Roll back the shared transaction and record each of the ``pending`` reports in a transaction of its own."""
+    db.session.rollback()
+    for index in pending:
+        outcomes[index] = report_finished(caller=caller, report=reports[index])

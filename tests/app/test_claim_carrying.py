@@ -15,6 +15,7 @@ from app.extensions import db
 from app.jobs import dispatching, fencing
 from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import MAX_FINISHED_PER_CLAIM, ClaimOut
+from app.tenants.models import Project
 from tests.app.support import Api, Tenant, token
 
 LINE = {"ts": "2026-12-05T10:00:00Z", "task": "disk", "level": "info", "message": "47% used"}
@@ -174,3 +175,72 @@ def test_a_carried_failure_that_opens_the_next_attempt_is_answered_with_the_job_
     detail = api.get(f"/api/v1/jobs/{retried}", acme.tokens["viewer"]).json
     assert detail["attempt"] == 2 and [a["state"] for a in detail["attempts"]] == ["failed", "queued"]
     assert state(api, acme, acme.running) == "completed" and state(api, acme, acme.queued) == "running"
+
+
+def test_a_carried_failure_that_commits_its_retry_is_not_recorded_again_when_a_later_report_is_overtaken(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme = world["acme"]
+    retried = queue_job(api, app, acme, max_attempts=2, retry_backoff=0)
+    assert api.post(f"/api/v1/jobs/{retried}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    record = fencing._record_status
+
+    def overtaken(caller: Any, job: Job, row: JobAttempt, report: Any) -> bool:
+        if job.id == acme.running:  # after the retry's commit, the reaper ends this attempt on another connection
+            with db.engine.begin() as other:
+                other.execute(
+                    update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == 1).values(state="lost")
+                )
+        return record(caller, job, row, report)
+
+    monkeypatch.setattr(fencing, "_record_status", overtaken)
+    body = {"attempt": 1, "finished": [finished(retried, "failed", error="boom"), finished(acme.running)]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 200 and response.json["state"] == "running"
+    outcomes = [(o["status"], o["state"], o["error"]) for o in response.json["finished"]]
+    assert outcomes == [(200, "queued", None), (409, None, "stale_attempt")]  # the retry's report is not redone
+    detail = api.get(f"/api/v1/jobs/{retried}", acme.tokens["viewer"]).json
+    assert detail["attempt"] == 2 and [a["state"] for a in detail["attempts"]] == ["failed", "queued"]
+
+
+def test_the_same_final_state_carried_twice_is_recorded_once(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    body = {"attempt": 1, "finished": [finished(acme.running), finished(acme.running)]}
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert response.status_code == 200 and response.json["state"] == "running"
+    assert [(o["status"], o["state"]) for o in response.json["finished"]] == [(200, "completed")] * 2
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert len(detail["tasks"]) == 1 and [e["to_state"] for e in detail["events"]].count("completed") == 1
+    assert len(api.get(f"/api/v1/jobs/{acme.running}/logs", acme.tokens["viewer"]).json["lines"]) == 1
+
+
+def test_a_claim_refused_for_a_full_project_keeps_its_carried_reports_and_is_not_made_twice(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme = world["acme"]
+    second = queue_job(api, app, acme)
+    assert api.post(f"/api/v1/jobs/{second}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    with app.app_context():  # the operator lowers the limit below what runs now
+        db.session.execute(
+            update(Project).where(Project.tenant_id == "acme", Project.id == "web").values(max_running_jobs=1)
+        )
+        db.session.commit()
+    takes: list[str] = []
+    take = fencing._take
+
+    def counted(caller: Any, job: Job, *rest: Any) -> None:
+        takes.append(job.id)
+        take(caller, job, *rest)
+
+    monkeypatch.setattr(fencing, "_take", counted)
+    body = {"attempt": 1, "finished": [finished(acme.running)]}  # frees one place of two: still one too many
+    refused = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert refused.status_code == 409 and refused.json["error"] == "project_at_capacity"
+    assert [(o["status"], o["state"]) for o in refused.json["finished"]] == [(200, "completed")]
+    assert takes == [acme.queued]  # asking again in the same request would get the same answer
+    assert state(api, acme, acme.running) == "completed" and state(api, acme, acme.queued) == "queued"
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert len(detail["tasks"]) == 1 and [e["to_state"] for e in detail["events"]].count("completed") == 1
+    alone = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1})
+    assert alone.status_code == 409 and alone.json["error"] == "project_at_capacity"
+    assert takes == [acme.queued] * 2 and state(api, acme, second) == "running"
