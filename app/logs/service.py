@@ -18,6 +18,7 @@ from app.extensions import db
 from app.jobs.models import Job
 from app.logs.models import JobLogLine
 from app.logs.schemas import LogLineIn
+from app.rows import insert_rows
 from dispatch.logsink import LogSink
 
 SINK = "logsink"  # app.extensions key of the Quickwit forwarder (only when QUICKWIT_URL is set)
@@ -120,7 +121,7 @@ def append_lines(
             break
         last, count, size = last + 1, count + 1, size + length
         stored.append(_row(job, attempt, last, line.ts, line.task, line.level, message, now))
-    db.session.connection().execute(_INSERT, stored)  # one statement, no unit of work
+    insert_rows(db.session, _INSERT, stored)  # one statement, no unit of work
     _forward_after_commit(db.session(), stored)
     return sum(1 for row in stored if row["dropped"] is None)
 

@@ -1,17 +1,18 @@
-"""commit_new: the session's new objects written with plain INSERTs in order, committed, kept as persistent."""
+"""commit_new: the session's new objects written with plain INSERTs in order, committed, kept as persistent; and
+each statement of app.rows sent as its driver SQL with the values SQLAlchemy would have sent."""
 
 from __future__ import annotations
 
 import pytest
 from flask import Flask
-from sqlalchemy import event, inspect, select
+from sqlalchemy import event, insert, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from app.audit.models import AuditEvent
 from app.columns import utcnow
 from app.extensions import db
-from app.jobs.models import Job, JobAttempt, JobEvent
-from app.rows import commit_new, insert_row, update_fenced
+from app.jobs.models import Job, JobAttempt, JobEvent, TaskResult
+from app.rows import commit_new, insert_row, insert_rows, update_fenced
 from app.tenants import service as tenants
 
 
@@ -116,3 +117,63 @@ def test_insert_row_fills_the_column_defaults_and_returns_the_key(app: Flask, pr
         stored = db.session.get(JobEvent, second)
         assert stored is not None and stored.to_state == "running"
         assert stored.attempt == 0 and stored.created_at is not None  # the columns' defaults
+
+
+def test_values_sent_as_driver_sql_read_back_as_sqlalchemy_wrote_them(app: Flask, project: tuple[str, str]):
+    """JSON, UTC times, text with quotes and percent signs, None: the conversions of each column's type apply."""
+    with app.test_request_context():
+        job = new_job(project)
+        db.session.add(job)
+        commit_new(db.session)
+        when = utcnow()
+        values = {
+            "job_id": job.id,
+            "attempt": 1,
+            "position": 0,
+            "name": "disk",
+            "type": "command",
+            "status": "succeeded",
+            "output": "100% 'used' %(name)s %s ?\n",
+            "error": None,
+            "metrics": {"exit_code": 0, "tags": ["a", None]},
+            "started_at": when,
+            "finished_at": None,
+            "reported_at": when,
+        }
+        statements: list[tuple[str, bool]] = []
+
+        def record(_connection: object, _cursor: object, statement: str, _params: object, _context: object, many: bool):
+            statements.append((statement.split()[0].upper(), many))
+
+        event.listen(db.engine, "before_cursor_execute", record)
+        try:
+            key = insert_row(db.session, TaskResult, values)
+            insert_rows(db.session, insert(JobEvent), [_move(job.id, when, "queued"), _move(job.id, when, "running")])
+            assert update_fenced(db.session, job, {"state": "queued", "queued_at": when}, {"state": "pending"})
+        finally:
+            event.remove(db.engine, "before_cursor_execute", record)
+        db.session.commit()
+        assert statements == [("INSERT", False), ("INSERT", True), ("UPDATE", False)]  # several rows: one executemany
+    with app.app_context():
+        stored = db.session.get(TaskResult, key)
+        assert stored is not None
+        read = {name: getattr(stored, name) for name in values}
+        assert read == values
+        assert stored.started_at is not None and stored.started_at.tzinfo is not None  # UTCDateTime, aware
+        moves = db.session.scalars(select(JobEvent.to_state).where(JobEvent.job_id == "job-1").order_by(JobEvent.id))
+        assert moves.all() == ["queued", "running"]
+        state, queued_at = db.session.execute(select(Job.state, Job.queued_at).where(Job.id == "job-1")).one()
+        assert (state, queued_at) == ("queued", when)
+
+
+def _move(job_id: str, when: object, to_state: str) -> dict[str, object]:
+    return {
+        "job_id": job_id,
+        "tenant_id": "acme",
+        "attempt": 1,
+        "from_state": "pending",
+        "to_state": to_state,
+        "reason": None,
+        "actor": "test",
+        "created_at": when,
+    }
