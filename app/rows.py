@@ -200,5 +200,6 @@ def _inserted_key(table: Table, values: dict[str, Any], result: CursorResult[Any
 
 
 def insert_rows(session: Session | scoped_session[Any], statement: Insert, rows: list[dict[str, Any]]) -> None:
-    """Execute an INSERT of several rows (one ``executemany``)."""
+    """Execute an INSERT of several rows (one ``executemany``); ``statement`` is built once, like this module's
+    own, as its driver form is kept for it."""
     _run(session.connection(), statement, rows)
