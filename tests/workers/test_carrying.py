@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.workers.test_jobrunner import envelope, line, running
+from tests.workers.support import envelope, line, running
 from workers.client import ControlPlaneError, Reply
 from workers.jobs import CARRIED_BYTES, LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
 from workers.outbox import FinalReport

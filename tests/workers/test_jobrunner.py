@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 
+from tests.workers.support import WORKFLOW, envelope, line, running
 from workers.client import ControlPlaneError, Reply
 from workers.envelope import Envelope
 from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner, _load
 from workers.outbox import FinalReport
 
-WORKFLOW = 'name: w\ntasks:\n  - name: noop\n    type: command\n    config:\n      command: "true"\n'
 AT_CAPACITY = Reply(409, {"error": "project_at_capacity", "message": "project 'web' already runs 1 jobs"})
 
 
@@ -39,19 +38,6 @@ class Recorder:
 
     def paths(self) -> list[str]:
         return [path for _, path, _ in self.calls]
-
-
-def envelope(job_id: str = "j1", attempt: int = 1) -> Envelope:
-    now = int(time.time())
-    return Envelope("tenant.t.p.linux", "t", "p", job_id, attempt, now, now + 60, "n", "w", WORKFLOW, {})
-
-
-def running(inflight: Inflight) -> list[tuple[str, int]]:
-    return [(job.job_id, job.attempt) for job in inflight.snapshot()]
-
-
-def line(n: int) -> dict[str, Any]:
-    return {"ts": "2026-11-29T10:00:00Z", "task": "t", "level": "info", "message": f"line {n}"}
 
 
 def test_a_backlog_is_sent_in_numbered_batches_and_the_rest_rides_with_the_final_state() -> None:

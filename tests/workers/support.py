@@ -1,0 +1,27 @@
+"""What the job runner's tests share: an envelope of a one-task workflow, the running set, numbered log lines."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from workers.envelope import Envelope
+from workers.jobs import Inflight
+
+WORKFLOW = 'name: w\ntasks:\n  - name: noop\n    type: command\n    config:\n      command: "true"\n'
+
+
+def envelope(job_id: str = "j1", attempt: int = 1) -> Envelope:
+    """A verified envelope of a one-task workflow (``command: true``), valid for a minute."""
+    now = int(time.time())
+    return Envelope("tenant.t.p.linux", "t", "p", job_id, attempt, now, now + 60, "n", "w", WORKFLOW, {})
+
+
+def running(inflight: Inflight) -> list[tuple[str, int]]:
+    """The (job, attempt) pairs in the running set."""
+    return [(job.job_id, job.attempt) for job in inflight.snapshot()]
+
+
+def line(n: int) -> dict[str, Any]:
+    """Log line number ``n``, as an agent ships it."""
+    return {"ts": "2026-11-29T10:00:00Z", "task": "t", "level": "info", "message": f"line {n}"}
