@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, CursorResult, Dialect, Insert, Table, Update, bindparam, inspect
+from sqlalchemy import Connection, Dialect, Insert, Table, Update, bindparam, inspect
 from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -35,12 +35,11 @@ def _insert_statement(table: Table) -> Insert:
 
 
 class _DriverForm(NamedTuple):
-    """A statement as the database driver takes it: its SQL, its bound parameters (in order, for a driver that takes
-    them by position), each with the conversion SQLAlchemy would apply to its value (None: as is)."""
+    """A statement as the database driver takes it: its SQL, and its bound parameters (in order, for a driver that
+    takes them by position), each with the conversion SQLAlchemy would apply to its value (None: as is)."""
 
     sql: str
-    names: tuple[str, ...]
-    converts: tuple[Callable[[Any], Any] | None, ...]
+    parameters: tuple[tuple[str, Callable[[Any], Any] | None], ...]
     positional: bool
 
 
@@ -55,13 +54,12 @@ def _driver_form(dialect: Dialect, statement: Insert | Update, keys: tuple[str, 
         return _FORMS[cache_key]
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))
     names = tuple(compiled.positiontup or ()) if compiled.positional else tuple(compiled.binds)
+    needs_more = compiled.insert_prefetch or compiled.update_prefetch or compiled.escaped_bind_names
     form = None
-    if not (compiled.insert_prefetch or compiled.update_prefetch or compiled.escaped_bind_names) and set(names) <= set(
-        keys
-    ):
+    if not needs_more and set(names) <= set(keys):
         # what the execution would apply to each value, a TypeDecorator's own conversion included
-        converts = tuple(compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names)
-        form = _DriverForm(compiled.string, names, converts, compiled.positional)
+        converts = [compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+        form = _DriverForm(compiled.string, tuple(zip(names, converts, strict=True)), compiled.positional)
     _FORMS[cache_key] = form
     return form
 
@@ -76,13 +74,18 @@ def _run(connection: Connection, statement: Insert | Update, parameters: dict[st
     form = _driver_form(connection.dialect, statement, tuple(rows[0]))
     if form is None:
         return connection.execute(statement, parameters)
-    pairs = tuple(zip(form.names, form.converts, strict=True))
     values: list[Any]
     if form.positional:
-        values = [tuple(row[n] if convert is None else convert(row[n]) for n, convert in pairs) for row in rows]
+        values = [tuple(row[n] if cv is None else cv(row[n]) for n, cv in form.parameters) for row in rows]
     else:
-        values = [{n: row[n] if convert is None else convert(row[n]) for n, convert in pairs} for row in rows]
+        values = [{n: row[n] if cv is None else cv(row[n]) for n, cv in form.parameters} for row in rows]
     return connection.exec_driver_sql(form.sql, values if isinstance(parameters, list) else values[0])
+
+
+def _key_column(table: Table) -> Any:
+    """The first column of the table's primary key: the database chooses its value when an INSERT leaves it out
+    (an autoincrement key, the only column of its primary key)."""
+    return next(iter(table.primary_key.columns))
 
 
 def _default(column: Any) -> tuple[bool, Any]:
@@ -136,9 +139,9 @@ def commit_new(session: Session | scoped_session[Any]) -> int:
     for _obj, mapper, parameters, attributes in rows:
         table = cast(Table, mapper.local_table)
         result = _run(connection, _insert_statement(table), parameters)
-        chosen = [column for column in table.primary_key.columns if column.key not in parameters]
-        if chosen:  # an autoincrement key, the only column of its primary key
-            attributes[mapper.get_property_by_column(chosen[0]).key] = result.lastrowid
+        column = _key_column(table)
+        if column.key not in parameters:
+            attributes[mapper.get_property_by_column(column).key] = result.lastrowid
     session.commit()
     for obj, _mapper, _parameters, attributes in rows:
         if obj in session:  # brought back by a parent's cascade: it comes back as persistent instead
@@ -190,13 +193,8 @@ def update_fenced(
 def insert_row(session: Session | scoped_session[Any], model: type[Base], values: dict[str, Any]) -> Any:
     """INSERT one row of ``model`` now (its columns' defaults fill the rest); returns its primary key value."""
     table = cast(Table, model.__table__)
-    return _inserted_key(table, values, _run(session.connection(), _insert_statement(table), values))
-
-
-def _inserted_key(table: Table, values: dict[str, Any], result: CursorResult[Any]) -> Any:
-    """The primary key value of the row one INSERT wrote: given in ``values``, or the one the database chose."""
-    key = next(iter(table.primary_key.columns)).key
-    return values.get(key, result.lastrowid)
+    result = _run(session.connection(), _insert_statement(table), values)
+    return values.get(_key_column(table).key, result.lastrowid)
 
 
 def insert_rows(session: Session | scoped_session[Any], statement: Insert, rows: list[dict[str, Any]]) -> None:
