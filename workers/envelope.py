@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import json
 import threading
 import time
@@ -54,7 +55,8 @@ class Verifier:
             raise ValueError("JOB_VERIFY_KEY must be a base64 Ed25519 public key (32 bytes)") from exc
         self.tenant, self.project = tenant, project
         self.audiences = {agent_id, agent_queue(tenant, agent_id), shared_queue(tenant, project, platform)}
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, float] = {}  # nonce -> expiry of the envelopes this agent has taken
+        self._expiring: list[tuple[float, str]] = []  # the same as a heap, soonest expiry first
         self._lock = threading.Lock()
 
     def verify(self, kwargs: dict[str, Any], now: float | None = None) -> Envelope:
@@ -91,10 +93,11 @@ class Verifier:
         if claims["aud"] not in self.audiences:
             raise EnvelopeRefused("wrong_audience", f"the envelope is addressed to {claims['aud']!r}", claims)
         with self._lock:
-            self._seen = {n: exp for n, exp in self._seen.items() if exp > now}
+            self._forget_expired(now)
             if claims["nonce"] in self._seen:
                 raise EnvelopeRefused("replayed", "this envelope was already delivered to this agent", claims)
-            self._seen[claims["nonce"]] = int(claims["exp"])
+            self._seen[claims["nonce"]] = float(claims["exp"])
+            heapq.heappush(self._expiring, (float(claims["exp"]), claims["nonce"]))
         return Envelope(
             audience=claims["aud"],
             tenant=claims["tenant"],
@@ -108,3 +111,10 @@ class Verifier:
             workflow=claims["workflow"],
             variables=dict(claims["variables"] or {}),
         )
+
+    def _forget_expired(self, now: float) -> None:
+        """Drop the nonces of envelopes expired by ``now`` (an expired envelope is refused anyway): the work is
+        proportional to what expired, not to how many nonces are kept."""
+        while self._expiring and self._expiring[0][0] <= now:
+            _, nonce = heapq.heappop(self._expiring)
+            self._seen.pop(nonce, None)

@@ -99,6 +99,22 @@ def test_a_replayed_envelope_is_refused():
     assert refusal(kwargs, v) == "replayed"
 
 
+def test_nonces_are_kept_until_their_envelope_expires_and_no_longer():
+    v = verifier()
+    now = int(time.time())  # envelopes carry whole seconds
+    soon = [message(job_id=f"soon-{i}", expires_at=now + 10 + i, now=now) for i in range(3)]
+    late = message(job_id="late", expires_at=now + 100, now=now)
+    for kwargs in (late, *soon):
+        v.verify(kwargs, now=now)
+    assert refusal(soon[2], v, now=now + 11.5) == "replayed"  # the last of them still valid: still remembered
+    assert refusal(late, v, now=now + 11.5) == "replayed"
+    assert len(v._seen) == 2  # the two expired ones are forgotten (they are refused as expired anyway)
+    assert refusal(soon[0], v, now=now + 11.5) == "expired"
+    assert refusal(late, v, now=now + 99) == "replayed"
+    v.verify(message(job_id="next", now=now + 101), now=now + 101)
+    assert len(v._seen) == 1  # however many were taken, only the unexpired are kept
+
+
 def test_a_malformed_signing_key_is_a_clear_error():
     with pytest.raises(SigningError, match="automation keys generate"):
         load_signing_key("not-a-key")
