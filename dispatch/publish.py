@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,37 @@ class Publisher:
         Raises:
             PublishError: the broker could not be reached or refused the message.
         """
+        try:
+            self._send(message)
+        except Exception as exc:  # kombu raises several connection error types
+            raise PublishError(f"could not publish job {message.job_id} attempt {message.attempt}: {exc}") from exc
+        self._published(message)
+        return message.queue
+
+    def publish_many(self, messages: Sequence[JobMessage]) -> None:
+        """Publish attempts in one round trip to the broker: their messages and task-sent events go in one
+        pipeline (``kombu.Producer.batch``), written when the last is added.
+
+        Raises:
+            PublishError: the broker could not be reached, or failed while it wrote them; whether any of them
+                was delivered is then unknown (none is recorded as sent: the sweeper sends them again, and a job's
+                claim is fenced, so a message delivered twice runs once).
+        """
+        if not messages:
+            return
+        try:
+            with self.celery.producer_or_acquire() as producer, producer.batch():
+                for message in messages:
+                    self._send(message, producer)
+        except Exception as exc:  # kombu raises several connection error types, and BatchPublishError
+            first = messages[0]
+            raise PublishError(
+                f"could not publish {len(messages)} jobs (job {first.job_id} attempt {first.attempt} first): {exc}"
+            ) from exc
+        for message in messages:
+            self._published(message)
+
+    def _send(self, message: JobMessage, producer: Any = None) -> None:
         queue = message.queue
         kwargs = self.signer.sign(
             audience=queue,
@@ -67,24 +99,24 @@ class Publisher:
             variables=message.variables,
             expires_at=message.expires_at,
         )
-        try:
-            self.celery.send_task(
-                RUN_JOB_TASK,
-                kwargs=kwargs,
-                queue=queue,
-                task_id=task_id(message.job_id, message.attempt),
-                priority=celery_priority(message.priority),
-                kwargsrepr=f"{{job_id: {message.job_id!r}, attempt: {message.attempt}, name: {message.name!r}}}",
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
-            )
-        except Exception as exc:  # kombu raises several connection error types
-            raise PublishError(f"could not publish job {message.job_id} attempt {message.attempt}: {exc}") from exc
+        self.celery.send_task(
+            RUN_JOB_TASK,
+            kwargs=kwargs,
+            queue=queue,
+            task_id=task_id(message.job_id, message.attempt),
+            priority=celery_priority(message.priority),
+            kwargsrepr=f"{{job_id: {message.job_id!r}, attempt: {message.attempt}, name: {message.name!r}}}",
+            producer=producer,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
+        )
+
+    @staticmethod
+    def _published(message: JobMessage) -> None:
         log.info(
             "published job %s attempt %d to %s",
             message.job_id,
             message.attempt,
-            queue,
+            message.queue,
             extra={"job_id": message.job_id, "tenant_id": message.tenant},
         )
-        return queue

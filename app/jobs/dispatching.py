@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -136,9 +137,36 @@ def queue_new(job: Job, *, actor: str = "dispatcher") -> bool:
 
 def deliver(job: Job, *, actor: str = "dispatcher") -> bool:
     """Publish a committed new job: the attempt ``queue_new`` opened, or queue a pending one that is due."""
-    if job.state == JobState.QUEUED.value and job.attempts and job.attempts[-1].published_at is None:
+    if _unsent(job):
         return send(job, job.attempts[-1], receipt=True)
     return dispatch_job(job_id=job.id, actor=actor)
+
+
+def deliver_all(jobs: Sequence[Job], *, actor: str = "dispatcher") -> None:
+    """Publish a batch of committed new jobs: the attempts ``queue_new`` opened in one round trip to the broker, the
+    others (not due yet) as ``deliver`` would. If the broker fails, what was not sent is left to the sweeper."""
+    publisher = _publisher()
+    fresh: list[Job] = []
+    rest: list[Job] = []
+    for job in jobs:
+        (fresh if publisher is not None and _unsent(job) else rest).append(job)
+    if publisher is not None and fresh:
+        try:
+            publisher.publish_many([_message(job, job.attempts[-1].number) for job in fresh])
+        except PublishError as exc:
+            log.warning("%s; the sweeper will try again", exc)
+            return  # no point in waiting for the broker once more per job
+        receipts = _receipts()
+        for job in fresh:
+            receipts.add(job.attempts[-1].id)
+    for job in rest:
+        if not deliver(job, actor=actor) and job.state == JobState.QUEUED.value:
+            break  # the broker failed (after its retries)
+
+
+def _unsent(job: Job) -> bool:
+    """A queued job whose current attempt was not published yet."""
+    return job.state == JobState.QUEUED.value and bool(job.attempts) and job.attempts[-1].published_at is None
 
 
 def retry_delay(base: float, failures: int, cap: float) -> float:

@@ -32,7 +32,6 @@ from app.jobs.schemas import (
     TaskReport,
     TaskResultOut,
 )
-from app.jobs.states import JobState
 from app.ratelimit import charge_rate_limit
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
@@ -176,9 +175,7 @@ def submit_batch() -> Response:
     charge_rate_limit(len(items) - 1)  # a batch counts as one request per job
     jobs, created = submission.submit_jobs(caller=principal(), items=items, idempotency_key=key)
     if created:
-        for job in jobs:  # committed first; what is not sent here, the sweeper sends
-            if not dispatching.deliver(job) and job.state == JobState.QUEUED.value:
-                break  # the broker failed (after its retries): no point in waiting for it once per job
+        dispatching.deliver_all(jobs)  # committed first; what is not sent here, the sweeper sends
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return reply(JobBatchOut(jobs=[job_out(job) for job in jobs]), 201, headers)
 

@@ -14,9 +14,10 @@ from app.audit.models import AuditEvent
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs import dispatching
-from app.jobs.models import Job
+from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import MAX_BATCH_JOBS, JobBatchOut
-from dispatch.publish import PublishError
+from dispatch.celery import make_celery
+from dispatch.publish import JobMessage, Publisher
 from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, MakeApp, Tenant, build_world, token
 from tests.app.test_receipts import live_app, messages, wait_for_receipt
 from tests.servers.valkey import ValkeyServer
@@ -258,16 +259,19 @@ def test_a_batch_counts_one_request_per_job_for_the_rate_limit(make_app: MakeApp
 def test_a_broker_that_fails_is_tried_once_and_the_sweeper_sends_the_rest(
     live: Flask, acme: Tenant, monkeypatch: pytest.MonkeyPatch
 ):
+    down = Publisher(make_celery("redis://127.0.0.1:1/0"), live.extensions["publisher"].signer)  # nothing listens
     tries = []
 
-    def failing(message: object) -> str:
-        tries.append(message)
-        raise PublishError("the broker is down")
+    def failing(messages: list[JobMessage]) -> None:
+        tries.append(messages)
+        down.publish_many(messages)
 
-    monkeypatch.setattr(live.extensions["publisher"], "publish", failing)
+    monkeypatch.setattr(live.extensions["publisher"], "publish_many", failing)
     reply = Api(live.test_client()).post(BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}] * 4})
     assert reply.status_code == 201 and [j["state"] for j in reply.json["jobs"]] == ["queued"] * 4
-    assert len(tries) == 1  # not once per job
+    assert [len(messages) for messages in tries] == [4]  # one try for the whole batch, not one per job
+    with live.app_context():
+        assert all(attempt.published_at is None for attempt in db.session.scalars(select(JobAttempt)))
     monkeypatch.undo()
     later = utcnow() + timedelta(seconds=live.config["SWEEP_GRACE"] + 60)
     with live.app_context():

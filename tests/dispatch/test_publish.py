@@ -7,6 +7,7 @@ import json
 from unittest.mock import patch
 
 import pytest
+import redis
 from kombu.transport import redis as kombu_redis
 
 from dispatch.celery import make_celery
@@ -123,3 +124,32 @@ def test_publishes_share_one_redis_client_per_connection_pool(publisher, valkey_
 def test_another_broker_scheme_keeps_kombus_own_transport():
     assert make_celery("redis://127.0.0.1:1/0").conf.broker_transport == "dispatch.transport:Transport"
     assert make_celery("sentinel://127.0.0.1:26379").conf.broker_transport != "dispatch.transport:Transport"
+
+
+def test_a_batch_of_messages_is_written_in_one_pipeline_with_their_sent_events(publisher, valkey_server):
+    executed: list[list[str]] = []
+    original = redis.client.Pipeline.execute
+
+    def spying(self, raise_on_error=True):
+        executed.append([str(args[0]) for args, _ in self.command_stack])
+        return original(self, raise_on_error)
+
+    batch = [message(job_id=f"job-{n}", agent_id="a1" if n % 2 else None) for n in range(6)]
+    with patch.object(redis.client.Pipeline, "execute", spying):
+        publisher.publish_many(batch)
+    assert executed == [["LPUSH", "PUBLISH"] * 6]  # each message, then its task-sent event: one round trip
+    pinned = [raw["headers"]["id"] for raw in queued(valkey_server, agent_queue("acme", "a1"))]
+    shared = [raw["headers"]["id"] for raw in queued(valkey_server, shared_queue("acme", "web", "linux"))]
+    assert sorted(pinned) == ["job-1:1", "job-3:1", "job-5:1"]
+    assert sorted(shared) == ["job-0:1", "job-2:1", "job-4:1"]
+    [raw] = [r for r in queued(valkey_server, agent_queue("acme", "a1")) if r["headers"]["id"] == "job-3:1"]
+    _, kwargs, _ = json.loads(base64.b64decode(raw["body"]))
+    envelope = Verifier(PUBLIC, tenant="acme", project="web", agent_id="a1", platform="linux").verify(kwargs)
+    assert (envelope.job_id, envelope.attempt) == ("job-3", 1)
+
+
+def test_a_batch_the_broker_cannot_take_is_one_publish_error():
+    celery = make_celery("redis://127.0.0.1:1/0")
+    publisher = Publisher(celery, Signer(load_signing_key(PRIVATE)))
+    with pytest.raises(PublishError, match="could not publish 3 jobs"):
+        publisher.publish_many([message(job_id=f"job-{n}") for n in range(3)])
