@@ -24,16 +24,40 @@ EventCallback = Callable[[dict[str, Any]], None]
 ABORT_GRACE = 2.0  # seconds a stopped task gets to return before it is abandoned
 CANCEL_POLL = 0.05
 FAILING = (Status.FAILED, Status.ERROR, Status.TIMED_OUT)
+IDLE_WORKERS = 8  # threads of finished runs kept for the next ones (a process that runs many workflows, an agent)
 
 
 class _Worker:
-    """A thread that runs one task at a time for a workflow run; replaced when a task has to be abandoned."""
+    """A thread that runs one task at a time for a workflow run; replaced when a task has to be abandoned.
 
-    def __init__(self, name: str) -> None:
+    A run takes an idle worker left by an earlier run when there is one (``take``) and gives it back when it ends
+    (``give_back``): starting a thread costs about as much CPU as running a short command does.
+    """
+
+    _idle: list[_Worker] = []
+    _idle_lock = threading.Lock()
+
+    def __init__(self) -> None:
         self.jobs: queue.SimpleQueue[tuple[Callable[[], Outcome], dict[str, Any], threading.Event] | None]
         self.jobs = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="probe-worker", daemon=True)
         self.thread.start()
+
+    @classmethod
+    def take(cls) -> _Worker:
+        """An idle worker, or a new one."""
+        with cls._idle_lock:
+            if cls._idle:
+                return cls._idle.pop()
+        return cls()
+
+    def give_back(self) -> None:
+        """Keep this worker, whose run has ended with no task left on it, for another run (or let it end)."""
+        with self._idle_lock:
+            if len(self._idle) < IDLE_WORKERS:
+                self._idle.append(self)
+                return
+        self.close()
 
     def _loop(self) -> None:
         while (item := self.jobs.get()) is not None:
@@ -136,7 +160,7 @@ class _Run:
             return self._execute()
         finally:
             if self.worker is not None:
-                self.worker.close()
+                self.worker.give_back()
 
     def _execute(self) -> WorkflowResult:
         started_at = utcnow()
@@ -287,7 +311,7 @@ class _Run:
     ) -> tuple[Outcome, Status]:
         """Run ``work`` on its own thread; stop it at its deadline or on cancel; classify what happened."""
         if self.worker is None:
-            self.worker = _Worker(f"probe-{self.workflow.name}")
+            self.worker = _Worker.take()
         box, done = self.worker.submit(lambda: work(config, ctx))
         while True:
             left = ctx.deadline - time.monotonic()

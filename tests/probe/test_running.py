@@ -391,13 +391,26 @@ class _Crashing(TaskType):
         raise ZeroDivisionError("oops")
 
 
+class _Where(TaskType):
+    """A task that says which thread ran it, after waiting ``seconds``."""
+
+    name = "test-where"
+    options = {"seconds": Option("number", default=0)}
+
+    def run(self, config: dict, ctx: TaskContext) -> Outcome:
+        time.sleep(config["seconds"])
+        return Outcome(True, str(threading.get_ident()))
+
+
 @pytest.fixture
 def test_types():
     registry.add(_Stubborn)
     registry.add(_Crashing)
+    registry.add(_Where)
     yield
     registry.pop("test-stubborn")
     registry.pop("test-crashing")
+    registry.pop("test-where")
 
 
 def test_a_task_that_ignores_its_timeout_is_abandoned_after_a_grace_period(run_yaml, test_types):
@@ -412,3 +425,32 @@ def test_a_bug_in_a_task_type_is_an_error_result_not_a_crash(run_yaml, test_type
     result = run_yaml("name: s\ntasks:\n  - {name: a, type: test-crashing}\n")
     assert result.tasks[0].status is probe.Status.ERROR
     assert "ZeroDivisionError" in (result.tasks[0].error or "")
+
+
+def thread_of(result: probe.WorkflowResult) -> int:
+    return int(result.tasks[0].output)
+
+
+def test_runs_one_after_another_reuse_the_thread_of_the_last_and_never_an_abandoned_one(run_yaml, test_types):
+    where = "name: w\ntasks:\n  - {name: a, type: test-where}\n"
+    first, second = thread_of(run_yaml(where)), thread_of(run_yaml(where))
+    assert first == second != threading.get_ident()  # a run's tasks run on a worker thread, kept for the next run
+    stuck = run_yaml(
+        "name: s\ntasks:\n  - {name: a, type: test-where}\n"
+        "  - {name: b, type: test-stubborn, timeout: 200ms, config: {seconds: 3}}\n"
+    )
+    assert thread_of(stuck) == first and stuck.tasks[-1].status is probe.Status.TIMED_OUT
+    after = thread_of(run_yaml(where))
+    assert after != first  # that thread is still stuck in the abandoned task: a new one runs the next run
+    assert thread_of(run_yaml(where)) == after
+
+
+def test_runs_at_the_same_time_each_have_a_thread_of_their_own(run_yaml, test_types):
+    where = "name: w\ntasks:\n  - {name: a, type: test-where, config: {seconds: 0.3}}\n"
+    threads: list[int] = []
+    runs = [threading.Thread(target=lambda: threads.append(thread_of(run_yaml(where)))) for _ in range(3)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(set(threads)) == 3
