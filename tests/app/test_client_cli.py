@@ -352,7 +352,13 @@ def test_ctrl_c_exits_130_without_a_traceback(http_server: HTTPTestServer) -> No
     http_server.route(f"{API}/events", body=endless)
     env = {**os.environ, "CONTROL_PLANE_URL": http_server.url, "JWT_TOKEN": "t"}
     process = subprocess.Popen(
-        [str(BIN / "automation"), "jobs", "watch", JOB], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [str(BIN / "automation"), "jobs", "watch", JOB],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as in a terminal: a suite started in the background by a script inherits SIGINT ignored, and
+        # so would the CLI (Python leaves an ignored SIGINT ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 30
