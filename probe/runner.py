@@ -59,6 +59,12 @@ class _Worker:
                 return
         self.close()
 
+    @classmethod
+    def forget_idle(cls) -> None:
+        """In a forked child: the idle workers' threads were not copied, so none of them can be taken."""
+        cls._idle = []
+        cls._idle_lock = threading.Lock()
+
     def _loop(self) -> None:
         while (item := self.jobs.get()) is not None:
             work, box, done = item
@@ -79,6 +85,10 @@ class _Worker:
     def close(self) -> None:
         """Let the thread end once its current work is done."""
         self.jobs.put(None)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_Worker.forget_idle)
 
 
 def run_workflow(

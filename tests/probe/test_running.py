@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -454,3 +456,25 @@ def test_runs_at_the_same_time_each_have_a_thread_of_their_own(run_yaml, test_ty
     for run in runs:
         run.join()
     assert len(set(threads)) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_forked_child_runs_workflows_on_threads_of_its_own(run_yaml):
+    quick = "name: q\ntasks:\n  - {name: a, type: command, timeout: 5s, config: {command: 'true'}}\n"
+    assert run_yaml(quick).success  # the parent now keeps an idle task thread, which a child does not inherit
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its run succeeds
+        try:
+            os._exit(0 if run_yaml(quick).success else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's run hung")
