@@ -96,8 +96,9 @@ class Verifier:
             self._forget_expired(now)
             if claims["nonce"] in self._seen:
                 raise EnvelopeRefused("replayed", "this envelope was already delivered to this agent", claims)
-            self._seen[claims["nonce"]] = float(claims["exp"])
-            heapq.heappush(self._expiring, (float(claims["exp"]), claims["nonce"]))
+            expires = float(claims["exp"])
+            self._seen[claims["nonce"]] = expires
+            heapq.heappush(self._expiring, (expires, claims["nonce"]))
         return Envelope(
             audience=claims["aud"],
             tenant=claims["tenant"],

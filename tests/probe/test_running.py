@@ -458,7 +458,6 @@ def test_runs_at_the_same_time_each_have_a_thread_of_their_own(run_yaml, test_ty
     assert len(set(threads)) == 3
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
 def test_a_forked_child_runs_workflows_on_threads_of_its_own(run_yaml):
     quick = "name: q\ntasks:\n  - {name: a, type: command, timeout: 5s, config: {command: 'true'}}\n"
     assert run_yaml(quick).success  # the parent now keeps an idle task thread, which a child does not inherit
