@@ -56,21 +56,26 @@ class Outbox:
         self._waiting: deque[tuple[int, FinalReport, float]] = deque()  # number, report, when a thread takes it
         self._unfinished: set[int] = set()  # handed over and not yet delivered: waiting, taken, or being delivered
         self._numbers = itertools.count()
-        self._changed = threading.Condition()
+        # One lock, two conditions: the delivery threads wait for reports to deliver (``_queued``); ``put``,
+        # ``flush`` and ``close`` wait for reports to be finished (``_finished``). A claim that takes or settles
+        # reports, once a job, then wakes no thread that has nothing to do.
+        lock = threading.Lock()
+        self._queued = threading.Condition(lock)
+        self._finished = threading.Condition(lock)
         self._closed = False
         self._threads: list[threading.Thread] = []
 
     def put(self, report: FinalReport, linger: float = 0.0) -> None:
         """Hand a report over, for a thread to deliver after ``linger`` seconds unless a claim takes it first;
         blocks while ``limit`` reports are unfinished. Once closed, delivers it at once."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._closed or len(self._unfinished) < self._limit)
+        with self._finished:
+            self._finished.wait_for(lambda: self._closed or len(self._unfinished) < self._limit)
             if not self._closed:
                 self._start_threads()
                 number = next(self._numbers)
                 self._waiting.append((number, report, time.monotonic() + linger))
                 self._unfinished.add(number)
-                self._changed.notify_all()
+                self._queued.notify_all()
                 return
         self._deliver(report)  # a task that ends while the agent shuts down: its caller waits for the report
 
@@ -78,7 +83,7 @@ class Outbox:
         """Take up to ``limit`` waiting reports, oldest first, that ``fits`` accepts (it is asked about each in turn
         until ``limit`` are taken), for a request of the caller to carry; the caller then settles them (delivered,
         or refused for good) or gives them back."""
-        with self._changed:
+        with self._queued:
             if self._closed:
                 return []
             taken: Taken = []
@@ -89,25 +94,25 @@ class Outbox:
                     taken.append((number, report))
             numbers = {number for number, _ in taken}
             self._waiting = deque(item for item in self._waiting if item[0] not in numbers)
-            self._changed.notify_all()  # a thread waiting for a report that is gone picks the next one
+            # No thread to wake: one waiting for a report that is gone wakes when it was due, and looks again.
             return taken
 
     def settle(self, taken: Taken) -> None:
         """The reports taken were delivered (or refused for good): they are finished."""
-        with self._changed:
+        with self._finished:
             self._unfinished.difference_update(number for number, _ in taken)
-            self._changed.notify_all()
+            self._finished.notify_all()
 
     def back(self, taken: Taken) -> None:
         """The request that carried the reports taken failed: the threads deliver them now, oldest first (once
         closed, the caller does)."""
         if not taken:  # a claim whose carried reports were all settled gives nothing back: no thread to wake
             return
-        with self._changed:
+        with self._queued:
             if not self._closed:
                 now = time.monotonic()
                 self._waiting.extendleft((number, report, now) for number, report in reversed(taken))
-                self._changed.notify_all()
+                self._queued.notify_all()
                 return
         for item in taken:
             self._deliver_one(item)
@@ -115,20 +120,21 @@ class Outbox:
     def flush(self, timeout: float | None = None) -> bool:
         """Deliver now the reports handed over before this call and wait until they are delivered; True if there
         were some and they were delivered within ``timeout``."""
-        with self._changed:
+        with self._finished:
             if not self._unfinished:
                 return False
             last = max(self._unfinished)
             self._waiting = deque((number, report, 0.0) for number, report, _ in self._waiting)
-            self._changed.notify_all()
-            return self._changed.wait_for(lambda: not any(n <= last for n in self._unfinished), timeout)
+            self._queued.notify_all()
+            return self._finished.wait_for(lambda: not any(n <= last for n in self._unfinished), timeout)
 
     def close(self, timeout: float) -> bool:
         """Deliver what was handed over, then stop; False if reports were still unfinished after ``timeout``."""
-        with self._changed:
+        with self._finished:
             self._closed = True
-            self._changed.notify_all()
-            done = self._changed.wait_for(lambda: not self._unfinished, timeout)
+            self._queued.notify_all()
+            self._finished.notify_all()  # a put waiting for room delivers its report itself
+            done = self._finished.wait_for(lambda: not self._unfinished, timeout)
             if not done:
                 log.error("%d final reports were not delivered before the agent stopped", len(self._unfinished))
             return done
@@ -143,7 +149,7 @@ class Outbox:
     def _next(self) -> tuple[int, FinalReport] | None:
         """Wait for the turn of the report due first (its linger over, or the outbox closed); None once closed and
         empty."""
-        with self._changed:
+        with self._queued:
             while True:
                 if self._waiting:
                     first = min(self._waiting, key=lambda item: item[2])  # the oldest of those due first
@@ -151,11 +157,11 @@ class Outbox:
                     if left <= 0 or self._closed:
                         self._waiting.remove(first)
                         return first[0], first[1]
-                    self._changed.wait(left)
+                    self._queued.wait(left)
                 elif self._closed:
                     return None
                 else:
-                    self._changed.wait()
+                    self._queued.wait()
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
