@@ -82,7 +82,8 @@ class Outbox:
     def take(self, limit: int, fits: Callable[[int, FinalReport], bool] = lambda _n, _r: True) -> Taken:
         """Take up to ``limit`` waiting reports, oldest first, that ``fits`` accepts (it is asked about each in turn
         until ``limit`` are taken), for a request of the caller to carry; the caller then settles them (delivered,
-        or refused for good) or gives them back."""
+        or refused for good) or gives them back. ``fits`` runs under the outbox's lock, which is not reentrant: it
+        must not call the outbox."""
         with self._queued:
             if self._closed:
                 return []
