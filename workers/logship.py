@@ -6,13 +6,18 @@ logs, each retry, and the task's output (already redacted by probe), cut to a nu
 
 ``LogBuffer`` collects them and calls ``send(lines)`` from a background thread when ``batch_lines`` lines
 are waiting or the oldest has waited ``max_delay`` seconds; ``drain()`` stops it and returns what is left,
-for the final status report (a short job needs no log request of its own). It keeps at most ``max_lines``
-lines and ``max_bytes`` bytes per job, then says so in one marker line and counts the rest.
+for the final status report (a short job needs no log request of its own, nor a thread: the buffer's thread
+starts when its first batch is due, woken by one alarm thread that serves every buffer of the process). It
+keeps at most ``max_lines`` lines and ``max_bytes`` bytes per job, then says so in one marker line and counts the
+rest.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -101,6 +106,40 @@ def cut_line(message: str, limit: int) -> str:
     return data[: max(0, limit - len(suffix.encode()))].decode("utf-8", "ignore") + suffix
 
 
+class _Alarm:
+    """One thread per process that rings each buffer when its oldest line is due; a job that ends sooner has
+    been spared a thread of its own."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._due: list[tuple[float, int, LogBuffer]] = []  # a heap: when, order set, buffer
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def at(self, when: float, buffer: LogBuffer) -> None:
+        """Ring ``buffer`` at monotonic time ``when``."""
+        with self._changed:
+            if self._pid != os.getpid():  # a forked child: the parent's thread is not in this process
+                self._pid, self._due, self._thread = os.getpid(), [], None
+            heapq.heappush(self._due, (when, next(self._order), buffer))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="logship-alarm", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or (left := self._due[0][0] - time.monotonic()) > 0:
+                    self._changed.wait(left if self._due else None)
+                buffer = heapq.heappop(self._due)[2]
+            buffer._ring()  # outside the alarm's lock: the buffer takes its own, and add() holds it to call at()
+
+
+_ALARM = _Alarm()
+
+
 class LogBuffer:
     """Buffers one job's log lines and sends them in batches from a background thread; thread-safe.
 
@@ -137,16 +176,33 @@ class LogBuffer:
         self._changed = threading.Condition()
         self._sending = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._alarm_set = False  # the alarm rings this buffer when its oldest line is due
 
     def add(self, lines: Iterable[Line]) -> None:
         """Take lines (within the job's bounds); a batch goes out from the background thread when due."""
         with self._changed:
             for line in lines:
                 self._keep(line)
+            if self._thread is not None:
+                self._changed.notify()
+            elif not self._closed and self._pending:
+                if len(self._pending) >= self.batch_lines:
+                    self._start()
+                elif not self._alarm_set:
+                    self._alarm_set = True
+                    _ALARM.at(self._oldest + self.max_delay, self)
+
+    def _ring(self) -> None:
+        """The alarm: the oldest line is due, unless the job has ended (drained) since."""
+        with self._changed:
+            self._alarm_set = False
             if self._thread is None and not self._closed and self._pending:
-                self._thread = threading.Thread(target=self._run, name="logship", daemon=True)
-                self._thread.start()
-            self._changed.notify()
+                self._start()
+
+    def _start(self) -> None:
+        """Start the sending thread (under ``_changed``); it stays until ``drain()``."""
+        self._thread = threading.Thread(target=self._run, name="logship", daemon=True)
+        self._thread.start()
 
     def _keep(self, line: Line) -> None:
         message = cut_line(str(line.get("message", "")), self.line_max_bytes)

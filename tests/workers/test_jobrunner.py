@@ -61,7 +61,7 @@ def test_a_run_ends_before_its_final_state_is_delivered_and_its_lease_is_kept_un
     assert runner.run(envelope()) == "completed"  # the message can be acknowledged: the report is on its way
     assert running(inflight) == [("j1", 1)]  # still sent with each heartbeat, which renews the lease
     recorder.opened.set()
-    assert runner.outbox.flush(5)
+    runner.outbox.flush(5)  # False if the delivery thread, woken by the line above, was done before this call
     assert running(inflight) == []
     method, path, final = recorder.calls[-1]
     assert (method, path, final["state"], final["attempt"]) == ("POST", "/jobs/j1/status", "completed", 1)

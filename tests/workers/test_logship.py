@@ -157,6 +157,37 @@ def test_a_short_job_sends_nothing_before_the_final_report() -> None:
     assert buffer.drain() == [line(n) for n in range(5)] and receiver.batches == []
 
 
+def test_a_job_that_ends_before_its_lines_are_due_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+
+    class Counted(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr("workers.logship.threading.Thread", Counted)
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=100, max_delay=0.05)
+    buffer.add([line(1)])
+    buffer.add([line(2)])
+    assert buffer.drain() == [line(1), line(2)]
+    time.sleep(0.2)  # the alarm rings a drained buffer: nothing more happens
+    assert "logship" not in started and receiver.tried == []
+
+
+def test_each_buffer_is_sent_when_its_own_lines_are_due_whatever_the_others_wait_for() -> None:
+    slow, quick = Receiver(), Receiver()
+    waiting = LogBuffer(slow, batch_lines=100, max_delay=30)
+    due_soon = LogBuffer(quick, batch_lines=100, max_delay=0.05)
+    waiting.add([line(1)])  # its alarm is set first, for 30 s from now
+    began = time.monotonic()
+    due_soon.add([line(2)])
+    assert quick.called.wait(10)
+    assert time.monotonic() - began < 5 and slow.tried == []
+    assert due_soon.drain() == [] and quick.batches == [[line(2)]]
+    assert waiting.drain() == [line(1)]
+
+
 def test_a_failed_send_keeps_its_lines_for_the_final_report() -> None:
     receiver = Receiver()
     receiver.fail = True
