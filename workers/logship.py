@@ -123,7 +123,7 @@ class _Alarm:
             if self._pid != os.getpid():  # a forked child: the parent's thread is not in this process
                 self._pid, self._due, self._thread = os.getpid(), [], None
             heapq.heappush(self._due, (when, next(self._order), buffer))
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="logship-alarm", daemon=True)
                 self._thread.start()
             self._changed.notify()
@@ -134,7 +134,10 @@ class _Alarm:
                 while not self._due or (left := self._due[0][0] - time.monotonic()) > 0:
                     self._changed.wait(left if self._due else None)
                 buffer = heapq.heappop(self._due)[2]
-            buffer._ring()  # outside the alarm's lock: the buffer takes its own, and add() holds it to call at()
+            try:
+                buffer._ring()  # outside the alarm's lock: the buffer takes its own, and add() holds it to call at()
+            except Exception:  # a thread that could not start: the lines still ride with the final report
+                log.exception("could not start sending a job's log lines")
 
 
 _ALARM = _Alarm()

@@ -188,6 +188,21 @@ def test_each_buffer_is_sent_when_its_own_lines_are_due_whatever_the_others_wait
     assert waiting.drain() == [line(1)]
 
 
+def test_a_buffer_whose_thread_cannot_start_keeps_its_lines_and_the_alarm_rings_the_next(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing = LogBuffer(Receiver(), batch_lines=100, max_delay=0.01)
+    monkeypatch.setattr(failing, "_start", lambda: (_ for _ in ()).throw(RuntimeError("can't start new thread")))
+    failing.add([line(1)])
+    receiver = Receiver()
+    later = LogBuffer(receiver, batch_lines=100, max_delay=0.05)
+    later.add([line(2)])
+    assert receiver.called.wait(10)
+    assert later.drain() == [] and receiver.batches == [[line(2)]]
+    assert failing.drain() == [line(1)]
+    assert "could not start sending a job's log lines" in caplog.text
+
+
 def test_a_failed_send_keeps_its_lines_for_the_final_report() -> None:
     receiver = Receiver()
     receiver.fail = True
