@@ -4,11 +4,44 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
 
 from probe_overhead import verdict
 
 LATENCY_TARGET_MS = 50.0  # p95 of POST returned -> claimed
 RATE_TARGET = 0.20  # platform jobs/s at least this share of bare Celery tasks/s
+
+
+@dataclass(frozen=True)
+class Phases:
+    """One throughput round split where its last job was accepted (or its last bare task sent)."""
+
+    submit: float  # seconds until the last job was accepted (the last bare task sent)
+    done: float  # seconds until every job completed (every bare task ran)
+    done_submitting: int  # jobs completed (bare tasks run) by the end of the first phase
+    busy_submitting: float | None  # the machine's busy share in the first phase (None without /proc/stat)
+    busy_after: float | None  # ... in the second phase
+    busy: float | None  # ... over the whole round
+
+
+def machine_ticks() -> tuple[int, int] | None:
+    """The whole machine's CPU time so far, in clock ticks: (busy, total); None where /proc/stat is missing.
+
+    Busy is every state but idle and iowait (``guest`` is counted inside ``user`` already, so it is left out).
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time (every core, every process) that was busy between two readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def ms_figures(values: list[float]) -> tuple[float, float, float]:
@@ -24,9 +57,10 @@ def report(
     latency: dict[str, list[float]],
     rates: dict[str, list[float]],
     cpu: dict[str, list[dict[str, float]]],
+    phases: dict[str, list[Phases]],
     args: argparse.Namespace,
 ) -> None:
-    """Print the two tables and the verdicts."""
+    """Print the tables and the verdicts."""
     n = len(latency["claim"])
     print(f"\nlatency at low load: one job at a time, {n} jobs, one agent; bare Celery: {n} tasks, one worker")
     print(f"{'':<44}{'n':>4}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  target")
@@ -79,3 +113,39 @@ def report(
     for which in ("platform", "batched", "bare"):
         medians = [statistics.median(used[group] for used in cpu[which]) for group in groups]
         print(f"{which:<12}" + "".join(f"{value:>13.2f}" for value in medians))
+
+    phase_table(phases, args)
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}"
+
+
+def phase_table(phases: dict[str, list[Phases]], args: argparse.Namespace) -> None:
+    """Where a round's time goes: until its last job was accepted, then until every job completed; how fast jobs
+    completed in each phase, and how busy the machine was (all its cores, every process on it)."""
+    print(
+        "\nwhere the time goes, median of the rounds: until the last job is accepted (the last bare task sent), "
+        "then until all are done;\ndone/s: jobs completed (bare tasks run) a second in that phase; busy: the "
+        "machine's CPU time in use, every core and process"
+    )
+    columns = (("phase 1 s", 10), ("done/s", 8), ("busy %", 8), ("phase 2 s", 11), ("done/s", 8), ("busy %", 8))
+    print(f"{'':<22}" + "".join(f"{name:>{width}}" for name, width in columns) + f"{'round busy %':>14}")
+    labels = {"platform": "one job per POST", "batched": f"batches of {args.batch}", "bare": "bare Celery"}
+    for which, label in labels.items():
+        rounds = phases[which]
+        items = args.bare_tasks if which == "bare" else args.jobs
+        first = statistics.median(p.submit for p in rounds)
+        second = statistics.median(p.done - p.submit for p in rounds)
+        rate_first = statistics.median(p.done_submitting / p.submit for p in rounds)
+        rate_second = statistics.median((items - p.done_submitting) / max(p.done - p.submit, 1e-9) for p in rounds)
+        print(
+            f"{label:<22}{first:>10.2f}{rate_first:>8.0f}{_percent(_median([p.busy_submitting for p in rounds])):>8}"
+            f"{second:>11.2f}{rate_second:>8.0f}{_percent(_median([p.busy_after for p in rounds])):>8}"
+            f"{_percent(_median([p.busy for p in rounds])):>14}"
+        )

@@ -25,8 +25,11 @@ mariadb``, a MariaDB server started here as the test suite starts one (``tests/s
 
 Bare tasks carry a payload the size of the platform's signed envelope; each counts itself in Valkey (one
 ``INCR``, so that the script sees it ran). Prints p50/p95/max, rates and PASS/MISS against the targets
-(claim p95 under 50 ms; at least 20% of bare Celery's rate). Exits 0 whether or not the targets are met,
-non-zero only when something fails.
+(claim p95 under 50 ms; at least 20% of bare Celery's rate), the CPU each group of processes used per job, and
+where a round's time goes: each round is split where its last job was accepted (its last bare task sent), with
+how many jobs a second completed in each part and how busy the machine was (``/proc/stat``: every core, every
+process), so that a round held back by waiting shows apart from one held back by CPU. Exits 0 whether or not the
+targets are met, non-zero only when something fails.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from pathlib import Path
 
 import psutil
 from _dispatch_clients import BARE_QUEUE, Bare, BenchError, Client, Finished, Submitter
-from _dispatch_report import report
+from _dispatch_report import Phases, busy_share, machine_ticks, report
 from _platform import BareWorkers, BenchPlatform, ValkeyServer, cpu_seconds, note, start_valkey
 from probe_overhead import machine
 
@@ -107,14 +110,15 @@ def until(total: Callable[[], int], target: int, began: float, poll: float, what
         time.sleep(poll)
 
 
-def platform_round(client: Client, finished: Finished, jobs: int, clients: int, batch: int = 1) -> tuple[float, float]:
-    """Submit ``jobs`` jobs from ``clients`` threads at once, ``batch`` jobs a request; return (seconds to submit,
-    seconds to complete)."""
+def platform_round(client: Client, finished: Finished, jobs: int, clients: int, batch: int = 1) -> Phases:
+    """Submit ``jobs`` jobs from ``clients`` threads at once, ``batch`` jobs a request, until all are completed;
+    the round split at the moment the last submission was accepted."""
     baseline, api_baseline = finished.count(), client.count("completed")
     errors: list[BaseException] = []
-    submitted = [0.0]
     lock = threading.Lock()
     left = [jobs]
+    running = [clients]
+    split: list[tuple[float, int, tuple[int, int] | None]] = []  # (when, jobs completed, machine ticks)
     start = threading.Barrier(clients + 1)
 
     def submitter() -> None:
@@ -124,16 +128,18 @@ def platform_round(client: Client, finished: Finished, jobs: int, clients: int, 
             while True:
                 with lock:
                     if left[0] == 0:
-                        return
+                        break
                     taken = min(batch, left[0])
                     left[0] -= taken
                 sender.submit(taken)
-                with lock:
-                    submitted[0] = time.perf_counter()
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
         finally:
             sender.close()
+            with lock:
+                running[0] -= 1
+                if running[0] == 0:  # the last submission was accepted: where the round's second phase begins
+                    split.append((time.perf_counter(), finished.count() - baseline, machine_ticks()))
 
     def completed() -> int:
         if errors:
@@ -143,6 +149,7 @@ def platform_round(client: Client, finished: Finished, jobs: int, clients: int, 
     threads = [threading.Thread(target=submitter, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    ticks = machine_ticks()
     start.wait()
     began = time.perf_counter()
     try:
@@ -150,22 +157,42 @@ def platform_round(client: Client, finished: Finished, jobs: int, clients: int, 
     finally:
         for thread in threads:
             thread.join()
+    end_ticks = machine_ticks()
     failed = finished.count() - finished.count("completed")
     if failed:
         raise BenchError(f"{failed} jobs ended in a state other than completed")
     if client.count("completed") != api_baseline + jobs:  # the API agrees with the live events
         raise BenchError(f"the API counts {client.count('completed') - api_baseline} jobs completed, not {jobs}")
-    return submitted[0] - began, elapsed
+    submitted, done_then, split_ticks = split[0]
+    return Phases(
+        submit=submitted - began,
+        done=elapsed,
+        done_submitting=done_then,
+        busy_submitting=busy_share(ticks, split_ticks),
+        busy_after=busy_share(split_ticks, end_ticks),
+        busy=busy_share(ticks, end_ticks),
+    )
 
 
-def bare_round(bare: Bare, tasks: int) -> tuple[float, float]:
-    """Send ``tasks`` no-op tasks as fast as possible; return (seconds to send, seconds until all ran)."""
+def bare_round(bare: Bare, tasks: int) -> Phases:
+    """Send ``tasks`` no-op tasks as fast as possible, until all ran; split where the last was sent."""
     baseline = bare.done()
+    ticks = machine_ticks()
     began = time.perf_counter()
     for _ in range(tasks):
         bare.send()
     sent = time.perf_counter() - began
-    return sent, until(bare.done, baseline + tasks, began, 0.005, "bare tasks run")
+    done_then, split_ticks = bare.done() - baseline, machine_ticks()
+    done = until(bare.done, baseline + tasks, began, 0.005, "bare tasks run")
+    end_ticks = machine_ticks()
+    return Phases(
+        submit=sent,
+        done=done,
+        done_submitting=done_then,
+        busy_submitting=busy_share(ticks, split_ticks),
+        busy_after=busy_share(split_ticks, end_ticks),
+        busy=busy_share(ticks, end_ticks),
+    )
 
 
 Meter = Callable[[], dict[str, float]]  # CPU seconds used so far, by group of processes
@@ -173,10 +200,11 @@ Meter = Callable[[], dict[str, float]]  # CPU seconds used so far, by group of p
 
 def measure_throughput(
     client: Client, finished: Finished, bare: Bare, meter: Meter, args: argparse.Namespace
-) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]], dict[str, list[Phases]]]:
     """Alternate platform and bare rounds (which goes first alternates too), after an untimed warm-up of each.
 
-    Returns the rates of each round, and the CPU milliseconds per job (or task) each group of processes used.
+    Returns the rates of each round, the CPU milliseconds per job (or task) each group of processes used, and
+    each round's two phases (until the last item was accepted or sent, then until all were done).
     """
     note(f"throughput: warm-up, {max(args.jobs // 5, 10)} jobs and {max(args.bare_tasks // 5, 10)} bare tasks")
     platform_round(client, finished, max(args.jobs // 5, 10), args.clients)
@@ -185,6 +213,7 @@ def measure_throughput(
     kinds = ("platform", "batched", "bare")
     rates: dict[str, list[float]] = {kind: [] for kind in (*kinds, "submit", "submit batched", "send")}
     cpu: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    phases: dict[str, list[Phases]] = {kind: [] for kind in kinds}
     for round_ in range(args.rounds):
         order = kinds[round_ % 3 :] + kinds[: round_ % 3]
         for which in order:
@@ -193,19 +222,19 @@ def measure_throughput(
             if which in ("platform", "batched"):
                 items = args.jobs
                 batch = args.batch if which == "batched" else 1
-                submit, done = platform_round(client, finished, items, args.clients, batch)
-                rates[which].append(items / done)
-                rates["submit" if batch == 1 else "submit batched"].append(items / submit)
+                phase = platform_round(client, finished, items, args.clients, batch)
+                rates["submit" if batch == 1 else "submit batched"].append(items / phase.submit)
             else:
                 items = args.bare_tasks
-                send, done = bare_round(bare, items)
-                rates["bare"].append(items / done)
-                rates["send"].append(items / send)
+                phase = bare_round(bare, items)
+                rates["send"].append(items / phase.submit)
+            rates[which].append(items / phase.done)
+            phases[which].append(phase)
             after = meter()
             used = {group: (after[group] - before[group]) * 1000 / items for group in after}
-            used["wall x cores"] = done * 1000 / items * (os.cpu_count() or 1)
+            used["wall x cores"] = phase.done * 1000 / items * (os.cpu_count() or 1)
             cpu[which].append(used)
-    return rates, cpu
+    return rates, cpu, phases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +312,9 @@ def bench(args: argparse.Namespace) -> int:
             workers.add()
             finished = Finished(valkey.url, tenant)
             try:
-                rates, cpu = measure_throughput(client, finished, bare, meter(platform, workers, valkey, mariadb), args)
+                rates, cpu, phases = measure_throughput(
+                    client, finished, bare, meter(platform, workers, valkey, mariadb), args
+                )
             finally:
                 finished.close()
         finally:
@@ -294,7 +325,7 @@ def bench(args: argparse.Namespace) -> int:
             if mariadb is not None:
                 mariadb.stop()
             valkey.stop()
-    report(latency, rates, cpu, args)
+    report(latency, rates, cpu, phases, args)
     return 0
 
 
