@@ -79,6 +79,7 @@ def make_agent(settings: AgentSettings) -> Agent:
         task_default_queue=agent_queue(settings.tenant_id, settings.agent_id),
         task_send_sent_event=False,
         worker_concurrency=settings.concurrency,
+        worker_consumer="workers.consumer:Consumer",  # task events go to the broker a few at a time
     )
     scope = "automation"  # where the poison counters live
     if settings.isolated:  # everything it touches can be confined by a Valkey ACL (dispatch.contract.agent_acl)

@@ -1,7 +1,9 @@
-"""Flower, started as the Procfile starts it, shows the control plane's and the agents' tasks behind basic auth."""
+"""Flower, started as the Procfile starts it, shows the control plane's and the agents' tasks behind basic auth;
+agents send their task events a few at a time, and Flower still sees every one."""
 
 from __future__ import annotations
 
+import base64
 import json
 import textwrap
 import time
@@ -9,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import requests
 
 from tests.servers._util import free_port
@@ -86,6 +89,62 @@ def test_flower_lists_a_jobs_celery_task_run_by_an_agent(platform: Platform, flo
     assert task["name"] == "workers.run_job"
     eventually(lambda: tasks(flower)[task_id]["state"] == "SUCCESS", what="Flower seeing the task succeed")
     assert tasks(flower)[task_id]["worker"] == f"a1@{tenant}"
+
+
+def task_events(watch: redis.client.PubSub, hostname: str, quiet: float = 1.0) -> list[list[dict[str, Any]]]:
+    """The task events ``hostname`` published on Valkey until it sent none for ``quiet`` seconds, as they were
+    sent: one list per broker message (Celery's ``task.multi`` carries several). Other workers' are skipped."""
+    messages: list[list[dict[str, Any]]] = []
+    deadline = time.monotonic() + 30
+    last = time.monotonic()
+    while time.monotonic() - last < quiet:
+        assert time.monotonic() < deadline, f"{hostname} kept sending task events for 30 s"
+        message = watch.get_message(timeout=0.1)  # None too for the subscription's confirmation, which it skips
+        if message is None:
+            continue
+        envelope = json.loads(message["data"])
+        body = envelope["body"]
+        if envelope["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        payload = json.loads(body)
+        events = payload if isinstance(payload, list) else [payload]
+        mine = [e for e in events if e.get("hostname") == hostname and str(e.get("type")).startswith("task-")]
+        if mine:
+            messages.append(mine)
+            last = time.monotonic()
+    return messages
+
+
+def test_a_busy_agent_sends_its_task_events_a_few_at_a_time_and_flower_sees_them_all(
+    platform: Platform, flower: str
+) -> None:
+    tenant, project = platform.tenant()
+    watch = redis.Redis.from_url(platform.valkey.url).pubsub(ignore_subscribe_messages=True)
+    watch.psubscribe("*celeryev*")
+    try:
+        platform.start_agent(tenant, project, "busy")
+        operator = platform.token("operator", tenant, project)
+        count = 20
+        reply = platform.api("POST", "/jobs/batch", operator, {"jobs": [{"workflow": ECHO}] * count})
+        assert reply.status_code == 201, reply.text
+        ids = [job["job_id"] for job in reply.json()["jobs"]]
+        for job_id in ids:
+            assert platform.wait_for(operator, job_id)["state"] == "completed"
+        messages = task_events(watch, f"busy@{tenant}")
+    finally:
+        watch.close()
+    events = [event for message in messages for event in message]
+    sent = {(event["uuid"], event["type"]) for event in events}
+    for job_id in ids:
+        for kind in ("task-received", "task-started", "task-succeeded"):
+            assert (f"{job_id}:1", kind) in sent, f"no {kind} event for job {job_id}"
+    # One message per event would be 60 here (Celery's own pace for a worker running short jobs back to back).
+    assert len(messages) <= len(events) / 2, f"{len(events)} task events in {len(messages)} messages"
+    done = eventually(
+        lambda: all(tasks(flower).get(f"{job_id}:1", {}).get("state") == "SUCCESS" for job_id in ids),
+        what="Flower seeing every job's task succeed",
+    )
+    assert done
 
 
 def test_flower_lists_the_control_planes_own_tasks(flower: str) -> None:
