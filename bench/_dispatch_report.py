@@ -12,6 +12,9 @@ LATENCY_TARGET_MS = 50.0  # p95 of POST returned -> claimed
 RATE_TARGET = 0.20  # platform jobs/s at least this share of bare Celery tasks/s
 
 
+Ticks = tuple[int, int] | None  # the machine's CPU time so far: (busy, total) clock ticks; None without /proc/stat
+
+
 @dataclass(frozen=True)
 class Phases:
     """One throughput round split where its last job was accepted (or its last bare task sent)."""
@@ -19,12 +22,25 @@ class Phases:
     submit: float  # seconds until the last job was accepted (the last bare task sent)
     done: float  # seconds until every job completed (every bare task ran)
     done_submitting: int  # jobs completed (bare tasks run) by the end of the first phase
-    busy_submitting: float | None  # the machine's busy share in the first phase (None without /proc/stat)
-    busy_after: float | None  # ... in the second phase
-    busy: float | None  # ... over the whole round
+    ticks: tuple[Ticks, Ticks, Ticks]  # machine_ticks() at the round's start, at the split, at its end
+
+    @property
+    def busy_submitting(self) -> float | None:
+        """The machine's busy share in the first phase."""
+        return busy_share(self.ticks[0], self.ticks[1])
+
+    @property
+    def busy_after(self) -> float | None:
+        """The machine's busy share in the second phase."""
+        return busy_share(self.ticks[1], self.ticks[2])
+
+    @property
+    def busy(self) -> float | None:
+        """The machine's busy share over the whole round."""
+        return busy_share(self.ticks[0], self.ticks[2])
 
 
-def machine_ticks() -> tuple[int, int] | None:
+def machine_ticks() -> Ticks:
     """The whole machine's CPU time so far, in clock ticks: (busy, total); None where /proc/stat is missing.
 
     Busy is every state but idle and iowait (``guest`` is counted inside ``user`` already, so it is left out).
@@ -37,7 +53,7 @@ def machine_ticks() -> tuple[int, int] | None:
     return sum(fields) - fields[3] - fields[4], sum(fields)
 
 
-def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+def busy_share(before: Ticks, after: Ticks) -> float | None:
     """The share of the machine's CPU time (every core, every process) that was busy between two readings."""
     if before is None or after is None or after[1] <= before[1]:
         return None

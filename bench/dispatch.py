@@ -47,7 +47,7 @@ from pathlib import Path
 
 import psutil
 from _dispatch_clients import BARE_QUEUE, Bare, BenchError, Client, Finished, Submitter
-from _dispatch_report import Phases, busy_share, machine_ticks, report
+from _dispatch_report import Phases, Ticks, machine_ticks, report
 from _platform import BareWorkers, BenchPlatform, ValkeyServer, cpu_seconds, note, start_valkey
 from probe_overhead import machine
 
@@ -118,7 +118,7 @@ def platform_round(client: Client, finished: Finished, jobs: int, clients: int, 
     lock = threading.Lock()
     left = [jobs]
     running = [clients]
-    split: list[tuple[float, int, tuple[int, int] | None]] = []  # (when, jobs completed, machine ticks)
+    split: list[tuple[float, int, Ticks]] = []  # (when, jobs completed, machine ticks)
     start = threading.Barrier(clients + 1)
 
     def submitter() -> None:
@@ -164,14 +164,7 @@ def platform_round(client: Client, finished: Finished, jobs: int, clients: int, 
     if client.count("completed") != api_baseline + jobs:  # the API agrees with the live events
         raise BenchError(f"the API counts {client.count('completed') - api_baseline} jobs completed, not {jobs}")
     submitted, done_then, split_ticks = split[0]
-    return Phases(
-        submit=submitted - began,
-        done=elapsed,
-        done_submitting=done_then,
-        busy_submitting=busy_share(ticks, split_ticks),
-        busy_after=busy_share(split_ticks, end_ticks),
-        busy=busy_share(ticks, end_ticks),
-    )
+    return Phases(submitted - began, elapsed, done_then, (ticks, split_ticks, end_ticks))
 
 
 def bare_round(bare: Bare, tasks: int) -> Phases:
@@ -184,15 +177,7 @@ def bare_round(bare: Bare, tasks: int) -> Phases:
     sent = time.perf_counter() - began
     done_then, split_ticks = bare.done() - baseline, machine_ticks()
     done = until(bare.done, baseline + tasks, began, 0.005, "bare tasks run")
-    end_ticks = machine_ticks()
-    return Phases(
-        submit=sent,
-        done=done,
-        done_submitting=done_then,
-        busy_submitting=busy_share(ticks, split_ticks),
-        busy_after=busy_share(split_ticks, end_ticks),
-        busy=busy_share(ticks, end_ticks),
-    )
+    return Phases(sent, done, done_then, (ticks, split_ticks, machine_ticks()))
 
 
 Meter = Callable[[], dict[str, float]]  # CPU seconds used so far, by group of processes

@@ -30,7 +30,7 @@ class Pacer:
 
     interval: float
     sent_at: float = -math.inf
-    due_at: float | None = None  # when the timer set last will send them (None: no timer waits)
+    timer_set: bool = False  # a timer set since the last sending will send the buffer
 
     def plan(self, now: float) -> float | None:
         """Events were buffered at ``now``: 0.0 to send them now (noted as sent), the delay of a timer to set, or
@@ -39,15 +39,15 @@ class Pacer:
         if wait <= 0:
             self.sent(now)
             return 0.0
-        if self.due_at is not None:
+        if self.timer_set:
             return None
-        self.due_at = self.sent_at + self.interval
+        self.timer_set = True
         return wait
 
     def sent(self, now: float) -> None:
         """Note that the buffer was sent at ``now`` (by a timer or at once)."""
         self.sent_at = now
-        self.due_at = None
+        self.timer_set = False
 
 
 class Consumer(CeleryConsumer):
@@ -58,10 +58,8 @@ class Consumer(CeleryConsumer):
         super().__init__(*args, **kwargs)
 
     def _flush_events(self) -> None:
-        """Celery's event loop calls this soon after each buffered event (in the loop's thread)."""
-        if self.hub is None:  # no event loop: nothing is buffered
-            super()._flush_events()
-            return
+        """Celery's event loop calls this soon after each buffered event (in the loop's thread; Celery buffers task
+        events only when it runs one)."""
         delay = self.events_pacer.plan(time.monotonic())
         if delay == 0.0:
             super()._flush_events()
