@@ -9,6 +9,7 @@ import the jobs services.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -70,8 +71,7 @@ def centrifugo_check(config: Mapping[str, Any]) -> Callable[[], object] | None:
 def init_realtime(app: Flask) -> None:
     """Check the settings, build the fan-out (with VALKEY_URL), hook the session, and serve the endpoints."""
     from app.realtime.events import EXTENSION, install_session_hooks
-    from app.realtime.stream import SLOTS, StreamSlots
-    from app.realtime.views import bp
+    from app.realtime.views import SLOTS, bp
     from dispatch.realtime import CentrifugoPublisher, Fanout
 
     config = app.config
@@ -94,7 +94,8 @@ def init_realtime(app: Flask) -> None:
         )
     elif config["CENTRIFUGO_API_URL"]:
         log.warning(NEEDS_VALKEY)
-    app.extensions[SLOTS] = StreamSlots(config["SSE_MAX_STREAMS"])
+    streams = config["SSE_MAX_STREAMS"]  # each event stream holds a web thread while it lasts
+    app.extensions[SLOTS] = None if streams is None else threading.BoundedSemaphore(streams)
     install_session_hooks()
     _register_counters()
     app.register_blueprint(bp)

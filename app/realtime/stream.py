@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,34 +23,7 @@ from dispatch.realtime import Fanout, history_key, iso_utc, job_channel
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE = ": keep-alive\n\n"
-SLOTS = "event_stream_slots"  # the app extension holding the process's StreamSlots
 SUBSCRIBE_TIMEOUT = 5.0
-
-
-class StreamSlots:
-    """How many event streams one web process serves at once: each holds a web thread for as long as it lasts.
-
-    ``limit`` None: no limit. gunicorn's config file (``app.system.gunicorn``) sets ``SSE_MAX_STREAMS`` to its
-    threads less one, so that streams never take the last thread of a worker from the other requests.
-    """
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self._open = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        """Take a slot for a new stream; False when every slot is taken."""
-        with self._lock:
-            if self.limit is not None and self._open >= self.limit:
-                return False
-            self._open += 1
-            return True
-
-    def give_back(self) -> None:
-        """A stream that had a slot has ended."""
-        with self._lock:
-            self._open = max(0, self._open - 1)
 
 
 def frame(event_id: int, data: str) -> str:

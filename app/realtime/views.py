@@ -13,7 +13,7 @@ from app.errors import BadRequest, ServiceUnavailable
 from app.realtime import service
 from app.realtime.events import EXTENSION
 from app.realtime.schemas import EventsQuery, LiveEventOut, RealtimeToken, TokenRequest
-from app.realtime.stream import SLOTS, JobStream, StreamSlots
+from app.realtime.stream import JobStream
 from dispatch.realtime import Fanout
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ NO_STREAM_SLOT = (
     "or follow the job with GET /api/v1/jobs/{job_id}"
 )
 STREAM_SLOT_RETRY = 5  # seconds, in Retry-After
+SLOTS = "event_stream_slots"  # the app extension: a semaphore of SSE_MAX_STREAMS, or None for no limit
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -73,16 +74,16 @@ def events(job_id: str) -> Response:
     fanout = current_app.extensions.get(EXTENSION)
     if not isinstance(fanout, Fanout):
         raise ServiceUnavailable(NO_VALKEY, code="events_unavailable")
+    config = current_app.config
     slots = current_app.extensions[SLOTS]
-    assert isinstance(slots, StreamSlots)
-    if not slots.take():
-        log.info("event stream of job %s refused: %s streams open in this process", job_id, slots.limit)
+    if slots is not None and not slots.acquire(blocking=False):
+        limit = config["SSE_MAX_STREAMS"]
+        log.info("event stream of job %s refused: %s streams open in this process", job_id, limit)
         raise ServiceUnavailable(
-            NO_STREAM_SLOT.format(limit=slots.limit, job_id=job_id),
+            NO_STREAM_SLOT.format(limit=limit, job_id=job_id),
             code="events_unavailable",
             headers={"Retry-After": str(STREAM_SLOT_RETRY)},
         )
-    config = current_app.config
     stream = JobStream(
         fanout,
         job,
@@ -94,12 +95,14 @@ def events(job_id: str) -> Response:
     try:
         stream.open()
     except BaseException as exc:
-        slots.give_back()
+        if slots is not None:
+            slots.release()
         if not isinstance(exc, redis.RedisError | OSError):
             raise
         log.warning("cannot stream the events of job %s: %s", job_id, exc)
         raise ServiceUnavailable(VALKEY_DOWN, code="events_unavailable") from None
     response = Response(stream_with_context(stream.frames()), mimetype="text/event-stream", headers=STREAM_HEADERS)
     response.call_on_close(stream.close)
-    response.call_on_close(slots.give_back)
+    if slots is not None:
+        response.call_on_close(slots.release)
     return response
