@@ -53,13 +53,24 @@ class Publisher:
     def publish(self, message: JobMessage) -> str:
         """Publish one attempt; returns the queue it went to.
 
+        The message and its task-sent event go in one round trip (one pipeline, as ``publish_many`` sends them).
+        Should that fail, the message is sent once more on Celery's own path, which reconnects and retries; if the
+        pipeline had reached the broker after all, the job is delivered twice, which its fenced claim makes
+        harmless.
+
         Raises:
             PublishError: the broker could not be reached or refused the message.
         """
         try:
-            self._send(message)
-        except Exception as exc:  # kombu raises several connection error types
-            raise PublishError(f"could not publish job {message.job_id} attempt {message.attempt}: {exc}") from exc
+            self._send_batch([message])
+        except Exception as exc:  # kombu raises several connection error types, and BatchPublishError
+            log.warning("publishing job %s attempt %d again: %s", message.job_id, message.attempt, exc)
+            try:
+                self._send(message)
+            except Exception as again:
+                raise PublishError(
+                    f"could not publish job {message.job_id} attempt {message.attempt}: {again}"
+                ) from again
         self._published(message)
         return message.queue
 
@@ -75,9 +86,7 @@ class Publisher:
         if not messages:
             return
         try:
-            with self.celery.producer_or_acquire() as producer, producer.batch():
-                for message in messages:
-                    self._send(message, producer)
+            self._send_batch(messages)
         except Exception as exc:  # kombu raises several connection error types, and BatchPublishError
             first = messages[0]
             raise PublishError(
@@ -85,6 +94,11 @@ class Publisher:
             ) from exc
         for message in messages:
             self._published(message)
+
+    def _send_batch(self, messages: Sequence[JobMessage]) -> None:
+        with self.celery.producer_or_acquire() as producer, producer.batch():
+            for message in messages:
+                self._send(message, producer)
 
     def _send(self, message: JobMessage, producer: Any = None) -> None:
         queue = message.queue
@@ -107,6 +121,7 @@ class Publisher:
             priority=celery_priority(message.priority),
             kwargsrepr=f"{{job_id: {message.job_id!r}, attempt: {message.attempt}, name: {message.name!r}}}",
             producer=producer,
+            declare=[],  # routed by the queue's name (the default exchange): no binding to declare on each publish
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
         )

@@ -148,6 +148,42 @@ def test_a_batch_of_messages_is_written_in_one_pipeline_with_their_sent_events(p
     assert (envelope.job_id, envelope.attempt) == ("job-3", 1)
 
 
+def test_one_publish_is_one_round_trip_with_its_sent_event_and_declares_no_binding(publisher, valkey_server):
+    executed: list[list[str]] = []
+    original = redis.client.Pipeline.execute
+
+    def spying(self, raise_on_error=True):
+        executed.append([str(args[0]) for args, _ in self.command_stack])
+        return original(self, raise_on_error)
+
+    with patch.object(redis.client.Pipeline, "execute", spying):
+        publisher.publish(message())
+        publisher.publish(message(job_id="job-2", agent_id="a1"))
+    assert executed == [["LPUSH", "PUBLISH"], ["LPUSH", "PUBLISH"]]  # the message, then its task-sent event
+    assert [raw["headers"]["id"] for raw in queued(valkey_server, shared_queue("acme", "web", "linux"))] == ["job-1:1"]
+    assert [raw["headers"]["id"] for raw in queued(valkey_server, agent_queue("acme", "a1"))] == ["job-2:1"]
+    assert valkey_server.client().keys("_kombu.binding*") == []  # routed by queue name: nothing declared
+
+
+def test_a_publish_whose_pipeline_fails_is_sent_again_on_celerys_retrying_path(publisher, valkey_server, caplog):
+    original = redis.client.Pipeline.execute
+    failures: list[int] = []
+
+    def failing_once(self, raise_on_error=True):
+        if not failures:
+            failures.append(1)
+            self.reset()
+            raise redis.ConnectionError("connection reset by peer")
+        return original(self, raise_on_error)
+
+    with patch.object(redis.client.Pipeline, "execute", failing_once), caplog.at_level("INFO", "dispatch.publish"):
+        assert publisher.publish(message()) == "tenant.acme.web.linux"
+    assert failures == [1]
+    [raw] = queued(valkey_server, shared_queue("acme", "web", "linux"))
+    assert raw["headers"]["id"] == "job-1:1"
+    assert "publishing job job-1 attempt 1 again" in caplog.text
+
+
 def test_a_batch_the_broker_cannot_take_is_one_publish_error():
     celery = make_celery("redis://127.0.0.1:1/0")
     publisher = Publisher(celery, Signer(load_signing_key(PRIVATE)))
