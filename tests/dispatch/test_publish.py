@@ -30,6 +30,20 @@ def publisher(valkey_server):
     client.flushdb()
 
 
+@pytest.fixture
+def pipelines():
+    """The commands of each Valkey pipeline executed meanwhile, by name."""
+    executed: list[list[str]] = []
+    original = redis.client.Pipeline.execute
+
+    def spying(self, raise_on_error=True):
+        executed.append([str(args[0]) for args, _ in self.command_stack])
+        return original(self, raise_on_error)
+
+    with patch.object(redis.client.Pipeline, "execute", spying):
+        yield executed
+
+
 def message(**overrides) -> JobMessage:
     fields = {
         "job_id": "job-1",
@@ -126,18 +140,10 @@ def test_another_broker_scheme_keeps_kombus_own_transport():
     assert make_celery("sentinel://127.0.0.1:26379").conf.broker_transport != "dispatch.transport:Transport"
 
 
-def test_a_batch_of_messages_is_written_in_one_pipeline_with_their_sent_events(publisher, valkey_server):
-    executed: list[list[str]] = []
-    original = redis.client.Pipeline.execute
-
-    def spying(self, raise_on_error=True):
-        executed.append([str(args[0]) for args, _ in self.command_stack])
-        return original(self, raise_on_error)
-
+def test_a_batch_of_messages_is_written_in_one_pipeline_with_their_sent_events(publisher, valkey_server, pipelines):
     batch = [message(job_id=f"job-{n}", agent_id="a1" if n % 2 else None) for n in range(6)]
-    with patch.object(redis.client.Pipeline, "execute", spying):
-        publisher.publish_many(batch)
-    assert executed == [["LPUSH", "PUBLISH"] * 6]  # each message, then its task-sent event: one round trip
+    publisher.publish_many(batch)
+    assert pipelines == [["LPUSH", "PUBLISH"] * 6]  # each message, then its task-sent event: one round trip
     pinned = [raw["headers"]["id"] for raw in queued(valkey_server, agent_queue("acme", "a1"))]
     shared = [raw["headers"]["id"] for raw in queued(valkey_server, shared_queue("acme", "web", "linux"))]
     assert sorted(pinned) == ["job-1:1", "job-3:1", "job-5:1"]
@@ -148,18 +154,10 @@ def test_a_batch_of_messages_is_written_in_one_pipeline_with_their_sent_events(p
     assert (envelope.job_id, envelope.attempt) == ("job-3", 1)
 
 
-def test_one_publish_is_one_round_trip_with_its_sent_event_and_declares_no_binding(publisher, valkey_server):
-    executed: list[list[str]] = []
-    original = redis.client.Pipeline.execute
-
-    def spying(self, raise_on_error=True):
-        executed.append([str(args[0]) for args, _ in self.command_stack])
-        return original(self, raise_on_error)
-
-    with patch.object(redis.client.Pipeline, "execute", spying):
-        publisher.publish(message())
-        publisher.publish(message(job_id="job-2", agent_id="a1"))
-    assert executed == [["LPUSH", "PUBLISH"], ["LPUSH", "PUBLISH"]]  # the message, then its task-sent event
+def test_one_publish_is_one_round_trip_with_its_sent_event_and_declares_no_binding(publisher, valkey_server, pipelines):
+    publisher.publish(message())
+    publisher.publish(message(job_id="job-2", agent_id="a1"))
+    assert pipelines == [["LPUSH", "PUBLISH"], ["LPUSH", "PUBLISH"]]  # the message, then its task-sent event
     assert [raw["headers"]["id"] for raw in queued(valkey_server, shared_queue("acme", "web", "linux"))] == ["job-1:1"]
     assert [raw["headers"]["id"] for raw in queued(valkey_server, agent_queue("acme", "a1"))] == ["job-2:1"]
     assert valkey_server.client().keys("_kombu.binding*") == []  # routed by queue name: nothing declared
