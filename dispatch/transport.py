@@ -5,11 +5,11 @@ table of some 170 response callbacks for each). A client is only a handle on the
 and safe to share between threads, so this channel keeps one per pool. Used through ``broker_transport`` for
 ``redis://`` and ``rediss://`` brokers (``dispatch.contract.celery_settings``).
 
-It also lets ``kombu.Producer.batch`` write a batch of messages in one pipeline (``Publisher.publish_many``).
-kombu declines when the client retries on timeouts, as ours does: a pipeline sent again after a timeout could
-deliver its messages twice. A job message delivered twice is harmless here (its claim is fenced: one delivery
-runs; the other is refused as a replay or its claim is refused), and a single publish retried after a timeout
-has the same chance of it.
+It also lets ``kombu.Producer.batch`` write messages and their task-sent events in one pipeline
+(``Publisher.publish`` and ``Publisher.publish_many``). kombu declines when the client retries on timeouts, as
+ours does: a pipeline sent again after a timeout could deliver its messages twice. A job message delivered twice
+is harmless here (its claim is fenced: one delivery runs; the other is refused as a replay or its claim is
+refused), and a single publish retried after a timeout has the same chance of it.
 """
 
 from __future__ import annotations
