@@ -35,6 +35,12 @@ CARRIED_BYTES = 256 * 1024  # encoded final reports one claim carries at most (t
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
 
+def _about(job_id: str) -> dict[str, str]:
+    """The ``extra`` of a log line about ``job_id``, logged where the context names another job (a final report
+    carried by the next job's claim) or none (the outbox's and the control listener's threads)."""
+    return {"job_id": job_id}
+
+
 @dataclass
 class RunningJob:
     """An attempt this agent runs, or ran and has not reported yet: what the heartbeat reports, and how a cancel
@@ -76,7 +82,9 @@ class Inflight:
         with self._lock:
             for running in self._jobs.values():
                 if running.job_id in wanted and not running.cancel.is_set():
-                    log.info("job %s: cancel requested by the control plane", running.job_id)
+                    log.info(
+                        "job %s: cancel requested by the control plane", running.job_id, extra=_about(running.job_id)
+                    )
                     running.cancel.set()
 
 
@@ -231,6 +239,7 @@ class JobRunner:
                 report.attempt,
                 report.state,
                 exc,
+                extra=_about(report.job_id),
             )
         finally:
             self.inflight.discard(report.job_id, report.attempt)
@@ -301,12 +310,24 @@ class JobRunner:
         it for now (to be sent again). Once recorded or refused for good, the attempt leaves the running set."""
         status = outcome.get("status")
         if status in RETRY_STATUSES or not isinstance(status, int):
-            log.warning("job %s: final state %s not recorded yet (%s)", report.job_id, report.state, status)
+            log.warning(
+                "job %s: final state %s not recorded yet (%s)",
+                report.job_id,
+                report.state,
+                status,
+                extra=_about(report.job_id),
+            )
             return False
         if status == 200:
-            log.info("job %s attempt %d %s", report.job_id, report.attempt, report.state)
+            log.info("job %s attempt %d %s", report.job_id, report.attempt, report.state, extra=_about(report.job_id))
         else:
-            log.warning("job %s: final state %s refused (%s)", report.job_id, report.state, outcome.get("error"))
+            log.warning(
+                "job %s: final state %s refused (%s)",
+                report.job_id,
+                report.state,
+                outcome.get("error"),
+                extra=_about(report.job_id),
+            )
         self.inflight.discard(report.job_id, report.attempt)
         return True
 
@@ -317,7 +338,7 @@ class JobRunner:
             body = {"attempt": attempt, "lines": lines, "first_line": first}
             reply = self.client.call("POST", f"/jobs/{job_id}/logs", body)
             if not reply.ok:
-                log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error)
+                log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error, extra=_about(job_id))
 
         return send
 
@@ -332,14 +353,14 @@ class JobRunner:
                 try:
                     send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE], first_line + start)
                 except ControlPlaneError as exc:  # the next batches would wait as long: the final state goes now
-                    log.error("job %s: %d log lines lost: %s", job_id, len(surplus) - start, exc)
+                    log.error("job %s: %d log lines lost: %s", job_id, len(surplus) - start, exc, extra=_about(job_id))
                     break
             first_line += len(surplus)
         reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, lines, first_line))
         if not reply.ok:
-            log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)
+            log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error, extra=_about(job_id))
             return f"refused: {reply.error}"
-        log.info("job %s attempt %d %s", job_id, attempt, state)
+        log.info("job %s attempt %d %s", job_id, attempt, state, extra=_about(job_id))
         return state
 
 

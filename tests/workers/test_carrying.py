@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from dispatch.logs import ContextFilter, log_context
 from tests.workers.support import envelope, line, running
 from workers.client import ControlPlaneError, Reply
 from workers.jobs import CARRIED_BYTES, LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
@@ -103,6 +104,23 @@ def test_a_carried_report_the_control_plane_refuses_is_logged_and_not_sent_again
     assert "job j1: final state completed refused (stale_attempt)" in caplog.text
     runner.outbox.flush(5)
     assert [path for path, _ in carrier.requests()] == ["/jobs/j1/claim", "/jobs/j2/claim", "/jobs/j2/status"]
+
+
+def test_a_carried_report_is_logged_under_its_own_job_not_the_job_whose_claim_carried_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = busy_runner(Carrier())
+    runner.run(envelope("j1"))
+    with caplog.at_level("INFO", "workers.jobs"), log_context(job_id="j2"):  # as Celery's task hook binds it
+        runner.run(envelope("j2"))
+        [record] = [r for r in caplog.records if r.getMessage() == "job j1 attempt 1 completed"]
+        ContextFilter("agent").filter(record)  # what the agent's log handlers apply: the context fills only gaps
+    assert record.job_id == "j1"  # type: ignore[attr-defined]
+    caplog.clear()
+    with caplog.at_level("INFO", "workers.jobs"):
+        runner.outbox.flush(5)  # delivered alone, in the outbox's thread: no job in its context
+    [record] = [r for r in caplog.records if r.getMessage() == "job j2 attempt 1 completed"]
+    assert record.job_id == "j2"  # type: ignore[attr-defined]
 
 
 def test_a_claim_that_fails_gives_its_reports_back_to_be_delivered_alone() -> None:
