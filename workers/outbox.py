@@ -174,6 +174,11 @@ class Outbox:
         try:
             self._deliver(report)
         except Exception:  # deliver logs what it knows (on the caller's thread after close, nothing more is caught)
-            log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
+            log.exception(
+                "job %s: delivering the final state %s failed",
+                report.job_id,
+                report.state,
+                extra={"job_id": report.job_id},  # the outbox's threads run no job of their own
+            )
         finally:
             self.settle([item])
