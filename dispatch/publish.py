@@ -64,7 +64,13 @@ class Publisher:
         try:
             self._send_batch([message])
         except Exception as exc:  # kombu raises several connection error types, and BatchPublishError
-            log.warning("publishing job %s attempt %d again: %s", message.job_id, message.attempt, exc)
+            log.warning(
+                "publishing job %s attempt %d again: %s",
+                message.job_id,
+                message.attempt,
+                exc,
+                extra={"job_id": message.job_id, "tenant_id": message.tenant},
+            )
             try:
                 self._send(message)
             except Exception as again:

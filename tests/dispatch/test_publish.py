@@ -179,7 +179,8 @@ def test_a_publish_whose_pipeline_fails_is_sent_again_on_celerys_retrying_path(p
     assert failures == [1]
     [raw] = queued(valkey_server, shared_queue("acme", "web", "linux"))
     assert raw["headers"]["id"] == "job-1:1"
-    assert "publishing job job-1 attempt 1 again" in caplog.text
+    [again] = [r for r in caplog.records if r.getMessage().startswith("publishing job job-1 attempt 1 again")]
+    assert (again.levelname, again.job_id, again.tenant_id) == ("WARNING", "job-1", "acme")  # type: ignore[attr-defined]
 
 
 def test_a_batch_the_broker_cannot_take_is_one_publish_error():
