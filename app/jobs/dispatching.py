@@ -40,6 +40,12 @@ RETRYABLE = frozenset({AttemptState.FAILED.value, AttemptState.TIMED_OUT.value})
 _RECEIPTS_MADE = threading.Lock()
 
 
+def _about(job: Job) -> dict[str, str]:
+    """The ``extra`` of a log line about ``job``: logged by the dispatcher's tasks (no job of their own) or while a
+    request names another job (a final report carried by the next job's claim)."""
+    return {"job_id": job.id, "tenant_id": job.tenant_id}
+
+
 def _publisher() -> Publisher | None:
     publisher = current_app.extensions.get("publisher")
     return publisher if isinstance(publisher, Publisher) else None
@@ -199,7 +205,7 @@ def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt 
     reason = RETRYING.format(
         number=attempt.number, state=attempt.state, failures=failures, limit=job.max_attempts, delay=delay
     )
-    log.info("job %s: %s", job.id, reason)
+    log.info("job %s: %s", job.id, reason, extra=_about(job))
     following = open_next_attempt(
         job, actor="retry", reason=reason, not_before=now + timedelta(seconds=delay) if delay else None
     )
@@ -224,7 +230,7 @@ def dead_letter(job: Job, *, reason: str, message: str, actor: str, now: datetim
         dead_letter_reason=reason,
     )
     db.session.commit()
-    log.warning("job %s dead-lettered (%s): %s", job.id, reason, message)
+    log.warning("job %s dead-lettered (%s): %s", job.id, reason, message, extra=_about(job))
 
 
 def tell_agent_to_cancel(job: Job) -> bool:
@@ -237,7 +243,9 @@ def tell_agent_to_cancel(job: Job) -> bool:
     try:
         valkey.publish(control_channel(job.tenant_id, attempt.agent_id), message)
     except Exception as exc:  # redis raises several connection errors; the heartbeat carries the cancel too
-        log.warning("could not send the cancel of job %s to agent %s: %s", job.id, attempt.agent_id, exc)
+        log.warning(
+            "could not send the cancel of job %s to agent %s: %s", job.id, attempt.agent_id, exc, extra=_about(job)
+        )
         return False
     return True
 
@@ -286,7 +294,7 @@ def sweep(*, now: datetime | None = None) -> int:
         .limit(BATCH)
     ).all()
     for job, attempt in stranded:
-        log.info("job %s attempt %d was never published; sending it now", job.id, attempt.number)
+        log.info("job %s attempt %d was never published; sending it now", job.id, attempt.number, extra=_about(job))
         sent += send(job, attempt)
     return sent
 
@@ -352,7 +360,7 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
         or 0
     )
     if lost_count < current_app.config["MAX_LOST_ATTEMPTS"]:
-        log.warning("job %s: %s; queueing attempt %d", job.id, lost, attempt.number + 1)
+        log.warning("job %s: %s; queueing attempt %d", job.id, lost, attempt.number + 1, extra=_about(job))
         following = open_next_attempt(job, actor="reaper", reason=lost)
         send(job, following)
     else:

@@ -177,6 +177,20 @@ def test_a_carried_failure_that_opens_the_next_attempt_is_answered_with_the_job_
     assert state(api, acme, acme.running) == "completed" and state(api, acme, acme.queued) == "running"
 
 
+def test_the_retry_a_carried_failure_opens_is_logged_under_the_failed_job_not_the_claimed_one(
+    api: Api, app: Flask, world: dict[str, Tenant], caplog: pytest.LogCaptureFixture
+) -> None:
+    acme = world["acme"]
+    retried = queue_job(api, app, acme, max_attempts=2, retry_backoff=0)
+    assert api.post(f"/api/v1/jobs/{retried}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    body = {"attempt": 1, "finished": [finished(retried, "failed", error="boom")]}
+    with caplog.at_level("INFO", "app.jobs.dispatching"):
+        assert api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body).status_code == 200
+    [record] = [r for r in caplog.records if r.getMessage().startswith(f"job {retried}: attempt 1 failed")]
+    # its own fields, which the request's (job_id: the claimed job, from the URL) never override
+    assert (record.job_id, record.tenant_id) == (retried, "acme")  # type: ignore[attr-defined]
+
+
 def test_a_carried_failure_that_commits_its_retry_is_not_recorded_again_when_a_later_report_is_overtaken(
     api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:

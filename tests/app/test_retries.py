@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from flask import Flask
 
 from app.agents.models import Agent
@@ -137,14 +138,16 @@ def test_a_message_an_agent_refused_as_forged_dead_letters_its_job_but_a_replay_
     assert api.get(f"/api/v1/jobs/{replayed}", acme.tokens["viewer"]).json["state"] == "queued"
 
 
-def test_too_many_lost_attempts_dead_letter_the_job(api: Api, app: Flask, world: dict[str, Tenant]):
+def test_too_many_lost_attempts_dead_letter_the_job(
+    api: Api, app: Flask, world: dict[str, Tenant], caplog: pytest.LogCaptureFixture
+):
     acme = world["acme"]
     job_id = submit(api, acme, max_attempts=5)
     app.config["MAX_LOST_ATTEMPTS"] = 2
     try:
         for _ in (1, 2):
             publish_and_claim(api, app, acme, job_id)
-            with app.app_context():
+            with app.app_context(), caplog.at_level("INFO", "app.jobs.dispatching"):
                 lost = dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
             assert lost >= 1
         job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
@@ -152,5 +155,10 @@ def test_too_many_lost_attempts_dead_letter_the_job(api: Api, app: Flask, world:
         assert [a["state"] for a in job["attempts"]] == ["lost", "lost"]
     finally:
         app.config["MAX_LOST_ATTEMPTS"] = 3
+    # the reaper runs in the dispatcher, with no job of its own: its lines name the job they are about
+    about = [r for r in caplog.records if job_id in r.getMessage()]
+    assert [r.getMessage().split(": ")[0] for r in about if "queueing attempt" in r.getMessage()] == [f"job {job_id}"]
+    assert any("dead-lettered" in r.getMessage() for r in about)
+    assert {(r.job_id, r.tenant_id) for r in about} == {(job_id, "acme")}  # type: ignore[attr-defined]
     with app.app_context():
         assert db.session.get(Agent, ("acme", "a1")) is not None
