@@ -94,7 +94,7 @@ def send(job: Job, attempt: JobAttempt, *, receipt: bool = False) -> bool:
     try:
         publisher.publish(_message(job, attempt.number))
     except PublishError as exc:
-        log.warning("%s; the sweeper will try again", exc)
+        log.warning("%s; the sweeper will try again", exc, extra=_about(job))
         return False
     if receipt:
         _receipts().add(attempt.id)

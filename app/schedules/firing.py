@@ -184,7 +184,13 @@ def submit_run(*, schedule: Schedule, run: ScheduleRun) -> int:
         update(Job).where(Job.id == job.id).values(schedule_id=schedule.id).execution_options(synchronize_session=False)
     )
     db.session.commit()
-    log.info("schedule %s fired for %s: job %s", schedule.id, run.scheduled_for.isoformat(), job.id)
+    log.info(
+        "schedule %s fired for %s: job %s",
+        schedule.id,
+        run.scheduled_for.isoformat(),
+        job.id,
+        extra={"job_id": job.id, "tenant_id": job.tenant_id},  # the scheduler runs no job of its own
+    )
     dispatching.deliver(job, actor=ACTOR)  # committed first; if this fails, the sweeper sends it
     return 1
 

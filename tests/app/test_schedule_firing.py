@@ -52,12 +52,15 @@ def complete(api: Api, app: Flask, tenant: Tenant, job_id: str) -> None:
 
 
 def test_a_due_schedule_fires_an_ordinary_job_linked_to_its_schedule(
-    api: Api, app: Flask, world: dict[str, Tenant]
+    api: Api, app: Flask, world: dict[str, Tenant], caplog: pytest.LogCaptureFixture
 ) -> None:
     schedule_id, first = first_run(api, world["acme"], variables={"HOST": "web1"}, priority=7, agent_id="a1")
     assert fire(app, first - SECOND) == 0 and runs(app, schedule_id) == []
-    assert fire(app, first + SECOND) == 1
+    with caplog.at_level("INFO", "app.schedules.firing"):
+        assert fire(app, first + SECOND) == 1
     [job] = schedule_jobs(app, schedule_id)
+    [fired] = [r for r in caplog.records if r.getMessage().startswith(f"schedule {schedule_id} fired")]
+    assert (fired.job_id, fired.tenant_id) == (job.id, "acme")  # type: ignore[attr-defined]  # the job it made
     [run] = runs(app, schedule_id)
     assert (run.scheduled_for, run.state, run.job_id, run.reason) == (first, "fired", job.id, None)
     assert job.workflow == WORKFLOW and job.variables == {"HOST": "web1"} and job.priority == 7
