@@ -126,6 +126,13 @@ def queue_job(api: Api, app: Flask, tenant: Tenant, **fields: Any) -> str:
     return job_id
 
 
+def claimed_retryable(api: Api, app: Flask, tenant: Tenant) -> str:
+    """A job claimed by the tenant's agent whose failure opens a second attempt at once; returns its id."""
+    job_id = queue_job(api, app, tenant, max_attempts=2, retry_backoff=0)
+    assert api.post(f"/api/v1/jobs/{job_id}/claim", tenant.tokens["agent"], json={"attempt": 1}).status_code == 200
+    return job_id
+
+
 def test_a_claim_and_the_reports_it_carries_are_written_in_one_commit(
     api: Api, world: dict[str, Tenant], commits: list[int]
 ) -> None:
@@ -166,8 +173,7 @@ def test_a_carried_failure_that_opens_the_next_attempt_is_answered_with_the_job_
     api: Api, app: Flask, world: dict[str, Tenant]
 ) -> None:
     acme = world["acme"]
-    retried = queue_job(api, app, acme, max_attempts=2, retry_backoff=0)
-    assert api.post(f"/api/v1/jobs/{retried}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    retried = claimed_retryable(api, app, acme)
     body = {"attempt": 1, "finished": [finished(retried, "failed", error="boom"), finished(acme.running)]}
     response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
     assert response.status_code == 200
@@ -181,8 +187,7 @@ def test_the_retry_a_carried_failure_opens_is_logged_under_the_failed_job_not_th
     api: Api, app: Flask, world: dict[str, Tenant], caplog: pytest.LogCaptureFixture
 ) -> None:
     acme = world["acme"]
-    retried = queue_job(api, app, acme, max_attempts=2, retry_backoff=0)
-    assert api.post(f"/api/v1/jobs/{retried}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    retried = claimed_retryable(api, app, acme)
     body = {"attempt": 1, "finished": [finished(retried, "failed", error="boom")]}
     with caplog.at_level("INFO", "app.jobs.dispatching"):
         assert api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body).status_code == 200
@@ -195,8 +200,7 @@ def test_a_carried_failure_that_commits_its_retry_is_not_recorded_again_when_a_l
     api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     acme = world["acme"]
-    retried = queue_job(api, app, acme, max_attempts=2, retry_backoff=0)
-    assert api.post(f"/api/v1/jobs/{retried}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
+    retried = claimed_retryable(api, app, acme)
     record = fencing._record_status
 
     def overtaken(caller: Any, job: Job, row: JobAttempt, report: Any) -> bool:
