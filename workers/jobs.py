@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import probe
+from dispatch.logs import log_context
 from workers.client import RETRY_STATUSES, ControlPlane, ControlPlaneError, Reply
 from workers.envelope import Envelope, EnvelopeRefused
 from workers.logship import LogBuffer, lines_from_event
@@ -33,12 +34,6 @@ BACK_TO_BACK = 0.02  # a job whose message came within this many seconds of the 
 CARRIED_PER_CLAIM = 8  # final reports one claim carries at most (the control plane's limit)
 CARRIED_BYTES = 256 * 1024  # encoded final reports one claim carries at most (the control plane takes 1 MiB)
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
-
-
-def _about(job_id: str) -> dict[str, str]:
-    """The ``extra`` of a log line about ``job_id``, logged where the context names another job (a final report
-    carried by the next job's claim) or none (the outbox's and the control listener's threads)."""
-    return {"job_id": job_id}
 
 
 @dataclass
@@ -82,9 +77,8 @@ class Inflight:
         with self._lock:
             for running in self._jobs.values():
                 if running.job_id in wanted and not running.cancel.is_set():
-                    log.info(
-                        "job %s: cancel requested by the control plane", running.job_id, extra=_about(running.job_id)
-                    )
+                    with log_context(job_id=running.job_id):  # the control listener's thread runs no job
+                        log.info("job %s: cancel requested by the control plane", running.job_id)
                     running.cancel.set()
 
 
@@ -239,7 +233,6 @@ class JobRunner:
                 report.attempt,
                 report.state,
                 exc,
-                extra=_about(report.job_id),
             )
         finally:
             self.inflight.discard(report.job_id, report.attempt)
@@ -309,25 +302,14 @@ class JobRunner:
         """Log what the control plane did with a final report carried by a claim; False when it could not record
         it for now (to be sent again). Once recorded or refused for good, the attempt leaves the running set."""
         status = outcome.get("status")
-        if status in RETRY_STATUSES or not isinstance(status, int):
-            log.warning(
-                "job %s: final state %s not recorded yet (%s)",
-                report.job_id,
-                report.state,
-                status,
-                extra=_about(report.job_id),
-            )
-            return False
-        if status == 200:
-            log.info("job %s attempt %d %s", report.job_id, report.attempt, report.state, extra=_about(report.job_id))
-        else:
-            log.warning(
-                "job %s: final state %s refused (%s)",
-                report.job_id,
-                report.state,
-                outcome.get("error"),
-                extra=_about(report.job_id),
-            )
+        with log_context(job_id=report.job_id):  # not the job whose claim carried it
+            if status in RETRY_STATUSES or not isinstance(status, int):
+                log.warning("job %s: final state %s not recorded yet (%s)", report.job_id, report.state, status)
+                return False
+            if status == 200:
+                log.info("job %s attempt %d %s", report.job_id, report.attempt, report.state)
+            else:
+                log.warning("job %s: final state %s refused (%s)", report.job_id, report.state, outcome.get("error"))
         self.inflight.discard(report.job_id, report.attempt)
         return True
 
@@ -336,9 +318,10 @@ class JobRunner:
 
         def send(lines: list[dict[str, Any]], first: int) -> None:
             body = {"attempt": attempt, "lines": lines, "first_line": first}
-            reply = self.client.call("POST", f"/jobs/{job_id}/logs", body)
-            if not reply.ok:
-                log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error, extra=_about(job_id))
+            with log_context(job_id=job_id):  # also in the log buffer's own thread, which runs no job
+                reply = self.client.call("POST", f"/jobs/{job_id}/logs", body)
+                if not reply.ok:
+                    log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error)
 
         return send
 
@@ -353,14 +336,14 @@ class JobRunner:
                 try:
                     send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE], first_line + start)
                 except ControlPlaneError as exc:  # the next batches would wait as long: the final state goes now
-                    log.error("job %s: %d log lines lost: %s", job_id, len(surplus) - start, exc, extra=_about(job_id))
+                    log.error("job %s: %d log lines lost: %s", job_id, len(surplus) - start, exc)
                     break
             first_line += len(surplus)
         reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, lines, first_line))
         if not reply.ok:
-            log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error, extra=_about(job_id))
+            log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)
             return f"refused: {reply.error}"
-        log.info("job %s attempt %d %s", job_id, attempt, state, extra=_about(job_id))
+        log.info("job %s attempt %d %s", job_id, attempt, state)
         return state
 
 

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispatch.logs import log_context
+
 log = logging.getLogger(__name__)
 
 
@@ -171,14 +173,10 @@ class Outbox:
     def _deliver_one(self, item: tuple[int, FinalReport]) -> None:
         """Deliver one report and settle it, whatever happens: one bad report never stops the others."""
         report = item[1]
-        try:
-            self._deliver(report)
-        except Exception:  # deliver logs what it knows (on the caller's thread after close, nothing more is caught)
-            log.exception(
-                "job %s: delivering the final state %s failed",
-                report.job_id,
-                report.state,
-                extra={"job_id": report.job_id},  # the outbox's threads run no job of their own
-            )
-        finally:
-            self.settle([item])
+        with log_context(job_id=report.job_id):  # the outbox's threads run no job of their own
+            try:
+                self._deliver(report)
+            except Exception:  # deliver logs what it knows (on the caller's thread after close, nothing more is caught)
+                log.exception("job %s: delivering the final state %s failed", report.job_id, report.state)
+            finally:
+                self.settle([item])

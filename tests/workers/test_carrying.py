@@ -11,6 +11,7 @@ import pytest
 
 from dispatch.logs import ContextFilter, log_context
 from tests.workers.support import envelope, line, running
+from tests.workers.test_client import client_for
 from workers.client import ControlPlaneError, Reply
 from workers.jobs import CARRIED_BYTES, LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner
 from workers.outbox import FinalReport
@@ -109,18 +110,33 @@ def test_a_carried_report_the_control_plane_refuses_is_logged_and_not_sent_again
 def test_a_carried_report_is_logged_under_its_own_job_not_the_job_whose_claim_carried_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.handler.addFilter(ContextFilter("agent"))  # what the agent's log handlers apply
     runner = busy_runner(Carrier())
     runner.run(envelope("j1"))
     with caplog.at_level("INFO", "workers.jobs"), log_context(job_id="j2"):  # as Celery's task hook binds it
         runner.run(envelope("j2"))
-        [record] = [r for r in caplog.records if r.getMessage() == "job j1 attempt 1 completed"]
-        ContextFilter("agent").filter(record)  # what the agent's log handlers apply: the context fills only gaps
+    [record] = [r for r in caplog.records if r.getMessage() == "job j1 attempt 1 completed"]
     assert record.job_id == "j1"  # type: ignore[attr-defined]
     caplog.clear()
     with caplog.at_level("INFO", "workers.jobs"):
         runner.outbox.flush(5)  # delivered alone, in the outbox's thread: no job in its context
     [record] = [r for r in caplog.records if r.getMessage() == "job j2 attempt 1 completed"]
     assert record.job_id == "j2"  # type: ignore[attr-defined]
+
+
+def test_the_clients_retries_of_a_final_report_delivered_alone_are_logged_under_its_job(
+    http_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    answers = iter([(503, {}, b"{}"), (200, {}, b'{"state": "completed"}')])
+    http_server.route("/api/v1/jobs/j1/claim", method="POST", body=lambda request: (200, {}, b"{}"))
+    http_server.route("/api/v1/jobs/j1/status", method="POST", body=lambda request: next(answers))
+    caplog.handler.addFilter(ContextFilter("agent"))
+    runner = JobRunner(client_for(http_server.url), Inflight())
+    with caplog.at_level("INFO"):
+        runner.run(envelope("j1"))  # an idle agent: its report goes at once, from the outbox's thread
+        assert runner.outbox.flush(10)
+    [retry] = [r for r in caplog.records if r.getMessage().startswith("POST /jobs/j1/status failed (HTTP 503)")]
+    assert retry.job_id == "j1"  # type: ignore[attr-defined]
 
 
 def test_a_claim_that_fails_gives_its_reports_back_to_be_delivered_alone() -> None:

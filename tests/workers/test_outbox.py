@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from dispatch.logs import ContextFilter
 from workers.outbox import FinalReport, Outbox
 
 
@@ -140,6 +141,7 @@ def test_a_report_whose_delivery_fails_does_not_stop_the_next(caplog: pytest.Log
             raise RuntimeError("boom")
         delivered.append(item.job_id)
 
+    caplog.handler.addFilter(ContextFilter("agent"))  # what the agent's log handlers apply
     outbox = Outbox(deliver)
     outbox.put(report("bad"))
     outbox.put(report("good"))
