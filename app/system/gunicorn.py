@@ -23,7 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from app.system.log_setup import TENANT_ENVIRON_KEY  # flask and the app's config; not prometheus_client
+
 JOB_PATH = re.compile(r"^/api/v1/jobs/(?P<job_id>[^/]+)")
+# gunicorn names each environ entry "{key}e" among the access line's atoms: the tenant the app left there.
+TENANT_ATOM = f"{{{TENANT_ENVIRON_KEY}}}e"
 TOO_LATE = (
     "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set, so each worker would count alone: "
     "set PROMETHEUS_MULTIPROC_DIR in the web process's environment, or import prometheus_client later"
@@ -52,12 +56,17 @@ def _check_not_imported_yet() -> None:
 
 
 def access_fields(record: logging.LogRecord) -> Mapping[str, Any]:
-    """The job of an access-log line of ``/api/v1/jobs/<job_id>/...`` (gunicorn logs it after the request)."""
+    """The job and tenant of an access-log line (gunicorn logs it after the request): the job of
+    ``/api/v1/jobs/<job_id>/...``, and the tenant the app left in the request's environ (``TENANT_ATOM``)."""
+    fields: dict[str, Any] = {}
     if record.name == "gunicorn.access" and isinstance(record.args, Mapping):
         match = JOB_PATH.match(str(record.args.get("U", "")))
         if match:
-            return {"job_id": match["job_id"]}
-    return {}
+            fields["job_id"] = match["job_id"]
+        tenant = record.args.get(TENANT_ATOM)
+        if isinstance(tenant, str):
+            fields["tenant_id"] = tenant
+    return fields
 
 
 def _logconfig() -> dict[str, Any]:

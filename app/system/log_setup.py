@@ -12,17 +12,30 @@ from flask import Flask, g, has_request_context, request
 from app.config import ConfigError
 from dispatch.logs import add_context_provider, component_for, configure_logging, connect_celery
 
+# The WSGI environ key under which a request leaves its tenant for gunicorn's access line, which is written after
+# the app is done with the request (app.system.gunicorn reads it back).
+TENANT_ENVIRON_KEY = "automation.tenant_id"
+
+
+def _request_tenant() -> str | None:
+    """The tenant of the current request: the caller's, or the one of ``/tenants/<tenant_id>`` (None if neither)."""
+    caller = g.get("principal")
+    return caller.tenant_id if caller is not None else (request.view_args or {}).get("tenant_id")
+
 
 def request_fields(_record: logging.LogRecord) -> Mapping[str, Any]:
     """The job (``/jobs/<job_id>/...``) and the tenant (the caller's, or ``/tenants/<tenant_id>``) of a request."""
     if not has_request_context():
         return {}
-    args = request.view_args or {}
-    caller = g.get("principal")
-    return {
-        "job_id": args.get("job_id"),
-        "tenant_id": caller.tenant_id if caller is not None else args.get("tenant_id"),
-    }
+    return {"job_id": (request.view_args or {}).get("job_id"), "tenant_id": _request_tenant()}
+
+
+def _leave_tenant_for_access_line(_error: BaseException | None) -> None:
+    """Put the request's tenant, if known, in its WSGI environ, where gunicorn's access line finds it (a teardown: it
+    runs after refused and failed requests too)."""
+    tenant = _request_tenant()
+    if tenant is not None:
+        request.environ[TENANT_ENVIRON_KEY] = tenant
 
 
 def init_logging(app: Flask) -> None:
@@ -32,6 +45,7 @@ def init_logging(app: Flask) -> None:
     ``celery beat`` the ``scheduler``, ``celery flower`` ``flower``, anything else ``cli``.
     """
     add_context_provider(request_fields)
+    app.teardown_request(_leave_tenant_for_access_line)
     if app.testing or logging.getLogger().handlers:
         return
     try:

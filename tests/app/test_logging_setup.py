@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask, g
@@ -16,6 +17,7 @@ from flask import Flask, g
 from app import create_app
 from app.auth.tokens import Principal
 from app.config import ConfigError
+from app.system.log_setup import TENANT_ENVIRON_KEY
 from dispatch.logs import (
     FIELDS,
     _celery_fields,
@@ -26,6 +28,7 @@ from dispatch.logs import (
     log_context,
 )
 from tests.app.conftest import config
+from tests.app.support import auth, token
 
 JOB = "0b7e2c8e-4d0f-4a6e-9c51-2f1f5c0de001"
 log = logging.getLogger("tests.logging")
@@ -85,6 +88,23 @@ def test_a_request_gives_its_lines_the_job_and_the_callers_tenant(
     claimed, listed = lines(capsys.readouterr().err)[-2:]
     assert claimed["job_id"] == JOB and claimed["tenant_id"] == "acme" and claimed["component"] == "web"
     assert listed["job_id"] is None and listed["tenant_id"] == "globex"
+
+
+def test_a_request_leaves_its_callers_tenant_for_the_access_line(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    environs: list[dict[str, Any]] = []  # each request's WSGI environ, as the server (gunicorn) keeps it
+    inner = app.wsgi_app
+
+    def server(environ: dict[str, Any], start_response: Any) -> Any:
+        environs.append(environ)
+        return inner(environ, start_response)
+
+    monkeypatch.setattr(app, "wsgi_app", server)
+    client = app.test_client()
+    assert client.get(f"/api/v1/jobs/{JOB}", headers=auth(token("acme", "operator"))).status_code == 404
+    assert client.get(f"/api/v1/jobs/{JOB}").status_code == 401
+    known, refused = environs
+    assert known[TENANT_ENVIRON_KEY] == "acme"  # gunicorn's access line reads it (tests/app/test_metrics.py)
+    assert TENANT_ENVIRON_KEY not in refused
 
 
 def test_celery_lines_carry_the_job_of_their_task(structured: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
+from app.auth.tokens import issue_token
 from app.config import ConfigError
 from app.extensions import db
 from tests.app.conftest import config
@@ -190,8 +191,12 @@ def test_counters_are_added_up_across_gunicorn_workers(tmp_path: Path) -> None:
         for _ in range(20):
             assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok
         sent += 20
-        job = "0b7e2c8e-4d0f-4a6e-9c51-2f1f5c0de001"
+        job, other = "0b7e2c8e-4d0f-4a6e-9c51-2f1f5c0de001", "0b7e2c8e-4d0f-4a6e-9c51-2f1f5c0de002"
         assert requests.get(f"http://127.0.0.1:{port}/api/v1/jobs/{job}", timeout=5).status_code == 401
+        operator = {"Authorization": f"Bearer {issue_token('w' * 40, tenant_id='acme', role='operator')}"}
+        assert (
+            requests.get(f"http://127.0.0.1:{port}/api/v1/jobs/{other}", headers=operator, timeout=5).status_code == 404
+        )
         samples = parse(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
         pids = {path.stem.split("_")[-1] for path in metrics_dir.glob("counter_*.db")}
     finally:
@@ -202,4 +207,6 @@ def test_counters_are_added_up_across_gunicorn_workers(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "web.log").read_text().splitlines() if line.startswith("{")]
     assert records and all(record["component"] == "web" for record in records)
     [access] = [r for r in records if r["logger"] == "gunicorn.access" and f"/api/v1/jobs/{job}" in r["message"]]
-    assert access["job_id"] == job
+    assert access["job_id"] == job and access["tenant_id"] is None  # refused before anyone was known
+    [known] = [r for r in records if r["logger"] == "gunicorn.access" and f"/api/v1/jobs/{other}" in r["message"]]
+    assert known["job_id"] == other and known["tenant_id"] == "acme"  # the caller's tenant, left by the app
