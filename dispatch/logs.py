@@ -34,6 +34,9 @@ _TASK_ID = re.compile(r"^(?P<job_id>[0-9a-fA-F-]{36}):\d+$")  # dispatch.contrac
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _DROPPED = frozenset({"data"})  # Celery's extra: the message's fields again, with the task's whole arguments
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+# The WSGI environ entry where the control plane leaves a request's tenant for the web server's access line, which
+# is written after the app is done with the request (app.system.log_setup sets it, app.system.gunicorn reads it).
+REQUEST_TENANT_KEY = "automation.tenant_id"
 _context: ContextVar[Mapping[str, Any]] = ContextVar("automation_log_context", default=_EMPTY)
 _providers: list[Provider] = []
 _configured: dict[str, Any] = {"component": "app", "fmt": "json", "level": "INFO", "static": {}}
@@ -48,6 +51,12 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+def job_fields(job_id: str, tenant_id: str) -> dict[str, str]:
+    """The ``extra`` of one line about a job that the code logging it is not running (a dispatcher's task, a final
+    report carried by another job's claim)."""
+    return {"job_id": job_id, "tenant_id": tenant_id}
 
 
 def bind(**fields: Any) -> Token[Mapping[str, Any]]:

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery
 
 from dispatch.contract import RUN_JOB_TASK, agent_queue, celery_priority, shared_queue, task_id
+from dispatch.logs import job_fields
 from dispatch.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Publisher:
                 message.job_id,
                 message.attempt,
                 exc,
-                extra={"job_id": message.job_id, "tenant_id": message.tenant},
+                extra=job_fields(message.job_id, message.tenant),
             )
             try:
                 self._send(message)
@@ -139,5 +140,5 @@ class Publisher:
             message.job_id,
             message.attempt,
             message.queue,
-            extra={"job_id": message.job_id, "tenant_id": message.tenant},
+            extra=job_fields(message.job_id, message.tenant),
         )

@@ -27,6 +27,7 @@ from app.jobs.models import Job, JobAttempt
 from app.jobs.receipts import Receipts
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
 from dispatch.contract import control_channel
+from dispatch.logs import job_fields
 from dispatch.publish import JobMessage, Publisher, PublishError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _RECEIPTS_MADE = threading.Lock()
 def _about(job: Job) -> dict[str, str]:
     """The ``extra`` of a log line about ``job``: logged by the dispatcher's tasks (no job of their own) or while a
     request names another job (a final report carried by the next job's claim)."""
-    return {"job_id": job.id, "tenant_id": job.tenant_id}
+    return job_fields(job.id, job.tenant_id)
 
 
 def _publisher() -> Publisher | None:

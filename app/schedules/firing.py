@@ -28,6 +28,7 @@ from app.jobs.schemas import JobSubmit
 from app.jobs.states import ACTIVE_STATES
 from app.schedules import cron
 from app.schedules.models import Overlap, RunState, Schedule, ScheduleRun
+from dispatch.logs import job_fields
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def submit_run(*, schedule: Schedule, run: ScheduleRun) -> int:
         schedule.id,
         run.scheduled_for.isoformat(),
         job.id,
-        extra={"job_id": job.id, "tenant_id": job.tenant_id},  # the scheduler runs no job of its own
+        extra=job_fields(job.id, job.tenant_id),  # the scheduler runs no job of its own
     )
     dispatching.deliver(job, actor=ACTOR)  # committed first; if this fails, the sweeper sends it
     return 1

@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from app.system.log_setup import TENANT_ENVIRON_KEY  # flask and the app's config; not prometheus_client
+from dispatch.logs import REQUEST_TENANT_KEY  # standard library only: imports nothing that reads the metrics dir
 
 JOB_PATH = re.compile(r"^/api/v1/jobs/(?P<job_id>[^/]+)")
 # gunicorn names each environ entry "{key}e" among the access line's atoms: the tenant the app left there.
-TENANT_ATOM = f"{{{TENANT_ENVIRON_KEY}}}e"
+TENANT_ATOM = f"{{{REQUEST_TENANT_KEY}}}e"
 TOO_LATE = (
     "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set, so each worker would count alone: "
     "set PROMETHEUS_MULTIPROC_DIR in the web process's environment, or import prometheus_client later"

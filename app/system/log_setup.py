@@ -10,11 +10,7 @@ from typing import Any
 from flask import Flask, g, has_request_context, request
 
 from app.config import ConfigError
-from dispatch.logs import add_context_provider, component_for, configure_logging, connect_celery
-
-# The WSGI environ key under which a request leaves its tenant for gunicorn's access line, which is written after
-# the app is done with the request (app.system.gunicorn reads it back).
-TENANT_ENVIRON_KEY = "automation.tenant_id"
+from dispatch.logs import REQUEST_TENANT_KEY, add_context_provider, component_for, configure_logging, connect_celery
 
 
 def _request_tenant() -> str | None:
@@ -35,7 +31,7 @@ def _leave_tenant_for_access_line(_error: BaseException | None) -> None:
     runs after refused and failed requests too)."""
     tenant = _request_tenant()
     if tenant is not None:
-        request.environ[TENANT_ENVIRON_KEY] = tenant
+        request.environ[REQUEST_TENANT_KEY] = tenant
 
 
 def init_logging(app: Flask) -> None:

@@ -17,9 +17,9 @@ from flask import Flask, g
 from app import create_app
 from app.auth.tokens import Principal
 from app.config import ConfigError
-from app.system.log_setup import TENANT_ENVIRON_KEY
 from dispatch.logs import (
     FIELDS,
+    REQUEST_TENANT_KEY,
     _celery_fields,
     _task_finished,
     _task_started,
@@ -103,8 +103,8 @@ def test_a_request_leaves_its_callers_tenant_for_the_access_line(app: Flask, mon
     assert client.get(f"/api/v1/jobs/{JOB}", headers=auth(token("acme", "operator"))).status_code == 404
     assert client.get(f"/api/v1/jobs/{JOB}").status_code == 401
     known, refused = environs
-    assert known[TENANT_ENVIRON_KEY] == "acme"  # gunicorn's access line reads it (tests/app/test_metrics.py)
-    assert TENANT_ENVIRON_KEY not in refused
+    assert known[REQUEST_TENANT_KEY] == "acme"  # gunicorn's access line reads it (tests/app/test_metrics.py)
+    assert REQUEST_TENANT_KEY not in refused
 
 
 def test_celery_lines_carry_the_job_of_their_task(structured: None, capsys: pytest.CaptureFixture[str]) -> None:
