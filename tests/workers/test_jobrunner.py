@@ -24,10 +24,12 @@ class Recorder:
         self.claims = claims or []
         self.opened = threading.Event()
         self.opened.set()
+        self.delivering = threading.Event()  # a final state's request has begun (and waits for ``opened``)
         self.fail_status = False
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Reply:
         if path.endswith("/status"):
+            self.delivering.set()
             assert self.opened.wait(10)
             if self.fail_status:
                 raise ControlPlaneError("POST /status failed 9 times; last: HTTP 503")
@@ -90,6 +92,9 @@ def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
     recorder.opened.clear()
     assert runner.run(envelope("j1")) == "completed"  # its final state waits: j1 still counts as running
+    # The outbox's thread has taken j1's final state: j2's claim cannot carry it (a claim carrying it would be
+    # answered with its outcome, and the project would have room).
+    assert recorder.delivering.wait(5)
     threading.Timer(0.2, recorder.opened.set).start()
     assert runner.run(envelope("j2")) == "completed"
     assert slept == []  # claimed again as soon as j1 was reported, without the wait of a project at capacity
