@@ -101,18 +101,20 @@ def wait_for(check: object, timeout: float = 5) -> bool:
 
 
 def test_flush_waits_only_for_the_reports_handed_over_before_it() -> None:
-    first, second = threading.Event(), threading.Event()
+    first, second, begun = threading.Event(), threading.Event(), threading.Event()
     delivered: list[str] = []
 
     def deliver(item: FinalReport) -> None:
+        if item.job_id == "j1":
+            begun.set()
         assert (first if item.job_id == "j1" else second).wait(10)
         delivered.append(item.job_id)
 
     outbox = Outbox(deliver, limit=2)
-    outbox.put(report("j1"))
+    outbox.put(report("j1"), linger=60)  # only the flush makes it due
     flushed: list[bool] = []
     flusher = in_thread(lambda: flushed.append(outbox.flush(5)))
-    time.sleep(0.3)  # the flush has begun (it waits for j1)
+    assert begun.wait(5)  # so the flush has begun, and knows what it waits for: j1
     outbox.put(report("j2"))  # handed over after the flush began: not waited for
     first.set()
     flusher.join(5)
