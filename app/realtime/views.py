@@ -92,15 +92,16 @@ def events(job_id: str) -> Response:
         lifetime=float(config["SSE_MAX_SECONDS"]),
         reread=service.reread,
     )
+    opened = False
     try:
         stream.open()
-    except BaseException as exc:
-        if slots is not None:
-            slots.release()
-        if not isinstance(exc, redis.RedisError | OSError):
-            raise
+        opened = True
+    except (redis.RedisError, OSError) as exc:
         log.warning("cannot stream the events of job %s: %s", job_id, exc)
         raise ServiceUnavailable(VALKEY_DOWN, code="events_unavailable") from None
+    finally:
+        if not opened and slots is not None:
+            slots.release()  # whatever stopped the stream: its slot is free again
     response = Response(stream_with_context(stream.frames()), mimetype="text/event-stream", headers=STREAM_HEADERS)
     response.call_on_close(stream.close)
     if slots is not None:

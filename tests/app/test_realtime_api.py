@@ -21,6 +21,7 @@ from app.jobs.models import Job
 from app.jobs.states import JobState, transition
 from app.realtime import check_settings
 from app.realtime.events import note_task
+from app.realtime.views import VALKEY_DOWN
 from dispatch.realtime import history_key, job_channel
 from dispatch.signing import generate_keypair
 from tests.app.support import SECRET, Api, MakeApp, Tenant
@@ -271,6 +272,18 @@ def test_streams_beyond_sse_max_streams_are_refused_until_one_ends(
     again = stream(api, acme.running, viewer)
     assert again.status_code == 200
     again.close()
+
+
+def test_a_stream_that_cannot_reach_valkey_is_refused_and_gives_its_slot_back(
+    make_app: MakeApp, world: dict[str, Tenant]
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = make_app(VALKEY_URL=nowhere, JOB_SIGNING_KEY=generate_keypair()[0], SSE_MAX_STREAMS=1)
+    acme, api = world["acme"], Api(app.test_client())
+    for _ in range(2):  # the second finds the one slot free again
+        response = stream(api, acme.running, acme.tokens["viewer"])
+        assert response.status_code == 503 and response.json["error"] == "events_unavailable"
+        assert response.json["message"] == VALKEY_DOWN
 
 
 def test_sse_max_streams_0_serves_no_stream(
