@@ -138,8 +138,10 @@ def test_a_busy_agent_sends_its_task_events_a_few_at_a_time_and_flower_sees_them
     for job_id in ids:
         for kind in ("task-received", "task-started", "task-succeeded"):
             assert (f"{job_id}:1", kind) in sent, f"no {kind} event for job {job_id}"
-    # One message per event would be 60 here (Celery's own pace for a worker running short jobs back to back).
-    assert len(messages) <= len(events) / 2, f"{len(events)} task events in {len(messages)} messages"
+    # One message per event would be 60 here (Celery's own pace for a worker running short jobs back to back: 57
+    # measured). Paced, it is a few (6 measured); even jobs slow enough (0.2 s each on a loaded machine) for
+    # each one's last event to go alone still send their first two together: two messages for three events.
+    assert len(messages) <= len(events) * 2 / 3, f"{len(events)} task events in {len(messages)} messages"
     done = eventually(
         lambda: all(tasks(flower).get(f"{job_id}:1", {}).get("state") == "SUCCESS" for job_id in ids),
         what="Flower seeing every job's task succeed",

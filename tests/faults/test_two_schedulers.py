@@ -82,7 +82,11 @@ def test_two_schedulers_fire_every_run_of_a_schedule_exactly_once(platform: Plat
     wait_until(lambda: len(fired()) >= 5, timeout=30, what="five fired runs")
     paused = platform.api("PUT", path, operator, {"paused": True})
     assert paused.status_code == 200 and paused.json()["next_run_at"] is None
-    time.sleep(1)  # a run recorded just before the pause gets its job linked
+    wait_until(  # a run recorded just before the pause gets its job linked
+        lambda: all(r["job_id"] for r in platform.api("GET", path, operator).json()["runs"]),
+        timeout=30,
+        what="every recorded run's job",
+    )
 
     schedule = platform.api("GET", path, operator).json()
     recorded = sorted(schedule["runs"], key=lambda r: r["scheduled_for"])

@@ -104,11 +104,12 @@ def test_run_timeout_limits_the_whole_run(workflow_file):
 def test_an_interrupt_cancels_the_run_and_exits_130(workflow_file):
     path = workflow_file("name: t\ntasks:\n  - {name: a, type: command, config: {command: sleep, args: ['30']}}\n")
     proc = subprocess.Popen([*PROBE, "run", path], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the task has started: the run's interrupt handler is in place
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 130
-    assert "cancelled" in out
+    assert first.strip() and proc.returncode == 130
+    assert "cancelled" in first + out
 
 
 def test_validate_reports_every_error_of_every_file(tmp_path: Path):

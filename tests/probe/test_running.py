@@ -179,7 +179,11 @@ def test_a_run_time_timeout_shortens_the_workflow_timeout(run_yaml):
 
 def test_cancel_stops_the_running_task_and_cancels_the_rest(run_yaml):
     cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
+
+    def on_event(event: dict) -> None:  # cancel 0.2 s into the long task, however long "ok" took
+        if event["event"] == "task_started" and event["task"] == "long":
+            threading.Timer(0.2, cancel.set).start()
+
     started = time.monotonic()
     result = run_yaml(
         """\
@@ -190,6 +194,7 @@ def test_cancel_stops_the_running_task_and_cancels_the_rest(run_yaml):
           - {name: later, type: command, config: {command: "true"}}
         """,
         cancel=cancel,
+        on_event=on_event,
     )
     assert time.monotonic() - started < 2.5
     assert result.status is probe.Status.CANCELLED
@@ -393,13 +398,18 @@ class _Crashing(TaskType):
         raise ZeroDivisionError("oops")
 
 
+MEETING: list[threading.Barrier] = []  # where test-where tasks with ``meet`` wait for each other
+
+
 class _Where(TaskType):
-    """A task that says which thread ran it, after waiting ``seconds``."""
+    """A task that says which thread ran it, after waiting ``seconds`` (or, with ``meet``, for the others)."""
 
     name = "test-where"
-    options = {"seconds": Option("number", default=0)}
+    options = {"seconds": Option("number", default=0), "meet": Option("boolean", default=False)}
 
     def run(self, config: dict, ctx: TaskContext) -> Outcome:
+        if config["meet"]:
+            MEETING[0].wait(10)
         time.sleep(config["seconds"])
         return Outcome(True, str(threading.get_ident()))
 
@@ -447,8 +457,9 @@ def test_runs_one_after_another_reuse_the_thread_of_the_last_and_never_an_abando
     assert thread_of(run_yaml(where)) == after
 
 
-def test_runs_at_the_same_time_each_have_a_thread_of_their_own(run_yaml, test_types):
-    where = "name: w\ntasks:\n  - {name: a, type: test-where, config: {seconds: 0.3}}\n"
+def test_runs_at_the_same_time_each_have_a_thread_of_their_own(run_yaml, test_types, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.MEETING", [threading.Barrier(3)])  # no run ends before all three run
+    where = "name: w\ntasks:\n  - {name: a, type: test-where, config: {meet: true}}\n"
     threads: list[int] = []
     runs = [threading.Thread(target=lambda: threads.append(thread_of(run_yaml(where)))) for _ in range(3)]
     for run in runs:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import probe
+from workers import logship
 from workers.logship import LogBuffer, lines_from_event
 
 SECRET = "pa55-w0rd-very-secret"
@@ -168,10 +169,14 @@ def test_a_job_that_ends_before_its_lines_are_due_starts_no_thread(monkeypatch: 
     monkeypatch.setattr("workers.logship.threading.Thread", Counted)
     receiver = Receiver()
     buffer = LogBuffer(receiver, batch_lines=100, max_delay=0.05)
-    buffer.add([line(1)])
-    buffer.add([line(2)])
-    assert buffer.drain() == [line(1), line(2)]
-    time.sleep(0.2)  # the alarm rings a drained buffer: nothing more happens
+    with logship._ALARM._changed:  # the alarm cannot ring before the job ends, however slow this thread is
+        buffer.add([line(1)])
+        buffer.add([line(2)])
+        assert buffer.drain() == [line(1), line(2)]
+    deadline = time.monotonic() + 5
+    while buffer._alarm_set and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not buffer._alarm_set  # the alarm rang the drained buffer: nothing more happens
     assert "logship" not in started and receiver.tried == []
 
 
