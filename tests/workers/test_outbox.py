@@ -45,7 +45,7 @@ def test_put_returns_before_the_report_is_delivered_and_another_thread_delivers_
     outbox.put(report("j1"))
     assert gate.started.wait(5) and gate.delivered == []
     gate.opened.set()
-    outbox.flush(5)  # its result: the thread, woken, may have been done before this call
+    outbox.flush(5)  # not asserted: the woken thread may be done before this call (flush then returns False)
     assert gate.delivered == ["j1"] and gate.threads == {"agent-reports-0"}
 
 
