@@ -169,7 +169,9 @@ def test_a_job_that_ends_before_its_lines_are_due_starts_no_thread(monkeypatch: 
     monkeypatch.setattr("workers.logship.threading.Thread", Counted)
     receiver = Receiver()
     buffer = LogBuffer(receiver, batch_lines=100, max_delay=0.05)
-    with logship._ALARM._changed:  # the alarm cannot ring before the job ends, however slow this thread is
+    # Holding the alarm's lock, its thread cannot ring before the job ends, however slow this thread is. The lock
+    # is reentrant (a Condition's default), so add() can still set the alarm under it.
+    with logship._ALARM._changed:
         buffer.add([line(1)])
         buffer.add([line(2)])
         assert buffer.drain() == [line(1), line(2)]
