@@ -10,11 +10,7 @@ import argparse
 import logging
 import sys
 
-from dispatch.logs import configure_logging, connect_celery
-from workers.app import make_agent
-from workers.client import ControlPlaneError
-from workers.heartbeat import register
-from workers.settings import SettingsError, load_settings, scrub_environment
+from workers.settings import SettingsError, hide_credentials, load_settings, scrub_environment
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +18,17 @@ log = logging.getLogger(__name__)
 def run_agent(args: argparse.Namespace) -> int:
     """Start the agent in the foreground; returns when the worker stops."""
     try:
+        hide_credentials()  # first: it may start this process again, before anything heavy is imported
         settings = load_settings()
     except SettingsError as exc:
         print(f"automation agent: {exc}", file=sys.stderr)
         return 2
+    # Imported here, not above: what hide_credentials may start again should not have been loaded twice.
+    from dispatch.logs import configure_logging, connect_celery
+    from workers.app import make_agent
+    from workers.client import ControlPlaneError
+    from workers.heartbeat import register
+
     try:
         configure_logging(
             component="agent", level=settings.log_level, fmt=settings.log_format, tenant_id=settings.tenant_id

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 # The agent's own credentials: removed from its environment once read, so that no workflow (a command's
-# inherited environment, a {{.NAME}} placeholder) can see them. AGENT_SCRUB_ENV names more, comma-separated.
+# inherited environment, a {{.NAME}} placeholder) can see them, and on Linux kept out of the environment the
+# process was started with (``hide_credentials``). AGENT_SCRUB_ENV names more, comma-separated.
 CREDENTIALS = ("JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY", "AGENT_SCRUB_ENV")
 
 REQUIRED = ("CONTROL_PLANE_URL", "TENANT_ID", "PROJECT_ID", "AGENT_ID", "JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY")
@@ -110,9 +113,68 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name} must be true or false, got {environ.get(name)!r}")
 
 
+def _secret_names(environ: Mapping[str, str]) -> list[str]:
+    """The agent's credentials and the variables AGENT_SCRUB_ENV names."""
+    extra = [name.strip() for name in environ.get("AGENT_SCRUB_ENV", "").split(",") if name.strip()]
+    return [*extra, *CREDENTIALS]
+
+
 def scrub_environment(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Remove the agent's credentials (and the variables AGENT_SCRUB_ENV names) from ``environ``; return them."""
     env = os.environ if environ is None else environ
-    extra = [name.strip() for name in env.get("AGENT_SCRUB_ENV", "").split(",") if name.strip()]
-    removed = [name for name in (*extra, *CREDENTIALS) if env.pop(name, None) is not None]
-    return removed
+    return [name for name in _secret_names(env) if env.pop(name, None) is not None]
+
+
+HANDOVER = "AGENT_CREDENTIALS_FD"  # set only by hide_credentials, for the image it starts
+
+
+def hide_credentials() -> None:
+    """On Linux, keep the agent's credentials out of ``/proc/<pid>/environ``; call first thing in the entry point.
+
+    ``scrub_environment`` keeps them from the processes the agent starts, but Linux goes on showing the environment
+    a process was started with to every process of the same user (``/proc/<pid>/environ``, ``ps e``): a workflow
+    that collects those for a diagnosis would put the agent's token in its output. So an agent started with
+    credentials in its environment starts itself again (``execve``: the same process, the same pid) without them,
+    and hands them over in an anonymous memory file (``memfd_create``) named by ``AGENT_CREDENTIALS_FD``; the new
+    image reads them back into ``os.environ``, which /proc does not show, and closes the file. Elsewhere (Windows,
+    macOS) this does nothing. Raises ``SettingsError`` when a handover cannot be read.
+    """
+    handed = os.environ.pop(HANDOVER, None)
+    if handed is not None:
+        os.environ.update(_take_handover(handed))
+        return
+    secrets = {name: os.environ[name] for name in _secret_names(os.environ) if name in os.environ}
+    if not secrets or not hasattr(os, "memfd_create") or not sys.executable:
+        return
+    environment = {name: value for name, value in os.environ.items() if name not in secrets}
+    fd = -1
+    try:
+        fd = os.memfd_create("agent-credentials", 0)
+        os.set_inheritable(fd, True)  # the new image's
+        with os.fdopen(os.dup(fd), "wb") as handover:
+            handover.write(json.dumps(secrets).encode())
+        environment[HANDOVER] = str(fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)  # noqa: S606 - this agent again
+    except OSError as exc:  # the agent still runs, its credentials kept from its workflows' environment only
+        if fd >= 0:
+            os.close(fd)
+        print(f"automation agent: could not restart without credentials in its environment: {exc}", file=sys.stderr)
+
+
+def _take_handover(handed: str) -> dict[str, str]:
+    """The credentials ``hide_credentials`` handed over in the file descriptor ``handed``, which it closes."""
+    try:
+        fd = int(handed)
+    except ValueError:
+        raise SettingsError(f"{HANDOVER} must be a file descriptor, got {handed!r}") from None
+    try:
+        with os.fdopen(fd, "rb") as handover:
+            handover.seek(0)
+            secrets = json.loads(handover.read())
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"cannot read the credentials handed over in {HANDOVER}={handed}: {exc}") from None
+    if not isinstance(secrets, dict) or not all(isinstance(v, str) for v in (*secrets, *secrets.values())):
+        raise SettingsError(f"the credentials handed over in {HANDOVER}={handed} are not a map of strings")
+    return secrets

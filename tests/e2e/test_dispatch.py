@@ -419,6 +419,15 @@ def test_a_workflow_cannot_read_the_agents_credentials(platform: Platform):
     )
     job = platform.wait_for(operator, platform.submit(operator, snoop)["job_id"])
     assert job["tasks"][0]["output"] == "token=none broker=none\n"
+    # Linux shows the environment a process was started with to every process of its user (`ps e`, /proc): the
+    # agent, started with its credentials, must not show them there either. The task's parent is the agent.
+    started_with = snoop.replace(
+        "echo token=${JWT_TOKEN:-none} broker=${VALKEY_URL:-none}", "tr '\\\\0' '\\\\n' < /proc/$PPID/environ"
+    )
+    job = platform.wait_for(operator, platform.submit(operator, started_with)["job_id"])
+    shown = job["tasks"][0]["output"]
+    assert job["state"] == "completed" and "CONTROL_PLANE_URL=" in shown, job
+    assert agent_token not in shown and "JWT_TOKEN" not in shown and "VALKEY_URL" not in shown, shown
     placeholder = snoop.replace("echo token=${JWT_TOKEN:-none} broker=${VALKEY_URL:-none}", "echo {{.JWT_TOKEN}}")
     reply = platform.api("POST", "/jobs", operator, {"workflow": placeholder})
     if reply.status_code == 201:  # the control plane may not know the name; the agent must not resolve it

@@ -1,11 +1,19 @@
-"""The agent's settings from its environment: required variables, numbers and switches."""
+"""The agent's settings from its environment: required variables, numbers and switches; its credentials kept out of
+the environment it was started with."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dispatch.contract import agent_acl
-from workers.settings import SettingsError, load_settings
+from workers.settings import CREDENTIALS, SettingsError, hide_credentials, load_settings
 
 BASE = {
     "CONTROL_PLANE_URL": "https://cp.example",
@@ -44,3 +52,62 @@ def test_the_acl_of_an_agent_names_only_its_own_queues_keys_and_channels() -> No
     assert "+keys" not in rules and "+scan" not in rules and "+flushall" not in rules
     with pytest.raises(ValueError, match="agent id"):
         agent_acl("acme", "web", "a1 ~*", "linux", "pw")
+
+
+# What a process shows of itself after hide_credentials: the environment it was started with (what /proc and `ps e`
+# show every process of its user), what it holds in os.environ, its pid, and its open memory files.
+SHOW_SELF = """
+import json, os, sys
+before = os.getpid()
+from workers.settings import hide_credentials
+hide_credentials()
+fds = [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}")]
+print(json.dumps({
+    "started_with": open("/proc/self/environ", "rb").read().decode(),
+    "environ": dict(os.environ),
+    "pid": os.getpid(),
+    "memfds": [target for target in fds if target.startswith("/memfd:")],
+}))
+"""
+
+
+def _show_self(**env: str) -> dict[str, Any]:
+    base = {k: v for k, v in os.environ.items() if k not in CREDENTIALS and k != "AGENT_CREDENTIALS_FD"}
+    done = subprocess.run(
+        [sys.executable, "-c", SHOW_SELF], env={**base, **env}, capture_output=True, text=True, timeout=60, check=True
+    )
+    shown: dict[str, Any] = json.loads(done.stdout)
+    return shown
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/environ is Linux's")
+def test_the_agents_credentials_are_not_in_the_environment_it_was_started_with() -> None:
+    secrets = {"JWT_TOKEN": "secret-token", "VALKEY_URL": "redis://:pw@valkey:6379/0", "JOB_VERIFY_KEY": "key"}
+    shown = _show_self(**secrets, AGENT_SCRUB_ENV="CLOUD_KEY", CLOUD_KEY="cloud-secret", TENANT_ID="acme")
+    for name, value in [*secrets.items(), ("CLOUD_KEY", "cloud-secret")]:
+        assert value not in shown["started_with"] and name not in shown["started_with"], name
+        assert shown["environ"][name] == value  # for load_settings, until scrub_environment removes it
+    assert "TENANT_ID=acme" in shown["started_with"] and shown["environ"]["TENANT_ID"] == "acme"
+    assert "AGENT_CREDENTIALS_FD" not in shown["environ"] and shown["memfds"] == []  # read, then closed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/environ is Linux's")
+def test_an_agent_started_without_credentials_is_not_started_again() -> None:
+    shown = _show_self(TENANT_ID="acme")
+    assert "AGENT_CREDENTIALS_FD" not in shown["environ"] and "TENANT_ID=acme" in shown["started_with"]
+
+
+def test_a_handover_that_cannot_be_read_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AGENT_CREDENTIALS_FD", "three")
+    with pytest.raises(SettingsError, match="AGENT_CREDENTIALS_FD must be a file descriptor"):
+        hide_credentials()
+    not_json = tmp_path / "handover"
+    not_json.write_text("JWT_TOKEN=t")
+    monkeypatch.setenv("AGENT_CREDENTIALS_FD", str(os.open(not_json, os.O_RDONLY)))
+    with pytest.raises(SettingsError, match="cannot read the credentials handed over"):
+        hide_credentials()
+    monkeypatch.setenv("AGENT_CREDENTIALS_FD", str(os.open(not_json, os.O_RDONLY)))
+    not_json.write_text('["JWT_TOKEN"]')
+    with pytest.raises(SettingsError, match="not a map of strings"):
+        hide_credentials()
+    assert "JWT_TOKEN" not in os.environ
