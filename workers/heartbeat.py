@@ -59,6 +59,7 @@ class Heartbeat(threading.Thread):
         self.client, self.settings, self.inflight = client, settings, inflight
         self.stopping = threading.Event()
         self.wake = threading.Event()
+        self.lease_checked = False
 
     def beat(self) -> None:
         """Send one heartbeat and act on the reply."""
@@ -71,8 +72,23 @@ class Heartbeat(threading.Thread):
         )
         if reply.ok:
             self.inflight.cancel(list(reply.body.get("cancel") or []))
+            self._check_lease(reply.body.get("lease_seconds"))
         else:
             log.warning("heartbeat refused: HTTP %s %s", reply.status, reply.body.get("message", ""))
+
+    def _check_lease(self, lease: object) -> None:
+        """Warn once when this agent beats less than twice per lease of the control plane: a running job's lease
+        could then run out between two heartbeats, and the reaper would mark its attempt lost."""
+        if self.lease_checked or not isinstance(lease, int | float):
+            return
+        self.lease_checked = True
+        if 2 * self.settings.heartbeat_interval > lease:
+            log.warning(
+                "HEARTBEAT_INTERVAL %g s is more than half the control plane's lease of %g s (LEASE_SECONDS): "
+                "a running job's lease may run out between two heartbeats and its attempt be marked lost",
+                self.settings.heartbeat_interval,
+                lease,
+            )
 
     def run(self) -> None:
         """Beat until stopped; a failed beat is logged and the next one tried on time."""

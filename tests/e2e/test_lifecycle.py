@@ -28,6 +28,11 @@ def test_cancelling_a_running_job_stops_it_within_five_seconds_and_keeps_the_fin
     tenant, project = platform.tenant()
     # A long heartbeat: the cancel must arrive through the direct control message, not the next beat.
     platform.start_agent(tenant, project, "x1", HEARTBEAT_INTERVAL="60")
+    # ... longer than half the platform's 4 s lease: the agent says so after its first heartbeat
+    wait_until(
+        lambda: "more than half the control plane's lease of 4 s" in platform.log(f"agent-{tenant}-x1"),
+        what="the warning",
+    )
     operator = platform.token("operator", tenant, project)
     marker = f"cancel-me-{tenant}"
     workflow = textwrap.dedent(
