@@ -243,7 +243,7 @@ def start_valkey(procs: Processes, state: Path) -> str:
 def start_flower(procs: Processes, env: dict[str, str]) -> str:
     """Start the Procfile's flower on loopback if the flower package is installed; return a line saying where."""
     if importlib.util.find_spec("flower") is None:
-        return "Flower (the Celery dashboard) is not installed: `pip install flower` adds it to the demo."
+        return "Flower (the Celery dashboard) is missing from this environment: `pip install -e .` installs it."
     port = preferred_port("DEMO_FLOWER_PORT", 5555, "Flower")
     OUT.step(f"starting flower on 127.0.0.1:{port}…")
     login = f"demo:{secrets.token_urlsafe(12)}"

@@ -72,7 +72,7 @@ class JobListQuery(Page):
     agent_id: str | None = None
 
 
-DeadLetterReason = Literal["expired", "refused", "poison", "lost", "undeliverable"]
+DeadLetterReason = Literal["expired", "refused", "poison", "lost"]
 
 
 class DeadLetterQuery(Page):

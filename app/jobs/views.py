@@ -276,6 +276,7 @@ def delete_job(job_id: str) -> Response:
             "concurrent_update",
             "agent_not_registered",
             "wrong_agent",
+            "project_at_capacity",
         ),
     },
 )

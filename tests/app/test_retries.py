@@ -105,6 +105,8 @@ def test_a_job_not_claimed_before_its_deadline_is_dead_lettered_listed_and_can_b
     listed = api.get("/api/v1/dead-letters?reason=expired", acme.tokens["viewer"]).json
     assert [j["job_id"] for j in listed["jobs"]] == [job_id] and listed["total"] == 1
     assert api.get("/api/v1/dead-letters?reason=lost", acme.tokens["viewer"]).json["total"] == 0
+    unknown = api.get("/api/v1/dead-letters?reason=undeliverable", acme.tokens["viewer"])  # no job ever has it
+    assert unknown.status_code == 400 and "Input should be 'expired'" in unknown.json["message"], unknown.json
     assert api.get("/api/v1/dead-letters", globex.tokens["viewer"]).json["total"] == 0
     assert api.post(f"/api/v1/jobs/{job_id}/requeue", globex.tokens["operator"]).status_code == 404
     requeued = api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"])
