@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 RUN_JOB_TASK = "workers.run_job"  # the agent's task, sent by name
 CONTROL_QUEUE = "control"  # the control plane's own Celery work
@@ -181,6 +183,12 @@ def celery_settings(
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
     }
-    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    scheme = broker_url.split("://", 1)[0]
+    if scheme in ("redis", "rediss"):
         settings["broker_transport"] = SHARED_CLIENT_TRANSPORT
+    if scheme == "rediss" and not any(name.startswith("ssl_") for name in parse_qs(urlsplit(broker_url).query)):
+        # Named by the transport above, kombu no longer sees the scheme: a bare rediss:// URL would connect in
+        # plain text (and kombu's own transport would use TLS without checking the certificate). TLS, verified
+        # against the system's CAs and the URL's host name, unless the URL's ssl_* parameters say otherwise.
+        settings["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return settings
