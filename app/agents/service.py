@@ -165,7 +165,10 @@ def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -
     if (
         dead is not None
         and job is not None
+        # only a job whose messages could reach this agent: its tenant and project, pinned to no other agent
         and job.tenant_id == caller.tenant_id
+        and job.project_id == caller.project_id
+        and job.agent_id in (None, caller.agent_id)
         and job.attempt == report.attempt
         and job.state == JobState.QUEUED.value
     ):

@@ -140,6 +140,35 @@ def test_a_message_an_agent_refused_as_forged_dead_letters_its_job_but_a_replay_
     assert api.get(f"/api/v1/jobs/{replayed}", acme.tokens["viewer"]).json["state"] == "queued"
 
 
+def test_an_agent_cannot_dead_letter_a_job_whose_messages_never_reach_it(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    strangers = {"d1": token("acme", "agent", project="db", agent="d1"), "a2": token("acme", "agent", agent="a2")}
+    for agent_id, bearer in strangers.items():
+        registered = api.post(
+            "/api/v1/agents", bearer, json={"agent_id": agent_id, "hostname": agent_id, "platform": "linux"}
+        )
+        assert registered.status_code in (200, 201), registered.json
+    other_project, pinned = submit(api, acme), submit(api, acme, agent_id="a1")
+    with app.app_context():
+        for job_id in (other_project, pinned):
+            job = db.session.get(Job, job_id)
+            assert job is not None
+            dispatching.open_next_attempt(job, actor="test")
+    # d1 serves project db, the job is web's; a2 serves web, but the job is pinned to a1
+    for agent_id, job_id in (("d1", other_project), ("a2", pinned)):
+        reply = api.post(
+            f"/api/v1/agents/{agent_id}/refusals",
+            strangers[agent_id],
+            json={"reason": "bad_signature", "message": "no", "job_id": job_id, "attempt": 1, "task_id": f"{job_id}:1"},
+        )
+        assert reply.status_code == 201  # audited all the same
+        assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "queued", agent_id
+    audited = api.get("/api/v1/audit?action=job.message_refused", token("acme", "tenant_admin")).json
+    assert {event["details"]["agent_id"] for event in audited["events"]} == {"d1", "a2"}
+
+
 def test_too_many_lost_attempts_dead_letter_the_job(
     api: Api, app: Flask, world: dict[str, Tenant], caplog: pytest.LogCaptureFixture
 ):
