@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from app.columns import SLUG_PATTERN
 
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN, max_length=63)]
 Platform = Annotated[str, StringConstraints(pattern=r"^(linux|windows|darwin)$")]
+# The largest count, attempt, position or line number a request may give: any database's INTEGER holds it.
+BIGGEST = 2**31 - 1
+
+
+def _storable(moment: datetime) -> datetime:
+    """An aware time that has a UTC form (times are stored and compared in UTC): not 0001-01-01 at +14:00."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range once converted to UTC") from None
+    return moment
+
+
+Moment = Annotated[AwareDatetime, AfterValidator(_storable)]  # an aware time of a request, storable in UTC
 
 
 class Request(BaseModel):
@@ -28,7 +43,7 @@ class Page(Query):
     """Paging parameters of every list."""
 
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=BIGGEST)
 
 
 class Response(BaseModel):

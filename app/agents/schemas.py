@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from app.schemas import Page, Platform, Request, Response, Slug
+from app.schemas import BIGGEST, Page, Platform, Request, Response, Slug
 
 
 class AgentRegister(Request):
@@ -37,7 +37,7 @@ class RunningAttempt(Request):
     """A job attempt the agent says it is running."""
 
     job_id: str = Field(max_length=36)
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=BIGGEST)
 
 
 class HeartbeatRequest(Request):
@@ -64,7 +64,7 @@ class RefusalReport(Request):
     message: str = Field(max_length=1000)
     task_id: str | None = Field(None, max_length=200)
     job_id: str | None = Field(None, max_length=64)
-    attempt: int | None = Field(None, ge=0)
+    attempt: int | None = Field(None, ge=0, le=BIGGEST)
 
 
 class RefusalOut(Response):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from app.schemas import Page, Response
+from app.schemas import Moment, Page, Response
 
 
 class AuditQuery(Page):
@@ -16,7 +16,7 @@ class AuditQuery(Page):
     tenant_id: str | None = None
     action: str | None = None
     outcome: str | None = None
-    since: AwareDatetime | None = None
+    since: Moment | None = None
 
 
 class AuditEventOut(Response):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import Field, model_validator
 
 from app.jobs.states import JobState
 from app.logs.schemas import LogLineIn
-from app.schemas import Page, Platform, Request, Response, Slug
+from app.schemas import BIGGEST, Moment, Page, Platform, Request, Response, Slug
 
 MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
 MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
@@ -31,8 +31,8 @@ class JobSubmit(Request):
     variables: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(5, ge=0, le=9)
     platform: Platform | None = None
-    scheduled_at: AwareDatetime | None = None
-    deliver_by: AwareDatetime | None = None
+    scheduled_at: Moment | None = None
+    deliver_by: Moment | None = None
     max_attempts: int | None = Field(None, ge=1, le=20)
     retry_backoff: float | None = Field(None, ge=0, le=86400)
 
@@ -57,8 +57,8 @@ class JobUpdate(Request):
     variables: dict[str, Any] | None = None
     priority: int | None = Field(None, ge=0, le=9)
     platform: Platform | None = None
-    scheduled_at: AwareDatetime | None = None
-    deliver_by: AwareDatetime | None = None
+    scheduled_at: Moment | None = None
+    deliver_by: Moment | None = None
     max_attempts: int | None = Field(None, ge=1, le=20)
     retry_backoff: float | None = Field(None, ge=0, le=86400)
 
@@ -86,7 +86,7 @@ class DeadLetterQuery(Page):
 class RequeueRequest(Request):
     """``POST /api/v1/jobs/{id}/requeue``: optionally a new delivery deadline."""
 
-    deliver_by: AwareDatetime | None = None
+    deliver_by: Moment | None = None
 
 
 class CancelRequest(Request):
@@ -101,18 +101,18 @@ class TaskResultIn(Request):
     name: str = Field(min_length=1, max_length=200)
     type: str = Field(min_length=1, max_length=64)
     status: TaskStatus
-    position: int = Field(0, ge=0)
+    position: int = Field(0, ge=0, le=BIGGEST)
     output: str = ""
     error: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
-    started_at: AwareDatetime | None = None
-    finished_at: AwareDatetime | None = None
+    started_at: Moment | None = None
+    finished_at: Moment | None = None
 
 
 class TaskReport(TaskResultIn):
     """``POST /api/v1/jobs/{id}/tasks``: one task's result, and the task that started after it."""
 
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=BIGGEST)
     next_task: str | None = Field(None, min_length=1, max_length=200, description="the task that started next")
 
 
@@ -123,12 +123,14 @@ class StatusReport(Request):
     lines not shipped yet, so a short job needs no request of its own per task or for its log.
     """
 
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=BIGGEST)
     state: ReportedState
     error: str | None = Field(None, max_length=10000)
     tasks: list[TaskResultIn] = Field(default_factory=list, max_length=MAX_TASKS_PER_REPORT)
     logs: list[LogLineIn] = Field(default_factory=list, max_length=MAX_LOG_LINES_PER_REPORT)
-    logs_first_line: int | None = Field(None, ge=1)  # the number of the first of ``logs`` within the attempt
+    logs_first_line: int | None = Field(
+        None, ge=1, le=BIGGEST
+    )  # the number of the first of ``logs`` within the attempt
 
 
 class FinishedReport(StatusReport):
@@ -142,7 +144,7 @@ class ClaimRequest(Request):
     """``POST /api/v1/jobs/{id}/claim``: the attempt named in the agent's message, the task it starts first, and
     the final states of jobs of this agent that ended meanwhile (recorded first, whatever the claim's outcome)."""
 
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=BIGGEST)
     task: str | None = Field(None, min_length=1, max_length=200, description="the first task, about to start")
     finished: list[FinishedReport] = Field(default_factory=list, max_length=MAX_FINISHED_PER_CLAIM)
 

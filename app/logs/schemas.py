@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from app.schemas import Query, Request, Response, Slug
+from app.schemas import BIGGEST, Moment, Query, Request, Response, Slug
 
 Level = Literal["info", "warning", "error", "debug"]
 
@@ -15,7 +15,7 @@ Level = Literal["info", "warning", "error", "debug"]
 class LogLineIn(Request):
     """One line as an agent ships it: when, which task (null: the workflow's own), how bad, what."""
 
-    ts: AwareDatetime
+    ts: Moment
     task: str | None = Field(None, max_length=200)
     level: Level
     message: str
@@ -24,11 +24,11 @@ class LogLineIn(Request):
 class LogBatch(Request):
     """``POST /api/v1/jobs/{id}/logs``: lines of the caller's current attempt, in order."""
 
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=BIGGEST)
     lines: list[LogLineIn]
     # The number of the batch's first line within the attempt (its first line is 1). A batch sent again after a
     # lost answer carries the same number, and the lines received before are not stored twice.
-    first_line: int | None = Field(None, ge=1)
+    first_line: int | None = Field(None, ge=1, le=BIGGEST)
 
 
 class LogBatchOut(Response):
@@ -43,7 +43,7 @@ class LogBatchOut(Response):
 class LogQuery(Query):
     """``GET /api/v1/jobs/{id}/logs``: the lines after a cursor; ``follow`` waits for new ones."""
 
-    after: int = Field(0, ge=0)
+    after: int = Field(0, ge=0, le=BIGGEST)
     limit: int = Field(500, ge=1, le=1000)
     follow: bool = False
     wait: float = Field(25.0, ge=0, le=30)
@@ -78,8 +78,8 @@ class LogSearchQuery(Query):
     project_id: Slug | None = None
     task: str | None = Field(None, max_length=200)
     level: Level | None = None
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: Moment | None = None
+    until: Moment | None = None
     limit: int = Field(100, ge=1, le=500)
     offset: int = Field(0, ge=0, le=10000)
 

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import Field
 
-from app.schemas import Request, Response, Slug
+from app.schemas import BIGGEST, Request, Response, Slug
 
 
 class TenantCreate(Request):
@@ -21,7 +21,7 @@ class ProjectCreate(Request):
 
     project_id: Slug
     name: str | None = Field(None, min_length=1, max_length=200)
-    max_running_jobs: int | None = Field(None, ge=1)
+    max_running_jobs: int | None = Field(None, ge=1, le=BIGGEST)
 
 
 class TenantOut(Response):

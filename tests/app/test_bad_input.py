@@ -29,20 +29,29 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"workflow": WORKFLOW, "scheduled_at": "tomorrow"},
             {"workflow": WORKFLOW, "scheduled_at": "2030-01-01T00:00:00"},
             {"workflow": WORKFLOW, "scheduled_at": "2030-01-02T00:00:00Z", "deliver_by": "2030-01-01T00:00:00Z"},
+            # times with no UTC form, which the database stores
+            {"workflow": WORKFLOW, "scheduled_at": "0001-01-01T00:00:00+14:00"},
+            {"workflow": WORKFLOW, "deliver_by": "9999-12-31T23:59:59-14:00"},
         ],
         400,
     ),
     "change job": (
         "/api/v1/jobs/{pending}",
         "operator",
-        [{}, {"priority": "high"}, {"variables": "x"}, {"agent_id": "Not A Slug"}],
+        [
+            {},
+            {"priority": "high"},
+            {"variables": "x"},
+            {"agent_id": "Not A Slug"},
+            {"scheduled_at": "0001-01-01T00:00:00+01:00"},
+        ],
         400,
     ),
     "cancel job": ("/api/v1/jobs/{pending}/cancel", "operator", [{"reason": 5}, {"why": "x"}], 400),
     "claim job": (
         "/api/v1/jobs/{queued}/claim",
         "agent",
-        [{}, {"attempt": "1"}, {"attempt": 0}, {"attempt": 1.5}],
+        [{}, {"attempt": "1"}, {"attempt": 0}, {"attempt": 1.5}, {"attempt": 2**63}],
         400,
     ),
     "report task": (
@@ -52,6 +61,15 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"attempt": 1, "name": "x", "type": "command"},
             {"attempt": 1, "name": "x", "type": "command", "status": "great"},
             {"attempt": 1, "name": "x", "type": "command", "status": "failed", "metrics": []},
+            {"attempt": 10**20, "name": "x", "type": "command", "status": "failed"},
+            {"attempt": 1, "name": "x", "type": "command", "status": "failed", "position": 10**20},
+            {
+                "attempt": 1,
+                "name": "x",
+                "type": "command",
+                "status": "failed",
+                "started_at": "0001-01-01T00:00:00+14:00",
+            },
         ],
         400,
     ),
@@ -63,6 +81,7 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"attempt": 1, "state": "sleeping"},
             {"attempt": 1, "state": "pending"},
             {"attempt": "1", "state": "completed"},
+            {"attempt": 1, "state": "completed", "logs_first_line": 10**20},
         ],
         400,
     ),
@@ -80,14 +99,38 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
     "heartbeat": (
         "/api/v1/agents/a1/heartbeat",
         "agent",
-        [{"running": "x"}, {"running": ["job-id"]}, {"running": [{"job_id": "j", "attempt": 0}]}, {"cpu": 5}],
+        [
+            {"running": "x"},
+            {"running": ["job-id"]},
+            {"running": [{"job_id": "j", "attempt": 0}]},
+            {"running": [{"job_id": "j", "attempt": 10**20}]},
+            {"cpu": 5},
+        ],
         400,
     ),
     "create tenant": ("/api/v1/tenants", "admin", [{}, {"tenant_id": 5}, {"tenant_id": "ok", "name": ""}], 400),
+    "ship logs": (
+        "/api/v1/jobs/{running}/logs",
+        "agent",
+        [
+            {"attempt": 1, "lines": [{"ts": "0001-01-01T00:00:00+14:00", "level": "info", "message": "x"}]},
+            {
+                "attempt": 1,
+                "first_line": 10**20,
+                "lines": [{"ts": "2030-01-01T00:00:00Z", "level": "info", "message": "x"}],
+            },
+        ],
+        400,
+    ),
     "create project": (
         "/api/v1/tenants/acme/projects",
         "tenant_admin",
-        [{}, {"project_id": ["x"]}, {"project_id": "p", "max_running_jobs": 0}],
+        [
+            {},
+            {"project_id": ["x"]},
+            {"project_id": "p", "max_running_jobs": 0},
+            {"project_id": "p", "max_running_jobs": 10**20},
+        ],
         400,
     ),
 }
@@ -146,3 +189,23 @@ def test_a_malformed_or_invalid_workflow_writes_nothing(
         response = api.call(method, path, world["acme"].tokens["operator"], json={"workflow": workflow})
         assert response.status_code == 422 and response.json["error"] == "invalid_workflow", response.json
     assert snapshot(app) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "role"),
+    [
+        ("/api/v1/jobs?offset=9223372036854775808", "operator"),
+        ("/api/v1/jobs/{running}/logs?after=99999999999999999999", "operator"),
+        ("/api/v1/audit?offset=99999999999999999999", "tenant_admin"),
+        ("/api/v1/audit?since=0001-01-01T00:00:00%2B14:00", "tenant_admin"),
+        ("/api/v1/logs?until=0001-01-01T00:00:00%2B14:00", "operator"),
+        ("/api/v1/dead-letters?offset=2147483648", "viewer"),
+    ],
+)
+def test_a_number_or_time_out_of_range_in_a_query_is_a_json_error(
+    limited: tuple[Flask, Api, dict[str, Tenant]], path: str, role: str
+) -> None:
+    _app, api, world = limited
+    acme = world["acme"]
+    response = api.get(path.format(running=acme.running), acme.tokens[role])
+    assert response.status_code == 400 and response.json["error"] == "invalid_request", response.json
