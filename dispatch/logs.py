@@ -186,6 +186,8 @@ def configure_logging(*, component: str, level: str | int = "INFO", fmt: str = "
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # urllib3 logs each request's path and query at DEBUG, where a workflow's secrets may be (an API key in a URL)
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
     logging.captureWarnings(True)
     _configured.update(component=component, fmt=fmt, level=level, static=static)
 

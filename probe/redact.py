@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 MASK = "***"
 MIN_PREFIX = 3  # a cut-off secret at the end of truncated output is masked from this many characters on
+URI_SAFE = "!#$%&'()*+,/:;=?@[]~"  # what requests leaves as it is when it quotes a URL again
+_SQL_ESCAPES = {"\\": "\\\\", "\0": "\\0", "\n": "\\n", "\r": "\\r", "\x1a": "\\Z", "'": "\\'", '"': '\\"'}
+
+
+def forms(secret: str) -> set[str]:
+    """The secret and the forms it takes in what a task reports: quoted into a URL (as requests and
+    ``urllib.parse`` do), escaped in a JSON string or a Python ``repr``, escaped as MySQL echoes a bound value in
+    its errors. A secret with no character to escape has only itself."""
+    found = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret, safe=URI_SAFE),
+        quote_plus(secret),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        repr(secret)[1:-1],
+        "".join(_SQL_ESCAPES.get(char, char) for char in secret),
+    }
+    return {form for form in found if form}
 
 
 class Redactor:
-    """Masks every occurrence of the given secret values, longest first, in strings and nested values."""
+    """Masks every occurrence of the given secret values, in each of their ``forms``, longest first, in strings
+    and nested values."""
 
     def __init__(self, secrets: Iterable[object] = ()) -> None:
-        values = {str(s) for s in secrets if s is not None and str(s) != ""}
+        values = {form for s in secrets if s is not None and str(s) != "" for form in forms(str(s))}
         self.values = sorted(values, key=len, reverse=True)
 
     def __bool__(self) -> bool:

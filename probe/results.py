@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,17 +29,20 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def truncate(text: str, limit: int = DEFAULT_OUTPUT_LIMIT, dropped: int = 0) -> str:
+def truncate(
+    text: str, limit: int = DEFAULT_OUTPUT_LIMIT, dropped: int = 0, cut_end: Callable[[str], str] | None = None
+) -> str:
     """Return ``text`` cut to ``limit`` bytes of UTF-8, with a visible marker when anything was dropped.
 
-    ``dropped`` counts bytes the caller already discarded before ``text`` reached it.
+    ``dropped`` counts bytes the caller already discarded before ``text`` reached it. ``cut_end`` rewrites the end
+    of text that was cut, before the marker (the redactor's mask for a secret cut off there).
     """
     data = text.encode("utf-8", "replace")
     if len(data) > limit:
         dropped += len(data) - limit
         text = data[:limit].decode("utf-8", "ignore")
     if dropped:
-        text += TRUNCATION_MARKER.format(dropped=dropped)
+        text = (cut_end(text) if cut_end is not None else text) + TRUNCATION_MARKER.format(dropped=dropped)
     return text
 
 

@@ -228,14 +228,16 @@ class _Run:
                 break
         metrics = dict(self.redactor.value(outcome.metrics))
         metrics["duration_ms"] = int((time.monotonic() - start) * 1000)
-        output = outcome.output
-        dropped = outcome.truncated_bytes
-        output = self.redactor.cut_text(output) if dropped else self.redactor.text(output)
+        # cut_end: the text may end, once cut to the limit, in the middle of a secret, wherever the process's
+        # streams were cut before (stdout cut mid-secret, then stderr)
+        output = truncate(
+            self.redactor.text(outcome.output), self.output_limit, outcome.truncated_bytes, self.redactor.cut_text
+        )
         result = TaskResult(
             name=spec.name,
             type=spec.type,
             status=status,
-            output=truncate(output, self.output_limit, dropped),
+            output=output,
             error=self.redactor.text(outcome.error) if outcome.error else None,
             metrics=metrics,
             started_at=started_at,

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from probe.errors import TaskError
 from probe.process import Sink
-from probe.tasks._web import AbortableSession
+from probe.tasks._web import AbortableSession, _where
 from probe.tasktype import Option, Outcome, TaskContext, TaskType, register
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class HttpTask(TaskType):
         ctx.check()  # a socket shut down by the abort can end the body early without an error
         metrics["elapsed_ms"] = int((time.monotonic() - started) * 1000)
         metrics["bytes"] = body.size
-        log.debug("%s %s: %s, %d bytes", method, url, response.status_code, body.size)
+        log.debug("%s %s: %s, %d bytes", method, _where(url), response.status_code, body.size)  # no path or query
         outcome = Outcome(True, body.text(charset), None, metrics, body.sink.dropped)
         if not _status_ok(response.status_code, expected):
             outcome.ok = False

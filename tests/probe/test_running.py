@@ -326,6 +326,28 @@ def test_secrets_are_masked_in_output_errors_metrics_and_events(run_yaml):
     assert secret not in json.dumps(events)
 
 
+def test_a_secret_cut_off_in_stdout_is_masked_though_stderr_follows(run_yaml):
+    # stdout is cut at the limit in the middle of the secret; stderr comes after it, and the joined output is cut
+    # back to the limit, which leaves the secret's beginning at the end
+    secret = "TOPSECRETVALUE"
+    result = run_yaml(
+        f"""\
+        name: cut
+        tasks:
+          - name: cut
+            type: command
+            config:
+              command: {PY}
+              args: ["-c", "import sys; sys.stdout.write('a' * 94 + sys.argv[1]); sys.stderr.write('oops')",
+                     "{{{{.secrets.S}}}}"]
+        """,
+        secrets={"S": secret},
+        output_limit=100,
+    )
+    shown = result.tasks[0].output
+    assert shown.startswith("a" * 94 + "***") and "TOPSEC" not in shown, shown
+
+
 def test_output_is_bounded_with_a_visible_marker(run_yaml):
     result = run_yaml(
         f"""\

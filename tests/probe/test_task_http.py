@@ -347,3 +347,25 @@ def test_a_body_in_the_charset_its_content_type_names_is_decoded_and_searched_in
     url = http_server.route("/latin", body="café crème".encode("latin-1"), headers=headers)
     task = run_yaml(one_task(f"url: {url}\nexpected_body_contains: crème")).tasks[0]
     assert (task.status, task.output) == (Status.SUCCEEDED, "café crème")
+
+
+def test_a_secret_in_the_url_stays_out_of_debug_logs(
+    http_server: HTTPTestServer, run_yaml: RunYaml, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dispatch.logs import configure_logging
+
+    http_server.route("/ok", body="fine\n")
+    secret = "api-key-7c1f9e"
+    configure_logging(component="test", level="DEBUG")  # what an agent does with LOG_LEVEL=DEBUG
+    try:
+        with caplog.at_level("DEBUG", logger="probe"):
+            result = run_yaml(
+                one_task('url: "{{.BASE}}/ok?api_key={{.secrets.KEY}}"'),
+                variables={"BASE": http_server.url},
+                secrets={"KEY": secret},
+            )
+    finally:
+        configure_logging(component="test", level="INFO")
+    assert result.tasks[0].status is Status.SUCCEEDED, result.tasks[0].error
+    assert any(r.name == "probe.tasks.http" for r in caplog.records)  # the request's debug line was written
+    assert secret not in caplog.text, caplog.text  # neither in it nor in urllib3's

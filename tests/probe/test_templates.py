@@ -62,3 +62,19 @@ def test_the_redactor_masks_every_secret_longest_first():
 
 def test_a_secret_cut_off_at_the_end_of_truncated_output_is_masked():
     assert Redactor(["supersecret"]).cut_text("token=supers") == "token=***"
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [
+        "download of http://h/tool?token=p4ss%20w%5Crd%7C%27x%22 failed",  # requests quoting a URL again
+        "url must be http(s), got '127.0.0.1/api?key=p4ss w\\\\rd|\\'x\"'",  # a repr in an error
+        '[{"header": "Bearer p4ss w\\\\rd|\'x\\""}]',  # a JSON string
+        "near 'UPDATE t SET token = 'p4ss w\\\\rd|\\'x\\\"' WHERE id = 1'",  # MySQL echoing a bound value
+        "q=p4ss+w%5Crd%7C%27x%22&r=1",  # a form-encoded body
+    ],
+)
+def test_a_secret_is_masked_in_the_forms_urls_json_repr_and_sql_give_it(shown: str) -> None:
+    secret = "p4ss w\\rd|'x\""
+    masked = Redactor([secret]).text(shown)
+    assert "***" in masked and "p4ss" not in masked, masked
