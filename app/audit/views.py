@@ -7,7 +7,9 @@ from flask import Blueprint, Response
 from app.api import document, query, reply
 from app.audit import service
 from app.audit.schemas import AuditEventOut, AuditList, AuditQuery
-from app.auth.guard import check_tenant, principal, require
+from app.auth.guard import check_tenant, deny, principal, require
+
+PROJECT_LIMITED = "the audit log is the whole tenant's; a token limited to project '{project}' may not read it"
 
 bp = Blueprint("audit", __name__, url_prefix="/api/v1/audit")
 
@@ -24,6 +26,8 @@ def list_events() -> Response:
     """List audit events."""
     params = query(AuditQuery)
     caller = principal()
+    if caller.project_id is not None:  # the log names every project's jobs, schedules and agents
+        raise deny(caller, PROJECT_LIMITED.format(project=caller.project_id))
     if not caller.is_admin:
         check_tenant(caller, params.tenant_id)  # a tenant admin naming another tenant is refused, not ignored
     events, total = service.list_events(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.audit.schemas import AuditList
-from tests.app.support import WORKFLOW, Api, Tenant
+from tests.app.support import WORKFLOW, Api, Tenant, token
 
 
 def events(api: Api, bearer: str, query: str = "") -> list[dict[str, object]]:
@@ -57,3 +57,12 @@ def test_the_audit_log_is_filtered_and_paged(api: Api, world: dict[str, Tenant])
     assert len(page["events"]) == 1 and page["total"] > 1
     assert events(api, admin, "?since=2999-01-01T00:00:00Z") == []
     assert api.get("/api/v1/audit", world["acme"].tokens["operator"]).status_code == 403
+
+
+def test_a_token_limited_to_one_project_cannot_read_the_tenants_audit_log(api: Api, world: dict[str, Tenant]) -> None:
+    # the log names every project's jobs (their names, projects and agents): not for a token of one project
+    limited = token("acme", "tenant_admin", project_override="web")
+    refused = api.get("/api/v1/audit?action=job.submitted", limited)
+    assert refused.status_code == 403 and refused.json["error"] == "access_denied", refused.json
+    assert "limited to project 'web'" in refused.json["message"]
+    assert any(e["action"] == "access.denied" for e in events(api, world["acme"].tokens["tenant_admin"]))
