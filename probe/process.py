@@ -21,6 +21,26 @@ from probe.errors import TaskError
 from probe.tasktype import TaskContext
 
 WINDOWS = sys.platform == "win32"
+# Windows runs a batch file through cmd.exe, which reads these in its arguments as a shell would
+CMD_SPECIAL = frozenset('"&|<>^%!()\r\n')
+BATCH_ARGUMENT = (
+    "{program} is a batch file, which Windows runs through cmd.exe, and cmd.exe would read {char!r} in argument "
+    "{index} as a shell does: set shell: true to run it through the shell on purpose, or pass plain arguments"
+)
+
+
+def batch_argument_problem(argv: Sequence[str], *, windows: bool = WINDOWS) -> str | None:
+    """Why ``argv`` may not run without a shell, or None: on Windows, a ``.bat`` or ``.cmd`` program with an argument
+    that cmd.exe would interpret (its metacharacters), which would make "no shell" untrue."""
+    if not windows or not argv or not argv[0].lower().endswith((".bat", ".cmd")):
+        return None
+    for index, argument in enumerate(argv[1:], start=1):
+        special = next((char for char in argument if char in CMD_SPECIAL), None)
+        if special is not None:
+            return BATCH_ARGUMENT.format(program=os.path.basename(argv[0]), char=special, index=index)
+    return None
+
+
 # How long output pipes may stay open after the process itself exited (a background child holding them).
 PIPE_GRACE = 0.5
 
@@ -102,10 +122,14 @@ def run_process(
         The exit code and output.
 
     Raises:
-        TaskError: the program cannot be started.
+        TaskError: the program cannot be started, or (on Windows) is a batch file given arguments cmd.exe would
+            interpret without ``shell``.
         TaskStopped: the task was stopped (the process tree has been killed).
     """
     limit = ctx.output_limit if limit is None else limit
+    problem = None if shell or isinstance(argv, str) else batch_argument_problem(argv)
+    if problem is not None:
+        raise TaskError(problem)
     full_env = None
     if env:
         full_env = dict(os.environ)

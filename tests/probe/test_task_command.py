@@ -6,7 +6,10 @@ import base64
 import os
 import sys
 
+import pytest
+
 import probe
+from probe.process import batch_argument_problem
 from probe.tasks import powershell
 from probe.tasks.command import SHELL_WITH_ARGS
 
@@ -153,3 +156,20 @@ def test_a_detached_daemon_holding_the_output_does_not_hang_the_task(run_yaml):
     assert result.tasks[0].status is probe.Status.SUCCEEDED
     assert result.tasks[0].metrics["duration_ms"] < 4000
     assert any(e["event"] == "task_log" and "detached" in e["message"] for e in events)
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["deploy.bat", "web1", "--fast"], None),
+        (["C:\\tools\\Deploy.CMD", "a&calc.exe"], "'&' in argument 1"),
+        (["deploy.bat", "ok", 'x" & whoami'], "'\"' in argument 2"),
+        (["deploy.bat", "100%"], "'%' in argument 1"),
+        (["deploy.exe", "a&b"], None),  # a program, not cmd.exe: its arguments are passed as they are
+    ],
+)
+def test_a_batch_file_on_windows_takes_no_argument_cmd_would_interpret(argv: list[str], refused: str | None) -> None:
+
+    problem = batch_argument_problem(argv, windows=True)
+    assert (problem is None) if refused is None else (problem is not None and refused in problem), problem
+    assert batch_argument_problem(argv, windows=False) is None  # elsewhere a .bat is an ordinary file name
