@@ -67,13 +67,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _finish_config(app: Flask) -> None:
-    from app.config import database_url, engine_options, job_signing_key, jwt_secret
+    from app.config import database_url, engine_options, job_signing_key, jwt_secret, secrets_key
 
     config = app.config
     config["VERSION"] = _version()
     config["SQLALCHEMY_DATABASE_URI"] = database_url(config["DATABASE_URL"], app.instance_path)
     config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options(config["SQLALCHEMY_DATABASE_URI"]))
     config["JWT_SECRET"] = jwt_secret(config["JWT_SECRET"], app.instance_path)
+    if config["SECRETS_KEY"]:
+        secrets_key(config["SECRETS_KEY"], app.instance_path)  # checked now; else made when a secret is first used
     if config["VALKEY_URL"]:
         config["JOB_SIGNING_KEY"] = job_signing_key(config["JOB_SIGNING_KEY"], app.instance_path)
 
@@ -99,11 +101,22 @@ def _register_blueprints(app: Flask) -> None:
     from app.ratelimit import init_rate_limit
     from app.realtime import init_realtime
     from app.schedules.views import bp as schedules_bp
+    from app.secretstore.views import bp as secrets_bp
     from app.system.health import bp as health_bp
     from app.system.openapi import bp as openapi_bp
     from app.tenants.views import projects_bp, tenants_bp
 
-    blueprints = (jobs_bp, dead_letters_bp, schedules_bp, agents_bp, tenants_bp, projects_bp, audit_bp, health_bp)
+    blueprints = (
+        jobs_bp,
+        dead_letters_bp,
+        schedules_bp,
+        agents_bp,
+        tenants_bp,
+        projects_bp,
+        secrets_bp,
+        audit_bp,
+        health_bp,
+    )
     for blueprint in (*blueprints, openapi_bp):
         app.register_blueprint(blueprint)
     init_logs(app)  # the logs API, and the Quickwit forwarder when QUICKWIT_URL is set

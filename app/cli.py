@@ -130,6 +130,14 @@ def keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys_secrets(args: argparse.Namespace) -> int:
+    """Print a new SECRETS_KEY, the key that seals project secrets."""
+    from app.config import new_secrets_key
+
+    print(f"SECRETS_KEY={new_secrets_key()}   # every web process of the control plane alike; keep it secret")
+    return 0
+
+
 def keys_public(args: argparse.Namespace) -> int:
     """Print the public key that agents need, for the control plane's configured (or instance) signing key."""
     from dispatch.signing import load_signing_key, public_key
@@ -216,12 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--revision", default="head")
     upgrade.set_defaults(run=db_upgrade)
 
-    keys = commands.add_parser("keys", help="job signing keys").add_subparsers(dest="action", required=True)
+    keys = commands.add_parser("keys", help="job signing keys, the secrets key").add_subparsers(
+        dest="action", required=True
+    )
     generate = keys.add_parser("generate", help="print a new key pair (JOB_SIGNING_KEY and JOB_VERIFY_KEY)")
     generate.add_argument("--json", action="store_true")
     generate.set_defaults(run=keys_generate)
     public = keys.add_parser("public", help="print JOB_VERIFY_KEY for this control plane's signing key")
     public.set_defaults(run=keys_public)
+    sealing = keys.add_parser("secrets-key", help="print a new SECRETS_KEY (seals project secrets)")
+    sealing.set_defaults(run=keys_secrets)
     acl = commands.add_parser("acl", help="Valkey ACL users").add_subparsers(dest="action", required=True)
     agent = acl.add_parser("agent", help="print the ACL SETUSER command of an isolated agent")
     agent.add_argument("--tenant", required=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -13,6 +15,9 @@ from app.errors import AppError
 MIN_SECRET_LENGTH = 32
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 SIGNING_KEY_FILE = "job-signing-key"
+SECRETS_KEY_FILE = "secrets-key"
+SECRETS_KEY_BYTES = 32
+BAD_SECRETS_KEY = "SECRETS_KEY must be the base64 form of 32 random bytes (automation keys secrets-key makes one)"
 
 
 class ConfigError(AppError):
@@ -40,6 +45,7 @@ class Config:
     RETRY_BACKOFF = 10.0  # seconds before the second run of a failed job; doubles each time, jittered
     RETRY_BACKOFF_MAX = 600.0
     JOB_SIGNING_KEY: str | None = None  # None: a key pair kept in the instance folder
+    SECRETS_KEY: str | None = None  # seals project secrets; None: a key kept in the instance folder
     ENVELOPE_TTL = 86400
     BROKER_VISIBILITY_TIMEOUT = 12 * 3600
     BROKER_RESTORE_INTERVAL: int | None = None  # None: kombu's default (about every 100 s)
@@ -98,6 +104,7 @@ ENVIRONMENT: dict[str, type] = {
     "RETRY_BACKOFF": float,
     "RETRY_BACKOFF_MAX": float,
     "JOB_SIGNING_KEY": str,
+    "SECRETS_KEY": str,
     "ENVELOPE_TTL": int,
     "BROKER_VISIBILITY_TIMEOUT": int,
     "BROKER_RESTORE_INTERVAL": int,
@@ -183,6 +190,23 @@ def job_signing_key(configured: str | None, instance_path: str) -> str:
     from dispatch.signing import generate_keypair
 
     return _instance_secret(Path(instance_path) / SIGNING_KEY_FILE, lambda: generate_keypair()[0])
+
+
+def new_secrets_key() -> str:
+    """A new SECRETS_KEY: the base64 form of 32 random bytes."""
+    return base64.b64encode(secrets.token_bytes(SECRETS_KEY_BYTES)).decode()
+
+
+def secrets_key(configured: str | None, instance_path: str) -> str:
+    """Return the key that seals project secrets: the configured one, or one kept in the instance folder; checked."""
+    key = configured or _instance_secret(Path(instance_path) / SECRETS_KEY_FILE, new_secrets_key)
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(BAD_SECRETS_KEY) from None
+    if len(raw) != SECRETS_KEY_BYTES:
+        raise ConfigError(BAD_SECRETS_KEY)
+    return key
 
 
 def _instance_secret(path: Path, make: Callable[[], str]) -> str:

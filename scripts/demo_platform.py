@@ -227,7 +227,7 @@ def run(args: argparse.Namespace, procs: Processes, state: Path) -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
     keys = demo_keys(state, env, setup)
     env |= {"DATABASE_URL": f"sqlite:///{state / 'automation.db'}", "LOG_LEVEL": "INFO"}
-    env |= {"JWT_SECRET": keys["JWT_SECRET"], "JOB_SIGNING_KEY": keys["JOB_SIGNING_KEY"]}
+    env |= {name: keys[name] for name in ("JWT_SECRET", "JOB_SIGNING_KEY", "SECRETS_KEY")}
     env["VALKEY_URL"] = start_valkey(procs, state)
 
     OUT.step(f"migrating the database ({env['DATABASE_URL']})…")

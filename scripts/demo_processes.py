@@ -7,6 +7,7 @@ first, then the control plane, then Valkey.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import importlib.util
@@ -276,12 +277,20 @@ def automation(*args: str, env: dict[str, str], log: Path, done_if: str | None =
 
 
 def demo_keys(state: Path, env: dict[str, str], log: Path) -> dict[str, str]:
-    """The JWT secret and the job-signing key pair, made on the first run and kept in ``state/secrets.json``."""
+    """The JWT secret, the job-signing key pair and the secrets key, made on the first run and kept in
+    ``state/secrets.json``."""
     path = state / "secrets.json"
-    if not path.exists():
-        OUT.step(f"generating the job-signing key pair and the JWT secret into {path}…")
-        keys = json.loads(automation("keys", "generate", "--json", env=env, log=log))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"JWT_SECRET": secrets.token_urlsafe(48), **keys}, handle)
-    return dict(json.loads(path.read_text()))
+    keys: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    if not keys:
+        OUT.step(f"generating the job-signing key pair, the JWT secret and the secrets key into {path}…")
+        keys = {
+            "JWT_SECRET": secrets.token_urlsafe(48),
+            **json.loads(automation("keys", "generate", "--json", env=env, log=log)),
+        }
+    if "SECRETS_KEY" in keys:
+        return keys
+    keys["SECRETS_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()  # also for a state made before it
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(keys, handle)
+    return keys

@@ -33,6 +33,7 @@ from app.jobs.schemas import (
     TaskResultOut,
 )
 from app.ratelimit import charge_rate_limit
+from app.secretstore import service as secretstore
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
@@ -302,7 +303,7 @@ def claim(job_id: str) -> Response:
             name=job.name,
             workflow=job.workflow,
             variables=job.variables,
-            secrets={},
+            secrets=secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow),
             finished=finished,
         )
     )

@@ -12,14 +12,21 @@ from sqlalchemy import delete
 
 from app import create_app
 from app.extensions import db
-from tests.app.support import SECRET, Api, Tenant, build_world
+from tests.app.support import SECRET, SECRETS_KEY, Api, Tenant, build_world
 
 BACKENDS = ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)]
 
 
 def config(url: str, **overrides: Any) -> dict[str, Any]:
     """Return the test configuration of an app on ``url``."""
-    return {"TESTING": True, "DATABASE_URL": url, "JWT_SECRET": SECRET, "RATE_LIMIT_ENABLED": False, **overrides}
+    return {
+        "TESTING": True,
+        "DATABASE_URL": url,
+        "JWT_SECRET": SECRET,
+        "SECRETS_KEY": SECRETS_KEY,
+        "RATE_LIMIT_ENABLED": False,
+        **overrides,
+    }
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

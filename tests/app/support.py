@@ -20,6 +20,7 @@ from app.tenants import service as tenants
 
 MakeApp = Callable[..., Flask]
 SECRET = "test-secret-" + "x" * 60
+SECRETS_KEY = "dGhpcnR5LXR3by1ieXRlcy1vZi10ZXN0LXNlYWxpbmc="  # base64 of 32 bytes: seals project secrets
 ROLES = ("admin", "tenant_admin", "operator", "viewer", "agent")
 
 WORKFLOW = """\

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import textwrap
 import time
+import uuid
 
 import psutil
 import pytest
@@ -434,3 +436,31 @@ def test_a_workflow_cannot_read_the_agents_credentials(platform: Platform):
         job = platform.wait_for(operator, reply.json()["job_id"])
         assert job["state"] == "failed" and "variable 'JWT_TOKEN' is not defined" in (job["error"] or "")
     assert agent_token not in json.dumps(job)
+
+
+def test_a_projects_secret_reaches_its_workflow_on_the_agent_and_shows_nowhere(platform: Platform):
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "s1")
+    operator = platform.token("operator", tenant, project)
+    value = f"db-pass-{uuid.uuid4().hex}"
+    path = f"/tenants/{tenant}/projects/{project}/secrets/DB_PW"
+    assert platform.api("PUT", path, platform.token("tenant_admin", tenant), {"value": value}).status_code == 201
+    use = textwrap.dedent(
+        """\
+        name: use-secret
+        tasks:
+          - name: digest
+            type: command
+            config:
+              command: python3
+              args: ["-c", "import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest(), sys.argv[1])",
+                     "{{.secrets.DB_PW}}"]
+        """
+    )
+    job = platform.wait_for(operator, platform.submit(operator, use)["job_id"])
+    assert job["state"] == "completed", job
+    # the agent had the value (its digest), and masked it where it printed it
+    assert job["tasks"][0]["output"] == f"{hashlib.sha256(value.encode()).hexdigest()} ***\n"
+    lines = platform.api("GET", f"/jobs/{job['job_id']}/logs", operator).json()["lines"]
+    assert value not in json.dumps(job) and value not in json.dumps(lines)
+    assert value not in platform.log(f"agent-{tenant}-s1") and value not in platform.log("web")

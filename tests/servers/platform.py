@@ -5,6 +5,7 @@ Each process is configured only by environment variables, as the Procfile runs t
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 import time
@@ -42,6 +43,7 @@ class Platform:
             "VALKEY_URL": valkey.url,
             "JWT_SECRET": self.jwt_secret,
             "JOB_SIGNING_KEY": self.signing_key,
+            "SECRETS_KEY": base64.b64encode(os.urandom(32)).decode(),
             "LEASE_SECONDS": "4",
             "HEARTBEAT_INTERVAL": "1",
             "AGENT_OFFLINE_AFTER": "5",
