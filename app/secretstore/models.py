@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKeyConstraint, String, Text
+from sqlalchemy import ForeignKeyConstraint, String
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.columns import UTCDateTime, utcnow
+from app.columns import LongText, UTCDateTime, utcnow
 from app.extensions import Base
+
+# DB_PW and db_pw are two secrets, as they are two placeholders: MariaDB's default collation would make them one
+SecretName = String(128).with_variant(mysql.VARCHAR(128, collation="utf8mb4_bin"), "mysql", "mariadb")
 
 
 class ProjectSecret(Base):
@@ -21,8 +25,8 @@ class ProjectSecret(Base):
 
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    sealed: Mapped[str] = mapped_column(Text())  # base64 of nonce + ciphertext (XChaCha20-Poly1305)
+    name: Mapped[str] = mapped_column(SecretName, primary_key=True)
+    sealed: Mapped[str] = mapped_column(LongText)  # base64 of nonce + ciphertext (XChaCha20-Poly1305)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_by: Mapped[str] = mapped_column(String(200))

@@ -5,18 +5,23 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field
 
 from app.schemas import Request, Response
 
 MAX_SECRET_BYTES = 65536
-SecretName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+
+
+def _bounded(value: str) -> str:
+    if len(value.encode()) > MAX_SECRET_BYTES:
+        raise ValueError(f"a secret's value is at most {MAX_SECRET_BYTES} bytes of UTF-8")
+    return value
 
 
 class SecretSet(Request):
-    """``PUT .../secrets/{name}``: the value (up to 64 KiB)."""
+    """``PUT .../secrets/{name}``: the value (up to 64 KiB of UTF-8)."""
 
-    value: str = Field(min_length=1, max_length=MAX_SECRET_BYTES)
+    value: Annotated[str, Field(min_length=1), AfterValidator(_bounded)]
 
 
 class SecretOut(Response):

@@ -18,6 +18,7 @@ from nacl.exceptions import CryptoError
 from nacl.utils import random as random_bytes
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.audit import service as audit
 from app.auth.tokens import Principal
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 NONCE_BYTES = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 NAMED = re.compile(r"\{\{\s*\.secrets\.([\w-]+)\s*\}\}")  # what probe's placeholders accept as a secret's name
 NO_KEY = "project secrets need SECRETS_KEY (automation keys secrets-key makes one): the instance folder's key: {reason}"
-CHANGED_MEANWHILE = "secret '{name}' was set by another request at the same time; set it again"
+CHANGED_MEANWHILE = "secret '{name}' was set or deleted by another request at the same time; set it again"
 
 
 def _key() -> bytes:
@@ -85,7 +86,7 @@ def set_secret(
     )
     try:
         db.session.commit()
-    except IntegrityError:  # created by a concurrent request
+    except (IntegrityError, StaleDataError):  # created, or deleted, by a concurrent request
         db.session.rollback()
         raise Conflict(CHANGED_MEANWHILE.format(name=name), code="concurrent_update") from None
     return secret, created

@@ -12,6 +12,9 @@ from sqlalchemy.dialects import mysql
 
 # Timestamps are naive UTC; MariaDB keeps microseconds (app.columns.UTCDateTime).
 UTCDateTime = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+# names are compared as written (DB_PW is not db_pw), whatever the database's default collation
+SecretName = sa.String(length=128).with_variant(mysql.VARCHAR(128, collation="utf8mb4_bin"), "mysql", "mariadb")
 
 revision = "0009"
 down_revision = "0008"
@@ -24,8 +27,8 @@ def upgrade() -> None:
         "project_secrets",
         sa.Column("tenant_id", sa.String(length=64), nullable=False),
         sa.Column("project_id", sa.String(length=64), nullable=False),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("sealed", sa.Text(), nullable=False),
+        sa.Column("name", SecretName, nullable=False),
+        sa.Column("sealed", LongText, nullable=False),
         sa.Column("created_at", UTCDateTime, nullable=False),
         sa.Column("updated_at", UTCDateTime, nullable=False),
         sa.Column("updated_by", sa.String(length=200), nullable=False),

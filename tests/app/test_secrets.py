@@ -154,3 +154,20 @@ def test_automation_keys_secrets_key_prints_a_key_the_app_takes(make_app: Any) -
     key = line.split("=", 1)[1].split()[0]
     assert len(base64.b64decode(key)) == 32
     make_app(SECRETS_KEY=key)  # no ConfigError
+
+
+def test_names_are_compared_as_written_and_values_may_fill_64_kib(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    admin = world["acme"].tokens["tenant_admin"]
+    assert api.put(f"{PATH}/DB_PW", admin, json={"value": "upper"}).status_code == 201
+    assert api.put(f"{PATH}/db_pw", admin, json={"value": "lower"}).status_code == 201  # another secret
+    assert [s["name"] for s in api.get(PATH, admin).json["secrets"]] == ["DB_PW", "db_pw"]
+    biggest = "x" * 65536
+    assert api.put(f"{PATH}/BIG", admin, json={"value": biggest}).status_code == 201
+    for too_big in ("x" * 65537, "é" * 32769):  # bytes of UTF-8 are counted, not characters
+        refused = api.put(f"{PATH}/BIG", admin, json={"value": too_big})
+        assert refused.status_code == 400 and "at most 65536 bytes" in refused.json["message"], refused.json
+    lower = USES.replace("DB_PW", "db_pw").replace("MISSING", "BIG")
+    with app.app_context():
+        assert service.for_workflow("acme", "web", lower) == {"db_pw": "lower", "BIG": biggest}
