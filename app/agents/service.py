@@ -144,7 +144,7 @@ def _running(mine: tuple[Any, ...], running: list[tuple[str, int]]) -> list[tupl
 
 def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -> None:
     """Audit a job message the agent refused before running anything (forged, expired, misaddressed, replayed)."""
-    scoped(caller, agent_id)
+    agent = scoped(caller, agent_id)
     audit.record(
         action="job.message_refused",
         principal=caller,
@@ -165,10 +165,11 @@ def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -
     if (
         dead is not None
         and job is not None
-        # only a job whose messages could reach this agent: its tenant and project, pinned to no other agent
+        # only a job whose messages could reach this agent: its tenant and project, pinned to it, or on the
+        # queue of its project and platform
         and job.tenant_id == caller.tenant_id
         and job.project_id == caller.project_id
-        and job.agent_id in (None, caller.agent_id)
+        and (job.agent_id == caller.agent_id or (job.agent_id is None and job.platform == agent.platform))
         and job.attempt == report.attempt
         and job.state == JobState.QUEUED.value
     ):

@@ -144,20 +144,26 @@ def test_an_agent_cannot_dead_letter_a_job_whose_messages_never_reach_it(
     api: Api, app: Flask, world: dict[str, Tenant]
 ):
     acme = world["acme"]
-    strangers = {"d1": token("acme", "agent", project="db", agent="d1"), "a2": token("acme", "agent", agent="a2")}
+    strangers = {
+        "d1": token("acme", "agent", project="db", agent="d1"),
+        "a2": token("acme", "agent", agent="a2"),
+        "w1": token("acme", "agent", agent="w1"),
+    }
     for agent_id, bearer in strangers.items():
+        platform = "windows" if agent_id == "w1" else "linux"
         registered = api.post(
-            "/api/v1/agents", bearer, json={"agent_id": agent_id, "hostname": agent_id, "platform": "linux"}
+            "/api/v1/agents", bearer, json={"agent_id": agent_id, "hostname": agent_id, "platform": platform}
         )
         assert registered.status_code in (200, 201), registered.json
-    other_project, pinned = submit(api, acme), submit(api, acme, agent_id="a1")
+    other_project, pinned, linux = submit(api, acme), submit(api, acme, agent_id="a1"), submit(api, acme)
     with app.app_context():
-        for job_id in (other_project, pinned):
+        for job_id in (other_project, pinned, linux):
             job = db.session.get(Job, job_id)
             assert job is not None
             dispatching.open_next_attempt(job, actor="test")
-    # d1 serves project db, the job is web's; a2 serves web, but the job is pinned to a1
-    for agent_id, job_id in (("d1", other_project), ("a2", pinned)):
+    # d1 serves project db, the job is web's; a2 serves web, but the job is pinned to a1; w1 serves web's windows
+    # queue, the job is on its linux queue
+    for agent_id, job_id in (("d1", other_project), ("a2", pinned), ("w1", linux)):
         reply = api.post(
             f"/api/v1/agents/{agent_id}/refusals",
             strangers[agent_id],
@@ -166,7 +172,7 @@ def test_an_agent_cannot_dead_letter_a_job_whose_messages_never_reach_it(
         assert reply.status_code == 201  # audited all the same
         assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "queued", agent_id
     audited = api.get("/api/v1/audit?action=job.message_refused", token("acme", "tenant_admin")).json
-    assert {event["details"]["agent_id"] for event in audited["events"]} == {"d1", "a2"}
+    assert {event["details"]["agent_id"] for event in audited["events"]} == {"d1", "a2", "w1"}
 
 
 def test_too_many_lost_attempts_dead_letter_the_job(
