@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -9,6 +11,7 @@ import socket
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 # The agent's own credentials: removed from its environment once read, so that no workflow (a command's
 # inherited environment, a {{.NAME}} placeholder) can see them, and on Linux kept out of the environment the
@@ -126,6 +129,7 @@ def scrub_environment(environ: MutableMapping[str, str] | None = None) -> list[s
 
 
 HANDOVER = "AGENT_CREDENTIALS_FD"  # set only by hide_credentials, for the image it starts
+PR_SET_NAME = 15  # prctl's option that sets the calling thread's name (the process's, from its main thread)
 
 
 def hide_credentials() -> None:
@@ -141,18 +145,24 @@ def hide_credentials() -> None:
     """
     handed = os.environ.pop(HANDOVER, None)
     if handed is not None:
-        os.environ.update(_take_handover(handed))
+        secrets, name = _take_handover(handed)
+        os.environ.update(secrets)
+        _set_process_name(name)
         return
     secrets = {name: os.environ[name] for name in _secret_names(os.environ) if name in os.environ}
     if not secrets or not hasattr(os, "memfd_create") or not sys.executable:
         return
     environment = {name: value for name, value in os.environ.items() if name not in secrets}
+    # the process's name (``automation``, what ps, top, pgrep and journald show) would become the interpreter's
+    name = ""
+    with contextlib.suppress(OSError):
+        name = Path("/proc/self/comm").read_text().strip()
     fd = -1
     try:
         fd = os.memfd_create("agent-credentials", 0)
         os.set_inheritable(fd, True)  # the new image's
         with os.fdopen(os.dup(fd), "wb") as handover:
-            handover.write(json.dumps(secrets).encode())
+            handover.write(json.dumps({"environ": secrets, "name": name}).encode())
         environment[HANDOVER] = str(fd)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -163,8 +173,17 @@ def hide_credentials() -> None:
         print(f"automation agent: could not restart without credentials in its environment: {exc}", file=sys.stderr)
 
 
-def _take_handover(handed: str) -> dict[str, str]:
-    """The credentials ``hide_credentials`` handed over in the file descriptor ``handed``, which it closes."""
+def _set_process_name(name: str) -> None:
+    """Give this process back the name it had before ``hide_credentials`` started it again (Linux's prctl)."""
+    if not name:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def _take_handover(handed: str) -> tuple[dict[str, str], str]:
+    """The credentials and the process name ``hide_credentials`` handed over in the file descriptor ``handed``,
+    which it closes."""
     try:
         fd = int(handed)
     except ValueError:
@@ -172,9 +191,11 @@ def _take_handover(handed: str) -> dict[str, str]:
     try:
         with os.fdopen(fd, "rb") as handover:
             handover.seek(0)
-            secrets = json.loads(handover.read())
+            handed_over = json.loads(handover.read())
     except (OSError, ValueError) as exc:
         raise SettingsError(f"cannot read the credentials handed over in {HANDOVER}={handed}: {exc}") from None
+    secrets = handed_over.get("environ") if isinstance(handed_over, dict) else None
+    name = handed_over.get("name") if isinstance(handed_over, dict) else None
     if not isinstance(secrets, dict) or not all(isinstance(v, str) for v in (*secrets, *secrets.values())):
         raise SettingsError(f"the credentials handed over in {HANDOVER}={handed} are not a map of strings")
-    return secrets
+    return secrets, name if isinstance(name, str) else ""

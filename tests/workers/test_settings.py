@@ -58,7 +58,6 @@ def test_the_acl_of_an_agent_names_only_its_own_queues_keys_and_channels() -> No
 # show every process of its user), what it holds in os.environ, its pid, and its open memory files.
 SHOW_SELF = """
 import json, os, sys
-before = os.getpid()
 from workers.settings import hide_credentials
 hide_credentials()
 fds = [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}")]
@@ -66,35 +65,44 @@ print(json.dumps({
     "started_with": open("/proc/self/environ", "rb").read().decode(),
     "environ": dict(os.environ),
     "pid": os.getpid(),
+    "name": open("/proc/self/comm").read().strip(),
     "memfds": [target for target in fds if target.startswith("/memfd:")],
 }))
 """
 
 
-def _show_self(**env: str) -> dict[str, Any]:
+def _show_self(directory: Path, **env: str) -> dict[str, Any]:
+    """Run SHOW_SELF as a script named agent-probe (its process's name, as ``automation`` is the agent's); what it
+    printed, and the pid it was started with."""
+    script = directory / "agent-probe"
+    script.write_text(f"#!{sys.executable}\n{SHOW_SELF}")
+    script.chmod(0o755)
     base = {k: v for k, v in os.environ.items() if k not in CREDENTIALS and k != "AGENT_CREDENTIALS_FD"}
-    done = subprocess.run(
-        [sys.executable, "-c", SHOW_SELF], env={**base, **env}, capture_output=True, text=True, timeout=60, check=True
-    )
-    shown: dict[str, Any] = json.loads(done.stdout)
+    with subprocess.Popen([str(script)], env={**base, **env}, stdout=subprocess.PIPE, text=True) as process:
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    shown: dict[str, Any] = json.loads(out)
+    shown["started_as"] = process.pid
     return shown
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/environ is Linux's")
-def test_the_agents_credentials_are_not_in_the_environment_it_was_started_with() -> None:
+def test_the_agents_credentials_are_not_in_the_environment_it_was_started_with(tmp_path: Path) -> None:
     secrets = {"JWT_TOKEN": "secret-token", "VALKEY_URL": "redis://:pw@valkey:6379/0", "JOB_VERIFY_KEY": "key"}
-    shown = _show_self(**secrets, AGENT_SCRUB_ENV="CLOUD_KEY", CLOUD_KEY="cloud-secret", TENANT_ID="acme")
+    shown = _show_self(tmp_path, **secrets, AGENT_SCRUB_ENV="CLOUD_KEY", CLOUD_KEY="cloud-secret", TENANT_ID="acme")
     for name, value in [*secrets.items(), ("CLOUD_KEY", "cloud-secret")]:
         assert value not in shown["started_with"] and name not in shown["started_with"], name
         assert shown["environ"][name] == value  # for load_settings, until scrub_environment removes it
     assert "TENANT_ID=acme" in shown["started_with"] and shown["environ"]["TENANT_ID"] == "acme"
     assert "AGENT_CREDENTIALS_FD" not in shown["environ"] and shown["memfds"] == []  # read, then closed
+    assert "AGENT_CREDENTIALS_FD=" in shown["started_with"]  # so it was started again: the same process, by pid
+    assert shown["pid"] == shown["started_as"] and shown["name"] == "agent-probe"  # and keeps its name
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/environ is Linux's")
-def test_an_agent_started_without_credentials_is_not_started_again() -> None:
-    shown = _show_self(TENANT_ID="acme")
-    assert "AGENT_CREDENTIALS_FD" not in shown["environ"] and "TENANT_ID=acme" in shown["started_with"]
+def test_an_agent_started_without_credentials_is_not_started_again(tmp_path: Path) -> None:
+    shown = _show_self(tmp_path, TENANT_ID="acme")
+    assert "AGENT_CREDENTIALS_FD" not in shown["started_with"] and "TENANT_ID=acme" in shown["started_with"]
 
 
 def test_a_handover_that_cannot_be_read_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
