@@ -32,7 +32,8 @@ BATCH_ARGUMENT = (
 def batch_argument_problem(argv: Sequence[str], *, windows: bool = WINDOWS) -> str | None:
     """Why ``argv`` may not run without a shell, or None: on Windows, a ``.bat`` or ``.cmd`` program with an argument
     that cmd.exe would interpret (its metacharacters), which would make "no shell" untrue."""
-    if not windows or not argv or not argv[0].lower().endswith((".bat", ".cmd")):
+    # Windows drops a file name's trailing dots and spaces: "deploy.bat. " runs deploy.bat
+    if not windows or not argv or not argv[0].rstrip(" .").lower().endswith((".bat", ".cmd")):
         return None
     for index, argument in enumerate(argv[1:], start=1):
         special = next((char for char in argument if char in CMD_SPECIAL), None)

@@ -165,6 +165,7 @@ def test_a_detached_daemon_holding_the_output_does_not_hang_the_task(run_yaml):
         (["C:\\tools\\Deploy.CMD", "a&calc.exe"], "'&' in argument 1"),
         (["deploy.bat", "ok", 'x" & whoami'], "'\"' in argument 2"),
         (["deploy.bat", "100%"], "'%' in argument 1"),
+        (["deploy.bat. .", "a|b"], "'|' in argument 1"),  # Windows runs deploy.bat
         (["deploy.exe", "a&b"], None),  # a program, not cmd.exe: its arguments are passed as they are
     ],
 )
