@@ -51,8 +51,16 @@ def check_query(text: str) -> None:
 
 
 def build_query(*, filters: dict[str, str], text: str) -> str:
-    """Return the query string: every filter (the tenant first) as a term, ANDed with the parenthesised ``text``."""
+    """Return the query string: every filter (the tenant first) as a term, ANDed with the parenthesised ``text``.
+
+    A filter value with a control character or whitespace other than a space is refused: a tab or a line break
+    would end its term, and ``task:x<TAB>OR<TAB>word`` would OR a search of every tenant's lines into the query.
+    """
     check_query(text)
+    for field, value in filters.items():
+        if any(ord(char) < 32 or (char.isspace() and char != " ") for char in value):
+            reason = f"the {field} filter contains a control character or a line break"
+            raise BadRequest(BAD_QUERY.format(reason=reason), code="invalid_query")
     terms = [f"{field}:{escape(value)}" for field, value in filters.items()]
     if text.strip():
         terms.append(f"({text})")

@@ -173,6 +173,16 @@ def test_a_query_that_could_escape_its_parentheses_is_refused_before_quickwit_se
     assert quickwit_server.searches == []
 
 
+@pytest.mark.parametrize("task", ["x\tOR\tpassword", "x\nOR password", "x\u2003OR\u2003password", "x\x00"])
+def test_a_filter_that_could_end_its_term_is_refused_before_quickwit_sees_it(
+    qw: Api, quickwit_server: QuickwitStandIn, world: dict[str, Tenant], task: str
+) -> None:
+    # a tab or line break would end the task term: tenant_id:acme AND task:x OR password searches every tenant
+    response = qw.get("/api/v1/logs", world["acme"].tokens["viewer"], query_string={"task": task})
+    assert response.status_code == 400 and response.json["error"] == "invalid_query", response.json
+    assert quickwit_server.searches == []
+
+
 def test_quickwit_refusals_and_outages_are_json_errors(
     qw: Api, quickwit_server: QuickwitStandIn, world: dict[str, Tenant]
 ) -> None:
