@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``automation`` command line; returns the exit code."""
     args_given = sys.argv[1:] if argv is None else argv
-    if args_given[:1] in (["jobs"], ["agents"]):  # the REST client: no Flask, no database, a fast start
+    if args_given[:1] in (["jobs"], ["agents"], ["secrets"]):  # the REST client: no Flask, no database, fast
         from app.client.commands import main as client_main
 
         return client_main(args_given)

@@ -1,9 +1,12 @@
-"""``automation jobs ...`` and ``automation agents list``: the operator's commands, over the REST API."""
+"""``automation jobs ...``, ``automation agents list`` and ``automation secrets ...``: the operator's commands, over
+the REST API."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +45,10 @@ TOO_MANY_AGENTS = "--agent: at most {limit} agents at once, not {count}"
 POLLING = "automation: the control plane serves no live events for this job ({why}); polling it every second"
 NO_LOG_ROUTE = "automation: the control plane does not serve job logs; showing the tasks' output instead"
 TRUNCATED = "automation: the control plane truncated this job's log (it keeps a bounded number of lines per job)"
+
+NO_VALUE = 'no value: pipe it in (printf %s "$VALUE" | automation secrets set NAME ...) or use --from-env VARIABLE'
+NO_VARIABLE = "--from-env {name}: that variable is not set"
+NO_TENANT = "--tenant: the token names no tenant to default to"
 
 Handler = Callable[[Client, argparse.Namespace], int]
 
@@ -282,6 +289,65 @@ def agents_list(client: Client, args: argparse.Namespace) -> int:
     return OK
 
 
+def _token_tenant(token: str) -> str | None:
+    """The ``tenant_id`` claim of a JWT, read without checking it (the server does): the default of --tenant."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    tenant = claims.get("tenant_id") if isinstance(claims, dict) else None
+    return tenant if isinstance(tenant, str) else None
+
+
+def _secrets_path(client: Client, args: argparse.Namespace) -> str:
+    tenant = args.tenant or _token_tenant(client.token)
+    if tenant is None:
+        raise UsageError(NO_TENANT)
+    return f"/tenants/{tenant}/projects/{args.project}/secrets"
+
+
+def secrets_set(client: Client, args: argparse.Namespace) -> int:
+    """PUT a secret, its value from standard input or a variable: never from the command line, which ps shows."""
+    if args.from_env:
+        value = os.environ.get(args.from_env)
+        if value is None:
+            raise UsageError(NO_VARIABLE.format(name=args.from_env))
+    else:
+        value = "" if sys.stdin.isatty() else sys.stdin.read()
+        value = value[:-1] if value.endswith("\n") and not args.keep_newline else value
+    if not value:
+        raise UsageError(NO_VALUE)
+    secret = client.call("PUT", f"{_secrets_path(client, args)}/{args.name}", body={"value": value})
+    if args.json:
+        _out(secret)
+    else:
+        print(f"secret {secret['name']} of project {secret['project_id']} set by {secret['updated_by']}")
+    return OK
+
+
+def secrets_list(client: Client, args: argparse.Namespace) -> int:
+    """GET a project's secrets: names and when they were set, never values."""
+    page = client.call("GET", _secrets_path(client, args))
+    if args.json:
+        _out(page)
+        return OK
+    secrets = page.get("secrets") or []
+    for secret in secrets:
+        print(f"{secret['name']}  set {secret['updated_at']} by {secret['updated_by']}")
+    if not secrets:
+        print("no secrets")
+    return OK
+
+
+def secrets_delete(client: Client, args: argparse.Namespace) -> int:
+    """DELETE a secret."""
+    client.call("DELETE", f"{_secrets_path(client, args)}/{args.name}")
+    if not args.json:
+        print(f"secret {args.name} of project {args.project} deleted")
+    return OK
+
+
 def run(handler: Handler) -> Callable[[argparse.Namespace], int]:
     """The command's ``run``: make the client, call ``handler``, turn errors into messages and exit codes."""
 
@@ -314,7 +380,7 @@ def _limit(value: str) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``jobs`` and ``agents`` to the ``automation`` command."""
+    """Add ``jobs``, ``agents`` and ``secrets`` to the ``automation`` command."""
     common = _common()
     layout: dict[str, Any] = {"epilog": EXIT_CODES, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
@@ -377,9 +443,27 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     agent_list.add_argument("--project")
     agent_list.add_argument("--limit", type=_limit, default=50, help="at most this many (1-500, default 50)")
 
+    secrets = commands.add_parser(
+        "secrets",
+        help="set, list and delete a project's secrets (over the REST API; a tenant admin's token)",
+        description="A project's secrets, which its workflows name as {{.secrets.NAME}}; values are never shown.",
+        **layout,
+    )
+    secret_group = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    put = action(secret_group, "set", secrets_set, "set a secret; its value from standard input or --from-env")
+    put.add_argument("name")
+    put.add_argument("--from-env", metavar="VARIABLE", help="take the value from this environment variable")
+    put.add_argument("--keep-newline", action="store_true", help="keep a final newline of standard input")
+    listed = action(secret_group, "list", secrets_list, "list a project's secrets (names, never values)")
+    remove = action(secret_group, "delete", secrets_delete, "delete a secret")
+    remove.add_argument("name")
+    for parser in (put, listed, remove):
+        parser.add_argument("--project", required=True)
+        parser.add_argument("--tenant", help="the tenant (default: the token's)")
+
 
 def main(argv: list[str]) -> int:
-    """Run ``automation jobs|agents ...`` alone: what ``automation`` can call first, so these start fast."""
+    """Run ``automation jobs|agents|secrets ...`` alone: what ``automation`` can call first, so these start fast."""
     parser = argparse.ArgumentParser(prog="automation", description="The operator's commands (docs/CLI.md).")
     add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)

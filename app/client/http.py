@@ -109,6 +109,7 @@ class Client:
             raise UsageError(NO_TOKEN)
         self.url = url.removesuffix("/api/v1")
         self.api = self.url + "/api/v1"
+        self.token = token.strip()
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token.strip()}"

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,3 +264,36 @@ def test_logs_read_the_platforms_stored_lines_with_their_cursor(fleet: Fleet, fi
     assert any(line["task"] == "greet" and GREETING in line["message"] for line in lines)
     rest = fleet.run("jobs", "logs", finished["job_id"], "--after", str(lines[0]["seq"]), "--json")
     assert [json.loads(line) for line in rest.stdout.splitlines()] == lines[1:]
+
+
+def test_secrets_are_set_from_stdin_or_a_variable_listed_without_values_used_and_deleted(fleet: Fleet) -> None:
+    admin = fleet.platform.token("tenant_admin", fleet.tenant)
+    value = f"pw-{uuid.uuid4().hex}"
+    base = ["--project", fleet.project]
+    env = {**os.environ, "CONTROL_PLANE_URL": fleet.platform.url, "JWT_TOKEN": admin, "NO_COLOR": "1"}
+
+    def secrets(*args: str, stdin: str | None = None, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "automation"), "secrets", *args],
+            env={**env, **extra},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    piped = secrets("set", "DB_PW", *base, stdin=value + "\n")  # the tenant comes from the token
+    assert piped.returncode == 0 and "secret DB_PW of project" in piped.stdout, piped.stderr
+    from_env = secrets("set", "API_KEY", *base, "--from-env", "MY_KEY", MY_KEY="key-1")
+    assert from_env.returncode == 0, from_env.stderr
+    assert secrets("set", "EMPTY", *base, stdin="").returncode == 2  # no value: a usage error
+    listed = secrets("list", *base)
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0].startswith("API_KEY  set ")
+    assert "DB_PW  set" in listed.stdout and value not in listed.stdout and "key-1" not in listed.stdout
+    assert secrets("list", *base, JWT_TOKEN=fleet.operator).returncode == 3  # an operator may not
+    check = "name: uses\ntasks:\n  - {name: s, type: command, config: {command: test, args: [X, '=', Y]}}\n"
+    job = fleet.submitted(check.replace("X", "'{{.secrets.DB_PW}}'").replace("Y", repr(value)), "--wait")
+    assert job["state"] == "completed", job  # the agent got the value piped in, without its newline
+    assert secrets("delete", "DB_PW", *base).returncode == 0
+    assert secrets("delete", "DB_PW", *base).returncode == 3  # no longer there
