@@ -23,12 +23,14 @@ from app.jobs.states import JobState
 from app.jobs.workflows import choose_platform, validate_workflow
 from app.realtime.events import note_state
 from app.rows import commit_new
+from app.secretstore import service as secretstore
 from app.tenants.models import Project
 
 IDEMPOTENCY_CONFLICT = "Idempotency-Key '{key}' was already used with a different request"
 UNKNOWN_PROJECT = "project '{project}' does not exist in this tenant"
 NO_PROJECT = "name the project: give project_id (the token is not limited to one)"
 UNKNOWN_AGENT = "agent '{agent}' is not registered in project '{project}'"
+UNKNOWN_SECRETS = "the workflow names secrets that project '{project}' does not have: {names}; set them first"
 AGENT_PLATFORM = "agent '{agent}' runs {platform}; this workflow runs on {allowed}"
 
 
@@ -67,6 +69,12 @@ def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_ke
     """Validate one submission (its tenant and ``project_id`` already checked) and add it to the session as a new
     job (queued when it is due), not committed."""
     workflow = validate_workflow(data.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
+    absent = secretstore.missing(caller.tenant_id, project_id, data.workflow)
+    if absent:
+        names = ", ".join(absent)
+        raise Unprocessable(
+            UNKNOWN_SECRETS.format(project=project_id, names=names), code="unknown_secret", names=absent
+        )
     agent = check_target(caller, project_id, data.agent_id, data.platform)
     platform = choose_platform(workflow, data.platform or (agent.platform if agent else None))
     now = utcnow()

@@ -139,7 +139,7 @@ def job_detail(job: Job) -> JobDetail:
     errors={
         **ERR_WRITE,
         409: ("idempotency_conflict",),
-        422: ("invalid_workflow", "unknown_project", "unknown_agent", "incompatible_platform"),
+        422: ("invalid_workflow", "unknown_project", "unknown_agent", "incompatible_platform", "unknown_secret"),
     },
     headers=("Idempotency-Key",),
 )
@@ -164,7 +164,7 @@ def submit() -> Response:
     errors={
         **ERR_WRITE,
         409: ("idempotency_conflict",),
-        422: ("invalid_workflow", "unknown_project", "unknown_agent", "incompatible_platform"),
+        422: ("invalid_workflow", "unknown_project", "unknown_agent", "incompatible_platform", "unknown_secret"),
     },
     headers=("Idempotency-Key",),
 )

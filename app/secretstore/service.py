@@ -117,6 +117,22 @@ def delete_secret(*, caller: Principal, tenant_id: str, project_id: str, name: s
     db.session.commit()
 
 
+def named(workflow: str) -> set[str]:
+    """The names of the secrets ``workflow`` uses (a substring test first: most name none)."""
+    return set(NAMED.findall(workflow)) if ".secrets." in workflow else set()
+
+
+def missing(tenant_id: str, project_id: str, workflow: str) -> list[str]:
+    """The secrets ``workflow`` names that the project does not have, sorted; [] when it names none."""
+    names = named(workflow)
+    if not names:
+        return []
+    query = select(ProjectSecret.name).where(
+        ProjectSecret.tenant_id == tenant_id, ProjectSecret.project_id == project_id, ProjectSecret.name.in_(names)
+    )
+    return sorted(names - set(db.session.scalars(query)))
+
+
 def for_workflow(tenant_id: str, project_id: str, workflow: str) -> dict[str, str]:
     """The values of the project's secrets that ``workflow`` names, for the claim's answer.
 
@@ -124,9 +140,7 @@ def for_workflow(tenant_id: str, project_id: str, workflow: str) -> dict[str, st
     a value that does not open with today's key, or at all without a key, which is logged: the claim is already
     committed, and must be answered. Costs a job that names no secret a substring test.
     """
-    if ".secrets." not in workflow:
-        return {}
-    names = set(NAMED.findall(workflow))
+    names = named(workflow)
     if not names:
         return {}
     query = select(ProjectSecret).where(

@@ -88,9 +88,10 @@ def test_a_claim_hands_over_the_secrets_the_workflow_names_and_nothing_else_show
     api: Api, app: Flask, world: dict[str, Tenant]
 ) -> None:
     acme = world["acme"]
-    for name, value in (("DB_PW", VALUE), ("UNUSED", "not-named")):
+    for name, value in (("DB_PW", VALUE), ("UNUSED", "not-named"), ("MISSING", "deleted before the claim")):
         assert api.put(f"{PATH}/{name}", acme.tokens["tenant_admin"], json={"value": value}).status_code == 201
     with_secrets = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": USES}).json["job_id"]
+    assert api.delete(f"{PATH}/MISSING", acme.tokens["tenant_admin"]).status_code == 204
     plain = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": USES.replace(".secrets.", ".")}).json[
         "job_id"
     ]
@@ -171,3 +172,17 @@ def test_names_are_compared_as_written_and_values_may_fill_64_kib(
     lower = USES.replace("DB_PW", "db_pw").replace("MISSING", "BIG")
     with app.app_context():
         assert service.for_workflow("acme", "web", lower) == {"db_pw": "lower", "BIG": biggest}
+
+
+def test_a_job_naming_a_secret_its_project_lacks_is_refused_at_submission(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    assert api.put(f"{PATH}/DB_PW", acme.tokens["tenant_admin"], json={"value": VALUE}).status_code == 201
+    before = api.get("/api/v1/jobs", acme.tokens["operator"]).json["total"]
+    refused = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": USES})
+    assert refused.status_code == 422 and refused.json["error"] == "unknown_secret", refused.json
+    assert refused.json["names"] == ["MISSING"] and "project 'web'" in refused.json["message"]
+    batch = api.post("/api/v1/jobs/batch", acme.tokens["operator"], json={"jobs": [{"workflow": USES}]})
+    assert batch.status_code == 422 and batch.json["index"] == 0 and batch.json["names"] == ["MISSING"]
+    assert api.get("/api/v1/jobs", acme.tokens["operator"]).json["total"] == before  # nothing was stored
+    named_one = USES.replace(', "{{ .secrets.MISSING }}"', "")
+    assert api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": named_one}).status_code == 201
