@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from app.client import render, watch
 from app.client.http import (
@@ -304,7 +305,7 @@ def _secrets_path(client: Client, args: argparse.Namespace) -> str:
     tenant = args.tenant or _token_tenant(client.token)
     if tenant is None:
         raise UsageError(NO_TENANT)
-    return f"/tenants/{tenant}/projects/{args.project}/secrets"
+    return f"/tenants/{quote(tenant, safe='')}/projects/{quote(args.project, safe='')}/secrets"
 
 
 def secrets_set(client: Client, args: argparse.Namespace) -> int:
@@ -314,11 +315,11 @@ def secrets_set(client: Client, args: argparse.Namespace) -> int:
         if value is None:
             raise UsageError(NO_VARIABLE.format(name=args.from_env))
     else:
-        value = "" if sys.stdin.isatty() else sys.stdin.read()
+        value = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
         value = value[:-1] if value.endswith("\n") and not args.keep_newline else value
     if not value:
         raise UsageError(NO_VALUE)
-    secret = client.call("PUT", f"{_secrets_path(client, args)}/{args.name}", body={"value": value})
+    secret = client.call("PUT", f"{_secrets_path(client, args)}/{quote(args.name, safe='')}", body={"value": value})
     if args.json:
         _out(secret)
     else:
@@ -342,7 +343,7 @@ def secrets_list(client: Client, args: argparse.Namespace) -> int:
 
 def secrets_delete(client: Client, args: argparse.Namespace) -> int:
     """DELETE a secret."""
-    client.call("DELETE", f"{_secrets_path(client, args)}/{args.name}")
+    client.call("DELETE", f"{_secrets_path(client, args)}/{quote(args.name, safe='')}")
     if not args.json:
         print(f"secret {args.name} of project {args.project} deleted")
     return OK
