@@ -138,6 +138,31 @@ def keys_secrets(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys_reseal(args: argparse.Namespace) -> int:
+    """Seal every project secret again under the configured SECRETS_KEY, after a change of key."""
+    import os
+
+    from app.config import ConfigError
+
+    old = os.environ.get(args.old_key_from_env)
+    if not old:
+        raise CommandError(f"--old-key-from-env {args.old_key_from_env}: that variable is not set")
+
+    def work() -> int:
+        from app.secretstore.service import reseal
+
+        try:
+            resealed, current, neither = reseal(old)
+        except ConfigError as exc:
+            raise CommandError(f"the old key: {exc.message}") from None
+        print(f"resealed {resealed} secret(s) under SECRETS_KEY; {current} already were")
+        for name in neither:
+            print(f"opens with neither key, left as it is: {name}", file=sys.stderr)
+        return 1 if neither else 0
+
+    return _in_app(work)
+
+
 def keys_public(args: argparse.Namespace) -> int:
     """Print the public key that agents need, for the control plane's configured (or instance) signing key."""
     from dispatch.signing import load_signing_key, public_key
@@ -234,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     public.set_defaults(run=keys_public)
     sealing = keys.add_parser("secrets-key", help="print a new SECRETS_KEY (seals project secrets)")
     sealing.set_defaults(run=keys_secrets)
+    reseal = keys.add_parser(
+        "reseal-secrets", help="seal every project secret again under SECRETS_KEY, after a change of key"
+    )
+    reseal.add_argument(
+        "--old-key-from-env", required=True, metavar="VARIABLE", help="the variable holding the previous SECRETS_KEY"
+    )
+    reseal.set_defaults(run=keys_reseal)
     acl = commands.add_parser("acl", help="Valkey ACL users").add_subparsers(dest="action", required=True)
     agent = acl.add_parser("agent", help="print the ACL SETUSER command of an isolated agent")
     agent.add_argument("--tenant", required=True)

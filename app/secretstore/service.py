@@ -117,6 +117,38 @@ def delete_secret(*, caller: Principal, tenant_id: str, project_id: str, name: s
     db.session.commit()
 
 
+def reseal(old_key: str) -> tuple[int, int, list[str]]:
+    """Seal again under today's key every secret that opens with ``old_key`` (base64), in one transaction, after a
+    change of ``SECRETS_KEY``; returns how many were resealed, how many already opened with today's key, and the
+    ``tenant/project/name`` of those that open with neither (left as they are). Raises ConfigError for a malformed
+    ``old_key``."""
+    old = base64.b64decode(secrets_key(old_key, current_app.instance_path))
+    key = _key()
+    resealed, current, neither = 0, 0, []
+    for secret in db.session.scalars(select(ProjectSecret).order_by(ProjectSecret.tenant_id, ProjectSecret.project_id)):
+        try:
+            _open(key, secret)
+            current += 1
+            continue
+        except (CryptoError, ValueError, binascii.Error):
+            pass
+        try:
+            value = _open(old, secret)
+        except (CryptoError, ValueError, binascii.Error):
+            neither.append(f"{secret.tenant_id}/{secret.project_id}/{secret.name}")
+            continue
+        secret.sealed = _seal(key, secret, value)
+        resealed += 1
+    audit.record(
+        action="secret.resealed",
+        principal=None,
+        target_type="secret",
+        details={"resealed": resealed, "current": current, "unopened": neither},
+    )
+    db.session.commit()
+    return resealed, current, neither
+
+
 def named(workflow: str) -> set[str]:
     """The names of the secrets ``workflow`` uses (a substring test first: most name none)."""
     return set(NAMED.findall(workflow)) if ".secrets." in workflow else set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from app.jobs import dispatching
 from app.jobs.models import Job
 from app.secretstore import service
 from app.secretstore.models import ProjectSecret
-from tests.app.support import Api, Tenant, token
+from tests.app.support import SECRET, SECRETS_KEY, Api, Tenant, token
 
 VALUE = "s3cr3t-p4ss'w\"rd"
 USES = (
@@ -186,3 +187,32 @@ def test_a_job_naming_a_secret_its_project_lacks_is_refused_at_submission(api: A
     assert api.get("/api/v1/jobs", acme.tokens["operator"]).json["total"] == before  # nothing was stored
     named_one = USES.replace(', "{{ .secrets.MISSING }}"', "")
     assert api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": named_one}).status_code == 201
+
+
+def test_after_a_change_of_key_the_secrets_are_resealed_from_the_command_line(
+    api: Api, make_app: Any, world: dict[str, Tenant], database_url: str
+) -> None:
+    admin = world["acme"].tokens["tenant_admin"]
+    assert api.put(f"{PATH}/DB_PW", admin, json={"value": VALUE}).status_code == 201
+    new_key = new_secrets_key()
+    env = {**os.environ, "DATABASE_URL": database_url, "JWT_SECRET": SECRET, "SECRETS_KEY": new_key}
+    command = [str(Path(sys.executable).with_name("automation")), "keys", "reseal-secrets"]
+
+    def reseal(old: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, "--old-key-from-env", "OLD"], env={**env, "OLD": old}, capture_output=True, text=True, timeout=60
+        )
+
+    rekeyed = make_app(SECRETS_KEY=new_key)
+    with rekeyed.app_context():
+        assert service.for_workflow("acme", "web", USES) == {}  # sealed under the old key
+    done = reseal(SECRETS_KEY)
+    assert done.returncode == 0 and "resealed 1 secret(s) under SECRETS_KEY; 0 already were" in done.stdout, done
+    with rekeyed.app_context():
+        assert service.for_workflow("acme", "web", USES) == {"DB_PW": VALUE}
+    again = reseal(SECRETS_KEY)
+    assert again.returncode == 0 and "resealed 0 secret(s) under SECRETS_KEY; 1 already were" in again.stdout
+    stranger = make_app(SECRETS_KEY=new_secrets_key())  # a key that opens nothing stored
+    with stranger.app_context():
+        assert service.reseal(SECRETS_KEY) == (0, 0, ["acme/web/DB_PW"])
+    assert reseal("not a key").returncode == 1
