@@ -143,6 +143,7 @@ def keys_reseal(args: argparse.Namespace) -> int:
     import os
 
     from app.config import ConfigError
+    from app.errors import AppError
 
     old = os.environ.get(args.old_key_from_env)
     if not old:
@@ -153,8 +154,10 @@ def keys_reseal(args: argparse.Namespace) -> int:
 
         try:
             resealed, current, neither = reseal(old)
-        except ConfigError as exc:
-            raise CommandError(f"the old key: {exc.message}") from None
+        except ConfigError as exc:  # the old key is malformed (today's was checked when the app was made)
+            raise CommandError(f"{args.old_key_from_env}: {exc.message}") from None
+        except AppError as exc:  # no key of our own: a read-only instance folder
+            raise CommandError(exc.message) from None
         print(f"resealed {resealed} secret(s) under SECRETS_KEY; {current} already were")
         for name in neither:
             print(f"opens with neither key, left as it is: {name}", file=sys.stderr)
