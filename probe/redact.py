@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+from pymysql.converters import escape_string
+
 MASK = "***"
 MIN_PREFIX = 3  # a cut-off secret at the end of truncated output is masked from this many characters on
 URI_SAFE = "!#$%&'()*+,/:;=?@[]~"  # what requests leaves as it is when it quotes a URL again
-_SQL_ESCAPES = {"\\": "\\\\", "\0": "\\0", "\n": "\\n", "\r": "\\r", "\x1a": "\\Z", "'": "\\'", '"': '\\"'}
 
 
 def forms(secret: str) -> set[str]:
@@ -25,7 +26,7 @@ def forms(secret: str) -> set[str]:
         json.dumps(secret)[1:-1],
         json.dumps(secret, ensure_ascii=False)[1:-1],
         repr(secret)[1:-1],
-        "".join(_SQL_ESCAPES.get(char, char) for char in secret),
+        escape_string(secret),
     }
     return {form for form in found if form}
 

@@ -83,6 +83,19 @@ def references(text: str) -> Iterator[Reference]:
         raise TemplateError('an opening "{{" has no closing "}}"; write {{"{{"}} for a literal')
 
 
+def secret_names(text: str) -> set[str]:
+    """The names of the secrets the placeholders in ``text`` use; a malformed placeholder names none."""
+    names = set()
+    for match in _PLACEHOLDER.finditer(text):
+        try:
+            parsed = _parse(match.group(1))
+        except TemplateError:
+            continue
+        if isinstance(parsed, Reference) and parsed.kind == "secret":
+            names.add(parsed.name)
+    return names
+
+
 def walk_strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
     """Yield (path, string) for every string inside a value of nested mappings and lists."""
     if isinstance(value, str):

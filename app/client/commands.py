@@ -4,7 +4,6 @@ the REST API."""
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
@@ -13,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+import jwt
 
 from app.client import render, watch
 from app.client.http import (
@@ -293,11 +294,9 @@ def agents_list(client: Client, args: argparse.Namespace) -> int:
 def _token_tenant(token: str) -> str | None:
     """The ``tenant_id`` claim of a JWT, read without checking it (the server does): the default of --tenant."""
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+        tenant = jwt.decode(token, options={"verify_signature": False}).get("tenant_id")
+    except jwt.InvalidTokenError:
         return None
-    tenant = claims.get("tenant_id") if isinstance(claims, dict) else None
     return tenant if isinstance(tenant, str) else None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import re
 
 from flask import current_app
 from nacl import bindings
@@ -28,11 +27,12 @@ from app.errors import NOT_FOUND, Conflict, NotFound, ServiceUnavailable
 from app.extensions import db
 from app.secretstore.models import ProjectSecret
 from app.tenants.service import get_project
+from probe.templates import secret_names
 
 log = logging.getLogger(__name__)
 
 NONCE_BYTES = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
-NAMED = re.compile(r"\{\{\s*\.secrets\.([\w-]+)\s*\}\}")  # what probe's placeholders accept as a secret's name
+UNOPENED = (CryptoError, ValueError, binascii.Error)  # a sealed value that does not open with the key tried
 NO_KEY = "project secrets need SECRETS_KEY (automation keys secrets-key makes one): the instance folder's key: {reason}"
 CHANGED_MEANWHILE = "secret '{name}' was set or deleted by another request at the same time; set it again"
 
@@ -130,11 +130,11 @@ def reseal(old_key: str) -> tuple[int, int, list[str]]:
             _open(key, secret)
             current += 1
             continue
-        except (CryptoError, ValueError, binascii.Error):
+        except UNOPENED:
             pass
         try:
             value = _open(old, secret)
-        except (CryptoError, ValueError, binascii.Error):
+        except UNOPENED:
             neither.append(f"{secret.tenant_id}/{secret.project_id}/{secret.name}")
             continue
         secret.sealed = _seal(key, secret, value)
@@ -150,8 +150,9 @@ def reseal(old_key: str) -> tuple[int, int, list[str]]:
 
 
 def named(workflow: str) -> set[str]:
-    """The names of the secrets ``workflow`` uses (a substring test first: most name none)."""
-    return set(NAMED.findall(workflow)) if ".secrets." in workflow else set()
+    """The names of the secrets ``workflow``'s placeholders use, as probe reads them (a substring test first: most
+    workflows name none)."""
+    return secret_names(workflow) if ".secrets." in workflow else set()
 
 
 def missing(tenant_id: str, project_id: str, workflow: str) -> list[str]:
@@ -190,7 +191,7 @@ def for_workflow(tenant_id: str, project_id: str, workflow: str) -> dict[str, st
     for secret in found:
         try:
             values[secret.name] = _open(key, secret)
-        except (CryptoError, ValueError, binascii.Error):
+        except UNOPENED:
             log.error(
                 "secret %s of project %s/%s does not open with SECRETS_KEY (was the key changed?); set it again",
                 secret.name,

@@ -78,3 +78,10 @@ def test_a_secret_is_masked_in_the_forms_urls_json_repr_and_sql_give_it(shown: s
     secret = "p4ss w\\rd|'x\""
     masked = Redactor([secret]).text(shown)
     assert "***" in masked and "p4ss" not in masked, masked
+
+
+def test_secret_names_are_read_as_placeholders_are_parsed() -> None:
+    from probe.templates import secret_names
+
+    text = '{{.secrets.A}} {{ .secrets.b-2 }}\n{{.HOST}} {{.tasks.x.output}} {{"{{.secrets.LITERAL}}"}} {{ oops }}'
+    assert secret_names(text) == {"A", "b-2"}  # not a variable, a task's result, a literal or a malformed one
