@@ -24,6 +24,7 @@ from app.jobs.states import AttemptState, JobState, transition, transition_attem
 from app.logs.service import append_lines, unseen
 from app.realtime.events import note_task
 from app.rows import insert_row, update_fenced
+from app.secretstore import service as secretstore
 from app.tenants.models import Project
 
 STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
@@ -67,15 +68,18 @@ def _lease() -> tuple[datetime, datetime]:
     return now, now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
 
 
-def claim_job(*, caller: Principal, job_id: str, attempt: int, task: str | None = None) -> tuple[Job, JobAttempt]:
+def claim_job(
+    *, caller: Principal, job_id: str, attempt: int, task: str | None = None
+) -> tuple[Job, JobAttempt, dict[str, str]]:
     """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim.
 
-    ``task`` names the workflow's first task, which the agent starts right after the claim.
+    ``task`` names the workflow's first task, which the agent starts right after the claim. Returns the job, its
+    attempt and the values of the project secrets its workflow names.
     """
     job, row, max_running = _claimable(caller, job_id, attempt)
-    _take(caller, job, row, max_running, task)
+    secrets = _take(caller, job, row, max_running, task)
     db.session.commit()
-    return job, row
+    return job, row, secrets
 
 
 def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAttempt, int | None]:
@@ -104,9 +108,15 @@ def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAt
     return job, row, max_running
 
 
-def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None) -> None:
+def _take(
+    caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None
+) -> dict[str, str]:
     """Move the claimable job to ``running`` with a lease, uncommitted; 409 when that is refused (a full project's
-    refusal rolls back at once, releasing the project's lock; the caller rolls back any other)."""
+    refusal rolls back at once, releasing the project's lock; the caller rolls back any other).
+
+    Returns the values of the project secrets the workflow names, read in the same transaction: should reading
+    them fail (the database gone), the claim is rolled back with it, and the agent's retry can claim again.
+    """
     now, expires = _lease()
     if max_running is not None:
         # Serialize the claims of a limited project (a row lock on MariaDB; SQLite has a single writer anyway).
@@ -144,6 +154,7 @@ def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None,
     transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
     if task is not None:
         _task_started(job, row.number, task)
+    return secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow)
 
 
 def _task_started(job: Job, attempt: int, task: str) -> None:
@@ -274,7 +285,7 @@ def _refused(report: FinishedReport, exc: AppError) -> FinishedOut:
 
 def claim_carrying(
     *, caller: Principal, job_id: str, attempt: int, task: str | None, reports: Sequence[FinishedReport]
-) -> tuple[Job, JobAttempt, list[FinishedOut]]:
+) -> tuple[Job, JobAttempt, dict[str, str], list[FinishedOut]]:
     """Record the final states a claim carries, each as if reported alone, then make the claim.
 
     Every check comes first (reads only); then the reports and the claim are written in one transaction, one
@@ -286,7 +297,8 @@ def claim_carrying(
     concurrent claim), the reports are recorded the same way and the refusal stands: asking again would get the
     same answer.
 
-    Returns the claimed job, its attempt and the reports' outcomes, in their order. Raises the claim's refusal,
+    Returns the claimed job, its attempt, the values of the project secrets its workflow names (read before the
+    commit) and the reports' outcomes, in their order. Raises the claim's refusal,
     with the reports' outcomes in its ``finished`` field.
     """
     outcomes: list[FinishedOut] = []
@@ -302,6 +314,7 @@ def claim_carrying(
             due.append((index, job, row))
     refusal: AppError | None = None
     claimable: tuple[Job, JobAttempt, int | None] | None = None
+    secrets: dict[str, str] = {}
     try:
         claimable = _claimable(caller, job_id, attempt)
     except AppError as exc:
@@ -316,13 +329,14 @@ def claim_carrying(
         _record_alone(caller, reports, pending, outcomes)
         if claimable is not None:
             try:
-                claimable = (*claim_job(caller=caller, job_id=job_id, attempt=attempt, task=task), None)
+                job, row, secrets = claim_job(caller=caller, job_id=job_id, attempt=attempt, task=task)
+                claimable = (job, row, None)
             except AppError as exc:
                 refusal = exc
     else:
         try:
             if claimable is not None:
-                _take(caller, *claimable, task)
+                secrets = _take(caller, *claimable, task)
         except AppError as exc:
             _record_alone(caller, reports, pending, outcomes)
             refusal = exc
@@ -333,7 +347,7 @@ def claim_carrying(
             refusal.extra["finished"] = [outcome.model_dump() for outcome in outcomes]
         raise refusal
     assert claimable is not None
-    return claimable[0], claimable[1], outcomes
+    return claimable[0], claimable[1], secrets, outcomes
 
 
 def _record_alone(

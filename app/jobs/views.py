@@ -33,7 +33,6 @@ from app.jobs.schemas import (
     TaskResultOut,
 )
 from app.ratelimit import charge_rate_limit
-from app.secretstore import service as secretstore
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
@@ -287,7 +286,7 @@ def claim(job_id: str) -> Response:
     data = body(ClaimRequest)
     caller = principal()
     charge_rate_limit(len(data.finished))  # each carried report counts as the request it saves
-    job, attempt, finished = fencing.claim_carrying(
+    job, attempt, secrets, finished = fencing.claim_carrying(
         caller=caller, job_id=job_id, attempt=data.attempt, task=data.task, reports=data.finished
     )
     assert attempt.lease_expires_at is not None
@@ -303,7 +302,7 @@ def claim(job_id: str) -> Response:
             name=job.name,
             workflow=job.workflow,
             variables=job.variables,
-            secrets=secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow),
+            secrets=secrets,
             finished=finished,
         )
     )

@@ -170,8 +170,9 @@ def for_workflow(tenant_id: str, project_id: str, workflow: str) -> dict[str, st
     """The values of the project's secrets that ``workflow`` names, for the claim's answer.
 
     A name without a secret is left out (the agent then fails the job: the secret 'NAME' was not given), and so is
-    a value that does not open with today's key, or at all without a key, which is logged: the claim is already
-    committed, and must be answered. Costs a job that names no secret a substring test.
+    a value that does not open with today's key, or at all without a key, which is logged: asking again would not
+    open it, so the claim goes on. Read in the claim's transaction, before its commit: a database error here rolls the
+    claim back. Costs a job that names no secret a substring test.
     """
     names = named(workflow)
     if not names:
@@ -184,7 +185,7 @@ def for_workflow(tenant_id: str, project_id: str, workflow: str) -> dict[str, st
         return {}
     try:
         key = _key()
-    except (ServiceUnavailable, ConfigError) as exc:  # the claim is made: answer it; the job fails on the agent
+    except (ServiceUnavailable, ConfigError) as exc:  # not passing: the claim goes on, the job fails on the agent
         log.error("the secrets of project %s/%s cannot be opened: %s", tenant_id, project_id, exc.message)
         return {}
     values = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from app.config import ConfigError, new_secrets_key
 from app.extensions import db
@@ -216,3 +216,28 @@ def test_after_a_change_of_key_the_secrets_are_resealed_from_the_command_line(
     with stranger.app_context():
         assert service.reseal(SECRETS_KEY) == (0, 0, ["acme/web/DB_PW"])
     assert reseal("not a key").returncode == 1
+
+
+def test_a_claim_whose_secrets_cannot_be_read_is_rolled_back_and_can_be_made_again(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    assert api.put(f"{PATH}/DB_PW", acme.tokens["tenant_admin"], json={"value": VALUE}).status_code == 201
+    workflow = USES.replace('"{{ .secrets.MISSING }}"', '"x"')
+    job_id = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": workflow}).json["job_id"]
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job is not None
+        dispatching.open_next_attempt(job, actor="test")
+        # the database fails the secrets' read (a real error of the real database: the table is away)
+        db.session.execute(text("ALTER TABLE project_secrets RENAME TO project_secrets_away"))
+        db.session.commit()
+    failed = api.post(f"/api/v1/jobs/{job_id}/claim", acme.tokens["agent"], json={"attempt": 1})
+    assert failed.status_code in (500, 503)  # a missing table: an OperationalError on SQLite, not on MariaDB
+    with app.app_context():
+        db.session.execute(text("ALTER TABLE project_secrets_away RENAME TO project_secrets"))
+        db.session.commit()
+    assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["operator"]).json["state"] == "queued"  # nothing kept
+    again = api.post(f"/api/v1/jobs/{job_id}/claim", acme.tokens["agent"], json={"attempt": 1})  # the agent's retry
+    assert again.status_code == 200, again.json
+    assert again.json["state"] == "running" and again.json["secrets"] == {"DB_PW": VALUE}
