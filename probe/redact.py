@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -12,12 +13,31 @@ from pymysql.converters import escape_string
 MASK = "***"
 MIN_PREFIX = 3  # a cut-off secret at the end of truncated output is masked from this many characters on
 URI_SAFE = "!#$%&'()*+,/:;=?@[]~"  # what requests leaves as it is when it quotes a URL again
+MIN_ENCODED = 7  # bytes: a shorter secret is not looked for in base64, whose runs of it would mask innocent text too
+
+
+def encoded(secret: str) -> set[str]:
+    """The characters of a secret's base64 forms (standard and URL-safe) that it alone decides, at each of the three
+    places it can start within the encoding's 3-byte groups: found inside any base64 text that holds the secret,
+    such as an HTTP Basic ``Authorization`` header of ``user:secret``. The characters at either end, which the bytes
+    around the secret also decide, are left out; each run is 8 characters or more."""
+    data = secret.encode()
+    if len(data) < MIN_ENCODED:
+        return set()
+    found = set()
+    for offset in range(3):  # bytes of the encoded text before the secret, modulo 3
+        text = base64.b64encode(bytes(offset) + data).decode()
+        first, end = -(-offset * 8 // 6), (offset + len(data)) * 8 // 6  # characters made of the secret's bits only
+        core = text[first:end]
+        found |= {core, core.replace("+", "-").replace("/", "_")}
+    return found
 
 
 def forms(secret: str) -> set[str]:
     """The secret and the forms it takes in what a task reports: quoted into a URL (as requests and
     ``urllib.parse`` do), escaped in a JSON string or a Python ``repr``, escaped as MySQL echoes a bound value in
-    its errors. A secret with no character to escape has only itself."""
+    its errors, and inside base64 text (``encoded``). A short secret with no character to escape has only
+    itself."""
     found = {
         secret,
         quote(secret, safe=""),
@@ -27,6 +47,7 @@ def forms(secret: str) -> set[str]:
         json.dumps(secret, ensure_ascii=False)[1:-1],
         repr(secret)[1:-1],
         escape_string(secret),
+        *encoded(secret),
     }
     return {form for form in found if form}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from probe.redact import Redactor
@@ -78,6 +80,25 @@ def test_a_secret_is_masked_in_the_forms_urls_json_repr_and_sql_give_it(shown: s
     secret = "p4ss w\\rd|'x\""
     masked = Redactor([secret]).text(shown)
     assert "***" in masked and "p4ss" not in masked, masked
+
+
+@pytest.mark.parametrize("before", ["", "u:", "ab:", "admin:"])  # the secret at each place in base64's 3-byte groups
+@pytest.mark.parametrize("after", ["", "x", "@host"])
+def test_a_secret_is_masked_inside_base64_text_wherever_it_starts(before: str, after: str) -> None:
+    secret = "p4ss w\\rd|'x\"~?"
+    redactor = Redactor([secret])
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        shown = "Authorization: Basic " + encode((before + secret + after).encode()).decode()
+        masked = redactor.text(shown)
+        assert "***" in masked, shown
+        # left around the mask: the characters of what comes before and after, and at most one more at each end
+        head, tail = masked.split("Basic ", 1)[1].split("***")
+        assert len(head) <= -(-len(before) * 8 // 6) and len(tail) <= -(-len(after) * 8 // 6) + 3, masked
+
+
+def test_short_base64_runs_of_a_secret_are_not_masked_in_other_text() -> None:
+    assert Redactor(["abcdef"]).text("YWJjZGVm and YWJj") == "YWJjZGVm and YWJj"  # too short to tell apart
+    assert Redactor(["abcdefg"]).text("YWJjZGVmZw==") == "***w=="
 
 
 def test_secret_names_are_read_as_placeholders_are_parsed() -> None:
