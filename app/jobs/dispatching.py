@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.columns import utcnow
@@ -267,7 +267,8 @@ def dispatch_job(*, job_id: str, actor: str = "dispatcher") -> bool:
 
 
 def sweep(*, now: datetime | None = None) -> int:
-    """Dead-letter expired jobs; send due pending jobs and queued attempts left unpublished past the grace."""
+    """Dead-letter expired jobs; send due pending jobs, queued attempts left unpublished past the grace, and retries
+    whose backoff is over."""
     now = now or utcnow()
     expire(now=now)
     if _publisher() is None:
@@ -288,7 +289,11 @@ def sweep(*, now: datetime | None = None) -> int:
         .where(
             JobAttempt.state == AttemptState.QUEUED.value,
             JobAttempt.published_at.is_(None),
-            JobAttempt.queued_at <= before,
+            # a retry waits for its backoff (sent by nobody else, it needs no grace); any other, for the grace
+            or_(
+                and_(JobAttempt.not_before.is_(None), JobAttempt.queued_at <= before),
+                JobAttempt.not_before <= now,
+            ),
             Job.attempt == JobAttempt.number,
             Job.state == JobState.QUEUED.value,
         )

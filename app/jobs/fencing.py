@@ -108,9 +108,7 @@ def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAt
     return job, row, max_running
 
 
-def _take(
-    caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None
-) -> dict[str, str]:
+def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None) -> dict[str, str]:
     """Move the claimable job to ``running`` with a lease, uncommitted; 409 when that is refused (a full project's
     refusal rolls back at once, releasing the project's lock; the caller rolls back any other).
 

@@ -14,6 +14,10 @@ from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
 from tests.app.support import Api, Tenant, token
+from tests.app.test_receipts import acme_tenant, live_app, messages
+from tests.servers.valkey import ValkeyServer
+
+__all__ = ["acme_tenant", "live_app"]  # the fixtures "acme" and "live": the control plane with a broker
 
 FAILING = "name: f\ntasks:\n  - {name: a, type: command, config: {command: 'false'}}\n"
 
@@ -81,6 +85,29 @@ def test_the_next_run_waits_for_its_backoff_which_doubles_with_jitter(api: Api, 
     assert timedelta(seconds=8) <= second.not_before - before <= timedelta(seconds=13)
     delays = [dispatching.retry_delay(10, failures, 600) for failures in (1, 2, 3, 10)]
     assert 8 <= delays[0] <= 12 and 16 <= delays[1] <= 24 and 32 <= delays[2] <= 48 and delays[3] <= 720
+
+
+def test_the_sweeper_sends_a_retry_when_its_backoff_is_over_and_not_before(
+    live: Flask, acme: Tenant, valkey_server: ValkeyServer
+):
+    api = Api(live.test_client())
+    grace = timedelta(seconds=live.config["SWEEP_GRACE"] + 1)
+    with live.app_context():
+        dispatching.sweep(now=utcnow() + grace)  # the world's jobs, never published
+    job_id = submit(api, acme, max_attempts=2, retry_backoff=600)
+    publish_and_claim(api, live, acme, job_id)
+    assert report(api, acme, job_id, 1).json["state"] == "queued"
+    second = attempts(live, job_id)[1]
+    assert second.not_before is not None
+    sent = messages(valkey_server)
+    with live.app_context():
+        assert dispatching.sweep(now=utcnow() + grace) == 0  # past the grace, but the backoff is not over
+        assert dispatching.sweep(now=second.not_before - timedelta(seconds=1)) == 0
+    assert attempts(live, job_id)[1].published_at is None and messages(valkey_server) == sent
+    with live.app_context():
+        assert dispatching.sweep(now=second.not_before) == 1
+    assert attempts(live, job_id)[1].published_at is not None and messages(valkey_server) == sent + 1
+    assert publish_and_claim(api, live, acme, job_id) == 2
 
 
 def test_a_job_whose_cancel_was_requested_is_not_retried(api: Api, app: Flask, world: dict[str, Tenant]):
