@@ -22,6 +22,7 @@ WORKFLOW_KEYS = ("name", "description", "timeout", "variables", "tasks")
 TASK_KEYS = ("name", "type", "description", "timeout", "config", "retries", "retry_delay", "continue_on_error")
 DEFAULT_WORKFLOW_TIMEOUT = 3600.0
 MAX_RETRIES = 100
+NAME_LIMIT = 200  # characters of a workflow's or a task's name (the control plane stores and indexes them)
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -33,6 +34,7 @@ TIMEOUT_TOO_LONG = "timeout {task} is longer than the workflow's timeout {workfl
 UNDEFINED_VARIABLE = "variable '{name}' is not defined: give it at run time, under variables, or in the environment"
 UNDEFINED_SECRET = "secret '{name}' was not given"  # noqa: S105 - a message, not a password
 LATER_TASK = "{text} refers to task '{name}', which does not run before this task"
+NAME_TOO_LONG = "{what} names have at most {limit} characters; this one has {length}"
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ def _validate(doc: Any, problems: list[Problem]) -> Workflow | None:
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.append(Problem("name", "a workflow needs a name (a non-empty string)", doc.line_of("name")))
+    elif len(name) > NAME_LIMIT:
+        message = NAME_TOO_LONG.format(what="workflow", limit=NAME_LIMIT, length=len(name))
+        problems.append(Problem("name", message, doc.line_of("name")))
     description = _optional_str(doc, "description", "description", problems)
     timeout = _duration(doc, "timeout", "timeout", problems, DEFAULT_WORKFLOW_TIMEOUT)
     if timeout is not None and timeout <= 0:
@@ -250,7 +255,7 @@ def _validate_task(
         problems.append(Problem(label, "a task is a mapping with name, type and config", line))
         return None
     name = item.get("name")
-    if isinstance(name, str) and name:
+    if isinstance(name, str) and name and len(name) <= NAME_LIMIT:
         label = f"tasks[{index}] ({name})"
     before = len(problems)
     for key in item:
@@ -262,6 +267,9 @@ def _validate_task(
         problems.append(Problem(label, "a task needs a name", item.line_of("name")))
     elif not TASK_NAME.fullmatch(name):
         problems.append(Problem(f"{label}.name", "task names are letters, digits, '-' and '_'", item.line_of("name")))
+    elif len(name) > NAME_LIMIT:
+        message = NAME_TOO_LONG.format(what="task", limit=NAME_LIMIT, length=len(name))
+        problems.append(Problem(f"{label}.name", message, item.line_of("name")))
     elif name in seen:
         problems.append(Problem(label, DUPLICATE_TASK.format(name=name, first=seen[name]), item.line_of("name")))
     else:

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from app.jobs.states import JobState
 from app.logs.schemas import LogLineIn
 from app.schemas import BIGGEST, Moment, Page, Platform, Request, Response, Slug
+from probe.workflow import NAME_LIMIT
 
 MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
 MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
@@ -98,7 +99,7 @@ class CancelRequest(Request):
 class TaskResultIn(Request):
     """One task's result, as an agent reports it."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=NAME_LIMIT)
     type: str = Field(min_length=1, max_length=64)
     status: TaskStatus
     position: int = Field(0, ge=0, le=BIGGEST)
@@ -113,7 +114,7 @@ class TaskReport(TaskResultIn):
     """``POST /api/v1/jobs/{id}/tasks``: one task's result, and the task that started after it."""
 
     attempt: int = Field(ge=1, le=BIGGEST)
-    next_task: str | None = Field(None, min_length=1, max_length=200, description="the task that started next")
+    next_task: str | None = Field(None, min_length=1, max_length=NAME_LIMIT, description="the task that started next")
 
 
 class StatusReport(Request):
@@ -145,7 +146,7 @@ class ClaimRequest(Request):
     the final states of jobs of this agent that ended meanwhile (recorded first, whatever the claim's outcome)."""
 
     attempt: int = Field(ge=1, le=BIGGEST)
-    task: str | None = Field(None, min_length=1, max_length=200, description="the first task, about to start")
+    task: str | None = Field(None, min_length=1, max_length=NAME_LIMIT, description="the first task, about to start")
     finished: list[FinishedReport] = Field(default_factory=list, max_length=MAX_FINISHED_PER_CLAIM)
 
 

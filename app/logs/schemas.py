@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from app.schemas import BIGGEST, Moment, Query, Request, Response, Slug
+from probe.workflow import NAME_LIMIT
 
 Level = Literal["info", "warning", "error", "debug"]
 
@@ -16,7 +17,7 @@ class LogLineIn(Request):
     """One line as an agent ships it: when, which task (null: the workflow's own), how bad, what."""
 
     ts: Moment
-    task: str | None = Field(None, max_length=200)
+    task: str | None = Field(None, max_length=NAME_LIMIT)
     level: Level
     message: str
 
@@ -76,7 +77,7 @@ class LogSearchQuery(Query):
     query: str = Field("", max_length=1000)
     job_id: str | None = Field(None, max_length=36)
     project_id: Slug | None = None
-    task: str | None = Field(None, max_length=200)
+    task: str | None = Field(None, max_length=NAME_LIMIT)
     level: Level | None = None
     since: Moment | None = None
     until: Moment | None = None

@@ -179,7 +179,15 @@ def test_bad_input_is_a_json_error_and_writes_nothing(
     assert snapshot(app) == before
 
 
-@pytest.mark.parametrize("workflow", ["name: [\n", "tasks: 5\n", "- a\n- b\n", "name: x\ntasks: []\n", "\t\x00"])
+LONG_NAMES = [  # longer than the database's columns and the agents' reports allow
+    "name: " + "n" * 201 + "\ntasks:\n  - {name: a, type: command, config: {command: 'true'}}\n",
+    "name: x\ntasks:\n  - {name: " + "t" * 201 + ", type: command, config: {command: 'true'}}\n",
+]
+
+
+@pytest.mark.parametrize(
+    "workflow", ["name: [\n", "tasks: 5\n", "- a\n- b\n", "name: x\ntasks: []\n", "\t\x00", *LONG_NAMES]
+)
 def test_a_malformed_or_invalid_workflow_writes_nothing(
     limited: tuple[Flask, Api, dict[str, Tenant]], workflow: str
 ) -> None:

@@ -136,6 +136,14 @@ def test_a_missing_required_option_names_the_task_and_the_config_line(load_error
             "tasks[0] (a b).name: task names are letters, digits, '-' and '_' (line 3)",
         ),
         (
+            "name: " + "n" * 201 + "\ntasks:\n  - {name: a, type: command, config: {command: ls}}\n",
+            "name: workflow names have at most 200 characters; this one has 201 (line 1)",
+        ),
+        (
+            "name: x\ntasks:\n  - name: " + "t" * 201 + "\n    type: command\n    config: {command: ls}\n",
+            "tasks[0].name: task names have at most 200 characters; this one has 201 (line 3)",
+        ),
+        (
             "name: x\ntasks:\n  - name: a\n    type: command\n    config: {command: ls, shell: true, args: [x]}\n",
             "tasks[0] (a).config: args cannot be used with shell: true; write the whole command line in command"
             " (line 5)",
@@ -150,6 +158,13 @@ def test_every_problem_of_a_document_is_reported_at_once(load_error):
     error = load_error("name: x\nfoo: 1\ntasks:\n  - name: a\n    type: nope\n  - type: command\n")
     assert [p.line for p in error.problems] == [2, 5, 6, 6]
     assert error.line == 2
+
+
+def test_names_of_the_longest_length_are_accepted():
+    workflow = probe.load_workflow(
+        "name: " + "n" * 200 + "\ntasks:\n  - {name: " + "t" * 200 + ", type: command, config: {command: ls}}\n"
+    )
+    assert len(workflow.name) == 200 and len(workflow.tasks[0].name) == 200
 
 
 def test_keys_starting_with_x_dash_hold_anchors_and_are_allowed():
