@@ -36,6 +36,8 @@ LEASE_EXPIRED = "attempt {number} lost: agent '{agent}' stopped renewing its lea
 LOST_EXHAUSTED = "{lost} attempts lost (the last on agent '{agent}', which stopped renewing its lease); giving up"
 RETRYING = "attempt {number} {state}; run {failures} of {limit} failed, retrying in {delay:.0f}s"
 EXPIRED = "not claimed before its deliver_by deadline ({deadline}Z)"
+CANCELLED_WHEN_LOST = "cancelled as requested; " + LEASE_EXPIRED
+NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
 BATCH = 100
 RETRYABLE = frozenset({AttemptState.FAILED.value, AttemptState.TIMED_OUT.value})
 _RECEIPTS_MADE = threading.Lock()
@@ -110,21 +112,34 @@ def send(job: Job, attempt: JobAttempt, *, receipt: bool = False) -> bool:
 
 
 def _open_attempt(
-    job: Job, *, actor: str, reason: str | None = None, not_before: datetime | None = None, **values: Any
+    job: Job,
+    *,
+    actor: str,
+    reason: str | None = None,
+    not_before: datetime | None = None,
+    guards: dict[str, Any] | None = None,
+    **values: Any,
 ) -> JobAttempt:
     now = utcnow()
     number = job.attempt + 1
-    transition(job, JobState.QUEUED, actor=actor, reason=reason, attempt=number, queued_at=now, **values)
+    transition(job, JobState.QUEUED, actor=actor, reason=reason, guards=guards, attempt=number, queued_at=now, **values)
     attempt = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=number, queued_at=now, not_before=not_before)
     db.session.add(attempt)
     return attempt
 
 
 def open_next_attempt(
-    job: Job, *, actor: str, reason: str | None = None, not_before: datetime | None = None, **values: Any
+    job: Job,
+    *,
+    actor: str,
+    reason: str | None = None,
+    not_before: datetime | None = None,
+    guards: dict[str, Any] | None = None,
+    **values: Any,
 ) -> JobAttempt:
-    """Move a job to ``queued`` with a new attempt, committed, not yet published (not before ``not_before``)."""
-    attempt = _open_attempt(job, actor=actor, reason=reason, not_before=not_before, **values)
+    """Move a job to ``queued`` with a new attempt, committed, not yet published (not before ``not_before``);
+    409 ``concurrent_update`` when the job changed since it was read, or no longer holds ``guards``."""
+    attempt = _open_attempt(job, actor=actor, reason=reason, not_before=not_before, guards=guards, **values)
     db.session.commit()
     return attempt
 
@@ -187,7 +202,8 @@ def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt 
     """Queue the next run of a job whose attempt failed or timed out, if its ``max_attempts`` allow; else None.
 
     The next attempt is committed with a ``not_before`` time; the sweeper publishes it when that time comes
-    (never a long Celery countdown, which would sit unacknowledged in a worker's memory).
+    (never a long Celery countdown, which would sit unacknowledged in a worker's memory). A cancel requested
+    since the job was read refuses it (409 ``concurrent_update``): read again, the job is not retried.
     """
     if attempt.state not in RETRYABLE or job.cancel_requested:
         return None
@@ -207,9 +223,8 @@ def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt 
         number=attempt.number, state=attempt.state, failures=failures, limit=job.max_attempts, delay=delay
     )
     log.info("job %s: %s", job.id, reason, extra=_about(job))
-    following = open_next_attempt(
-        job, actor="retry", reason=reason, not_before=now + timedelta(seconds=delay) if delay else None
-    )
+    not_before = now + timedelta(seconds=delay) if delay else None
+    following = open_next_attempt(job, actor="retry", reason=reason, not_before=not_before, guards=NOT_CANCELLED)
     if not delay:
         send(job, following)
     return following
@@ -357,6 +372,12 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
     if not current:
         db.session.commit()
         return 1
+    if job.cancel_requested:  # its agent died before it could stop it: cancelled, as asked, not run again
+        message = CANCELLED_WHEN_LOST.format(number=attempt.number, agent=agent)
+        transition(job, JobState.CANCELLED, actor="reaper", reason=message, finished_at=now, error=message)
+        db.session.commit()
+        log.warning("job %s: %s", job.id, message, extra=_about(job))
+        return 1
     lost_count = (
         db.session.scalar(
             select(func.count())
@@ -367,7 +388,7 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
     )
     if lost_count < current_app.config["MAX_LOST_ATTEMPTS"]:
         log.warning("job %s: %s; queueing attempt %d", job.id, lost, attempt.number + 1, extra=_about(job))
-        following = open_next_attempt(job, actor="reaper", reason=lost)
+        following = open_next_attempt(job, actor="reaper", reason=lost, guards=NOT_CANCELLED)
         send(job, following)
     else:
         dead_letter(

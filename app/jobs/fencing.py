@@ -219,7 +219,21 @@ def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[
 
 
 def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Job:
-    """Apply the state an agent reports for its current attempt; ``running`` only renews the lease."""
+    """Apply the state an agent reports for its current attempt; ``running`` only renews the lease.
+
+    A report whose write lost a race (the job changed after it was read: a cancel requested meanwhile refuses
+    its retry) is read and applied once more, so that it is recorded as of the job's latest state.
+    """
+    try:
+        return _apply_status(caller, job_id, report)
+    except Conflict as exc:
+        if exc.code != "concurrent_update":
+            raise
+        db.session.rollback()
+    return _apply_status(caller, job_id, report)
+
+
+def _apply_status(caller: Principal, job_id: str, report: StatusReport) -> Job:
     job, row, due = _reportable(caller, job_id, report)
     if due and not _record_status(caller, job, row, report):
         db.session.commit()

@@ -216,6 +216,7 @@ def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
         actor=caller.subject,
         reason=f"requeued by {caller.subject}",
         dead_letter_reason=None,
+        cancel_requested=False,  # a new request: an old cancel of the job no longer stands
         error=None,
         finished_at=None,
         deliver_by=data.deliver_by.astimezone(UTC).replace(tzinfo=None) if data.deliver_by else None,

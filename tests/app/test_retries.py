@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from sqlalchemy import create_engine, update
 
 from app.agents.models import Agent
 from app.columns import utcnow
 from app.extensions import db
-from app.jobs import dispatching
+from app.jobs import dispatching, fencing
 from app.jobs.models import Job, JobAttempt
 from tests.app.support import Api, Tenant, token
 from tests.app.test_receipts import acme_tenant, live_app, messages
@@ -226,3 +227,93 @@ def test_too_many_lost_attempts_dead_letter_the_job(
     assert {(r.job_id, r.tenant_id) for r in about} == {(job_id, "acme")}  # type: ignore[attr-defined]
     with app.app_context():
         assert db.session.get(Agent, ("acme", "a1")) is not None
+
+
+def cancel_meanwhile(app: Flask, job_id: str) -> None:
+    """An operator's cancel of the running job, committed by another connection (another web process)."""
+    other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    try:
+        with other.begin() as connection:
+            changed = connection.execute(
+                update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+            )
+            assert changed.rowcount == 1
+    finally:
+        other.dispose()
+
+
+def test_a_running_job_whose_cancel_was_requested_is_cancelled_when_its_agent_is_lost(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3)
+    publish_and_claim(api, app, acme, job_id)
+    assert api.post(f"/api/v1/jobs/{job_id}/cancel", acme.tokens["operator"]).status_code == 202
+    with app.app_context():
+        dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "cancelled" and job["attempt"] == 1, job
+    assert [a["state"] for a in job["attempts"]] == ["lost"]
+    assert job["error"] == "cancelled as requested; attempt 1 lost: agent 'a1' stopped renewing its lease"
+
+
+def test_a_cancel_committed_while_the_reaper_works_wins(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3)
+    publish_and_claim(api, app, acme, job_id)
+    reap_one = dispatching._reap_one
+
+    def cancelled_first(job: Job, attempt: JobAttempt, now: datetime) -> int:
+        if job.id == job_id and not job.cancel_requested:
+            cancel_meanwhile(app, job_id)  # after the reaper read the job
+        return reap_one(job, attempt, now)
+
+    monkeypatch.setattr(dispatching, "_reap_one", cancelled_first)
+    later = utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1)
+    with app.app_context():
+        dispatching.reap(now=later)
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "running" and job["cancel_requested"]  # the reaper's write was refused, nothing changed
+    with app.app_context():
+        dispatching.reap(now=later)  # its next round
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "cancelled" and [a["state"] for a in job["attempts"]] == ["lost"], job
+
+
+def test_a_cancel_committed_while_a_failure_is_reported_stops_the_retry(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3, retry_backoff=0)
+    publish_and_claim(api, app, acme, job_id)
+    record = fencing._record_status
+    raced: list[str] = []
+
+    def cancelled_first(caller: Any, job: Job, row: JobAttempt, report: Any) -> bool:
+        if not raced:
+            raced.append(job.id)
+            cancel_meanwhile(app, job.id)  # after the report read the job
+        return record(caller, job, row, report)
+
+    monkeypatch.setattr(fencing, "_record_status", cancelled_first)
+    reply = report(api, acme, job_id, 1)
+    assert reply.status_code == 200 and reply.json["state"] == "failed", reply.json
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert raced == [job_id] and job["cancel_requested"]
+    assert [a["state"] for a in job["attempts"]] == ["failed"]  # recorded once, and not run again
+
+
+def test_a_requeued_job_can_be_claimed_whatever_was_asked_of_it_before(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme)
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job is not None
+        dispatching.dead_letter(job, reason="lost", message="lost", actor="test")
+        db.session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))  # a cancel of old
+        db.session.commit()
+    requeued = api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"])
+    assert requeued.status_code == 200 and not requeued.json["cancel_requested"], requeued.json
+    publish_and_claim(api, app, acme, job_id)
