@@ -61,6 +61,7 @@ def register_agent(*, caller: Principal, data: AgentRegister) -> tuple[Agent, bo
     if agent is None:
         agent = Agent(tenant_id=caller.tenant_id, id=data.agent_id, registered_at=now)
         db.session.add(agent)
+    moved = not created and (agent.project_id, agent.platform) != (project_id, data.platform)
     fields = data.model_dump(exclude={"agent_id", "tenant_id", "project_id"})
     for key, value in fields.items():
         setattr(agent, key, value)
@@ -75,6 +76,8 @@ def register_agent(*, caller: Principal, data: AgentRegister) -> tuple[Agent, bo
         details={"project_id": project_id, "platform": data.platform, "new": created},
     )
     db.session.commit()
+    if moved:  # the jobs pinned to it for its old project or platform can never be claimed now
+        dispatching.strand(now=now, tenant_id=agent.tenant_id, agent_id=agent.id)
     return agent, created
 
 
@@ -181,8 +184,11 @@ def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -
 
 
 def delete_agent(*, caller: Principal, agent_id: str) -> None:
-    """Remove an agent's registration (its jobs keep their history)."""
+    """Remove an agent's registration (its jobs keep their history); the jobs waiting for it alone are
+    dead-lettered (``no_agent``)."""
     agent = scoped(caller, agent_id)
-    db.session.execute(delete(Agent).where(Agent.tenant_id == agent.tenant_id, Agent.id == agent.id))
+    tenant_id = agent.tenant_id
+    db.session.execute(delete(Agent).where(Agent.tenant_id == tenant_id, Agent.id == agent_id))
     audit.record(action="agent.deleted", principal=caller, target_type="agent", target_id=agent_id)
     db.session.commit()
+    dispatching.strand(now=utcnow(), tenant_id=tenant_id, agent_id=agent_id)

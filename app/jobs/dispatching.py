@@ -20,6 +20,7 @@ from flask import current_app
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
+from app.agents.models import Agent
 from app.columns import utcnow
 from app.errors import Conflict
 from app.extensions import db
@@ -36,6 +37,11 @@ LEASE_EXPIRED = "attempt {number} lost: agent '{agent}' stopped renewing its lea
 LOST_EXHAUSTED = "{lost} attempts lost (the last on agent '{agent}', which stopped renewing its lease); giving up"
 RETRYING = "attempt {number} {state}; run {failures} of {limit} failed, retrying in {delay:.0f}s"
 EXPIRED = "not claimed before its deliver_by deadline ({deadline}Z)"
+AGENT_GONE = "pinned to agent '{agent}', which is no longer registered"
+AGENT_MOVED = (
+    "pinned to agent '{agent}', which now serves project '{project}' on {platform}; "
+    "the job needs project '{job_project}' on {job_platform}"
+)
 CANCELLED_WHEN_LOST = "cancelled as requested; " + LEASE_EXPIRED
 NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
 BATCH = 100
@@ -282,10 +288,11 @@ def dispatch_job(*, job_id: str, actor: str = "dispatcher") -> bool:
 
 
 def sweep(*, now: datetime | None = None) -> int:
-    """Dead-letter expired jobs; send due pending jobs, queued attempts left unpublished past the grace, and retries
-    whose backoff is over."""
+    """Dead-letter expired jobs and those pinned to an agent gone; send due pending jobs, queued attempts left
+    unpublished past the grace, and retries whose backoff is over."""
     now = now or utcnow()
     expire(now=now)
+    strand(now=now)
     if _publisher() is None:
         return 0
     before = now - timedelta(seconds=current_app.config["SWEEP_GRACE"])
@@ -344,6 +351,39 @@ def expire(*, now: datetime) -> int:
         except Conflict:
             db.session.rollback()  # claimed meanwhile
     return len(late)
+
+
+def strand(*, now: datetime, tenant_id: str | None = None, agent_id: str | None = None) -> int:
+    """Dead-letter (``no_agent``) every pending or queued job pinned to an agent that is no longer registered or
+    now serves another project or platform: no agent could ever claim it. Only those of one agent when named."""
+    query = (
+        select(Job, Agent.project_id, Agent.platform)
+        .outerjoin(Agent, and_(Agent.tenant_id == Job.tenant_id, Agent.id == Job.agent_id))
+        .where(
+            Job.state.in_([JobState.PENDING.value, JobState.QUEUED.value]),
+            Job.agent_id.is_not(None),
+            or_(Agent.id.is_(None), Agent.project_id != Job.project_id, Agent.platform != Job.platform),
+        )
+    )
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id, Job.agent_id == agent_id)
+    stranded = db.session.execute(query.limit(BATCH)).all()
+    for job, project, platform in stranded:
+        if project is None:
+            message = AGENT_GONE.format(agent=job.agent_id)
+        else:
+            message = AGENT_MOVED.format(
+                agent=job.agent_id,
+                project=project,
+                platform=platform,
+                job_project=job.project_id,
+                job_platform=job.platform,
+            )
+        try:
+            dead_letter(job, reason="no_agent", message=message, actor="sweeper", now=now)
+        except Conflict:
+            db.session.rollback()  # changed meanwhile
+    return len(stranded)
 
 
 def reap(*, now: datetime | None = None) -> int:

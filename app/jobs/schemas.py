@@ -73,7 +73,7 @@ class JobListQuery(Page):
     agent_id: str | None = None
 
 
-DeadLetterReason = Literal["expired", "refused", "poison", "lost"]
+DeadLetterReason = Literal["expired", "refused", "poison", "lost", "no_agent"]
 
 
 class DeadLetterQuery(Page):

@@ -317,3 +317,59 @@ def test_a_requeued_job_can_be_claimed_whatever_was_asked_of_it_before(api: Api,
     requeued = api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"])
     assert requeued.status_code == 200 and not requeued.json["cancel_requested"], requeued.json
     publish_and_claim(api, app, acme, job_id)
+
+
+def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    queued = submit(api, acme, agent_id="a1")
+    later = submit(api, acme, agent_id="a1", scheduled_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    shared = submit(api, acme)  # any agent of the project may run it
+    with app.app_context():
+        job = db.session.get(Job, queued)
+        assert job is not None
+        dispatching.open_next_attempt(job, actor="test")
+    assert api.delete("/api/v1/agents/a1", token("acme", "tenant_admin")).status_code == 204
+    for job_id in (queued, later):
+        job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+        assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
+        assert job["error"] == "pinned to agent 'a1', which is no longer registered"
+    assert api.get(f"/api/v1/jobs/{queued}", acme.tokens["viewer"]).json["attempts"][0]["state"] == "dead_letter"
+    assert api.get(f"/api/v1/jobs/{shared}", acme.tokens["viewer"]).json["state"] == "pending"
+    listed = api.get("/api/v1/dead-letters?reason=no_agent", acme.tokens["viewer"]).json
+    assert sorted(j["job_id"] for j in listed["jobs"]) == sorted([queued, later])
+
+
+def test_a_job_pinned_to_an_agent_that_moves_to_another_platform_or_project_is_dead_lettered(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    agent = {"agent_id": "a1", "hostname": "a1.local", "platform": "linux"}
+    kept = submit(api, acme, agent_id="a1")
+    again = api.post("/api/v1/agents", acme.tokens["agent"], json=agent)  # a restart: nothing changes
+    assert again.status_code == 200, again.json
+    assert api.get(f"/api/v1/jobs/{kept}", acme.tokens["viewer"]).json["state"] == "pending"
+    moved = api.post("/api/v1/agents", acme.tokens["agent"], json={**agent, "platform": "windows"})
+    assert moved.status_code == 200, moved.json
+    job = api.get(f"/api/v1/jobs/{kept}", acme.tokens["viewer"]).json
+    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
+    assert job["error"] == (
+        "pinned to agent 'a1', which now serves project 'web' on windows; the job needs project 'web' on linux"
+    )
+
+
+def test_the_sweeper_dead_letters_a_pinned_job_queued_again_after_its_agent_was_deleted(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, agent_id="a1", max_attempts=3)
+    publish_and_claim(api, app, acme, job_id)
+    assert api.delete("/api/v1/agents/a1", token("acme", "tenant_admin")).status_code == 204
+    assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "running"  # left to finish
+    later = utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1)
+    with app.app_context():
+        dispatching.reap(now=later)  # its agent is gone: lost, and queued again
+        assert db.session.get(Job, job_id).state == "queued"  # type: ignore[union-attr]
+        dispatching.sweep(now=later)
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
+    assert [a["state"] for a in job["attempts"]] == ["lost", "dead_letter"]
