@@ -15,6 +15,9 @@ SEAL_AUDIT_TASK = "control.seal_audit"  # audit entries written since the last s
 PRUNE_SCHEDULE_RUNS_TASK = "control.prune_schedule_runs"  # schedule runs past their retention -> deleted
 PRUNE_JOBS_TASK = "control.prune_jobs"  # finished jobs past their retention -> deleted
 PRUNE_INTERVAL = 3600.0  # seconds between two pruning passes
+# A periodic task still queued after this many of its intervals is dropped (a newer one is queued behind it), so
+# that a dispatcher that was down does not run hours of reaps and sweeps, one after the other, when it is back.
+STALE_AFTER = 5
 
 
 def beat_schedule(
@@ -25,33 +28,20 @@ def beat_schedule(
 ) -> dict[str, dict[str, Any]]:
     """The periodic control-plane work, sent by name to the control queue (schedules: as often as the sweeper)."""
     return {
-        "seal-audit-log": {
-            "task": SEAL_AUDIT_TASK,
-            "schedule": audit_seal_interval,
-            "options": {"queue": CONTROL_QUEUE, "expires": audit_seal_interval * 5},
-        },
-        "reap-expired-leases": {"task": REAP_TASK, "schedule": reaper_interval, "options": {"queue": CONTROL_QUEUE}},
-        "sweep-unpublished-jobs": {
-            "task": SWEEP_TASK,
-            "schedule": sweeper_interval,
-            "options": {"queue": CONTROL_QUEUE},
-        },
-        "fire-recurring-schedules": {
-            "task": FIRE_SCHEDULES_TASK,
-            "schedule": scheduler_interval or sweeper_interval,
-            "options": {"queue": CONTROL_QUEUE},
-        },
-        "prune-schedule-runs": {
-            "task": PRUNE_SCHEDULE_RUNS_TASK,
-            "schedule": PRUNE_INTERVAL,
-            "options": {"queue": CONTROL_QUEUE, "expires": PRUNE_INTERVAL},
-        },
-        "prune-finished-jobs": {
-            "task": PRUNE_JOBS_TASK,
-            "schedule": PRUNE_INTERVAL,
-            "options": {"queue": CONTROL_QUEUE, "expires": PRUNE_INTERVAL},
-        },
+        "seal-audit-log": _every(audit_seal_interval, SEAL_AUDIT_TASK),
+        "reap-expired-leases": _every(reaper_interval, REAP_TASK),
+        "sweep-unpublished-jobs": _every(sweeper_interval, SWEEP_TASK),
+        "fire-recurring-schedules": _every(scheduler_interval or sweeper_interval, FIRE_SCHEDULES_TASK),
+        "prune-schedule-runs": _every(PRUNE_INTERVAL, PRUNE_SCHEDULE_RUNS_TASK, expires=PRUNE_INTERVAL),
+        "prune-finished-jobs": _every(PRUNE_INTERVAL, PRUNE_JOBS_TASK, expires=PRUNE_INTERVAL),
     }
+
+
+def _every(seconds: float, task: str, *, expires: float | None = None) -> dict[str, Any]:
+    """A beat entry: ``task`` every ``seconds`` on the control queue, dropped if not started within ``expires``
+    (default: ``STALE_AFTER`` intervals)."""
+    options = {"queue": CONTROL_QUEUE, "expires": seconds * STALE_AFTER if expires is None else expires}
+    return {"task": task, "schedule": seconds, "options": options}
 
 
 def make_celery(

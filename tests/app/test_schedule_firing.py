@@ -244,7 +244,7 @@ def test_a_fired_run_left_without_a_job_is_completed_by_the_next_pass(
 def test_the_beat_schedule_sends_the_firing_task_to_the_control_queue() -> None:
     entries = make_celery("redis://127.0.0.1:1/0", sweeper_interval=2.0).conf.beat_schedule
     [entry] = [e for e in entries.values() if e["task"] == FIRE_SCHEDULES_TASK]
-    assert entry["schedule"] == 2.0 and entry["options"] == {"queue": CONTROL_QUEUE}
+    assert entry["schedule"] == 2.0 and entry["options"] == {"queue": CONTROL_QUEUE, "expires": 10.0}
 
 
 def test_a_time_skipped_when_clocks_go_forward_fires_at_the_first_valid_minute_after_it() -> None:

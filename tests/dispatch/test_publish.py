@@ -10,8 +10,8 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from dispatch.celery import make_celery
-from dispatch.contract import RUN_JOB_TASK, agent_queue, celery_priority, shared_queue
+from dispatch.celery import REAP_TASK, SWEEP_TASK, make_celery
+from dispatch.contract import CONTROL_QUEUE, RUN_JOB_TASK, agent_queue, celery_priority, shared_queue
 from dispatch.publish import JobMessage, Publisher, PublishError
 from dispatch.signing import Signer, generate_keypair, load_signing_key
 from dispatch.transport import Transport
@@ -133,6 +133,14 @@ def test_publishes_share_one_redis_client_per_connection_pool(publisher, valkey_
     connection = publisher.celery.connection_for_write()
     assert isinstance(connection.transport, Transport)
     connection.release()
+
+
+def test_periodic_work_left_queued_for_five_of_its_intervals_is_dropped_not_piled_up():
+    entries = make_celery("redis://127.0.0.1:1/0", reaper_interval=10.0, sweeper_interval=5.0).conf.beat_schedule
+    expiry = {entry["task"]: (entry["schedule"], entry["options"]["expires"]) for entry in entries.values()}
+    assert expiry[REAP_TASK] == (10.0, 50.0) and expiry[SWEEP_TASK] == (5.0, 25.0)
+    assert all(entry["options"]["queue"] == CONTROL_QUEUE for entry in entries.values())
+    assert all(0 < expires <= schedule * 5 for schedule, expires in expiry.values())
 
 
 def test_another_broker_scheme_keeps_kombus_own_transport():
