@@ -407,7 +407,9 @@ def reap(*, now: datetime | None = None) -> int:
 def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
     agent = attempt.agent_id or "?"
     lost = LEASE_EXPIRED.format(number=attempt.number, agent=agent)
-    transition_attempt(attempt, AttemptState.LOST, finished_at=now, error=lost)
+    # fenced by the lease as read: a heartbeat that renewed it meanwhile keeps the attempt running
+    guards = {"lease_expires_at": attempt.lease_expires_at}
+    transition_attempt(attempt, AttemptState.LOST, guards=guards, finished_at=now, error=lost)
     current = job.state == JobState.RUNNING.value and job.attempt == attempt.number
     if not current:
         db.session.commit()

@@ -259,7 +259,7 @@ def _record_status(caller: Principal, job: Job, row: JobAttempt, report: StatusR
     fresh, received = unseen(row.log_lines, report.logs_first_line, report.logs)
     if fresh:
         append_lines(job, row.number, fresh)
-    counted = {"log_lines": received} if received != row.log_lines else {}
+    counted: dict[str, Any] = {"log_lines": received} if received != row.log_lines else {}
     now, expires = _lease()
     if target == AttemptState.RUNNING.value:
         update_fenced(db.session, row, {"lease_expires_at": expires, **counted}, {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -141,8 +142,11 @@ def _event(
     }
 
 
-def transition_attempt(attempt: JobAttempt, target: AttemptState, **values: Any) -> None:
-    """Move an attempt to ``target``, or raise Conflict (409) when its state does not allow it."""
+def transition_attempt(
+    attempt: JobAttempt, target: AttemptState, *, guards: Mapping[str, Any] | None = None, **values: Any
+) -> None:
+    """Move an attempt to ``target``, or raise Conflict (409) when its state does not allow it, or when its row no
+    longer has the state it was read with (or the values of ``guards``)."""
     current = AttemptState(attempt.state)
     if target not in ATTEMPT_TRANSITIONS[current]:
         raise Conflict(
@@ -152,7 +156,7 @@ def transition_attempt(attempt: JobAttempt, target: AttemptState, **values: Any)
         )
     values = {"state": target.value, **values}
     if inspect(attempt).persistent:  # written now, fenced by the state it was read with
-        if not update_fenced(db.session, attempt, values, {"state": current.value}):
+        if not update_fenced(db.session, attempt, values, {"state": current.value, **(guards or {})}):
             raise Conflict(
                 f"attempt {attempt.number} of job {attempt.job_id} changed while the request was handled",
                 code="concurrent_update",

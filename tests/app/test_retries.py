@@ -373,3 +373,32 @@ def test_the_sweeper_dead_letters_a_pinned_job_queued_again_after_its_agent_was_
     job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
     assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
     assert [a["state"] for a in job["attempts"]] == ["lost", "dead_letter"]
+
+
+def test_a_lease_renewed_while_the_reaper_works_keeps_its_attempt_running(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=3)
+    publish_and_claim(api, app, acme, job_id)
+    later = utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1)
+    reap_one = dispatching._reap_one
+
+    def renewed_first(job: Job, attempt: JobAttempt, now: datetime) -> int:
+        if job.id == job_id:  # the agent's heartbeat, committed after the reaper read the attempt
+            other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+            try:
+                with other.begin() as connection:
+                    renewed = update(JobAttempt).where(JobAttempt.id == attempt.id, JobAttempt.state == "running")
+                    assert connection.execute(renewed.values(lease_expires_at=later + timedelta(minutes=1))).rowcount
+            finally:
+                other.dispose()
+        return reap_one(job, attempt, now)
+
+    monkeypatch.setattr(dispatching, "_reap_one", renewed_first)
+    with app.app_context():
+        dispatching.reap(now=later)
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "running" and [a["state"] for a in job["attempts"]] == ["running"], job
+    reply = report(api, acme, job_id, 1, "completed")  # the agent that renewed it finishes it
+    assert reply.status_code == 200 and reply.json["state"] == "completed", reply.json
