@@ -37,6 +37,7 @@ LEASE_EXPIRED = "attempt {number} lost: agent '{agent}' stopped renewing its lea
 LOST_EXHAUSTED = "{lost} attempts lost (the last on agent '{agent}', which stopped renewing its lease); giving up"
 RETRYING = "attempt {number} {state}; run {failures} of {limit} failed, retrying in {delay:.0f}s"
 EXPIRED = "not claimed before its deliver_by deadline ({deadline}Z)"
+UNCLAIMED = "not claimed before its message expired (sent {sent}Z, valid for ENVELOPE_TTL, {ttl} s)"
 AGENT_GONE = "pinned to agent '{agent}', which is no longer registered"
 AGENT_MOVED = (
     "pinned to agent '{agent}', which now serves project '{project}' on {platform}; "
@@ -328,7 +329,9 @@ def sweep(*, now: datetime | None = None) -> int:
 
 
 def expire(*, now: datetime) -> int:
-    """Dead-letter every pending or queued job whose ``deliver_by`` passed before an agent claimed it."""
+    """Dead-letter every pending or queued job whose ``deliver_by`` passed before an agent claimed it, and every
+    queued job without one whose message expired unsent or unclaimed (lost with the broker's data, dropped by an
+    agent that waited for its project's capacity as long as it was valid): no agent may run it any more."""
     late = db.session.scalars(
         select(Job)
         .where(
@@ -350,7 +353,31 @@ def expire(*, now: datetime) -> int:
             )
         except Conflict:
             db.session.rollback()  # claimed meanwhile
-    return len(late)
+    return len(late) + _expire_unclaimed(now)
+
+
+def _expire_unclaimed(now: datetime) -> int:
+    ttl = current_app.config["ENVELOPE_TTL"]
+    sent_before = now - timedelta(seconds=ttl + current_app.config["SWEEP_GRACE"])  # the receipt follows the send
+    unclaimed = db.session.execute(
+        select(Job, JobAttempt.published_at)
+        .join(JobAttempt, and_(JobAttempt.job_id == Job.id, JobAttempt.number == Job.attempt))
+        .where(
+            JobAttempt.state == AttemptState.QUEUED.value,
+            JobAttempt.published_at < sent_before,
+            Job.state == JobState.QUEUED.value,
+            Job.deliver_by.is_(None),  # with one, the envelope is valid until then
+        )
+        .limit(BATCH)
+    ).all()
+    for job, sent in unclaimed:
+        assert sent is not None  # selected by it
+        message = UNCLAIMED.format(sent=sent.isoformat(timespec="seconds"), ttl=ttl)
+        try:
+            dead_letter(job, reason="expired", message=message, actor="sweeper", now=now)
+        except Conflict:
+            db.session.rollback()  # claimed meanwhile
+    return len(unclaimed)
 
 
 def strand(*, now: datetime, tenant_id: str | None = None, agent_id: str | None = None) -> int:

@@ -402,3 +402,30 @@ def test_a_lease_renewed_while_the_reaper_works_keeps_its_attempt_running(
     assert job["state"] == "running" and [a["state"] for a in job["attempts"]] == ["running"], job
     reply = report(api, acme, job_id, 1, "completed")  # the agent that renewed it finishes it
     assert reply.status_code == 200 and reply.json["state"] == "completed", reply.json
+
+
+def test_a_job_whose_message_expired_unclaimed_is_dead_lettered(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    deadline = (datetime.now(UTC) + timedelta(days=3)).isoformat()  # its envelope is valid until then
+    job_ids = {
+        "unclaimed": submit(api, acme),
+        "recent": submit(api, acme),
+        "deadline": submit(api, acme, deliver_by=deadline),
+    }
+    ttl = app.config["ENVELOPE_TTL"]
+    sent = utcnow() - timedelta(seconds=ttl + app.config["SWEEP_GRACE"] + 1)
+    with app.app_context():
+        for name, job_id in job_ids.items():
+            job = db.session.get(Job, job_id)
+            assert job is not None
+            attempt = dispatching.open_next_attempt(job, actor="test")
+            moment = utcnow() if name == "recent" else sent  # sent now, or a day ago and never claimed
+            db.session.execute(update(JobAttempt).where(JobAttempt.id == attempt.id).values(published_at=moment))
+            db.session.commit()
+        dispatching.sweep()
+    states = {name: api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json for name, job_id in job_ids.items()}
+    unclaimed = states["unclaimed"]
+    assert unclaimed["state"] == "dead_letter" and unclaimed["dead_letter_reason"] == "expired", unclaimed
+    assert unclaimed["error"].startswith("not claimed before its message expired (sent ")
+    assert f"valid for ENVELOPE_TTL, {ttl} s" in unclaimed["error"]
+    assert states["recent"]["state"] == "queued" and states["deadline"]["state"] == "queued"
