@@ -77,7 +77,7 @@ def register_agent(*, caller: Principal, data: AgentRegister) -> tuple[Agent, bo
     )
     db.session.commit()
     if moved:  # the jobs pinned to it for its old project or platform can never be claimed now
-        dispatching.strand(now=now, tenant_id=agent.tenant_id, agent_id=agent.id)
+        dispatching.strand(now=now, actor=caller.subject, tenant_id=agent.tenant_id, agent_id=agent.id)
     return agent, created
 
 
@@ -184,11 +184,11 @@ def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -
 
 
 def delete_agent(*, caller: Principal, agent_id: str) -> None:
-    """Remove an agent's registration (its jobs keep their history); the jobs waiting for it alone are
+    """Remove an agent's registration (its jobs keep their history); the jobs due that wait for it alone are
     dead-lettered (``no_agent``)."""
     agent = scoped(caller, agent_id)
     tenant_id = agent.tenant_id
     db.session.execute(delete(Agent).where(Agent.tenant_id == tenant_id, Agent.id == agent_id))
     audit.record(action="agent.deleted", principal=caller, target_type="agent", target_id=agent_id)
     db.session.commit()
-    dispatching.strand(now=utcnow(), tenant_id=tenant_id, agent_id=agent_id)
+    dispatching.strand(now=utcnow(), actor=caller.subject, tenant_id=tenant_id, agent_id=agent_id)

@@ -237,8 +237,17 @@ def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt 
     return following
 
 
-def dead_letter(job: Job, *, reason: str, message: str, actor: str, now: datetime | None = None) -> None:
-    """Move a job that cannot be delivered to ``dead_letter`` with a reason code and message (committed)."""
+def dead_letter(
+    job: Job,
+    *,
+    reason: str,
+    message: str,
+    actor: str,
+    now: datetime | None = None,
+    guards: dict[str, Any] | None = None,
+) -> None:
+    """Move a job that cannot be delivered to ``dead_letter`` with a reason code and message (committed); 409 when
+    the job changed since it was read, or no longer holds ``guards``."""
     now = now or utcnow()
     current = db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt))
     if current is not None and current.state == AttemptState.QUEUED.value:
@@ -251,6 +260,7 @@ def dead_letter(job: Job, *, reason: str, message: str, actor: str, now: datetim
         finished_at=now,
         error=message,
         dead_letter_reason=reason,
+        guards=guards,
     )
     db.session.commit()
     log.warning("job %s dead-lettered (%s): %s", job.id, reason, message, extra=_about(job))
@@ -380,37 +390,57 @@ def _expire_unclaimed(now: datetime) -> int:
     return len(unclaimed)
 
 
-def strand(*, now: datetime, tenant_id: str | None = None, agent_id: str | None = None) -> int:
-    """Dead-letter (``no_agent``) every pending or queued job pinned to an agent that is no longer registered or
-    now serves another project or platform: no agent could ever claim it. Only those of one agent when named."""
+def strand(*, now: datetime, actor: str = "sweeper", tenant_id: str | None = None, agent_id: str | None = None) -> int:
+    """Dead-letter (``no_agent``) every queued job, and every pending one that is due, pinned to an agent that is no
+    longer registered or now serves another project or platform: no agent could ever claim it. Only those of one
+    agent when named, at most ``BATCH`` (the sweeper takes the rest). A job scheduled later is left alone until it
+    is due: it may be pinned to another agent meanwhile. Returns how many were dead-lettered."""
     query = (
         select(Job, Agent.project_id, Agent.platform)
         .outerjoin(Agent, and_(Agent.tenant_id == Job.tenant_id, Agent.id == Job.agent_id))
         .where(
-            Job.state.in_([JobState.PENDING.value, JobState.QUEUED.value]),
+            or_(
+                Job.state == JobState.QUEUED.value,
+                and_(Job.state == JobState.PENDING.value, Job.scheduled_at <= now),
+            ),
             Job.agent_id.is_not(None),
             or_(Agent.id.is_(None), Agent.project_id != Job.project_id, Agent.platform != Job.platform),
         )
     )
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id, Job.agent_id == agent_id)
-    stranded = db.session.execute(query.limit(BATCH)).all()
-    for job, project, platform in stranded:
-        if project is None:
-            message = AGENT_GONE.format(agent=job.agent_id)
-        else:
-            message = AGENT_MOVED.format(
-                agent=job.agent_id,
-                project=project,
-                platform=platform,
-                job_project=job.project_id,
-                job_platform=job.platform,
+    stranded = 0
+    for job, project, platform in db.session.execute(query.limit(BATCH)).all():
+        message = _no_agent(job, project, platform)
+        try:  # fenced by the revision as read: a job pinned to another agent meanwhile is left alone
+            dead_letter(
+                job, reason="no_agent", message=message, actor=actor, now=now, guards={"revision": job.revision}
             )
-        try:
-            dead_letter(job, reason="no_agent", message=message, actor="sweeper", now=now)
         except Conflict:
-            db.session.rollback()  # changed meanwhile
-    return len(stranded)
+            db.session.rollback()
+        else:
+            stranded += 1
+    return stranded
+
+
+def _no_agent(job: Job, project: str | None, platform: str | None) -> str:
+    """Why a job pinned to an agent that is gone (``project`` None) or serves ``project`` on ``platform`` now can
+    never be claimed."""
+    if project is None:
+        return AGENT_GONE.format(agent=job.agent_id)
+    return AGENT_MOVED.format(
+        agent=job.agent_id, project=project, platform=platform, job_project=job.project_id, job_platform=job.platform
+    )
+
+
+def _pinned_nowhere(job: Job) -> str | None:
+    """Why no agent can claim the job's next attempt, for a job pinned to an agent that is gone or moved; else None."""
+    if job.agent_id is None:
+        return None
+    agent = db.session.get(Agent, (job.tenant_id, job.agent_id))
+    if agent is not None and (agent.project_id, agent.platform) == (job.project_id, job.platform):
+        return None
+    return _no_agent(job, agent.project_id if agent else None, agent.platform if agent else None)
 
 
 def reap(*, now: datetime | None = None) -> int:
@@ -434,7 +464,9 @@ def reap(*, now: datetime | None = None) -> int:
 def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
     agent = attempt.agent_id or "?"
     lost = LEASE_EXPIRED.format(number=attempt.number, agent=agent)
-    # fenced by the lease as read: a heartbeat that renewed it meanwhile keeps the attempt running
+    if attempt.lease_expires_at is None or attempt.lease_expires_at >= now:
+        return 0  # renewed since the query (the attempt was read again after an earlier rollback)
+    # fenced by the lease as read: a heartbeat that renews it from now on keeps the attempt running
     guards = {"lease_expires_at": attempt.lease_expires_at}
     transition_attempt(attempt, AttemptState.LOST, guards=guards, finished_at=now, error=lost)
     current = job.state == JobState.RUNNING.value and job.attempt == attempt.number
@@ -455,7 +487,10 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
         )
         or 0
     )
-    if lost_count < current_app.config["MAX_LOST_ATTEMPTS"]:
+    nowhere = _pinned_nowhere(job)
+    if nowhere is not None:
+        dead_letter(job, reason="no_agent", message=f"{lost}; {nowhere}", actor="reaper", now=now)
+    elif lost_count < current_app.config["MAX_LOST_ATTEMPTS"]:
         log.warning("job %s: %s; queueing attempt %d", job.id, lost, attempt.number + 1, extra=_about(job))
         following = open_next_attempt(job, actor="reaper", reason=lost, guards=NOT_CANCELLED)
         send(job, following)

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, delete, select, update
 
 from app.agents.models import Agent
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs import dispatching, fencing
-from app.jobs.models import Job, JobAttempt
+from app.jobs.models import Job, JobAttempt, JobEvent
 from tests.app.support import Api, Tenant, token
 from tests.app.test_receipts import acme_tenant, live_app, messages
 from tests.servers.valkey import ValkeyServer
@@ -319,7 +319,9 @@ def test_a_requeued_job_can_be_claimed_whatever_was_asked_of_it_before(api: Api,
     publish_and_claim(api, app, acme, job_id)
 
 
-def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered(api: Api, app: Flask, world: dict[str, Tenant]):
+def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered_once_due(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
     acme = world["acme"]
     queued = submit(api, acme, agent_id="a1")
     later = submit(api, acme, agent_id="a1", scheduled_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
@@ -329,14 +331,48 @@ def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered(api: Api, app
         assert job is not None
         dispatching.open_next_attempt(job, actor="test")
     assert api.delete("/api/v1/agents/a1", token("acme", "tenant_admin")).status_code == 204
-    for job_id in (queued, later):
-        job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
-        assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
-        assert job["error"] == "pinned to agent 'a1', which is no longer registered"
-    assert api.get(f"/api/v1/jobs/{queued}", acme.tokens["viewer"]).json["attempts"][0]["state"] == "dead_letter"
+    job = api.get(f"/api/v1/jobs/{queued}", acme.tokens["viewer"]).json
+    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
+    assert job["error"] == "pinned to agent 'a1', which is no longer registered"
+    assert job["attempts"][0]["state"] == "dead_letter"
+    with app.app_context():  # the move is the deleting admin's
+        actors = db.session.scalars(select(JobEvent.actor).where(JobEvent.to_state == "dead_letter")).all()
+        assert actors == ["tenant_admin@acme"]
+    # the job scheduled later may still be pinned to another agent: it is left alone until it is due
+    assert api.get(f"/api/v1/jobs/{later}", acme.tokens["viewer"]).json["state"] == "pending"
+    with app.app_context():
+        dispatching.sweep(now=utcnow() + timedelta(hours=2))
+    job = api.get(f"/api/v1/jobs/{later}", acme.tokens["viewer"]).json
+    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
     assert api.get(f"/api/v1/jobs/{shared}", acme.tokens["viewer"]).json["state"] == "pending"
     listed = api.get("/api/v1/dead-letters?reason=no_agent", acme.tokens["viewer"]).json
     assert sorted(j["job_id"] for j in listed["jobs"]) == sorted([queued, later])
+
+
+def test_a_job_pinned_to_another_agent_while_its_agent_is_deleted_is_left_alone(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, agent_id="a1")
+    dead_letter = dispatching.dead_letter
+
+    def repinned_first(job: Job, **fields: Any) -> None:
+        other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+        try:
+            with other.begin() as connection:  # an operator's change of agent, committed after the sweeper's read
+                repin = update(Job).where(Job.id == job.id).values(agent_id="a2", revision=Job.revision + 1)
+                assert connection.execute(repin).rowcount == 1
+        finally:
+            other.dispose()
+        dead_letter(job, **fields)
+
+    monkeypatch.setattr(dispatching, "dead_letter", repinned_first)
+    with app.app_context():
+        db.session.execute(delete(Agent).where(Agent.tenant_id == "acme", Agent.id == "a1"))
+        db.session.commit()
+        assert dispatching.strand(now=utcnow()) == 0
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "pending" and job["agent_id"] == "a2", job
 
 
 def test_a_job_pinned_to_an_agent_that_moves_to_another_platform_or_project_is_dead_lettered(
@@ -357,51 +393,72 @@ def test_a_job_pinned_to_an_agent_that_moves_to_another_platform_or_project_is_d
     )
 
 
-def test_the_sweeper_dead_letters_a_pinned_job_queued_again_after_its_agent_was_deleted(
+def test_a_lost_job_pinned_to_an_agent_that_was_deleted_is_dead_lettered_not_queued_again(
     api: Api, app: Flask, world: dict[str, Tenant]
 ):
     acme = world["acme"]
     job_id = submit(api, acme, agent_id="a1", max_attempts=3)
     publish_and_claim(api, app, acme, job_id)
     assert api.delete("/api/v1/agents/a1", token("acme", "tenant_admin")).status_code == 204
-    assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "running"  # left to finish
-    later = utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1)
+    assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "running"
     with app.app_context():
-        dispatching.reap(now=later)  # its agent is gone: lost, and queued again
-        assert db.session.get(Job, job_id).state == "queued"  # type: ignore[union-attr]
-        dispatching.sweep(now=later)
+        dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
     job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
     assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
-    assert [a["state"] for a in job["attempts"]] == ["lost", "dead_letter"]
+    assert [a["state"] for a in job["attempts"]] == ["lost"]
+    assert job["error"] == (
+        "attempt 1 lost: agent 'a1' stopped renewing its lease; pinned to agent 'a1', which is no longer registered"
+    )
 
 
-def test_a_lease_renewed_while_the_reaper_works_keeps_its_attempt_running(
+def test_the_sweeper_dead_letters_a_queued_job_whose_agent_is_gone(api: Api, app: Flask, world: dict[str, Tenant]):
+    acme = world["acme"]
+    job_id = submit(api, acme, agent_id="a1")
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job is not None
+        dispatching.open_next_attempt(job, actor="test")
+        # the agent's deletion committed, then its process died before it dead-lettered the agent's jobs
+        db.session.execute(delete(Agent).where(Agent.tenant_id == "acme", Agent.id == "a1"))
+        db.session.commit()
+        dispatching.sweep()
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
+
+
+def test_a_lease_renewed_after_an_earlier_rollback_of_the_reaper_keeps_its_attempt_running(
     api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
 ):
     acme = world["acme"]
-    job_id = submit(api, acme, max_attempts=3)
-    publish_and_claim(api, app, acme, job_id)
+    first, second = submit(api, acme, max_attempts=3), submit(api, acme, max_attempts=3)
+    publish_and_claim(api, app, acme, first)
+    publish_and_claim(api, app, acme, second)
     later = utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1)
     reap_one = dispatching._reap_one
+    raced: list[str] = []
 
-    def renewed_first(job: Job, attempt: JobAttempt, now: datetime) -> int:
-        if job.id == job_id:  # the agent's heartbeat, committed after the reaper read the attempt
-            other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    def racing(job: Job, attempt: JobAttempt, now: datetime) -> int:
+        if not raced and job.id in (first, second):
+            # while the reaper works on one job, its agent completes it (the reaper's write is refused and
+            # rolled back), and the other job's agent renews its lease
+            other = second if job.id == first else first
+            raced.append(other)
+            engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
             try:
-                with other.begin() as connection:
-                    renewed = update(JobAttempt).where(JobAttempt.id == attempt.id, JobAttempt.state == "running")
-                    assert connection.execute(renewed.values(lease_expires_at=later + timedelta(minutes=1))).rowcount
+                with engine.begin() as connection:
+                    connection.execute(update(JobAttempt).where(JobAttempt.id == attempt.id).values(state="completed"))
+                    connection.execute(update(Job).where(Job.id == job.id).values(state="completed"))
+                    renewed = update(JobAttempt).where(JobAttempt.job_id == other, JobAttempt.state == "running")
+                    connection.execute(renewed.values(lease_expires_at=later + timedelta(minutes=5)))
             finally:
-                other.dispose()
+                engine.dispose()
         return reap_one(job, attempt, now)
 
-    monkeypatch.setattr(dispatching, "_reap_one", renewed_first)
+    monkeypatch.setattr(dispatching, "_reap_one", racing)
     with app.app_context():
         dispatching.reap(now=later)
-    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    job = api.get(f"/api/v1/jobs/{raced[0]}", acme.tokens["viewer"]).json
     assert job["state"] == "running" and [a["state"] for a in job["attempts"]] == ["running"], job
-    reply = report(api, acme, job_id, 1, "completed")  # the agent that renewed it finishes it
-    assert reply.status_code == 200 and reply.json["state"] == "completed", reply.json
 
 
 def test_a_job_whose_message_expired_unclaimed_is_dead_lettered(api: Api, app: Flask, world: dict[str, Tenant]):
