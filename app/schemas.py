@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.columns import SLUG_PATTERN
 
@@ -31,6 +32,19 @@ class Request(BaseModel):
     """A request body: strict types (no "5" for 5), unknown fields refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Change(Request):
+    """A ``PUT`` body: only the fields given change, and ``null`` is refused but where it means something."""
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _refuse_nulls(self) -> Self:
+        nulls = sorted(key for key in self.model_fields_set if getattr(self, key) is None and key not in self.NULLABLE)
+        if nulls:
+            raise PydanticCustomError("not_null", "{fields}: may not be null", {"fields": ", ".join(nulls)})
+        return self
 
 
 class Query(BaseModel):

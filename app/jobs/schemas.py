@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from app.jobs.states import JobState
 from app.logs.schemas import LogLineIn
-from app.schemas import BIGGEST, Moment, Page, Platform, Request, Response, Slug
+from app.schemas import BIGGEST, Change, Moment, Page, Platform, Request, Response, Slug
 from probe.workflow import NAME_LIMIT
 
 MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
@@ -50,8 +50,11 @@ class JobBatchSubmit(Request):
     jobs: list[JobSubmit] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
 
 
-class JobUpdate(Request):
-    """``PUT /api/v1/jobs/{id}``: the fields to change (only while the job has not started)."""
+class JobUpdate(Change):
+    """``PUT /api/v1/jobs/{id}``: the fields to change (only while the job has not started); ``agent_id: null``
+    unpins, ``platform: null`` lets the workflow choose, ``deliver_by: null`` drops the deadline."""
+
+    NULLABLE = frozenset({"agent_id", "platform", "deliver_by"})
 
     workflow: str | None = Field(None, min_length=1)
     agent_id: Slug | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 from flask import Blueprint, Response, current_app, request, stream_with_context
@@ -23,6 +24,7 @@ bp = Blueprint("realtime", __name__, url_prefix="/api/v1")
 NO_VALKEY = "live events need Valkey, and VALKEY_URL is not set"
 VALKEY_DOWN = "live events are unavailable: Valkey cannot be reached; try again shortly"
 BAD_LAST_EVENT_ID = "Last-Event-ID must be a whole number of at least 0, got {value!r}"
+EVENT_ID = re.compile(r"[0-9]{1,18}")  # an event number; 18 digits stay within a signed 64-bit integer
 NO_STREAM_SLOT = (
     "this web process already serves {limit} event streams (SSE_MAX_STREAMS), as many as it may; try again shortly, "
     "or follow the job with GET /api/v1/jobs/{job_id}"
@@ -52,7 +54,7 @@ def _last_event_id() -> int:
     header = request.headers.get("Last-Event-ID")
     if header is None or not header.strip():
         return params.last_event_id or 0
-    if not header.strip().isdigit():
+    if not EVENT_ID.fullmatch(header.strip()):  # ASCII digits only: str.isdigit also takes '²', which int() refuses
         raise BadRequest(BAD_LAST_EVENT_ID.format(value=header[:40]))
     return int(header.strip())
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from app.schemas import Page, Platform, Request, Response, Slug
+from app.schemas import Change, Page, Platform, Request, Response, Slug
 
 OverlapPolicy = Literal["skip", "allow"]
 
@@ -29,8 +29,11 @@ class ScheduleCreate(Request):
     paused: bool = False
 
 
-class ScheduleUpdate(Request):
-    """``PUT /api/v1/schedules/{id}``: the fields to change (``agent_id: null`` unpins)."""
+class ScheduleUpdate(Change):
+    """``PUT /api/v1/schedules/{id}``: the fields to change (``agent_id: null`` unpins, ``platform: null`` lets the
+    workflow choose)."""
+
+    NULLABLE = frozenset({"agent_id", "platform"})
 
     cron: str | None = Field(None, min_length=1, max_length=200)
     timezone: str | None = Field(None, min_length=1, max_length=64)

@@ -28,8 +28,6 @@ from app.tenants.models import Project
 
 NOTHING_TO_CHANGE = "give at least one field to change"
 CHANGED_MEANWHILE = "schedule {schedule_id} changed while the request was handled; read it again"
-NOT_NULL = "invalid body: {fields}: may not be null"
-NULLABLE = frozenset({"agent_id", "platform"})  # null unpins the agent / lets the workflow choose the platform
 RECENT_RUNS = 20
 
 
@@ -154,8 +152,6 @@ def update_schedule(*, caller: Principal, schedule_id: str, data: ScheduleUpdate
     changes: dict[str, Any] = data.model_dump(exclude_unset=True)
     if not changes:
         raise BadRequest(NOTHING_TO_CHANGE)
-    if nulls := sorted(k for k, v in changes.items() if v is None and k not in NULLABLE):
-        raise BadRequest(NOT_NULL.format(fields=", ".join(nulls)))
     timezone = changes.get("timezone", schedule.timezone)
     if {"cron", "timezone"} & changes.keys():
         changes["cron"] = _timing(changes.get("cron", schedule.cron), timezone)

@@ -44,6 +44,9 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"variables": "x"},
             {"agent_id": "Not A Slug"},
             {"scheduled_at": "0001-01-01T00:00:00+01:00"},
+            # null only where it means something (agent_id, platform, deliver_by)
+            *({field: None} for field in ("workflow", "variables", "priority", "scheduled_at", "max_attempts")),
+            {"retry_backoff": None},
         ],
         400,
     ),

@@ -115,6 +115,16 @@ def test_a_pending_job_can_be_changed_and_its_revision_goes_up(api: Api, world: 
     assert response.json["revision"] == 2
     queued = api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"priority": 2})
     assert queued.status_code == 200
+    pinned = api.put(f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"], json={"agent_id": "a1"})
+    assert pinned.status_code == 200 and pinned.json["agent_id"] == "a1", pinned.json
+    nulls = {"agent_id": None, "platform": None, "deliver_by": None}  # unpin, let the workflow choose, no deadline
+    unpinned = api.put(f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"], json=nulls)
+    assert unpinned.status_code == 200 and unpinned.json["agent_id"] is None, unpinned.json
+    refused = api.put(
+        f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"], json={"variables": None, "priority": None}
+    )
+    assert refused.status_code == 400 and "priority, variables: may not be null" in refused.json["message"]
+    assert api.get(f"/api/v1/jobs/{acme.pending}", acme.tokens["viewer"]).json["variables"] == {"A": "b"}
 
 
 def test_a_running_or_finished_job_cannot_be_changed(api: Api, world: dict[str, Tenant]) -> None:

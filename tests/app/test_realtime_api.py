@@ -178,8 +178,9 @@ def test_last_event_id_resumes_after_that_event(live: Flask, world: dict[str, Te
     assert [i for i, _ in parameter] == [1, 2]
     after_the_end, _ = frames(stream(api, acme.queued, acme.tokens["viewer"], headers={"Last-Event-ID": "2"}))
     assert after_the_end == []
-    bad = stream(api, acme.queued, acme.tokens["viewer"], headers={"Last-Event-ID": "two"})
-    assert bad.status_code == 400 and bad.json["error"] == "invalid_request"
+    for value in ("two", "\u00b2", "1" * 5000, "-1"):  # '²' passes str.isdigit; 5000 digits are too many for int()
+        bad = stream(api, acme.queued, acme.tokens["viewer"], headers={"Last-Event-ID": value})
+        assert bad.status_code == 400 and bad.json["error"] == "invalid_request", value
 
 
 def test_another_tenants_job_has_no_event_stream(live: Flask, world: dict[str, Tenant]) -> None:
