@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Self
 
@@ -26,6 +27,26 @@ def _storable(moment: datetime) -> datetime:
 
 
 Moment = Annotated[AwareDatetime, AfterValidator(_storable)]  # an aware time of a request, storable in UTC
+
+JSON_DEPTH = 31  # levels of objects and arrays a JSON column takes on MariaDB, the document's own included
+
+
+def _storable_json(document: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object every database stores as it is: finite numbers (SQLite turns NaN into null, MariaDB refuses
+    it) and no deeper than MariaDB takes."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "numbers must be finite, not NaN or Infinity")
+        if isinstance(value, dict | list):
+            if depth > JSON_DEPTH:
+                raise PydanticCustomError("too_deep", "nested deeper than {depth} levels", {"depth": JSON_DEPTH})
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return document
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]  # stored in a JSON column
 
 
 class Request(BaseModel):

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from app.jobs.states import JobState
 from app.logs.schemas import LogLineIn
-from app.schemas import BIGGEST, Change, Moment, Page, Platform, Request, Response, Slug
+from app.schemas import BIGGEST, Change, JsonObject, Moment, Page, Platform, Request, Response, Slug
 from probe.workflow import NAME_LIMIT
 
 MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
@@ -29,7 +29,7 @@ class JobSubmit(Request):
     project_id: Slug | None = None
     tenant_id: str | None = None
     agent_id: Slug | None = None
-    variables: dict[str, Any] = Field(default_factory=dict)
+    variables: JsonObject = Field(default_factory=dict)
     priority: int = Field(5, ge=0, le=9)
     platform: Platform | None = None
     scheduled_at: Moment | None = None
@@ -58,7 +58,7 @@ class JobUpdate(Change):
 
     workflow: str | None = Field(None, min_length=1)
     agent_id: Slug | None = None
-    variables: dict[str, Any] | None = None
+    variables: JsonObject | None = None
     priority: int | None = Field(None, ge=0, le=9)
     platform: Platform | None = None
     scheduled_at: Moment | None = None
@@ -108,7 +108,7 @@ class TaskResultIn(Request):
     position: int = Field(0, ge=0, le=BIGGEST)
     output: str = ""
     error: str | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: JsonObject = Field(default_factory=dict)
     started_at: Moment | None = None
     finished_at: Moment | None = None
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from app.schemas import Change, Page, Platform, Request, Response, Slug
+from app.schemas import Change, JsonObject, Page, Platform, Request, Response, Slug
 
 OverlapPolicy = Literal["skip", "allow"]
 
@@ -23,7 +23,7 @@ class ScheduleCreate(Request):
     tenant_id: str | None = None
     agent_id: Slug | None = None
     platform: Platform | None = None
-    variables: dict[str, Any] = Field(default_factory=dict)
+    variables: JsonObject = Field(default_factory=dict)
     priority: int = Field(5, ge=0, le=9)
     overlap: OverlapPolicy = "skip"
     paused: bool = False
@@ -41,7 +41,7 @@ class ScheduleUpdate(Change):
     name: str | None = Field(None, min_length=1, max_length=200)
     agent_id: Slug | None = None
     platform: Platform | None = None
-    variables: dict[str, Any] | None = None
+    variables: JsonObject | None = None
     priority: int | None = Field(None, ge=0, le=9)
     overlap: OverlapPolicy | None = None
     paused: bool | None = None

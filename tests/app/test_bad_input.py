@@ -14,6 +14,18 @@ from tests.app.support import WORKFLOW, Api, MakeApp, Tenant
 MALFORMED = ["{", "[]", '"workflow"', "null", '{"a": 1,}', "\xff\xfe"]
 LIMIT = 4096
 
+
+def nested(depth: int) -> dict[str, Any]:
+    """A JSON object ``depth`` levels deep, itself included."""
+    document: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        document = {"a": document}
+    return document
+
+
+# JSON that one database would refuse (MariaDB: NaN, Infinity, more than 32 levels) or store changed (SQLite: NaN)
+UNSTORABLE: list[dict[str, Any]] = [{"x": float("nan")}, {"x": [float("inf")]}, nested(32), {"x": [nested(30)]}]
+
 ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
     # name: (path with {pending}/{queued}/{running}, role, bodies with wrong types or missing fields, 4xx of those)
     "submit job": (
@@ -32,7 +44,14 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             # times with no UTC form, which the database stores
             {"workflow": WORKFLOW, "scheduled_at": "0001-01-01T00:00:00+14:00"},
             {"workflow": WORKFLOW, "deliver_by": "9999-12-31T23:59:59-14:00"},
+            *({"workflow": WORKFLOW, "variables": variables} for variables in UNSTORABLE),
         ],
+        400,
+    ),
+    "create schedule": (
+        "/api/v1/schedules",
+        "operator",
+        [{"cron": "0 * * * *", "workflow": WORKFLOW, "variables": variables} for variables in UNSTORABLE],
         400,
     ),
     "change job": (
@@ -47,6 +66,7 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             # null only where it means something (agent_id, platform, deliver_by)
             *({field: None} for field in ("workflow", "variables", "priority", "scheduled_at", "max_attempts")),
             {"retry_backoff": None},
+            *({"variables": variables} for variables in UNSTORABLE),
         ],
         400,
     ),
@@ -64,6 +84,7 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"attempt": 1, "name": "x", "type": "command"},
             {"attempt": 1, "name": "x", "type": "command", "status": "great"},
             {"attempt": 1, "name": "x", "type": "command", "status": "failed", "metrics": []},
+            *({"attempt": 1, "name": "x", "type": "command", "status": "failed", "metrics": m} for m in UNSTORABLE),
             {"attempt": 10**20, "name": "x", "type": "command", "status": "failed"},
             {"attempt": 1, "name": "x", "type": "command", "status": "failed", "position": 10**20},
             {
@@ -85,6 +106,11 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"attempt": 1, "state": "pending"},
             {"attempt": "1", "state": "completed"},
             {"attempt": 1, "state": "completed", "logs_first_line": 10**20},
+            {
+                "attempt": 1,
+                "state": "completed",
+                "tasks": [{"name": "x", "type": "command", "status": "succeeded", "metrics": nested(40)}],
+            },
         ],
         400,
     ),
@@ -220,3 +246,11 @@ def test_a_number_or_time_out_of_range_in_a_query_is_a_json_error(
     acme = world["acme"]
     response = api.get(path.format(running=acme.running), acme.tokens[role])
     assert response.status_code == 400 and response.json["error"] == "invalid_request", response.json
+
+
+def test_json_as_deep_as_every_database_takes_is_stored_as_it_is(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    variables = {"deep": nested(30), "big": 10**40, "small": -1.5e300}  # 31 levels with the document itself
+    reply = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": WORKFLOW, "variables": variables})
+    assert reply.status_code == 201, reply.json
+    assert api.get(f"/api/v1/jobs/{reply.json['job_id']}", acme.tokens["viewer"]).json["variables"] == variables
