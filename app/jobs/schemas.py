@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+import probe.results
 from app.jobs.states import JobState
-from app.logs.schemas import LogLineIn
+from app.logs.schemas import LogLineIn, numbered_within_range
 from app.schemas import BIGGEST, Change, JsonObject, Moment, Page, Platform, Request, Response, Slug
 from probe.workflow import NAME_LIMIT
 
@@ -16,6 +17,15 @@ MAX_BATCH_JOBS = 100  # jobs one POST /api/v1/jobs/batch may submit
 MAX_TASKS_PER_REPORT = 16  # task results one final state report may carry
 MAX_LOG_LINES_PER_REPORT = 1000  # log lines one state report may carry (more go to POST .../logs)
 MAX_FINISHED_PER_CLAIM = 8  # final reports of other jobs one claim may carry
+
+ERROR_BYTES = 16000  # of an error an agent reports: the rest is cut, never refused (the report would be lost)
+
+
+def _cut(error: str) -> str:
+    return probe.results.truncate(error, ERROR_BYTES)
+
+
+ReportedError = Annotated[str, AfterValidator(_cut)]  # a TEXT column holds 65535 bytes
 
 TaskStatus = Literal["succeeded", "failed", "error", "timed_out", "skipped", "cancelled"]
 ReportedState = Literal["running", "completed", "failed", "timed_out", "cancelled"]
@@ -107,7 +117,7 @@ class TaskResultIn(Request):
     status: TaskStatus
     position: int = Field(0, ge=0, le=BIGGEST)
     output: str = ""
-    error: str | None = None
+    error: ReportedError | None = None
     metrics: JsonObject = Field(default_factory=dict)
     started_at: Moment | None = None
     finished_at: Moment | None = None
@@ -129,12 +139,17 @@ class StatusReport(Request):
 
     attempt: int = Field(ge=1, le=BIGGEST)
     state: ReportedState
-    error: str | None = Field(None, max_length=10000)
+    error: ReportedError | None = None
     tasks: list[TaskResultIn] = Field(default_factory=list, max_length=MAX_TASKS_PER_REPORT)
     logs: list[LogLineIn] = Field(default_factory=list, max_length=MAX_LOG_LINES_PER_REPORT)
     logs_first_line: int | None = Field(
         None, ge=1, le=BIGGEST
     )  # the number of the first of ``logs`` within the attempt
+
+    @model_validator(mode="after")
+    def _numbered_within_range(self) -> Self:
+        numbered_within_range(self.logs_first_line, self.logs)
+        return self
 
 
 class FinishedReport(StatusReport):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.schemas import BIGGEST, Moment, Query, Request, Response, Slug
 from probe.workflow import NAME_LIMIT
@@ -22,6 +23,12 @@ class LogLineIn(Request):
     message: str
 
 
+def numbered_within_range(first: int | None, lines: list[LogLineIn]) -> None:
+    """Refuse lines numbered from ``first`` whose last number would be past what the attempt's count can hold."""
+    if first is not None and first - 1 + len(lines) > BIGGEST:
+        raise PydanticCustomError("too_many_lines", "the lines' numbers would go past {limit}", {"limit": BIGGEST})
+
+
 class LogBatch(Request):
     """``POST /api/v1/jobs/{id}/logs``: lines of the caller's current attempt, in order."""
 
@@ -30,6 +37,11 @@ class LogBatch(Request):
     # The number of the batch's first line within the attempt (its first line is 1). A batch sent again after a
     # lost answer carries the same number, and the lines received before are not stored twice.
     first_line: int | None = Field(None, ge=1, le=BIGGEST)
+
+    @model_validator(mode="after")
+    def _numbered_within_range(self) -> Self:
+        numbered_within_range(self.first_line, self.lines)
+        return self
 
 
 class LogBatchOut(Response):

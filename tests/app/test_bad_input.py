@@ -23,6 +23,8 @@ def nested(depth: int) -> dict[str, Any]:
     return document
 
 
+LINE = {"ts": "2030-01-01T00:00:00Z", "level": "info", "message": "x"}
+
 # JSON that one database would refuse (MariaDB: NaN, Infinity, more than 32 levels) or store changed (SQLite: NaN)
 UNSTORABLE: list[dict[str, Any]] = [{"x": float("nan")}, {"x": [float("inf")]}, nested(32), {"x": [nested(30)]}]
 
@@ -106,6 +108,7 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
             {"attempt": 1, "state": "pending"},
             {"attempt": "1", "state": "completed"},
             {"attempt": 1, "state": "completed", "logs_first_line": 10**20},
+            {"attempt": 1, "state": "completed", "logs_first_line": 2**31 - 1, "logs": [LINE, LINE]},
             {
                 "attempt": 1,
                 "state": "completed",
@@ -148,6 +151,7 @@ ENDPOINTS: dict[str, tuple[str, str, list[dict[str, Any]], int]] = {
                 "first_line": 10**20,
                 "lines": [{"ts": "2030-01-01T00:00:00Z", "level": "info", "message": "x"}],
             },
+            {"attempt": 1, "first_line": 2**31 - 1, "lines": [LINE, LINE]},  # the second one's number is too big
         ],
         400,
     ),
@@ -254,3 +258,19 @@ def test_json_as_deep_as_every_database_takes_is_stored_as_it_is(api: Api, world
     reply = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": WORKFLOW, "variables": variables})
     assert reply.status_code == 201, reply.json
     assert api.get(f"/api/v1/jobs/{reply.json['job_id']}", acme.tokens["viewer"]).json["variables"] == variables
+
+
+def test_a_long_error_in_a_report_is_cut_not_refused(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    error = "é" * 40000  # 80000 bytes: more than a TEXT column holds on MariaDB
+    task = {"name": "kernel", "type": "command", "status": "failed", "error": error}
+    path = f"/api/v1/jobs/{acme.running}"
+    alone = api.post(f"{path}/tasks", acme.tokens["agent"], json={"attempt": 1, **task})
+    assert alone.status_code == 201, alone.json
+    final = {"attempt": 1, "state": "failed", "error": error, "tasks": [{**task, "name": "disk"}]}
+    reply = api.post(f"{path}/status", acme.tokens["agent"], json=final)
+    assert reply.status_code == 200 and reply.json["state"] == "failed", reply.json
+    job = api.get(path, acme.tokens["viewer"]).json
+    results = {r["name"]: r for r in job["tasks"]}
+    for stored in (job["error"], results["kernel"]["error"], results["disk"]["error"]):
+        assert stored.startswith("é" * 7000) and len(stored.encode()) < 16100 and "truncated" in stored, stored[-80:]
