@@ -1,4 +1,4 @@
-"""Column types and helpers shared by the models: UTC timestamps, long text, identifiers."""
+"""Column types and helpers shared by the models: UTC timestamps, long text, exact names, identifiers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, Text
+from sqlalchemy import DateTime, Dialect, String, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
 # MariaDB's TEXT holds 64 KiB; workflows and task output may be larger.
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+
+def exact(length: int) -> String:
+    """A name compared as written: 'Build' and 'build' are two (MariaDB's default collation would make them one)."""
+    return String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb")
+
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 

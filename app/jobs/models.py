@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.columns import LongText, UTCDateTime, new_id, utcnow
+from app.columns import LongText, UTCDateTime, exact, new_id, utcnow
 from app.extensions import Base
 
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -64,7 +64,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_by: Mapped[str | None] = mapped_column(String(255), default=None)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(exact(255), default=None)  # "AbC" is not "abc"
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     schedule_id: Mapped[str | None] = mapped_column(String(36), default=None)  # the schedule that fired it
 
@@ -112,7 +112,7 @@ class TaskResult(Base):
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
     attempt: Mapped[int]
     position: Mapped[int] = mapped_column(default=0)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(exact(200))  # tasks "Build" and "build" have a result each
     type: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     output: Mapped[str] = mapped_column(LongText, default="")

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.columns import UTCDateTime, utcnow
+from app.columns import UTCDateTime, exact, utcnow
 from app.extensions import Base
 
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -33,7 +33,7 @@ class JobLogLine(Base):
     attempt: Mapped[int]
     seq: Mapped[int]
     ts: Mapped[datetime] = mapped_column(UTCDateTime())
-    task: Mapped[str | None] = mapped_column(String(200), default=None)
+    task: Mapped[str | None] = mapped_column(exact(200), default=None)
     level: Mapped[str] = mapped_column(String(8))
     message: Mapped[str] = mapped_column(Text)
     dropped: Mapped[int | None] = mapped_column(default=None)

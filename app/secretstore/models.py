@@ -5,14 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import ForeignKeyConstraint, String
-from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.columns import LongText, UTCDateTime, utcnow
+from app.columns import LongText, UTCDateTime, exact, utcnow
 from app.extensions import Base
 
-# DB_PW and db_pw are two secrets, as they are two placeholders: MariaDB's default collation would make them one
-SecretName = String(128).with_variant(mysql.VARCHAR(128, collation="utf8mb4_bin"), "mysql", "mariadb")
+SecretName = exact(128)  # DB_PW and db_pw are two secrets, as they are two placeholders
 
 
 class ProjectSecret(Base):

@@ -150,6 +150,14 @@ def test_idempotency_keys_are_per_tenant(api: Api, world: dict[str, Tenant]) -> 
     assert acme.status_code == globex.status_code == 201 and acme.json["job_id"] != globex.json["job_id"]
 
 
+def test_idempotency_keys_differing_only_in_case_are_two_keys(api: Api, world: dict[str, Tenant]) -> None:
+    operator = world["acme"].tokens["operator"]
+    upper = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW}, headers={"Idempotency-Key": "Deploy-44"})
+    lower = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW}, headers={"Idempotency-Key": "deploy-44"})
+    assert upper.status_code == lower.status_code == 201 and upper.json["job_id"] != lower.json["job_id"], lower.json
+    assert "Idempotent-Replayed" not in lower.headers
+
+
 def test_an_overlong_idempotency_key_is_refused(api: Api, world: dict[str, Tenant]) -> None:
     response = api.post(
         "/api/v1/jobs",

@@ -428,3 +428,21 @@ def test_a_batch_racing_another_request_of_its_attempt_is_refused_and_stores_not
     response = ship_numbered(api, acme, acme.running, [line("a")], 1)
     assert response.status_code == 409 and response.json["error"] == "concurrent_update"
     assert stored(app) == 0
+
+
+def test_tasks_whose_names_differ_only_in_case_keep_their_own_results_and_lines(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    job = f"/api/v1/jobs/{acme.running}"
+    for name, status in (("Build", "succeeded"), ("build", "failed")):
+        report = {"attempt": 1, "name": name, "type": "command", "status": status, "output": name}
+        assert api.post(f"{job}/tasks", acme.tokens["agent"], json=report).status_code == 201
+    tasks = api.get(job, acme.tokens["viewer"]).json["tasks"]
+    assert sorted((t["name"], t["status"], t["output"]) for t in tasks) == [
+        ("Build", "succeeded", "Build"),
+        ("build", "failed", "build"),
+    ]
+    ship(api, acme, acme.running, [line("upper", task="Build"), line("lower", task="build")])
+    found = search(api, acme.tokens["viewer"], job_id=acme.running, task="build").json
+    assert [h["message"] for h in found["lines"]] == ["lower"]

@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from flask_migrate import downgrade, upgrade
-from sqlalchemy import inspect
+from sqlalchemy import Engine, String, inspect
 
 from app import create_app
 from app.extensions import db
@@ -37,6 +37,28 @@ def test_migrations_upgrade_an_empty_database_to_the_models_and_downgrade_it(emp
         with db.engine.connect() as connection:
             differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
         assert differences == []
+        assert collations(db.engine) == wanted_collations(db.engine)  # which compare_metadata does not compare
         downgrade(revision="base")
         assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
         db.engine.dispose()
+
+
+def collations(engine: Engine) -> dict[tuple[str, str], str | None]:
+    """The collation of each string column of the models' tables, as the database has it (None: its default)."""
+    wanted = wanted_collations(engine)
+    found = {}
+    for table in db.metadata.sorted_tables:
+        for column in inspect(engine).get_columns(table.name):
+            if (table.name, column["name"]) in wanted:
+                found[(table.name, column["name"])] = getattr(column["type"], "collation", None)
+    return found
+
+
+def wanted_collations(engine: Engine) -> dict[tuple[str, str], str | None]:
+    """The collation the models give each string column on this database (None: its default; JSON has its own)."""
+    return {
+        (table.name, column.name): getattr(column.type.dialect_impl(engine.dialect), "collation", None)
+        for table in db.metadata.sorted_tables
+        for column in table.columns
+        if isinstance(column.type.dialect_impl(engine.dialect), String)
+    }
