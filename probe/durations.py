@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -36,6 +37,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"expected {DURATION_HELP}, got {type(value).__name__}")
     if seconds < 0 or seconds != seconds:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
+    if seconds == math.inf:
+        raise ValueError(f"a duration must be finite, got {value!r}")
     return seconds
 
 

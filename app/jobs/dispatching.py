@@ -30,6 +30,7 @@ from app.jobs.states import AttemptState, JobState, transition, transition_attem
 from dispatch.contract import control_channel
 from dispatch.logs import job_fields
 from dispatch.publish import JobMessage, Publisher, PublishError
+from probe.durations import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ AGENT_GONE = "pinned to agent '{agent}', which is no longer registered"
 AGENT_MOVED = (
     "pinned to agent '{agent}', which now serves project '{project}' on {platform}; "
     "the job needs project '{job_project}' on {job_platform}"
+)
+OVERRUN = (
+    "attempt {number} timed out: agent '{agent}' still had not reported its end {grace} s after the workflow's "
+    "timeout ({timeout})"
 )
 CANCELLED_WHEN_LOST = "cancelled as requested; " + LEASE_EXPIRED
 NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
@@ -444,21 +449,42 @@ def _pinned_nowhere(job: Job) -> str | None:
 
 
 def reap(*, now: datetime | None = None) -> int:
-    """Turn every running attempt whose lease expired into ``lost``, then queue the next attempt or fail the job."""
+    """Turn every running attempt whose lease expired into ``lost``, and every one past its deadline (its agent
+    beats, but the run never ends) into ``timed_out``; then queue the next attempt or end the job."""
     now = now or utcnow()
-    expired = db.session.execute(
-        select(Job, JobAttempt)
-        .join(JobAttempt, JobAttempt.job_id == Job.id)
-        .where(JobAttempt.state == AttemptState.RUNNING.value, JobAttempt.lease_expires_at < now)
-        .limit(BATCH)
-    ).all()
     reaped = 0
-    for job, attempt in expired:
-        try:
-            reaped += _reap_one(job, attempt, now)
-        except Conflict:
-            db.session.rollback()  # the agent reported, or another reaper won, meanwhile
+    for column, handle in ((JobAttempt.lease_expires_at, _reap_one), (JobAttempt.deadline_at, _time_out)):
+        found = db.session.execute(
+            select(Job, JobAttempt)
+            .join(JobAttempt, JobAttempt.job_id == Job.id)
+            .where(JobAttempt.state == AttemptState.RUNNING.value, column < now)
+            .limit(BATCH)
+        ).all()
+        for job, attempt in found:
+            try:
+                reaped += handle(job, attempt, now)
+            except Conflict:
+                db.session.rollback()  # the agent reported, or another reaper won, meanwhile
     return reaped
+
+
+def _time_out(job: Job, attempt: JobAttempt, now: datetime) -> int:
+    if attempt.deadline_at is None or attempt.deadline_at >= now:
+        return 0  # read again after an earlier rollback: no longer past it
+    message = OVERRUN.format(
+        number=attempt.number,
+        agent=attempt.agent_id or "?",
+        timeout=format_duration(job.timeout or 0),
+        grace=current_app.config["LEASE_SECONDS"],
+    )
+    transition_attempt(attempt, AttemptState.TIMED_OUT, finished_at=now, error=message)
+    log.warning("job %s: %s", job.id, message, extra=_about(job))
+    if job.state == JobState.RUNNING.value and job.attempt == attempt.number:
+        if retry_failed(job, attempt, now=now) is not None:
+            return 1  # committed with the next attempt
+        transition(job, JobState.TIMED_OUT, actor="reaper", reason=message, finished_at=now, error=message)
+    db.session.commit()
+    return 1
 
 
 def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:

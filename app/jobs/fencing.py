@@ -27,6 +27,7 @@ from app.rows import insert_row, update_fenced
 from app.secretstore import service as secretstore
 from app.tenants.models import Project
 
+LONGEST_RUN = 366 * 86400.0  # seconds: a workflow may declare a longer timeout, the deadline stops there
 STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
 ATTEMPT_OVER = "attempt {attempt} of job {job_id} is {state}; it takes no more reports"
 NOT_YOURS = "attempt {attempt} of job {job_id} belongs to another agent"
@@ -66,6 +67,15 @@ def _read(caller: Principal, job_id: str, statement: Executable, parameters: dic
 def _lease() -> tuple[datetime, datetime]:
     now = utcnow()
     return now, now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
+
+
+def run_deadline(job: Job, claimed: datetime) -> datetime | None:
+    """When the control plane stops waiting for a run claimed at ``claimed``: after the workflow's own timeout,
+    which its agent enforces, and a lease's length more for its final report (None: a job from before 0011)."""
+    if job.timeout is None:
+        return None
+    seconds = min(job.timeout, LONGEST_RUN) + current_app.config["LEASE_SECONDS"]
+    return claimed + timedelta(seconds=seconds)
 
 
 def claim_job(
@@ -149,7 +159,14 @@ def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None,
         # Read the clock again now that this claim is serialized after the project's other claims and reports:
         # the attempt's claimed_at is then never before the finished_at of the job whose place it takes.
         now, expires = _lease()
-    transition_attempt(row, AttemptState.RUNNING, agent_id=caller.agent_id, claimed_at=now, lease_expires_at=expires)
+    transition_attempt(
+        row,
+        AttemptState.RUNNING,
+        agent_id=caller.agent_id,
+        claimed_at=now,
+        lease_expires_at=expires,
+        deadline_at=run_deadline(job, now),
+    )
     if task is not None:
         _task_started(job, row.number, task)
     return secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow)

@@ -52,6 +52,7 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=1)  # runs of a failing workflow (lost ones don't count)
     retry_backoff: Mapped[float] = mapped_column(default=10.0)  # seconds before the 2nd run; doubles, jittered
+    timeout: Mapped[float | None] = mapped_column(default=None)  # the workflow's, in seconds (None: before 0011)
     dead_letter_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     revision: Mapped[int] = mapped_column(default=1)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
@@ -82,6 +83,7 @@ class JobAttempt(Base):
         Index("ix_job_attempts_state_lease", "state", "lease_expires_at"),
         Index("ix_job_attempts_tenant_agent_state", "tenant_id", "agent_id", "state"),
         Index("ix_job_attempts_state_published", "state", "published_at"),
+        Index("ix_job_attempts_state_deadline", "state", "deadline_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -95,6 +97,8 @@ class JobAttempt(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # a retry's backoff
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # the claim plus the workflow's timeout plus a lease: a run still not reported then is timed out, heartbeat or not
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     log_lines: Mapped[int] = mapped_column(default=0, server_default="0")  # log lines received from its agent

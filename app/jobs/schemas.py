@@ -192,6 +192,7 @@ class AttemptOut(Response):
     queued_at: datetime
     claimed_at: datetime | None
     lease_expires_at: datetime | None
+    deadline_at: datetime | None  # the claim + the workflow's timeout + a lease: timed out if still running then
     finished_at: datetime | None
     error: str | None
     tasks: list[TaskResultOut]

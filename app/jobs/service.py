@@ -84,7 +84,12 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     agent_id = changes.get("agent_id", job.agent_id)
     agent = check_target(caller, job.project_id, agent_id, changes.get("platform"))
     requested = changes.get("platform") or (agent.platform if agent else None)
-    values = {**changes, "name": workflow.name, "platform": choose_platform(workflow, requested)}
+    values = {
+        **changes,
+        "name": workflow.name,
+        "timeout": workflow.timeout,
+        "platform": choose_platform(workflow, requested),
+    }
     now = utcnow()
     values.update(revision=job.revision + 1, updated_at=now)
     queued = job.state == JobState.QUEUED.value

@@ -92,6 +92,7 @@ def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_ke
         attempt=0,
         max_attempts=data.max_attempts or current_app.config["MAX_ATTEMPTS"],
         retry_backoff=current_app.config["RETRY_BACKOFF"] if data.retry_backoff is None else data.retry_backoff,
+        timeout=workflow.timeout,
         scheduled_at=data.scheduled_at or now,
         deliver_by=data.deliver_by,
         created_at=now,

@@ -105,6 +105,7 @@ def job_detail(job: Job) -> JobDetail:
             queued_at=a.queued_at,
             claimed_at=a.claimed_at,
             lease_expires_at=a.lease_expires_at,
+            deadline_at=a.deadline_at,
             finished_at=a.finished_at,
             error=a.error,
             tasks=[task_out(r) for r in results if r.attempt == a.number],

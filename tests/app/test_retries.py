@@ -486,3 +486,45 @@ def test_a_job_whose_message_expired_unclaimed_is_dead_lettered(api: Api, app: F
     assert unclaimed["error"].startswith("not claimed before its message expired (sent ")
     assert f"valid for ENVELOPE_TTL, {ttl} s" in unclaimed["error"]
     assert states["recent"]["state"] == "queued" and states["deadline"]["state"] == "queued"
+
+
+def ten_minutes(name: str = "slow", timeout: str = "10m") -> str:
+    return f"name: {name}\ntimeout: {timeout}\ntasks:\n  - {{name: a, type: command, config: {{command: 'true'}}}}\n"
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_a_run_that_never_ends_times_out_at_its_deadline_though_its_agent_beats(
+    api: Api, app: Flask, world: dict[str, Tenant], max_attempts: int
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, workflow=ten_minutes(timeout="1h"), max_attempts=max_attempts, retry_backoff=0)
+    changed = api.put(f"/api/v1/jobs/{job_id}", acme.tokens["operator"], json={"workflow": ten_minutes()})
+    assert changed.status_code == 200, changed.json  # the deadline follows the workflow the job runs
+    publish_and_claim(api, app, acme, job_id)
+    with app.app_context():
+        attempt = db.session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)).one()
+        assert attempt.claimed_at is not None and attempt.deadline_at is not None
+        grace = app.config["LEASE_SECONDS"]
+        assert attempt.deadline_at - attempt.claimed_at == timedelta(seconds=600 + grace)
+        deadline = attempt.deadline_at
+        # the agent beats all along (its lease never runs out) but the run never ends
+        db.session.execute(
+            update(JobAttempt).where(JobAttempt.id == attempt.id).values(lease_expires_at=deadline + timedelta(hours=1))
+        )
+        db.session.commit()
+        dispatching.reap(now=deadline - timedelta(seconds=1))  # (the world's running jobs are lost meanwhile)
+    assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "running"
+    with app.app_context():
+        dispatching.reap(now=deadline + timedelta(seconds=1))
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["attempts"][0]["state"] == "timed_out" and job["attempts"][0]["deadline_at"] is not None
+    assert job["attempts"][0]["error"] == (
+        f"attempt 1 timed out: agent 'a1' still had not reported its end {grace} s after the workflow's "
+        "timeout (10m00s)"
+    )
+    if max_attempts == 1:
+        assert job["state"] == "timed_out" and job["error"] == job["attempts"][0]["error"], job
+    else:
+        assert job["state"] == "queued" and job["attempt"] == 2, job  # a timed-out run is retried like any other
+    late = report(api, acme, job_id, 1, "completed")  # the run ends after all: too late, refused
+    assert late.status_code == 409 and late.json["error"] == "stale_attempt", late.json

@@ -25,7 +25,9 @@ def test_durations_parse_to_seconds(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5 minutes", "1x", "-3", "m5", True, None, [1]])
+@pytest.mark.parametrize(
+    "text", ["", "5 minutes", "1x", "-3", "m5", True, None, [1], "inf", "nan", float("inf"), 1e400]
+)
 def test_malformed_durations_are_refused(text):
     with pytest.raises(ValueError):
         parse_duration(text)
