@@ -37,16 +37,16 @@ log = logging.getLogger(__name__)
 LEASE_EXPIRED = "attempt {number} lost: agent '{agent}' stopped renewing its lease"
 LOST_EXHAUSTED = "{lost} attempts lost (the last on agent '{agent}', which stopped renewing its lease); giving up"
 RETRYING = "attempt {number} {state}; run {failures} of {limit} failed, retrying in {delay:.0f}s"
-EXPIRED = "not claimed before its deliver_by deadline ({deadline}Z)"
-UNCLAIMED = "not claimed before its message expired (sent {sent}Z, valid for ENVELOPE_TTL, {ttl} s)"
+EXPIRED = "not claimed before its deliver_by deadline ({deadline})"
+UNCLAIMED = "not claimed before its message expired (sent {sent}, valid for ENVELOPE_TTL, {ttl} s)"
 AGENT_GONE = "pinned to agent '{agent}', which is no longer registered"
 AGENT_MOVED = (
     "pinned to agent '{agent}', which now serves project '{project}' on {platform}; "
     "the job needs project '{job_project}' on {job_platform}"
 )
 OVERRUN = (
-    "attempt {number} timed out: agent '{agent}' still had not reported its end {grace} s after the workflow's "
-    "timeout ({timeout})"
+    "attempt {number} timed out: agent '{agent}' had not reported its end by its deadline {deadline} (the claim, "
+    "the workflow's timeout of {timeout}, and a lease more)"
 )
 CANCELLED_WHEN_LOST = "cancelled as requested; " + LEASE_EXPIRED
 NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
@@ -85,6 +85,17 @@ def _message(job: Job, attempt: int) -> JobMessage:
         agent_id=job.agent_id,
         expires_at=_timestamp(job.deliver_by),
     )
+
+
+def _iso(moment: datetime) -> str:
+    """A time for a message: 2026-12-07T13:08:15Z."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def _as_read(job: Job) -> dict[str, Any]:
+    """The guards of a write to a job that a batch query read: its revision and attempt as read. A rollback of an
+    earlier item of the batch reloads the later ones, whose fence must not move with them."""
+    return {"revision": job.revision, "attempt": job.attempt}
 
 
 def _receipts() -> Receipts:
@@ -345,7 +356,7 @@ def sweep(*, now: datetime | None = None) -> int:
 
 def expire(*, now: datetime) -> int:
     """Dead-letter every pending or queued job whose ``deliver_by`` passed before an agent claimed it, and every
-    queued job without one whose message expired unsent or unclaimed (lost with the broker's data, dropped by an
+    queued job without one whose message was sent and expired unclaimed (lost with the broker's data, dropped by an
     agent that waited for its project's capacity as long as it was valid): no agent may run it any more."""
     late = db.session.scalars(
         select(Job)
@@ -356,18 +367,12 @@ def expire(*, now: datetime) -> int:
         )
         .limit(BATCH)
     ).all()
-    for job in late:
-        assert job.deliver_by is not None
+    read = [(job, _as_read(job), EXPIRED.format(deadline=_iso(job.deliver_by))) for job in late if job.deliver_by]
+    for job, guards, message in read:
         try:
-            dead_letter(
-                job,
-                reason="expired",
-                message=EXPIRED.format(deadline=job.deliver_by.isoformat()),
-                actor="sweeper",
-                now=now,
-            )
+            dead_letter(job, reason="expired", message=message, actor="sweeper", now=now, guards=guards)
         except Conflict:
-            db.session.rollback()  # claimed meanwhile
+            db.session.rollback()  # claimed or changed meanwhile
     return len(late) + _expire_unclaimed(now)
 
 
@@ -385,13 +390,12 @@ def _expire_unclaimed(now: datetime) -> int:
         )
         .limit(BATCH)
     ).all()
-    for job, sent in unclaimed:
-        assert sent is not None  # selected by it
-        message = UNCLAIMED.format(sent=sent.isoformat(timespec="seconds"), ttl=ttl)
+    read = [(job, _as_read(job), UNCLAIMED.format(sent=_iso(sent), ttl=ttl)) for job, sent in unclaimed if sent]
+    for job, guards, message in read:
         try:
-            dead_letter(job, reason="expired", message=message, actor="sweeper", now=now)
+            dead_letter(job, reason="expired", message=message, actor="sweeper", now=now, guards=guards)
         except Conflict:
-            db.session.rollback()  # claimed meanwhile
+            db.session.rollback()  # claimed or changed meanwhile
     return len(unclaimed)
 
 
@@ -415,12 +419,11 @@ def strand(*, now: datetime, actor: str = "sweeper", tenant_id: str | None = Non
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id, Job.agent_id == agent_id)
     stranded = 0
-    for job, project, platform in db.session.execute(query.limit(BATCH)).all():
-        message = _no_agent(job, project, platform)
+    found = db.session.execute(query.limit(BATCH)).all()
+    read = [(job, _as_read(job), _no_agent(job, project, platform)) for job, project, platform in found]
+    for job, guards, message in read:
         try:  # fenced by the revision as read: a job pinned to another agent meanwhile is left alone
-            dead_letter(
-                job, reason="no_agent", message=message, actor=actor, now=now, guards={"revision": job.revision}
-            )
+            dead_letter(job, reason="no_agent", message=message, actor=actor, now=now, guards=guards)
         except Conflict:
             db.session.rollback()
         else:
@@ -474,15 +477,19 @@ def _time_out(job: Job, attempt: JobAttempt, now: datetime) -> int:
     message = OVERRUN.format(
         number=attempt.number,
         agent=attempt.agent_id or "?",
+        deadline=_iso(attempt.deadline_at),
         timeout=format_duration(job.timeout or 0),
-        grace=current_app.config["LEASE_SECONDS"],
     )
     transition_attempt(attempt, AttemptState.TIMED_OUT, finished_at=now, error=message)
     log.warning("job %s: %s", job.id, message, extra=_about(job))
     if job.state == JobState.RUNNING.value and job.attempt == attempt.number:
-        if retry_failed(job, attempt, now=now) is not None:
+        if job.cancel_requested:  # stopped as asked, though not by its agent
+            cancelled = f"cancelled as requested; {message}"
+            transition(job, JobState.CANCELLED, actor="reaper", reason=cancelled, finished_at=now, error=cancelled)
+        elif retry_failed(job, attempt, now=now) is not None:
             return 1  # committed with the next attempt
-        transition(job, JobState.TIMED_OUT, actor="reaper", reason=message, finished_at=now, error=message)
+        else:
+            transition(job, JobState.TIMED_OUT, actor="reaper", reason=message, finished_at=now, error=message)
     db.session.commit()
     return 1
 

@@ -7,6 +7,9 @@ Create Date: 2026-12-07 13:00:00
 MariaDB's default collation compares text without case: the results of tasks "Build" and "build" were one row
 (the second report overwrote the first), and the idempotency keys "AbC" and "abc" one key. SQLite compares
 text as written already; nothing changes there.
+
+The downgrade fails (a duplicate key) once the database holds results of tasks, or keys, that differ only in
+case: delete or rename those rows first.
 """
 
 import sqlalchemy as sa

@@ -229,17 +229,20 @@ def test_too_many_lost_attempts_dead_letter_the_job(
         assert db.session.get(Agent, ("acme", "a1")) is not None
 
 
-def cancel_meanwhile(app: Flask, job_id: str) -> None:
-    """An operator's cancel of the running job, committed by another connection (another web process)."""
+def elsewhere(app: Flask, *statements: Any) -> None:
+    """Commit ``statements`` through another connection (another process), each changing one row."""
     other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
     try:
         with other.begin() as connection:
-            changed = connection.execute(
-                update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
-            )
-            assert changed.rowcount == 1
+            for statement in statements:
+                assert connection.execute(statement).rowcount == 1, statement
     finally:
         other.dispose()
+
+
+def cancel_meanwhile(app: Flask, job_id: str) -> None:
+    """An operator's cancel of the running job, committed by another connection (another web process)."""
+    elsewhere(app, update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True))
 
 
 def test_a_running_job_whose_cancel_was_requested_is_cancelled_when_its_agent_is_lost(
@@ -518,9 +521,10 @@ def test_a_run_that_never_ends_times_out_at_its_deadline_though_its_agent_beats(
         dispatching.reap(now=deadline + timedelta(seconds=1))
     job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
     assert job["attempts"][0]["state"] == "timed_out" and job["attempts"][0]["deadline_at"] is not None
+    stamp = deadline.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
     assert job["attempts"][0]["error"] == (
-        f"attempt 1 timed out: agent 'a1' still had not reported its end {grace} s after the workflow's "
-        "timeout (10m00s)"
+        f"attempt 1 timed out: agent 'a1' had not reported its end by its deadline {stamp}Z (the claim, the "
+        "workflow's timeout of 10m00s, and a lease more)"
     )
     if max_attempts == 1:
         assert job["state"] == "timed_out" and job["error"] == job["attempts"][0]["error"], job
@@ -528,3 +532,86 @@ def test_a_run_that_never_ends_times_out_at_its_deadline_though_its_agent_beats(
         assert job["state"] == "queued" and job["attempt"] == 2, job  # a timed-out run is retried like any other
     late = report(api, acme, job_id, 1, "completed")  # the run ends after all: too late, refused
     assert late.status_code == 409 and late.json["error"] == "stale_attempt", late.json
+
+
+def test_a_run_past_its_deadline_whose_cancel_was_requested_is_cancelled(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, workflow=ten_minutes(), max_attempts=3)
+    publish_and_claim(api, app, acme, job_id)
+    assert api.post(f"/api/v1/jobs/{job_id}/cancel", acme.tokens["operator"]).status_code == 202
+    with app.app_context():
+        attempt = db.session.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)).one()
+        assert attempt.deadline_at is not None
+        later = attempt.deadline_at + timedelta(seconds=1)
+        renewed = update(JobAttempt).where(JobAttempt.id == attempt.id).values(lease_expires_at=later + timedelta(1))
+        db.session.execute(renewed)
+        db.session.commit()
+        dispatching.reap(now=later)
+    job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+    assert job["state"] == "cancelled" and [a["state"] for a in job["attempts"]] == ["timed_out"], job
+    assert job["error"].startswith("cancelled as requested; attempt 1 timed out")
+
+
+def changed_after_a_rollback(app: Flask, monkeypatch: pytest.MonkeyPatch, job_ids: list[str], change: Any) -> list[str]:
+    """While a batch of the sweeper's works on its first job, that job is claimed (its write is refused and rolled
+    back, which reloads the batch's other jobs) and ``change(job_id)`` changes the other; returns [first, other]."""
+    dead_letter = dispatching.dead_letter
+    seen: list[str] = []
+
+    def raced(job: Job, **fields: Any) -> None:
+        if not seen:
+            other = job_ids[1] if job.id == job_ids[0] else job_ids[0]
+            seen.extend([job.id, other])
+            elsewhere(app, update(Job).where(Job.id == job.id).values(state="running"))
+            change(other)
+        dead_letter(job, **fields)
+
+    monkeypatch.setattr(dispatching, "dead_letter", raced)
+    return seen
+
+
+def test_a_job_changed_while_the_sweeper_strands_a_batch_is_left_alone(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    agent = {"agent_id": "a2", "hostname": "a2.local", "platform": "linux", "project_id": "web"}
+    assert api.post("/api/v1/agents", token("acme", "tenant_admin"), json=agent).status_code == 201
+    job_ids = [submit(api, acme, agent_id="a1"), submit(api, acme, agent_id="a1")]
+    with app.app_context():
+        db.session.execute(delete(Agent).where(Agent.tenant_id == "acme", Agent.id == "a1"))
+        db.session.commit()
+
+    def repin(job_id: str) -> None:
+        elsewhere(app, update(Job).where(Job.id == job_id).values(agent_id="a2", revision=Job.revision + 1))
+
+    seen = changed_after_a_rollback(app, monkeypatch, job_ids, repin)
+    with app.app_context():
+        assert dispatching.strand(now=utcnow()) == 0
+    job = api.get(f"/api/v1/jobs/{seen[1]}", acme.tokens["viewer"]).json
+    assert job["state"] == "pending" and job["agent_id"] == "a2", job
+
+
+def test_a_job_changed_while_the_sweeper_expires_a_batch_is_left_alone(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    job_ids = [submit(api, acme), submit(api, acme)]
+    sent = utcnow() - timedelta(seconds=app.config["ENVELOPE_TTL"] + app.config["SWEEP_GRACE"] + 1)
+    with app.app_context():
+        for job_id in job_ids:
+            job = db.session.get(Job, job_id)
+            assert job is not None
+            attempt = dispatching.open_next_attempt(job, actor="test")
+            db.session.execute(update(JobAttempt).where(JobAttempt.id == attempt.id).values(published_at=sent))
+            db.session.commit()
+
+    def change(job_id: str) -> None:  # a new attempt, to be sent now
+        assert api.put(f"/api/v1/jobs/{job_id}", acme.tokens["operator"], json={"priority": 7}).status_code == 200
+
+    seen = changed_after_a_rollback(app, monkeypatch, job_ids, change)
+    with app.app_context():
+        dispatching.expire(now=utcnow())
+    job = api.get(f"/api/v1/jobs/{seen[1]}", acme.tokens["viewer"]).json
+    assert job["state"] == "queued" and job["attempt"] == 2, job
