@@ -72,6 +72,7 @@ class Heartbeat(threading.Thread):
         )
         if reply.ok:
             self.inflight.cancel(list(reply.body.get("cancel") or []))
+            self.inflight.stop(_attempts(reply.body.get("stop")))
             self._check_lease(reply.body.get("lease_seconds"))
         else:
             log.warning("heartbeat refused: HTTP %s %s", reply.status, reply.body.get("message", ""))
@@ -110,3 +111,14 @@ class Heartbeat(threading.Thread):
         """Stop beating."""
         self.stopping.set()
         self.wake.set()
+
+
+def _attempts(refs: object) -> list[tuple[str, int]]:
+    """The (job id, attempt) pairs of a heartbeat reply's ``stop`` list; whatever is malformed in it is ignored."""
+    if not isinstance(refs, list):
+        return []
+    return [
+        (ref["job_id"], ref["attempt"])
+        for ref in refs
+        if isinstance(ref, dict) and isinstance(ref.get("job_id"), str) and isinstance(ref.get("attempt"), int)
+    ]

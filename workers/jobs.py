@@ -71,6 +71,22 @@ class Inflight:
         with self._lock:
             return list(self._jobs.values())
 
+    def stop(self, attempts: list[tuple[str, int]]) -> None:
+        """Stop the named attempts' running tasks: the control plane no longer has them running on this agent (their
+        leases ran out, they passed their deadline), so their results would be refused while another may run."""
+        wanted = set(attempts)
+        with self._lock:
+            for key, running in self._jobs.items():
+                if key in wanted and not running.cancel.is_set():
+                    with log_context(job_id=running.job_id):  # the heartbeat's thread runs no job
+                        log.warning(
+                            "job %s attempt %d is no longer this agent's (lost or timed out on the control plane); "
+                            "stopping it",
+                            running.job_id,
+                            running.attempt,
+                        )
+                    running.cancel.set()
+
     def cancel(self, job_ids: list[str]) -> None:
         """Stop the named jobs' running tasks (their workflows end ``cancelled``)."""
         wanted = set(job_ids)

@@ -109,6 +109,13 @@ class Lease(Response):
     cancel_requested: bool
 
 
+class AttemptRef(Response):
+    """One attempt of a job."""
+
+    job_id: str
+    attempt: int
+
+
 class HeartbeatOut(Response):
     """The heartbeat's answer: renewed leases, jobs to stop, and when to beat next."""
 
@@ -119,3 +126,6 @@ class HeartbeatOut(Response):
     lease_seconds: int
     leases: list[Lease]
     cancel: list[str]
+    # attempts the agent named that the control plane no longer has running on it (lost, timed out, finished,
+    # someone else's): their results would be refused; stop them
+    stop: list[AttemptRef] = []

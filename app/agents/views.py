@@ -11,6 +11,7 @@ from app.agents.schemas import (
     AgentListQuery,
     AgentOut,
     AgentRegister,
+    AttemptRef,
     HeartbeatOut,
     HeartbeatRequest,
     Lease,
@@ -104,6 +105,8 @@ def heartbeat(agent_id: str) -> Response:
         )
         for job, a in running
     ]
+    held = {(lease.job_id, lease.attempt) for lease in leases}
+    ended = sorted(set(said) - held)
     return reply(
         HeartbeatOut(
             agent_id=agent.id,
@@ -113,6 +116,7 @@ def heartbeat(agent_id: str) -> Response:
             lease_seconds=current_app.config["LEASE_SECONDS"],
             leases=leases,
             cancel=[lease.job_id for lease in leases if lease.cancel_requested],
+            stop=[AttemptRef(job_id=job_id, attempt=number) for job_id, number in ended],
         )
     )
 

@@ -10,6 +10,7 @@ from app.agents.models import Agent
 from app.agents.schemas import AgentList, AgentOut, HeartbeatOut
 from app.columns import utcnow
 from app.extensions import db
+from app.jobs import dispatching
 from tests.app.support import Api, Tenant, token
 
 REGISTRATION = {
@@ -95,6 +96,21 @@ def test_a_heartbeat_does_not_renew_a_running_job_the_agent_no_longer_reports(
     assert api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"]).json["leases"] == []
     after = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["operator"]).json["attempts"][0]["lease_expires_at"]
     assert after == before
+
+
+def test_a_heartbeat_tells_the_agent_to_stop_what_it_no_longer_holds(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    said = [(acme.running, 1), (acme.running, 2), (acme.queued, 1)]  # its own; one never claimed; one not started
+    body = {"running": [{"job_id": job_id, "attempt": number} for job_id, number in said]}
+    beat = HeartbeatOut.model_validate(api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json=body).json)
+    assert [(lease.job_id, lease.attempt) for lease in beat.leases] == [(acme.running, 1)]
+    assert sorted((ref.job_id, ref.attempt) for ref in beat.stop) == sorted(said[1:])
+    with app.app_context():  # its lease ran out meanwhile (a partition): lost, and run again elsewhere
+        dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
+    beat = HeartbeatOut.model_validate(api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json=body).json)
+    assert beat.leases == [] and sorted((ref.job_id, ref.attempt) for ref in beat.stop) == sorted(said)
 
 
 def test_an_agent_cannot_heartbeat_for_another_agent(api: Api, world: dict[str, Tenant]) -> None:

@@ -154,3 +154,43 @@ def test_a_job_scheduled_for_later_stays_pending_until_then_and_is_published_by_
     done = platform.wait_for(operator, job_id, timeout=20)
     assert done["state"] == "completed"
     assert datetime.fromisoformat(done["attempts"][0]["claimed_at"]).replace(tzinfo=UTC) >= at
+
+
+def test_a_run_lost_while_its_agent_was_frozen_is_stopped_when_the_agent_wakes(platform: Platform, tmp_path):
+    tenant, project = platform.tenant()
+    agent = platform.start_agent(tenant, project, "f1")
+    operator = platform.token("operator", tenant, project)
+    marker, flag = f"frozen-{tenant}", tmp_path / "ran-once"
+    workflow = textwrap.dedent(
+        f"""\
+        name: frozen
+        timeout: 5m
+        tasks:
+          - name: work
+            type: command
+            config:
+              command: sh
+              args: ["-c", "if [ -e {flag} ]; then echo again; else touch {flag}; sleep 120; : {marker}; fi"]
+        """
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    wait_until(lambda: sleepers(marker), what="the first run starting")
+    frozen = psutil.Process(agent.pid)
+    frozen.suspend()  # no heartbeat: past its 4 s lease the reaper makes the attempt lost and queues the next
+    try:
+        wait_until(
+            lambda: platform.api("GET", f"/jobs/{job_id}", operator).json()["attempt"] == 2,
+            timeout=15,
+            what="the attempt lost",
+        )
+    finally:
+        frozen.resume()
+    woke = time.monotonic()
+    # its first heartbeat names the lost attempt; the answer says to stop it, and the next attempt runs
+    wait_until(lambda: not sleepers(marker), timeout=10, what="the lost run stopped")
+    assert time.monotonic() - woke < 10  # not the 120 s of its sleep
+    done = platform.wait_for(operator, job_id, timeout=30)
+    assert done["state"] == "completed" and [a["state"] for a in done["attempts"]] == ["lost", "completed"]
+    assert done["tasks"][-1]["output"] == "again\n"
+    assert "is no longer this agent's" in platform.log(f"agent-{tenant}-f1")

@@ -1,0 +1,36 @@
+"""The agent's heartbeat against a loopback stand-in of the control plane: what it sends, what it does on reply."""
+
+from __future__ import annotations
+
+import json
+
+from tests.workers.test_client import client_for
+from workers.heartbeat import Heartbeat
+from workers.jobs import Inflight
+
+
+def test_the_attempts_the_control_plane_no_longer_counts_are_stopped_and_only_they(http_server):
+    inflight = Inflight()
+    kept, lost, retried = inflight.add("j1", 1), inflight.add("j2", 1), inflight.add("j2", 2)
+    reply = {
+        "leases": [{"job_id": "j1", "attempt": 1}, {"job_id": "j2", "attempt": 2}],
+        "cancel": [],
+        "stop": [{"job_id": "j2", "attempt": 1}, {"job_id": "j9", "attempt": 1}, {"job_id": 5}, "x"],
+    }
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: (200, {}, json.dumps(reply)))
+    client = client_for(http_server.url)
+    Heartbeat(client, client.settings, inflight).beat()
+    sent = json.loads(http_server.requests[-1].body)["running"]
+    assert sorted((item["job_id"], item["attempt"]) for item in sent) == [("j1", 1), ("j2", 1), ("j2", 2)]
+    # the lost attempt of j2 stops; its next attempt on this agent, and the other job, run on
+    assert lost.cancel.is_set() and not retried.cancel.is_set() and not kept.cancel.is_set()
+
+
+def test_a_reply_without_a_stop_list_stops_nothing(http_server):
+    inflight = Inflight()
+    running = inflight.add("j1", 1)
+    reply = {"leases": [{"job_id": "j1", "attempt": 1}], "cancel": []}  # an older control plane
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: (200, {}, json.dumps(reply)))
+    client = client_for(http_server.url)
+    Heartbeat(client, client.settings, inflight).beat()
+    assert not running.cancel.is_set()
