@@ -24,7 +24,12 @@ from workers.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+def transient(status: int) -> bool:
+    """Whether an HTTP status asks to try again later: 408, 429 and every 5xx (a proxy's 520-524 as well)."""
+    return status in (408, 429) or 500 <= status <= 599
+
+
 MAX_BACKOFF = 15.0
 
 
@@ -142,7 +147,7 @@ class ControlPlane:
     def call(
         self, method: str, path: str, body: dict[str, Any] | None = None, *, deadline: float | None = None
     ) -> Reply:
-        """Send one request, retrying connection errors, 429 and 5xx with jittered backoff until ``deadline``.
+        """Send one request, retrying connection errors, 408, 429 and 5xx with jittered backoff until ``deadline``.
 
         Raises:
             ControlPlaneError: no definite answer before the deadline (default: the settings' report deadline).
@@ -163,7 +168,7 @@ class ControlPlane:
             except (OSError, http.client.HTTPException) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
-                if answer.status not in RETRY_STATUSES:
+                if not transient(answer.status):
                     return Reply(answer.status, _json_object(answer.payload))
                 problem = f"HTTP {answer.status}"
                 retry_after = answer.headers.get("Retry-After", "")
@@ -180,6 +185,6 @@ class ControlPlane:
 def _json_object(payload: bytes) -> dict[str, Any]:
     try:
         data = json.loads(payload) if payload else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return {}
     return data if isinstance(data, dict) else {"data": data}

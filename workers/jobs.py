@@ -19,7 +19,7 @@ from typing import Any
 
 import probe
 from dispatch.logs import log_context
-from workers.client import RETRY_STATUSES, ControlPlane, ControlPlaneError, Reply
+from workers.client import ControlPlane, ControlPlaneError, Reply, transient
 from workers.envelope import Envelope, EnvelopeRefused
 from workers.logship import LogBuffer, lines_from_event
 from workers.outbox import FinalReport, Outbox, Taken
@@ -319,7 +319,7 @@ class JobRunner:
         it for now (to be sent again). Once recorded or refused for good, the attempt leaves the running set."""
         status = outcome.get("status")
         with log_context(job_id=report.job_id):  # not the job whose claim carried it
-            if status in RETRY_STATUSES or not isinstance(status, int):
+            if not isinstance(status, int) or transient(status):
                 log.warning("job %s: final state %s not recorded yet (%s)", report.job_id, report.state, status)
                 return False
             if status == 200:

@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -18,6 +19,7 @@ from pathlib import Path
 # process was started with (``hide_credentials``). AGENT_SCRUB_ENV names more, comma-separated.
 CREDENTIALS = ("JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY", "AGENT_SCRUB_ENV")
 
+TOKEN = re.compile(r"[A-Za-z0-9_=.-]+")  # a JWT: base64url segments joined by dots
 REQUIRED = ("CONTROL_PLANE_URL", "TENANT_ID", "PROJECT_ID", "AGENT_ID", "JWT_TOKEN", "VALKEY_URL", "JOB_VERIFY_KEY")
 
 
@@ -75,6 +77,14 @@ def _number(environ: Mapping[str, str], name: str, default: float, kind: type = 
     return float(value)
 
 
+def _token(value: str) -> str:
+    """The agent's JWT, without the line end a token read from a file keeps; never echoed in an error."""
+    token = value.strip()
+    if not TOKEN.fullmatch(token):
+        raise SettingsError("JWT_TOKEN is not a token: it holds spaces or other characters a JWT never has")
+    return token
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
     """Read the agent's settings from ``environ`` (default: the process environment)."""
     env = os.environ if environ is None else environ
@@ -86,7 +96,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> AgentSettings:
         tenant_id=env["TENANT_ID"],
         project_id=env["PROJECT_ID"],
         agent_id=env["AGENT_ID"],
-        jwt_token=env["JWT_TOKEN"],
+        jwt_token=_token(env["JWT_TOKEN"]),
         valkey_url=env["VALKEY_URL"],
         verify_key=env["JOB_VERIFY_KEY"],
         log_level=env.get("LOG_LEVEL", "INFO").upper(),

@@ -56,6 +56,20 @@ def test_a_control_plane_that_never_answers_is_an_error_after_the_deadline():
         client_for("http://127.0.0.1:1", deadline=1).call("POST", "/jobs/j/tasks", {})
 
 
+@pytest.mark.parametrize("status", [408, 520, 524, 599])
+def test_every_5xx_and_a_request_timeout_are_transient(http_server, status):
+    answers = iter([(status, {}, b"<html>try later</html>"), (200, {}, b'{"ok": true}')])
+    http_server.route("/api/v1/jobs/j/status", method="POST", body=lambda request: next(answers))
+    reply = client_for(http_server.url).call("POST", "/jobs/j/status", {"attempt": 1})
+    assert reply.ok and reply.body == {"ok": True} and len(http_server.requests) == 2
+
+
+def test_an_answer_nested_past_the_parsers_depth_is_an_empty_body(http_server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    http_server.route("/api/v1/jobs/j/claim", method="POST", body=lambda request: (200, {}, deep))
+    assert client_for(http_server.url).call("POST", "/jobs/j/claim", {"attempt": 1}).body == {}
+
+
 def test_requests_share_one_kept_alive_connection(http_server):
     seen: list[int] = []
 

@@ -31,6 +31,14 @@ def test_a_missing_variable_is_named() -> None:
         load_settings({k: v for k, v in BASE.items() if k != "JWT_TOKEN"})
 
 
+def test_a_token_read_from_a_file_loses_its_line_end_and_a_broken_one_is_refused_unseen() -> None:
+    assert load_settings({**BASE, "JWT_TOKEN": "eyJh.eyJz.c2ln\r\n"}).jwt_token == "eyJh.eyJz.c2ln"
+    for broken in ("eyJh.eyJz.c2ln\nsecond-line", "Bearer eyJh.eyJz.c2ln", "eyJh\x00.c2ln"):
+        with pytest.raises(SettingsError) as refused:
+            load_settings({**BASE, "JWT_TOKEN": broken})
+        assert "eyJ" not in str(refused.value) and "JWT_TOKEN" in str(refused.value)
+
+
 @pytest.mark.parametrize(("raw", "isolated"), [(None, False), ("", False), ("off", False), ("TRUE", True), ("1", True)])
 def test_broker_isolation_is_a_switch(raw: str | None, isolated: bool) -> None:
     env = BASE if raw is None else {**BASE, "AGENT_BROKER_ISOLATION": raw}
