@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, signals
+from celery.exceptions import Reject
 
 from dispatch.contract import (
     RUN_JOB_TASK,
@@ -23,7 +24,7 @@ from workers.client import ControlPlane
 from workers.control import ControlListener
 from workers.envelope import EnvelopeRefused, Verifier
 from workers.heartbeat import Heartbeat
-from workers.jobs import Inflight, JobRunner, report_refusal
+from workers.jobs import Inflight, JobRunner, Stopping, report_refusal
 from workers.outbox import Outbox
 from workers.settings import AgentSettings
 
@@ -130,6 +131,8 @@ def make_agent(settings: AgentSettings) -> Agent:
             return f"refused: {refusal.reason}"
         try:
             return runner.run(envelope)
+        except Stopping as stopping:  # another agent, or this one once restarted, takes the message
+            raise Reject(str(stopping), requeue=True) from None
         finally:
             if redelivered:
                 _forget_delivery(valkey, task_id, scope)
@@ -143,6 +146,10 @@ def make_agent(settings: AgentSettings) -> Agent:
         refusal = EnvelopeRefused("undecodable", f"a message that cannot be decoded was dropped: {exc}")
         report_refusal(client, settings.agent_id, refusal, task)
 
+    def on_shutting_down(**extra: Any) -> None:
+        runner.stopping.set()
+
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.task_unknown.connect(on_unknown, weak=False)
     signals.task_rejected.connect(on_rejected, weak=False)
     heartbeat = Heartbeat(client, settings, inflight)

@@ -26,6 +26,7 @@ from workers.outbox import FinalReport, Outbox, Taken
 
 log = logging.getLogger(__name__)
 
+MALFORMED_SECRETS = "the claim's answer carried secrets that are not names and text values; nothing ran"
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same few again and again
@@ -33,6 +34,8 @@ LINGER = 0.05  # seconds a busy agent's final report waits for the next claim to
 BACK_TO_BACK = 0.02  # a job whose message came within this many seconds of the last final report: the agent is busy
 CARRIED_PER_CLAIM = 8  # final reports one claim carries at most (the control plane's limit)
 CARRIED_BYTES = 256 * 1024  # encoded final reports one claim carries at most (the control plane takes 1 MiB)
+# why a claim waits and is made again, holding the message: the project is full, or no answer came that says
+WAIT_AND_CLAIM_AGAIN = frozenset({"project_at_capacity", "unreachable", "not_a_claim"})
 FINAL_STATE = {"succeeded": "completed", "failed": "failed", "timed_out": "timed_out", "cancelled": "cancelled"}
 
 
@@ -44,6 +47,10 @@ class RunningJob:
     job_id: str
     attempt: int
     cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Stopping(Exception):
+    """The agent stops while a job waits to be claimed: its message goes back to the queue, for another agent."""
 
 
 class Inflight:
@@ -173,6 +180,7 @@ class JobRunner:
         self.client = client
         self.inflight = inflight
         self.outbox = Outbox(self._deliver, limit=concurrency)
+        self.stopping = threading.Event()  # set when the agent shuts down: no more waiting for a claim
         self._last_report = float("-inf")  # time.monotonic() of the last final report handed to the outbox
 
     def run(self, envelope: Envelope) -> str:
@@ -198,10 +206,13 @@ class JobRunner:
             return f"dropped: {claim.error or claim.status}"
         running = self.inflight.add(job_id, attempt)  # until its final state is delivered: the lease is renewed
         try:
+            secrets = claim.body.get("secrets") or {}
             if workflow is None:
                 report = FinalReport(job_id, attempt, "failed", f"the workflow cannot run here: {problem}")
+            elif not isinstance(secrets, dict) or not all(isinstance(v, str) for v in secrets.values()):
+                report = FinalReport(job_id, attempt, "failed", MALFORMED_SECRETS)
             else:
-                report = self._execute(envelope, workflow, running, claim.body.get("secrets") or {})
+                report = self._execute(envelope, workflow, running, secrets)
             self._last_report = time.monotonic()
             self.outbox.put(report, linger)
         except BaseException:
@@ -254,22 +265,35 @@ class JobRunner:
             self.inflight.discard(report.job_id, report.attempt)
 
     def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
-        """Claim the attempt; while its project runs as many jobs as it may, wait (holding the message)."""
+        """Claim the attempt. While its project runs as many jobs as it may, the control plane cannot be reached, or
+        it answers with something that is not this claim (a proxy's page), wait and claim again, holding the
+        message, until its envelope expires; raises Stopping when the agent stops meanwhile."""
         delay = 1.0
         request: dict[str, Any] = {"attempt": envelope.attempt}
         if first_task is not None:
             request["task"] = first_task  # it starts right after the claim: the control plane tells watchers
         flushed = False
         while True:
-            claim = self._claim_carrying(envelope.job_id, request)
-            if claim.error != "project_at_capacity" or time.time() + delay > envelope.expires_at:
+            try:
+                claim = self._claim_carrying(envelope.job_id, request)
+            except ControlPlaneError as exc:
+                claim = Reply(503, {"error": "unreachable", "message": f"the control plane cannot be reached: {exc}"})
+            if claim.ok and (claim.body.get("job_id"), claim.body.get("attempt")) != (
+                envelope.job_id,
+                envelope.attempt,
+            ):
+                claim = Reply(
+                    503, {"error": "not_a_claim", "message": f"HTTP {claim.status} is not the claim's answer"}
+                )
+            if claim.error not in WAIT_AND_CLAIM_AGAIN or time.time() + delay > envelope.expires_at:
                 return claim
-            if not flushed:  # jobs of ours that ended may still count as running: once reported, ask again
-                flushed = True
+            if claim.error == "project_at_capacity" and not flushed:
+                flushed = True  # jobs of ours that ended may still count as running: once reported, ask again
                 if self.outbox.flush(min(MAX_CAPACITY_WAIT, envelope.expires_at - time.time())):
                     continue
-            log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", "project at capacity"))
-            time.sleep(delay)
+            log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", claim.error))
+            if self.stopping.wait(delay):
+                raise Stopping(f"job {envelope.job_id}: the agent stops while the job waits to be claimed")
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
 
     def _claim_carrying(self, job_id: str, request: dict[str, Any]) -> Reply:

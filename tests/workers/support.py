@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
+from workers.client import Reply
 from workers.envelope import Envelope
-from workers.jobs import Inflight
+from workers.jobs import Inflight, JobRunner
 
 WORKFLOW = 'name: w\ntasks:\n  - name: noop\n    type: command\n    config:\n      command: "true"\n'
 
@@ -25,3 +28,22 @@ def running(inflight: Inflight) -> list[tuple[str, int]]:
 def line(n: int) -> dict[str, Any]:
     """Log line number ``n``, as an agent ships it."""
     return {"ts": "2026-11-29T10:00:00Z", "task": "t", "level": "info", "message": f"line {n}"}
+
+
+def granting(reply: Reply, path: str, body: dict[str, Any]) -> Reply:
+    """A 2xx answer to a claim as the control plane gives it: naming the job and attempt it grants."""
+    if not reply.ok:
+        return reply
+    return Reply(reply.status, {"job_id": path.split("/")[2], "attempt": body.get("attempt"), **reply.body})
+
+
+def pauses(runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the runner's waits before claiming again instead of waiting (none is interrupted by a stop)."""
+    slept: list[float] = []
+
+    def pause(seconds: float) -> bool:
+        slept.append(seconds)
+        return False
+
+    monkeypatch.setattr(runner.stopping, "wait", pause)
+    return slept

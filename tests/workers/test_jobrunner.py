@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
 import pytest
 
-from tests.workers.support import WORKFLOW, envelope, line, running
+from tests.workers.support import WORKFLOW, envelope, granting, line, pauses, running
 from workers.client import ControlPlaneError, Reply
 from workers.envelope import Envelope
-from workers.jobs import LOG_LINES_WITH_FINAL_STATE, Inflight, JobRunner, _load
+from workers.jobs import LOG_LINES_WITH_FINAL_STATE, MALFORMED_SECRETS, Inflight, JobRunner, Stopping, _load
 from workers.outbox import FinalReport
 
+NOT_A_CLAIM = Reply(200, {"data": "<html>maintenance</html>"})  # a proxy's page, answered 200
+UNREACHABLE = ControlPlaneError("POST /jobs/j1/claim failed 9 times; last: HTTP 503")
 AT_CAPACITY = Reply(409, {"error": "project_at_capacity", "message": "project 'web' already runs 1 jobs"})
 
 
 class Recorder:
     """A control plane that accepts everything and remembers each request; final states wait for ``opened``."""
 
-    def __init__(self, claims: list[Reply] | None = None) -> None:
+    def __init__(self, claims: list[Reply | Exception] | None = None) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.claims = claims or []
         self.opened = threading.Event()
@@ -34,8 +37,11 @@ class Recorder:
             if self.fail_status:
                 raise ControlPlaneError("POST /status failed 9 times; last: HTTP 503")
         self.calls.append((method, path, body or {}))
-        if path.endswith("/claim") and self.claims:
-            return self.claims.pop(0)
+        if path.endswith("/claim"):
+            reply = self.claims.pop(0) if self.claims else Reply(200, {})
+            if isinstance(reply, Exception):
+                raise reply
+            return reply if reply is NOT_A_CLAIM else granting(reply, path, body or {})
         return Reply(200, {})
 
     def paths(self) -> list[str]:
@@ -86,10 +92,9 @@ def test_a_final_state_that_cannot_be_delivered_is_logged_and_its_lease_left_to_
 def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_is_made_again_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr("workers.jobs.time.sleep", slept.append)
     recorder = Recorder(claims=[Reply(200, {}), AT_CAPACITY, Reply(200, {})])
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    slept = pauses(runner, monkeypatch)
     recorder.opened.clear()
     assert runner.run(envelope("j1")) == "completed"  # its final state waits: j1 still counts as running
     # The outbox's thread has taken j1's final state: j2's claim cannot carry it (a claim carrying it would be
@@ -109,10 +114,9 @@ def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_
 
 
 def test_a_claim_still_refused_at_capacity_waits_before_asking_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr("workers.jobs.time.sleep", slept.append)
     recorder = Recorder(claims=[AT_CAPACITY, Reply(200, {})])
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    slept = pauses(runner, monkeypatch)
     assert runner.run(envelope("j1")) == "completed"  # nothing of ours pending: the capacity is others'
     assert slept == [1.0]
     runner.outbox.flush(5)
@@ -150,3 +154,44 @@ def test_an_agent_parses_a_workflow_it_has_run_before_only_once() -> None:
     after = _load.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 2)
     runner.outbox.flush(5)
+
+
+@pytest.mark.parametrize("trouble", [UNREACHABLE, NOT_A_CLAIM])
+def test_a_claim_the_control_plane_could_not_answer_is_made_again_until_it_does(
+    trouble: Reply | Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder(claims=[trouble, trouble, Reply(200, {})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    slept = pauses(runner, monkeypatch)
+    assert runner.run(envelope("j1")) == "completed"  # held, not dropped: nothing else could ever claim it
+    assert slept == [1.0, 1.5]
+    runner.outbox.flush(5)
+    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/claim", "/jobs/j1/claim", "/jobs/j1/status"]
+
+
+def test_a_claim_still_unanswered_when_its_message_expires_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(claims=[UNREACHABLE] * 10)
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    slept = pauses(runner, monkeypatch)
+    monkeypatch.setattr("workers.jobs.time.time", lambda: 1000.0)
+    soon = dataclasses.replace(envelope("j1"), expires_at=1002)  # waits of 1 and 1.5 s fit; the next would not
+    assert runner.run(soon) == "dropped: unreachable"
+    assert slept == [1.0, 1.5] and recorder.paths() == ["/jobs/j1/claim"] * 3
+
+
+def test_an_agent_that_stops_while_a_job_waits_to_be_claimed_gives_the_message_back() -> None:
+    recorder = Recorder(claims=[UNREACHABLE, Reply(200, {})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    runner.stopping.set()
+    with pytest.raises(Stopping):
+        runner.run(envelope("j1"))
+    assert recorder.paths() == ["/jobs/j1/claim"]
+
+
+def test_a_claim_whose_secrets_are_malformed_runs_nothing_and_reports_failed() -> None:
+    recorder = Recorder(claims=[Reply(200, {"secrets": ["not", "a", "mapping"]})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    assert runner.run(envelope("j1")) == "failed"
+    runner.outbox.flush(5)
+    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/status"]  # no task ran, so no task result
+    assert recorder.calls[-1][2]["error"] == MALFORMED_SECRETS
