@@ -194,3 +194,24 @@ def test_a_run_lost_while_its_agent_was_frozen_is_stopped_when_the_agent_wakes(p
     assert done["state"] == "completed" and [a["state"] for a in done["attempts"]] == ["lost", "completed"]
     assert done["tasks"][-1]["output"] == "again\n"
     assert "is no longer this agent's" in platform.log(f"agent-{tenant}-f1")
+
+
+def test_an_agent_stopped_while_a_job_waits_for_its_projects_capacity_gives_the_job_back(platform: Platform, tmp_path):
+    tenant = f"give{int(time.time() * 1000) % 10**8}"
+    admin = platform.token("admin", "platform")
+    assert platform.api("POST", "/tenants", admin, {"tenant_id": tenant}).status_code == 201
+    made = platform.api("POST", f"/tenants/{tenant}/projects", admin, {"project_id": "one", "max_running_jobs": 1})
+    assert made.status_code == 201, made.text
+    operator = platform.token("operator", tenant, "one")
+    platform.start_agent(tenant, "one", "g1")
+    first = platform.submit(operator, marker_workflow(str(tmp_path / "first"), sleep=6))["job_id"]
+    platform.wait_for(operator, first, {"running"})
+    waiting = platform.start_agent(tenant, "one", "g2")
+    second = platform.submit(operator, marker_workflow(str(tmp_path / "second")))["job_id"]
+    wait_until(lambda: "waits: project 'one' already runs" in platform.log(f"agent-{tenant}-g2"), what="the wait")
+    asked = time.monotonic()
+    waiting.stop()  # SIGTERM: a warm shutdown, which the wait held until the project had room (or a day)
+    assert time.monotonic() - asked < 10
+    done = platform.wait_for(operator, second, timeout=30)  # its message went back to the queue: g1 runs it
+    assert done["state"] == "completed" and [a["agent_id"] for a in done["attempts"]] == ["g1"], done
+    assert platform.wait_for(operator, first)["state"] == "completed"
