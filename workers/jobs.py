@@ -27,6 +27,7 @@ from workers.outbox import FinalReport, Outbox, Taken
 log = logging.getLogger(__name__)
 
 MALFORMED_SECRETS = "the claim's answer carried secrets that are not names and text values; nothing ran"
+RESULTS_WITH_FINAL_STATE = 16  # task results a final state report carries at most (the control plane's limit)
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same few again and again
@@ -133,19 +134,28 @@ class Reports:
         self.job_id = job_id
         self.attempt = attempt
         self.waiting: dict[str, Any] | None = None  # the finished task's result, sent when the next one starts
+        self.unsent: list[
+            dict[str, Any]
+        ] = []  # results the control plane could not be given: the final state takes them
 
     def on_event(self, event: dict[str, Any]) -> None:
         """probe's event callback."""
         if event["event"] == "task_finished":
             self.waiting = self._result(event)
         elif event["event"] == "task_started" and self.waiting is not None:
-            body, self.waiting = self.waiting, None
-            self._send({**body, "attempt": self.attempt, "next_task": event["task"]})
+            result, self.waiting = self.waiting, None
+            if not self._send({**result, "attempt": self.attempt, "next_task": event["task"]}):
+                self.unsent.append(result)
 
     def left(self) -> list[dict[str, Any]]:
-        """The results not sent yet (the last task's), for the final state report."""
-        waiting, self.waiting = self.waiting, None
-        return [waiting] if waiting is not None else []
+        """The results not sent yet (the last task's, and any the control plane could not be given), for the final
+        state report, which takes ``RESULTS_WITH_FINAL_STATE`` at most: the latest."""
+        left = [*self.unsent, *([self.waiting] if self.waiting is not None else [])]
+        self.unsent, self.waiting = [], None
+        if len(left) > RESULTS_WITH_FINAL_STATE:
+            lost = ", ".join(result["name"] for result in left[:-RESULTS_WITH_FINAL_STATE])
+            log.error("job %s: the results of tasks %s could not be delivered", self.job_id, lost)
+        return left[-RESULTS_WITH_FINAL_STATE:]
 
     @staticmethod
     def _result(event: dict[str, Any]) -> dict[str, Any]:
@@ -155,14 +165,16 @@ class Reports:
         result["metrics"] = {**result.get("metrics", {}), "attempts": attempts}
         return {"position": event["index"], **result}
 
-    def _send(self, body: dict[str, Any]) -> None:
+    def _send(self, body: dict[str, Any]) -> bool:
+        """Send one task's result; False when the control plane could not be reached (it goes with the final state)."""
         try:
             reply = self.client.call("POST", f"/jobs/{self.job_id}/tasks", body)
-        except ControlPlaneError:
-            log.error("job %s: the result of task %s could not be delivered", self.job_id, body["name"])
-            raise
+        except ControlPlaneError as exc:
+            log.warning("job %s: the result of task %s waits for the final state: %s", self.job_id, body["name"], exc)
+            return False
         if not reply.ok:
             log.warning("job %s: task result %s refused (%s)", self.job_id, body["name"], reply.error)
+        return True
 
 
 @functools.lru_cache(maxsize=WORKFLOWS_KEPT)

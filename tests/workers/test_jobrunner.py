@@ -29,6 +29,7 @@ class Recorder:
         self.opened.set()
         self.delivering = threading.Event()  # a final state's request has begun (and waits for ``opened``)
         self.fail_status = False
+        self.fail_tasks = False
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Reply:
         if path.endswith("/status"):
@@ -36,6 +37,8 @@ class Recorder:
             assert self.opened.wait(10)
             if self.fail_status:
                 raise ControlPlaneError("POST /status failed 9 times; last: HTTP 503")
+        if path.endswith("/tasks") and self.fail_tasks:
+            raise ControlPlaneError("POST /tasks failed 9 times; last: HTTP 503")
         self.calls.append((method, path, body or {}))
         if path.endswith("/claim"):
             reply = self.claims.pop(0) if self.claims else Reply(200, {})
@@ -195,3 +198,16 @@ def test_a_claim_whose_secrets_are_malformed_runs_nothing_and_reports_failed() -
     runner.outbox.flush(5)
     assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/status"]  # no task ran, so no task result
     assert recorder.calls[-1][2]["error"] == MALFORMED_SECRETS
+
+
+def test_task_results_the_control_plane_could_not_take_go_with_the_final_state() -> None:
+    recorder = Recorder()
+    recorder.fail_tasks = True  # down while the tasks run, back for the final state
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    three = "name: w\ntasks:\n" + "".join(
+        f"  - {{name: t{n}, type: command, config: {{command: 'true'}}}}\n" for n in (1, 2, 3)
+    )
+    assert runner.run(dataclasses.replace(envelope("j1"), workflow=three)) == "completed"
+    runner.outbox.flush(5)
+    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/status"]
+    assert [task["name"] for task in recorder.calls[-1][2]["tasks"]] == ["t1", "t2", "t3"]
