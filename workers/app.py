@@ -132,6 +132,7 @@ def make_agent(settings: AgentSettings) -> Agent:
         try:
             return runner.run(envelope)
         except Stopping as stopping:  # another agent, or this one once restarted, takes the message
+            verifier.forget(envelope.nonce)
             raise Reject(str(stopping), requeue=True) from None
         finally:
             if redelivered:

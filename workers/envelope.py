@@ -113,6 +113,12 @@ class Verifier:
             variables=dict(claims["variables"] or {}),
         )
 
+    def forget(self, nonce: str) -> None:
+        """Take an envelope's nonce back: its message goes back to the queue unrun (the agent stops), and whichever
+        agent takes it next, this one included, must not refuse it as replayed."""
+        with self._lock:
+            self._seen.pop(nonce, None)
+
     def _forget_expired(self, now: float) -> None:
         """Drop the nonces of envelopes expired by ``now`` (an expired envelope is refused anyway): the work is
         proportional to what expired, not to how many nonces are kept."""

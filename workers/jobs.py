@@ -8,6 +8,7 @@ fewer for the control plane.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -88,8 +89,8 @@ class Inflight:
                 if key in wanted and not running.cancel.is_set():
                     with log_context(job_id=running.job_id):  # the heartbeat's thread runs no job
                         log.warning(
-                            "job %s attempt %d is no longer this agent's (lost or timed out on the control plane); "
-                            "stopping it",
+                            "job %s attempt %d is no longer this agent's on the control plane (lost, timed out, or "
+                            "already recorded); stopping it",
                             running.job_id,
                             running.attempt,
                         )
@@ -286,6 +287,8 @@ class JobRunner:
             request["task"] = first_task  # it starts right after the claim: the control plane tells watchers
         flushed = False
         while True:
+            if self.stopping.is_set():  # a message taken as the agent stops: back to the queue, unclaimed
+                raise Stopping(f"job {envelope.job_id}: the agent stops before the job was claimed")
             try:
                 claim = self._claim_carrying(envelope.job_id, request)
             except ControlPlaneError as exc:
@@ -304,8 +307,7 @@ class JobRunner:
                 if self.outbox.flush(min(MAX_CAPACITY_WAIT, envelope.expires_at - time.time())):
                     continue
             log.info("job %s waits: %s", envelope.job_id, claim.body.get("message", claim.error))
-            if self.stopping.wait(delay):
-                raise Stopping(f"job {envelope.job_id}: the agent stops while the job waits to be claimed")
+            self.stopping.wait(delay)
             delay = min(delay * 1.5, MAX_CAPACITY_WAIT)
 
     def _claim_carrying(self, job_id: str, request: dict[str, Any]) -> Reply:
@@ -316,7 +318,7 @@ class JobRunner:
 
         def fits(number: int, report: FinalReport) -> bool:
             nonlocal room
-            if len(report.lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog to ship first: _finish does that
+            if len(report.lines) > LOG_LINES_WITH_FINAL_STATE or len(report.tasks) > 1:  # _finish sends these first
                 return False
             body = {"job_id": report.job_id, **_status_body(report, report.lines, report.first_line)}
             size = len(json.dumps(body, separators=(",", ":")))  # ASCII-escaped: its length is its size in bytes
@@ -381,6 +383,8 @@ class JobRunner:
         """Send the final state with the results and log lines not sent yet; returns what the control plane did."""
         job_id, attempt, state = report.job_id, report.attempt, report.state
         lines, first_line = report.lines, report.first_line
+        if len(report.tasks) > 1:  # results that could not be sent while the job ran: each alone first, as the
+            report = self._results_first(report)  # last one goes with the final state, which stays small
         if len(lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog: ship it first, so the final report stays small
             surplus, lines = lines[:-LOG_LINES_WITH_FINAL_STATE], lines[-LOG_LINES_WITH_FINAL_STATE:]
             send = self._log_sender(job_id, attempt)
@@ -397,6 +401,19 @@ class JobRunner:
             return f"refused: {reply.error}"
         log.info("job %s attempt %d %s", job_id, attempt, state)
         return state
+
+    def _results_first(self, report: FinalReport) -> FinalReport:
+        """Send all but the last of a final report's task results alone (each with its task's output of up to
+        64 KiB, together they could pass the control plane's request limit); the report with the last one."""
+        for result in report.tasks[:-1]:
+            try:
+                reply = self.client.call("POST", f"/jobs/{report.job_id}/tasks", {**result, "attempt": report.attempt})
+            except ControlPlaneError as exc:
+                log.error("job %s: the result of task %s is lost: %s", report.job_id, result["name"], exc)
+                continue
+            if not reply.ok:
+                log.warning("job %s: task result %s refused (%s)", report.job_id, result["name"], reply.error)
+        return dataclasses.replace(report, tasks=report.tasks[-1:])
 
 
 def _status_body(report: FinalReport, lines: list[dict[str, Any]], first_line: int) -> dict[str, Any]:

@@ -99,6 +99,15 @@ def test_a_replayed_envelope_is_refused():
     assert refusal(kwargs, v) == "replayed"
 
 
+def test_an_envelope_given_back_unrun_can_be_taken_again():
+    v = verifier()
+    kwargs = message()
+    taken = v.verify(kwargs)
+    v.forget(taken.nonce)  # the agent stopped before claiming it: the message went back to the queue
+    assert v.verify(kwargs).job_id == taken.job_id
+    assert refusal(kwargs, v) == "replayed"  # taken again, it is remembered again
+
+
 def test_nonces_are_kept_until_their_envelope_expires_and_no_longer():
     v = verifier()
     now = int(time.time())  # envelopes carry whole seconds

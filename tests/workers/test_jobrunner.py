@@ -29,7 +29,7 @@ class Recorder:
         self.opened.set()
         self.delivering = threading.Event()  # a final state's request has begun (and waits for ``opened``)
         self.fail_status = False
-        self.fail_tasks = False
+        self.fail_tasks = 0  # how many task results to fail (as if the control plane were down for them)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Reply:
         if path.endswith("/status"):
@@ -38,6 +38,7 @@ class Recorder:
             if self.fail_status:
                 raise ControlPlaneError("POST /status failed 9 times; last: HTTP 503")
         if path.endswith("/tasks") and self.fail_tasks:
+            self.fail_tasks -= 1
             raise ControlPlaneError("POST /tasks failed 9 times; last: HTTP 503")
         self.calls.append((method, path, body or {}))
         if path.endswith("/claim"):
@@ -182,12 +183,22 @@ def test_a_claim_still_unanswered_when_its_message_expires_is_dropped(monkeypatc
     assert slept == [1.0, 1.5] and recorder.paths() == ["/jobs/j1/claim"] * 3
 
 
-def test_an_agent_that_stops_while_a_job_waits_to_be_claimed_gives_the_message_back() -> None:
+def test_an_agent_that_stops_while_a_job_waits_to_be_claimed_gives_the_message_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     recorder = Recorder(claims=[UNREACHABLE, Reply(200, {})])
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
-    runner.stopping.set()
+
+    def stopped(seconds: float) -> bool:  # the worker's shutdown, during the wait
+        runner.stopping.set()
+        return True
+
+    monkeypatch.setattr(runner.stopping, "wait", stopped)
     with pytest.raises(Stopping):
         runner.run(envelope("j1"))
+    assert recorder.paths() == ["/jobs/j1/claim"]  # not claimed again
+    with pytest.raises(Stopping):  # a message taken as the agent stops is not even claimed
+        runner.run(envelope("j2"))
     assert recorder.paths() == ["/jobs/j1/claim"]
 
 
@@ -202,12 +213,16 @@ def test_a_claim_whose_secrets_are_malformed_runs_nothing_and_reports_failed() -
 
 def test_task_results_the_control_plane_could_not_take_go_with_the_final_state() -> None:
     recorder = Recorder()
-    recorder.fail_tasks = True  # down while the tasks run, back for the final state
+    recorder.fail_tasks = 2  # down while the tasks run, back for the final state
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
     three = "name: w\ntasks:\n" + "".join(
         f"  - {{name: t{n}, type: command, config: {{command: 'true'}}}}\n" for n in (1, 2, 3)
     )
     assert runner.run(dataclasses.replace(envelope("j1"), workflow=three)) == "completed"
     runner.outbox.flush(5)
-    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/status"]
-    assert [task["name"] for task in recorder.calls[-1][2]["tasks"]] == ["t1", "t2", "t3"]
+    # each kept result alone first (with its output, together they could pass the request limit), the last with
+    # the final state
+    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/tasks", "/jobs/j1/tasks", "/jobs/j1/status"]
+    assert [body.get("name") for _, _, body in recorder.calls[1:3]] == ["t1", "t2"]
+    assert all(body["attempt"] == 1 for _, _, body in recorder.calls[1:3])
+    assert [task["name"] for task in recorder.calls[-1][2]["tasks"]] == ["t3"]
