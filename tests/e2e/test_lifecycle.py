@@ -18,6 +18,16 @@ from tests.servers.platform import Platform
 pytestmark = pytest.mark.e2e
 
 
+def one_at_a_time(platform: Platform, prefix: str) -> str:
+    """A new tenant whose project "one" runs one job at a time (max_running_jobs 1)."""
+    tenant = f"{prefix}{int(time.time() * 1000) % 10**8}"
+    admin = platform.token("admin", "platform")
+    assert platform.api("POST", "/tenants", admin, {"tenant_id": tenant}).status_code == 201
+    made = platform.api("POST", f"/tenants/{tenant}/projects", admin, {"project_id": "one", "max_running_jobs": 1})
+    assert made.status_code == 201, made.text
+    return tenant
+
+
 def sleepers(marker: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
@@ -118,11 +128,7 @@ def test_a_first_delivery_is_not_counted_in_the_broker(platform: Platform, tmp_p
 
 
 def test_jobs_over_a_projects_running_limit_wait_queued_and_all_run(platform: Platform, tmp_path):
-    tenant = f"cap{int(time.time() * 1000) % 10**8}"
-    admin = platform.token("admin", "platform")
-    assert platform.api("POST", "/tenants", admin, {"tenant_id": tenant}).status_code == 201
-    made = platform.api("POST", f"/tenants/{tenant}/projects", admin, {"project_id": "one", "max_running_jobs": 1})
-    assert made.status_code == 201, made.text
+    tenant = one_at_a_time(platform, "cap")
     for agent in ("c1", "c2"):
         platform.start_agent(tenant, "one", agent)
     operator = platform.token("operator", tenant, "one")
@@ -197,11 +203,7 @@ def test_a_run_lost_while_its_agent_was_frozen_is_stopped_when_the_agent_wakes(p
 
 
 def test_an_agent_stopped_while_a_job_waits_for_its_projects_capacity_gives_the_job_back(platform: Platform, tmp_path):
-    tenant = f"give{int(time.time() * 1000) % 10**8}"
-    admin = platform.token("admin", "platform")
-    assert platform.api("POST", "/tenants", admin, {"tenant_id": tenant}).status_code == 201
-    made = platform.api("POST", f"/tenants/{tenant}/projects", admin, {"project_id": "one", "max_running_jobs": 1})
-    assert made.status_code == 201, made.text
+    tenant = one_at_a_time(platform, "give")
     operator = platform.token("operator", tenant, "one")
     platform.start_agent(tenant, "one", "g1")
     first = platform.submit(operator, marker_workflow(str(tmp_path / "first"), sleep=6))["job_id"]
