@@ -27,8 +27,11 @@ from workers.outbox import FinalReport, Outbox, Taken
 
 log = logging.getLogger(__name__)
 
+NOT_OURS = (
+    "job %s attempt %d is no longer this agent's on the control plane (lost, timed out, or recorded); stopping it"
+)
 MALFORMED_SECRETS = "the claim's answer carried secrets that are not names and text values; nothing ran"
-RESULTS_WITH_FINAL_STATE = 16  # task results a final state report carries at most (the control plane's limit)
+RESULTS_KEPT = 16  # task results kept for after an outage (up to 64 KiB of output each): older ones are lost
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same few again and again
@@ -84,26 +87,20 @@ class Inflight:
         """Stop the named attempts' running tasks: the control plane no longer has them running on this agent (their
         leases ran out, they passed their deadline), so their results would be refused while another may run."""
         wanted = set(attempts)
-        with self._lock:
-            for key, running in self._jobs.items():
-                if key in wanted and not running.cancel.is_set():
-                    with log_context(job_id=running.job_id):  # the heartbeat's thread runs no job
-                        log.warning(
-                            "job %s attempt %d is no longer this agent's on the control plane (lost, timed out, or "
-                            "already recorded); stopping it",
-                            running.job_id,
-                            running.attempt,
-                        )
-                    running.cancel.set()
+        self._stop_where(lambda job: (job.job_id, job.attempt) in wanted, logging.WARNING, NOT_OURS)
 
     def cancel(self, job_ids: list[str]) -> None:
         """Stop the named jobs' running tasks (their workflows end ``cancelled``)."""
         wanted = set(job_ids)
+        self._stop_where(lambda job: job.job_id in wanted, logging.INFO, "job %s attempt %d: cancel requested")
+
+    def _stop_where(self, chosen: Callable[[RunningJob], bool], level: int, why: str) -> None:
+        """Set the cancel event of each chosen attempt not stopped yet, logging ``why`` (job id, attempt) once."""
         with self._lock:
             for running in self._jobs.values():
-                if running.job_id in wanted and not running.cancel.is_set():
-                    with log_context(job_id=running.job_id):  # the control listener's thread runs no job
-                        log.info("job %s: cancel requested by the control plane", running.job_id)
+                if chosen(running) and not running.cancel.is_set():
+                    with log_context(job_id=running.job_id):  # the heartbeat's or control listener's thread
+                        log.log(level, why, running.job_id, running.attempt)
                     running.cancel.set()
 
 
@@ -135,9 +132,7 @@ class Reports:
         self.job_id = job_id
         self.attempt = attempt
         self.waiting: dict[str, Any] | None = None  # the finished task's result, sent when the next one starts
-        self.unsent: list[
-            dict[str, Any]
-        ] = []  # results the control plane could not be given: the final state takes them
+        self.unsent: list[dict[str, Any]] = []  # results the control plane could not take: sent before the end
 
     def on_event(self, event: dict[str, Any]) -> None:
         """probe's event callback."""
@@ -145,18 +140,19 @@ class Reports:
             self.waiting = self._result(event)
         elif event["event"] == "task_started" and self.waiting is not None:
             result, self.waiting = self.waiting, None
-            if not self._send({**result, "attempt": self.attempt, "next_task": event["task"]}):
+            body = {**result, "attempt": self.attempt, "next_task": event["task"]}
+            if not send_result(self.client, self.job_id, body):  # sent again before the final state
                 self.unsent.append(result)
 
     def left(self) -> list[dict[str, Any]]:
-        """The results not sent yet (the last task's, and any the control plane could not be given), for the final
-        state report, which takes ``RESULTS_WITH_FINAL_STATE`` at most: the latest."""
+        """The results not sent yet, for the final state report: the last task's, after any the control plane could
+        not take while the job ran (``RESULTS_KEPT`` at most, the latest)."""
         left = [*self.unsent, *([self.waiting] if self.waiting is not None else [])]
         self.unsent, self.waiting = [], None
-        if len(left) > RESULTS_WITH_FINAL_STATE:
-            lost = ", ".join(result["name"] for result in left[:-RESULTS_WITH_FINAL_STATE])
+        if len(left) > RESULTS_KEPT:
+            lost = ", ".join(result["name"] for result in left[:-RESULTS_KEPT])
             log.error("job %s: the results of tasks %s could not be delivered", self.job_id, lost)
-        return left[-RESULTS_WITH_FINAL_STATE:]
+        return left[-RESULTS_KEPT:]
 
     @staticmethod
     def _result(event: dict[str, Any]) -> dict[str, Any]:
@@ -166,16 +162,17 @@ class Reports:
         result["metrics"] = {**result.get("metrics", {}), "attempts": attempts}
         return {"position": event["index"], **result}
 
-    def _send(self, body: dict[str, Any]) -> bool:
-        """Send one task's result; False when the control plane could not be reached (it goes with the final state)."""
-        try:
-            reply = self.client.call("POST", f"/jobs/{self.job_id}/tasks", body)
-        except ControlPlaneError as exc:
-            log.warning("job %s: the result of task %s waits for the final state: %s", self.job_id, body["name"], exc)
-            return False
-        if not reply.ok:
-            log.warning("job %s: task result %s refused (%s)", self.job_id, body["name"], reply.error)
-        return True
+
+def send_result(client: ControlPlane, job_id: str, body: dict[str, Any]) -> bool:
+    """Send one task's result; False when the control plane could not be reached (a refusal is logged, and final)."""
+    try:
+        reply = client.call("POST", f"/jobs/{job_id}/tasks", body)
+    except ControlPlaneError as exc:
+        log.warning("job %s: the result of task %s could not be sent: %s", job_id, body["name"], exc)
+        return False
+    if not reply.ok:
+        log.warning("job %s: task result %s refused (%s)", job_id, body["name"], reply.error)
+    return True
 
 
 @functools.lru_cache(maxsize=WORKFLOWS_KEPT)
@@ -293,13 +290,8 @@ class JobRunner:
                 claim = self._claim_carrying(envelope.job_id, request)
             except ControlPlaneError as exc:
                 claim = Reply(503, {"error": "unreachable", "message": f"the control plane cannot be reached: {exc}"})
-            if claim.ok and (claim.body.get("job_id"), claim.body.get("attempt")) != (
-                envelope.job_id,
-                envelope.attempt,
-            ):
-                claim = Reply(
-                    503, {"error": "not_a_claim", "message": f"HTTP {claim.status} is not the claim's answer"}
-                )
+            if claim.ok and not _grants(claim, envelope):  # a proxy's page, say: not an answer of the control plane
+                claim = Reply(503, {"error": "not_a_claim", "message": f"HTTP {claim.status} is not a claim's answer"})
             if claim.error not in WAIT_AND_CLAIM_AGAIN or time.time() + delay > envelope.expires_at:
                 return claim
             if claim.error == "project_at_capacity" and not flushed:
@@ -406,14 +398,14 @@ class JobRunner:
         """Send all but the last of a final report's task results alone (each with its task's output of up to
         64 KiB, together they could pass the control plane's request limit); the report with the last one."""
         for result in report.tasks[:-1]:
-            try:
-                reply = self.client.call("POST", f"/jobs/{report.job_id}/tasks", {**result, "attempt": report.attempt})
-            except ControlPlaneError as exc:
-                log.error("job %s: the result of task %s is lost: %s", report.job_id, result["name"], exc)
-                continue
-            if not reply.ok:
-                log.warning("job %s: task result %s refused (%s)", report.job_id, result["name"], reply.error)
+            if not send_result(self.client, report.job_id, {**result, "attempt": report.attempt}):
+                log.error("job %s: the result of task %s is lost", report.job_id, result["name"])
         return dataclasses.replace(report, tasks=report.tasks[-1:])
+
+
+def _grants(claim: Reply, envelope: Envelope) -> bool:
+    """Whether a 2xx answer to a claim is the control plane's grant of this envelope's job and attempt."""
+    return (claim.body.get("job_id"), claim.body.get("attempt")) == (envelope.job_id, envelope.attempt)
 
 
 def _status_body(report: FinalReport, lines: list[dict[str, Any]], first_line: int) -> dict[str, Any]:

@@ -48,7 +48,6 @@ OVERRUN = (
     "attempt {number} timed out: agent '{agent}' had not reported its end by its deadline {deadline} (the claim, "
     "the workflow's timeout of {timeout}, and a lease more)"
 )
-CANCELLED_WHEN_LOST = "cancelled as requested; " + LEASE_EXPIRED
 NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
 BATCH = 100
 RETRYABLE = frozenset({AttemptState.FAILED.value, AttemptState.TIMED_OUT.value})
@@ -89,13 +88,7 @@ def _message(job: Job, attempt: int) -> JobMessage:
 
 def _iso(moment: datetime) -> str:
     """A time for a message: 2026-12-07T13:08:15Z."""
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
-
-
-def _as_read(job: Job) -> dict[str, Any]:
-    """The guards of a write to a job that a batch query read: its revision and attempt as read. A rollback of an
-    earlier item of the batch reloads the later ones, whose fence must not move with them."""
-    return {"revision": job.revision, "attempt": job.attempt}
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _receipts() -> Receipts:
@@ -367,13 +360,8 @@ def expire(*, now: datetime) -> int:
         )
         .limit(BATCH)
     ).all()
-    read = [(job, _as_read(job), EXPIRED.format(deadline=_iso(job.deliver_by))) for job in late if job.deliver_by]
-    for job, guards, message in read:
-        try:
-            dead_letter(job, reason="expired", message=message, actor="sweeper", now=now, guards=guards)
-        except Conflict:
-            db.session.rollback()  # claimed or changed meanwhile
-    return len(late) + _expire_unclaimed(now)
+    expired = [(job, EXPIRED.format(deadline=_iso(job.deliver_by))) for job in late if job.deliver_by]
+    return _dead_letter_each(expired, reason="expired", actor="sweeper", now=now) + _expire_unclaimed(now)
 
 
 def _expire_unclaimed(now: datetime) -> int:
@@ -390,13 +378,8 @@ def _expire_unclaimed(now: datetime) -> int:
         )
         .limit(BATCH)
     ).all()
-    read = [(job, _as_read(job), UNCLAIMED.format(sent=_iso(sent), ttl=ttl)) for job, sent in unclaimed if sent]
-    for job, guards, message in read:
-        try:
-            dead_letter(job, reason="expired", message=message, actor="sweeper", now=now, guards=guards)
-        except Conflict:
-            db.session.rollback()  # claimed or changed meanwhile
-    return len(unclaimed)
+    expired = [(job, UNCLAIMED.format(sent=_iso(sent), ttl=ttl)) for job, sent in unclaimed if sent]
+    return _dead_letter_each(expired, reason="expired", actor="sweeper", now=now)
 
 
 def strand(*, now: datetime, actor: str = "sweeper", tenant_id: str | None = None, agent_id: str | None = None) -> int:
@@ -418,17 +401,24 @@ def strand(*, now: datetime, actor: str = "sweeper", tenant_id: str | None = Non
     )
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id, Job.agent_id == agent_id)
-    stranded = 0
     found = db.session.execute(query.limit(BATCH)).all()
-    read = [(job, _as_read(job), _no_agent(job, project, platform)) for job, project, platform in found]
-    for job, guards, message in read:
-        try:  # fenced by the revision as read: a job pinned to another agent meanwhile is left alone
-            dead_letter(job, reason="no_agent", message=message, actor=actor, now=now, guards=guards)
+    stranded = [(job, _no_agent(job, project, platform)) for job, project, platform in found]
+    return _dead_letter_each(stranded, reason="no_agent", actor=actor, now=now)
+
+
+def _dead_letter_each(jobs: list[tuple[Job, str]], *, reason: str, actor: str, now: datetime) -> int:
+    """Dead-letter each (job, message) a batch query read, fenced by the revision and attempt it read them with (a
+    rollback of one reloads the others: a job claimed or changed meanwhile is left alone); how many were."""
+    fenced = [(job, {"revision": job.revision, "attempt": job.attempt}, message) for job, message in jobs]
+    done = 0
+    for job, guards, message in fenced:
+        try:
+            dead_letter(job, reason=reason, message=message, actor=actor, now=now, guards=guards)
         except Conflict:
             db.session.rollback()
         else:
-            stranded += 1
-    return stranded
+            done += 1
+    return done
 
 
 def _no_agent(job: Job, project: str | None, platform: str | None) -> str:
@@ -483,15 +473,22 @@ def _time_out(job: Job, attempt: JobAttempt, now: datetime) -> int:
     transition_attempt(attempt, AttemptState.TIMED_OUT, finished_at=now, error=message)
     log.warning("job %s: %s", job.id, message, extra=_about(job))
     if job.state == JobState.RUNNING.value and job.attempt == attempt.number:
-        if job.cancel_requested:  # stopped as asked, though not by its agent
-            cancelled = f"cancelled as requested; {message}"
-            transition(job, JobState.CANCELLED, actor="reaper", reason=cancelled, finished_at=now, error=cancelled)
+        if job.cancel_requested:
+            _cancel_as_requested(job, message, now)
         elif retry_failed(job, attempt, now=now) is not None:
             return 1  # committed with the next attempt
         else:
             transition(job, JobState.TIMED_OUT, actor="reaper", reason=message, finished_at=now, error=message)
     db.session.commit()
     return 1
+
+
+def _cancel_as_requested(job: Job, ended: str, now: datetime) -> None:
+    """Cancel (uncommitted) a job whose cancel was requested and whose run the reaper ended (``ended`` says how):
+    stopped as asked, though not by its agent, and never run again."""
+    message = f"cancelled as requested; {ended}"
+    transition(job, JobState.CANCELLED, actor="reaper", reason=message, finished_at=now, error=message)
+    log.warning("job %s: %s", job.id, message, extra=_about(job))
 
 
 def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
@@ -506,11 +503,9 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
     if not current:
         db.session.commit()
         return 1
-    if job.cancel_requested:  # its agent died before it could stop it: cancelled, as asked, not run again
-        message = CANCELLED_WHEN_LOST.format(number=attempt.number, agent=agent)
-        transition(job, JobState.CANCELLED, actor="reaper", reason=message, finished_at=now, error=message)
+    if job.cancel_requested:
+        _cancel_as_requested(job, lost, now)
         db.session.commit()
-        log.warning("job %s: %s", job.id, message, extra=_about(job))
         return 1
     lost_count = (
         db.session.scalar(

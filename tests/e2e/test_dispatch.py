@@ -71,6 +71,24 @@ def marker_workflow(path: str, *, sleep: float = 0, name: str = "mark") -> str:
     )
 
 
+def slow_first_run(flag, *, name: str, timeout: str, sleep: int, then: str, marker: str = "") -> str:
+    """A workflow whose first run leaves ``flag`` and sleeps ``sleep`` s, its process naming ``marker``; a later run
+    finds the flag and prints ``then`` at once."""
+    script = f"if [ -e {flag} ]; then echo {then}; else touch {flag}; sleep {sleep}; : {marker}; fi"
+    return textwrap.dedent(
+        f"""\
+        name: {name}
+        timeout: {timeout}
+        tasks:
+          - name: work
+            type: command
+            config:
+              command: sh
+              args: ["-c", "{script}"]
+        """
+    )
+
+
 def runs(path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -275,18 +293,7 @@ def test_an_agent_killed_mid_job_loses_its_attempt_and_the_next_attempt_runs_on_
     first = platform.start_agent(tenant, project, "k1")
     operator = platform.token("operator", tenant, project)
     flag = tmp_path / "first-attempt"
-    workflow = textwrap.dedent(
-        f"""\
-        name: survive
-        timeout: 60s
-        tasks:
-          - name: work
-            type: command
-            config:
-              command: sh
-              args: ["-c", "if [ -e {flag} ]; then echo second; else touch {flag}; sleep 30; fi"]
-        """
-    )
+    workflow = slow_first_run(flag, name="survive", timeout="60s", sleep=30, then="second")
     job_id = platform.submit(operator, workflow)["job_id"]
     platform.wait_for(operator, job_id, {"running"})
     wait_until(flag.exists, what="the first attempt starting its task")

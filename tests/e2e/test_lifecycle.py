@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from dispatch.contract import deliveries_key
-from tests.e2e.test_dispatch import marker_workflow, wait_until
+from tests.e2e.test_dispatch import marker_workflow, slow_first_run, wait_until
 from tests.servers.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -167,18 +167,7 @@ def test_a_run_lost_while_its_agent_was_frozen_is_stopped_when_the_agent_wakes(p
     agent = platform.start_agent(tenant, project, "f1")
     operator = platform.token("operator", tenant, project)
     marker, flag = f"frozen-{tenant}", tmp_path / "ran-once"
-    workflow = textwrap.dedent(
-        f"""\
-        name: frozen
-        timeout: 5m
-        tasks:
-          - name: work
-            type: command
-            config:
-              command: sh
-              args: ["-c", "if [ -e {flag} ]; then echo again; else touch {flag}; sleep 120; : {marker}; fi"]
-        """
-    )
+    workflow = slow_first_run(flag, name="frozen", timeout="5m", sleep=120, then="again", marker=marker)
     job_id = platform.submit(operator, workflow)["job_id"]
     platform.wait_for(operator, job_id, {"running"})
     wait_until(lambda: sleepers(marker), what="the first run starting")
