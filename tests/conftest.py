@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.servers.mariadb",
     "tests.servers.sshd",
     "tests.servers.http",
+    "tests.servers.proxy",
     "tests.servers.centrifugo",
     "tests.servers.quickwit",
     "tests.servers.platform",

@@ -3,11 +3,13 @@
 It speaks HTTP/1.1 with the standard library on one kept-alive connection per thread: an agent makes a few
 small JSON requests per job, and a general-purpose client (requests) spent more CPU per request than the
 control plane took to answer it. TLS is verified (the system's CAs, or ``CONTROL_PLANE_CA_FILE``); a proxy
-named by ``HTTPS_PROXY``/``HTTP_PROXY`` (and not excluded by ``NO_PROXY``) is used as requests would.
+named by ``HTTPS_PROXY``/``HTTP_PROXY`` (and not excluded by ``NO_PROXY``) is used as requests would, with the
+user and password of its URL (``http://user:password@proxy:3128``) sent as ``Proxy-Authorization: Basic``.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import logging
@@ -77,8 +79,10 @@ class _Connections:
         self.context = ssl.create_default_context(cafile=ca_file) if self.tls else None
         proxy: str | None = urllib.request.getproxies().get(parts.scheme)
         self.proxy: urllib.parse.SplitResult | None = None
+        self.proxy_headers: dict[str, str] = {}  # Proxy-Authorization, when the proxy's URL has credentials
         if proxy and not urllib.request.proxy_bypass(parts.netloc):
             self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            self.proxy_headers = _proxy_authorization(self.proxy)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self._local = threading.local()
 
@@ -90,14 +94,19 @@ class _Connections:
         proxy_host, proxy_port = str(self.proxy.hostname or ""), self.proxy.port or 8080
         if self.context is not None:  # CONNECT through the proxy, then TLS to the control plane itself
             connection = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=self.timeout, context=self.context)
-            connection.set_tunnel(self.host, self.port)
+            connection.set_tunnel(self.host, self.port, headers=self.proxy_headers)
             return connection
         return http.client.HTTPConnection(proxy_host, proxy_port, timeout=self.timeout)
+
+    @property
+    def forwarded(self) -> bool:
+        """Whether requests go to a plain-HTTP proxy that forwards them (not through a CONNECT tunnel)."""
+        return self.proxy is not None and self.context is None
 
     def target(self, path: str) -> str:
         """The request target for ``path``: absolute when a plain-HTTP proxy forwards it."""
         full = self.prefix + path
-        return self.origin + full if self.proxy is not None and self.context is None else full
+        return self.origin + full if self.forwarded else full
 
     def send(self, method: str, path: str, payload: bytes | None, headers: dict[str, str]) -> _Answer:
         """Send one request on this thread's connection; a connection the server closed is reopened once."""
@@ -108,7 +117,8 @@ class _Connections:
                 self.close()
                 connection = self._local.connection = self._open()
             try:
-                connection.request(method, self.target(path), body=payload, headers=headers)
+                sent = {**headers, **self.proxy_headers} if self.forwarded and self.proxy_headers else headers
+                connection.request(method, self.target(path), body=payload, headers=sent)
                 response = connection.getresponse()
                 answer = _Answer(response.status, response.headers, response.read())
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
@@ -180,6 +190,17 @@ class ControlPlane:
             log.warning("%s %s failed (%s); retrying in %.1fs", method, path, problem, min(wait, left))
             time.sleep(min(wait * (0.5 + random.random()), left))
             delay = min(delay * 2, MAX_BACKOFF)
+
+
+def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
+    """The ``Proxy-Authorization`` header for the user and password in a proxy's URL (percent-decoded); none
+    without a user."""
+    if proxy.username is None:
+        return {}
+    user = urllib.parse.unquote(proxy.username)
+    password = urllib.parse.unquote(proxy.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {"Proxy-Authorization": f"Basic {token}"}
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:

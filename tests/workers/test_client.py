@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -115,3 +116,46 @@ def test_a_plain_http_proxy_from_the_environment_is_used(http_server, monkeypatc
     reply = client_for("http://control.invalid:8080").call("GET", "/agents/a1")
     assert reply.body == {"via": "proxy"}
     assert http_server.requests[-1].path == "http://control.invalid:8080/api/v1/agents/a1"
+
+
+def _through_proxy(monkeypatch, proxy_url: str) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+
+
+def test_an_https_control_plane_is_reached_through_an_authenticating_proxy(https_server, tunnel_proxy, monkeypatch):
+    https_server.route("/api/v1/agents/a1", method="GET", body=b'{"agent_id": "a1"}')
+    _through_proxy(monkeypatch, tunnel_proxy.url())  # user and password percent-encoded in the URL
+    client = ControlPlane(
+        load_settings({**settings_env(https_server.url), "CONTROL_PLANE_CA_FILE": str(https_server.ca_file)})
+    )
+    assert client.call("GET", "/agents/a1").body == {"agent_id": "a1"}  # TLS verified end to end, in the tunnel
+    tunnel = tunnel_proxy.tunnels[-1]
+    assert tunnel.target == f"127.0.0.1:{https_server.url.rsplit(':', 1)[1]}"
+    assert base64.b64decode(tunnel.headers["proxy-authorization"].removeprefix("Basic ")) == b"agent@acme:p:ss w/rd"
+    assert "proxy-authorization" not in {k.lower() for k in https_server.requests[-1].headers}  # not past the proxy
+
+
+def test_a_proxy_that_wants_credentials_it_was_not_given_is_a_clear_error(https_server, tunnel_proxy, monkeypatch):
+    _through_proxy(monkeypatch, tunnel_proxy.url(user=None))
+    client = ControlPlane(
+        load_settings(
+            {**settings_env(https_server.url, deadline=0.5), "CONTROL_PLANE_CA_FILE": str(https_server.ca_file)}
+        )
+    )
+    with pytest.raises(ControlPlaneError, match="407 Proxy Authentication Required"):
+        client.call("GET", "/agents/a1")
+    assert "proxy-authorization" not in tunnel_proxy.tunnels[-1].headers
+    assert not https_server.requests
+
+
+def test_a_plain_http_proxy_gets_the_credentials_of_its_url(http_server, monkeypatch):
+    http_server.route("http://control.invalid:8080/api/v1/agents/a1", method="GET", body=b'{"via": "proxy"}')
+    host = http_server.url.removeprefix("http://")
+    monkeypatch.setenv("HTTP_PROXY", f"http://ops%40acme:s%3Acret@{host}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert client_for("http://control.invalid:8080").call("GET", "/agents/a1").body == {"via": "proxy"}
+    expected = "Basic " + base64.b64encode(b"ops@acme:s:cret").decode()
+    assert http_server.requests[-1].header("Proxy-Authorization") == expected
