@@ -124,8 +124,13 @@ class _Alarm:
                 self._pid, self._due, self._thread = os.getpid(), [], None
             heapq.heappush(self._due, (when, next(self._order), buffer))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="logship-alarm", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="logship-alarm", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # tried again by the next buffer; this one's lines ride with its report
+                    log.warning("could not start the log shipping alarm (%s): lines wait for the final report", exc)
+                    return
+                self._thread = thread
             self._changed.notify()
 
     def _run(self) -> None:
@@ -180,6 +185,7 @@ class LogBuffer:
         self._sending = threading.Lock()
         self._thread: threading.Thread | None = None
         self._alarm_set = False  # the alarm rings this buffer when its oldest line is due
+        self._threadless = False  # no sending thread could be started: every line waits for drain()
 
     def add(self, lines: Iterable[Line]) -> None:
         """Take lines (within the job's bounds); a batch goes out from the background thread when due."""
@@ -188,7 +194,7 @@ class LogBuffer:
                 self._keep(line)
             if self._thread is not None:
                 self._changed.notify()
-            elif not self._closed and self._pending:
+            elif not self._closed and self._pending and not self._threadless:
                 if len(self._pending) >= self.batch_lines:
                     self._start()
                 elif not self._alarm_set:
@@ -199,13 +205,20 @@ class LogBuffer:
         """The alarm: the oldest line is due, unless the job has ended (drained) since."""
         with self._changed:
             self._alarm_set = False
-            if self._thread is None and not self._closed and self._pending:
+            if self._thread is None and not self._closed and self._pending and not self._threadless:
                 self._start()
 
     def _start(self) -> None:
-        """Start the sending thread (under ``_changed``); it stays until ``drain()``."""
-        self._thread = threading.Thread(target=self._run, name="logship", daemon=True)
-        self._thread.start()
+        """Start the sending thread (under ``_changed``); it stays until ``drain()``. When the system cannot start
+        one (out of threads or memory), the lines wait for ``drain()`` and go with the final report."""
+        thread = threading.Thread(target=self._run, name="logship", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            log.warning("could not start sending a job's log lines (%s): they go with the final report", exc)
+            self._threadless = True
+            return
+        self._thread = thread
 
     def _keep(self, line: Line) -> None:
         message = cut_line(str(line.get("message", "")), self.line_max_bytes)

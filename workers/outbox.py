@@ -72,14 +72,15 @@ class Outbox:
         blocks while ``limit`` reports are unfinished. Once closed, delivers it at once."""
         with self._finished:
             self._finished.wait_for(lambda: self._closed or len(self._unfinished) < self._limit)
-            if not self._closed:
-                self._start_threads()
+            if not self._closed and self._start_threads():
                 number = next(self._numbers)
                 self._waiting.append((number, report, time.monotonic() + linger))
                 self._unfinished.add(number)
                 self._queued.notify_all()
                 return
-        self._deliver(report)  # a task that ends while the agent shuts down: its caller waits for the report
+        # A task that ends while the agent shuts down, or when no delivery thread could be started: its caller
+        # delivers the report itself.
+        self._deliver(report)
 
     def take(self, limit: int, fits: Callable[[int, FinalReport], bool] = lambda _n, _r: True) -> Taken:
         """Take up to ``limit`` waiting reports, oldest first, that ``fits`` accepts (it is asked about each in turn
@@ -142,12 +143,21 @@ class Outbox:
                 log.error("%d final reports were not delivered before the agent stopped", len(self._unfinished))
             return done
 
-    def _start_threads(self) -> None:
-        """Start the delivery threads missing (called with the lock held, before anything is queued)."""
+    def _start_threads(self) -> bool:
+        """Start the delivery threads missing (called with the lock held, before anything is queued); whether at
+        least one runs. A thread the system cannot start (out of threads or memory) is tried again at the next put.
+        """
         while len(self._threads) < self._limit:
             thread = threading.Thread(target=self._run, name=f"agent-reports-{len(self._threads)}", daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # "can't start new thread"
+                log.warning(
+                    "could not start a thread to deliver final reports (%s); %d running", exc, len(self._threads)
+                )
+                break
             self._threads.append(thread)
+        return bool(self._threads)
 
     def _next(self) -> tuple[int, FinalReport] | None:
         """Wait for the turn of the report due first (its linger over, or the outbox closed); None once closed and

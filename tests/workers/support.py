@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -47,3 +48,16 @@ def pauses(runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(runner.stopping, "wait", pause)
     return slept
+
+
+def no_threads_named(monkeypatch: pytest.MonkeyPatch, *prefixes: str) -> None:
+    """Make starting a thread whose name begins with one of ``prefixes`` fail as it does when the system is out of
+    threads or memory (``RuntimeError: can't start new thread``); other threads start as usual."""
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith(prefixes):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)

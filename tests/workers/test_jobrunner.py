@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Any
 
 import pytest
 
-from tests.workers.support import WORKFLOW, envelope, granting, line, pauses, running
+from tests.workers.support import WORKFLOW, envelope, granting, line, no_threads_named, pauses, running
+from workers import jobs, logship
 from workers.client import ControlPlaneError, Reply
 from workers.envelope import Envelope
 from workers.jobs import LOG_LINES_WITH_FINAL_STATE, MALFORMED_SECRETS, Inflight, JobRunner, Stopping, _load
@@ -226,3 +228,19 @@ def test_task_results_the_control_plane_could_not_take_go_with_the_final_state()
     assert [body.get("name") for _, _, body in recorder.calls[1:3]] == ["t1", "t2"]
     assert all(body["attempt"] == 1 for _, _, body in recorder.calls[1:3])
     assert [task["name"] for task in recorder.calls[-1][2]["tasks"]] == ["t3"]
+
+
+def test_a_run_with_no_thread_for_its_logs_or_its_report_still_delivers_its_final_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = Recorder()
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    no_threads_named(monkeypatch, "agent-reports", "logship")
+    monkeypatch.setattr(logship, "LogBuffer", functools.partial(logship.LogBuffer, batch_lines=1))  # a batch a line
+    monkeypatch.setattr(jobs, "LogBuffer", logship.LogBuffer)
+    assert runner.run(envelope()) == "completed"
+    method, path, final = recorder.calls[-1]  # delivered before run returned, on the task's own thread
+    assert (method, path, final["state"]) == ("POST", "/jobs/j1/status", "completed")
+    assert final["logs_first_line"] == 1 and len(final["logs"]) >= 4  # every line, none shipped on its own
+    assert running(inflight) == []

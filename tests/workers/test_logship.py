@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import probe
+from tests.workers.support import no_threads_named
 from workers import logship
 from workers.logship import LogBuffer, lines_from_event
 
@@ -208,6 +209,30 @@ def test_a_buffer_whose_thread_cannot_start_keeps_its_lines_and_the_alarm_rings_
     assert later.drain() == [] and receiver.batches == [[line(2)]]
     assert failing.drain() == [line(1)]
     assert "could not start sending a job's log lines" in caplog.text
+
+
+def test_a_full_batch_whose_thread_cannot_start_waits_for_the_final_report(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=2, max_delay=60)
+    no_threads_named(monkeypatch, "logship")
+    buffer.add([line(1), line(2), line(3)])  # a full batch: its thread would start here
+    buffer.add([line(4), line(5)])
+    assert buffer.drain() == [line(n) for n in range(1, 6)] and receiver.batches == []
+    assert caplog.text.count("could not start sending a job's log lines") == 1  # not tried again for each line
+
+
+def test_an_alarm_that_cannot_start_leaves_the_lines_for_the_final_report(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(logship, "_ALARM", logship._Alarm())  # one that has not started its thread yet
+    no_threads_named(monkeypatch, "logship-alarm")
+    receiver = Receiver()
+    buffer = LogBuffer(receiver, batch_lines=100, max_delay=0.01)
+    buffer.add([line(1)])
+    assert buffer.drain() == [line(1)] and receiver.batches == []
+    assert "could not start the log shipping alarm" in caplog.text
 
 
 def test_a_failed_send_keeps_its_lines_for_the_final_report() -> None:

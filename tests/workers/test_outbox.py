@@ -8,6 +8,7 @@ import time
 import pytest
 
 from dispatch.logs import ContextFilter
+from tests.workers.support import no_threads_named
 from workers.outbox import FinalReport, Outbox
 
 
@@ -244,3 +245,22 @@ def test_a_report_due_now_is_not_held_up_by_an_older_one_that_lingers() -> None:
     assert gate.delivered == ["due"]
     outbox.flush(5)
     assert gate.delivered == ["due", "lingers"]
+
+
+def test_a_report_with_no_thread_to_deliver_it_is_delivered_by_its_caller(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gate()
+    outbox = Outbox(gate, limit=2)
+    with monkeypatch.context() as patched:
+        no_threads_named(patched, "agent-reports")
+        outbox.put(report("j1"))  # delivered before put returns, on this thread
+        assert gate.delivered == ["j1"] and gate.threads == {threading.current_thread().name}
+    assert "could not start a thread to deliver final reports" in caplog.text
+    outbox.put(report("j2"))  # threads start again once the system has room
+    outbox.flush(5)
+    assert gate.delivered == ["j1", "j2"] and gate.threads - {threading.current_thread().name} <= {
+        "agent-reports-0",
+        "agent-reports-1",
+    }
+    assert len(gate.threads) == 2  # j2 by a delivery thread
