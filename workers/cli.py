@@ -37,7 +37,11 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"automation agent: {exc}", file=sys.stderr)
         return 2
     connect_celery()  # Celery keeps this handler; each task's lines carry its job id
-    agent = make_agent(settings)
+    try:
+        agent = make_agent(settings)
+    except ValueError as exc:  # a proxy URL it cannot use
+        print(f"automation agent: {exc}", file=sys.stderr)
+        return 2
     scrub_environment()  # workflows run in this process's environment: keep the agent's credentials out
     try:
         register(agent.client, settings)

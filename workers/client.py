@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def transient(status: int) -> bool:
-    """Whether an HTTP status asks to try again later: 408, 429 and every 5xx (a proxy's 520-524 as well)."""
-    return status in (408, 429) or 500 <= status <= 599
+    """Whether an HTTP status asks to try again later: 408, 429 and every 5xx (a proxy's 520-524 as well); and 407,
+    a proxy that wants other credentials, which the control plane never answers (as through a CONNECT tunnel)."""
+    return status in (407, 408, 429) or 500 <= status <= 599
 
 
 MAX_BACKOFF = 15.0
@@ -81,7 +82,7 @@ class _Connections:
         self.proxy: urllib.parse.SplitResult | None = None
         self.proxy_headers: dict[str, str] = {}  # Proxy-Authorization, when the proxy's URL has credentials
         if proxy and not urllib.request.proxy_bypass(parts.netloc):
-            self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            self.proxy = _proxy_url(proxy, parts.scheme)
             self.proxy_headers = _proxy_authorization(self.proxy)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self._local = threading.local()
@@ -190,6 +191,33 @@ class ControlPlane:
             log.warning("%s %s failed (%s); retrying in %.1fs", method, path, problem, min(wait, left))
             time.sleep(min(wait * (0.5 + random.random()), left))
             delay = min(delay * 2, MAX_BACKOFF)
+
+
+BAD_PROXY = (
+    "the proxy of {scheme} requests ({scheme}_proxy or {upper}_PROXY) must be an http:// URL with a host, an optional "
+    "port and an optional user and password, each percent-encoded: http://user:password@proxy:3128"
+)
+
+
+def _proxy_url(proxy: str, scheme: str) -> urllib.parse.SplitResult:
+    """The proxy's URL, split; ValueError (not naming the URL: it may hold a password) unless it is an http:// URL
+    with a host, a valid port and nothing after them. A proxy reached over TLS (https://) is not supported: its
+    credentials and the CONNECT would otherwise cross the network in clear."""
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        valid = (
+            parts.scheme == "http"
+            and bool(parts.hostname)
+            and (parts.port is None or parts.port > 0)
+            and parts.path in ("", "/")  # a "/", "?" or "#" left unencoded in a password starts one of these
+            and not parts.query
+            and not parts.fragment
+        )
+    except ValueError:  # a port that is not a number, or out of range
+        valid = False
+    if not valid:
+        raise ValueError(BAD_PROXY.format(scheme=scheme, upper=scheme.upper()))
+    return parts
 
 
 def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:

@@ -127,8 +127,8 @@ class _Alarm:
                 thread = threading.Thread(target=self._run, name="logship-alarm", daemon=True)
                 try:
                     thread.start()
-                except RuntimeError as exc:  # tried again by the next buffer; this one's lines ride with its report
-                    log.warning("could not start the log shipping alarm (%s): lines wait for the final report", exc)
+                except RuntimeError as exc:  # started by the next buffer's lines; it rings this one too when due
+                    log.warning("could not start the log shipping alarm (%s): lines wait", exc)
                     return
                 self._thread = thread
             self._changed.notify()

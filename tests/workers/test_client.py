@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,6 +27,15 @@ def settings_env(url: str, deadline: float = 10) -> dict[str, str]:
         "JOB_VERIFY_KEY": "x",
         "REPORT_DEADLINE": str(deadline),
     }
+
+
+def _through_proxy(monkeypatch, scheme: str, proxy_url: str) -> None:
+    """Send ``scheme`` requests through ``proxy_url``, whatever proxy variables the environment had (Python reads
+    the lower-case ones first)."""
+    for name in ("http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv(f"{scheme}_proxy", proxy_url)
 
 
 def client_for(url: str, deadline: float = 10) -> ControlPlane:
@@ -110,23 +122,15 @@ def test_https_is_verified_against_the_configured_ca(https_server):
 
 def test_a_plain_http_proxy_from_the_environment_is_used(http_server, monkeypatch):
     http_server.route("http://control.invalid:8080/api/v1/agents/a1", method="GET", body=b'{"via": "proxy"}')
-    monkeypatch.setenv("HTTP_PROXY", http_server.url)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
+    _through_proxy(monkeypatch, "http", http_server.url)
     reply = client_for("http://control.invalid:8080").call("GET", "/agents/a1")
     assert reply.body == {"via": "proxy"}
     assert http_server.requests[-1].path == "http://control.invalid:8080/api/v1/agents/a1"
 
 
-def _through_proxy(monkeypatch, proxy_url: str) -> None:
-    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", proxy_url)
-
-
 def test_an_https_control_plane_is_reached_through_an_authenticating_proxy(https_server, tunnel_proxy, monkeypatch):
     https_server.route("/api/v1/agents/a1", method="GET", body=b'{"agent_id": "a1"}')
-    _through_proxy(monkeypatch, tunnel_proxy.url())  # user and password percent-encoded in the URL
+    _through_proxy(monkeypatch, "https", tunnel_proxy.url())  # user and password percent-encoded in the URL
     client = ControlPlane(
         load_settings({**settings_env(https_server.url), "CONTROL_PLANE_CA_FILE": str(https_server.ca_file)})
     )
@@ -138,7 +142,7 @@ def test_an_https_control_plane_is_reached_through_an_authenticating_proxy(https
 
 
 def test_a_proxy_that_wants_credentials_it_was_not_given_is_a_clear_error(https_server, tunnel_proxy, monkeypatch):
-    _through_proxy(monkeypatch, tunnel_proxy.url(user=None))
+    _through_proxy(monkeypatch, "https", tunnel_proxy.url(user=None))
     client = ControlPlane(
         load_settings(
             {**settings_env(https_server.url, deadline=0.5), "CONTROL_PLANE_CA_FILE": str(https_server.ca_file)}
@@ -153,9 +157,47 @@ def test_a_proxy_that_wants_credentials_it_was_not_given_is_a_clear_error(https_
 def test_a_plain_http_proxy_gets_the_credentials_of_its_url(http_server, monkeypatch):
     http_server.route("http://control.invalid:8080/api/v1/agents/a1", method="GET", body=b'{"via": "proxy"}')
     host = http_server.url.removeprefix("http://")
-    monkeypatch.setenv("HTTP_PROXY", f"http://ops%40acme:s%3Acret@{host}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
+    _through_proxy(monkeypatch, "http", f"http://ops%40acme:s%3Acret@{host}")
     assert client_for("http://control.invalid:8080").call("GET", "/agents/a1").body == {"via": "proxy"}
     expected = "Basic " + base64.b64encode(b"ops@acme:s:cret").decode()
     assert http_server.requests[-1].header("Proxy-Authorization") == expected
+
+
+def test_a_plain_http_proxy_that_wants_other_credentials_is_retried_not_taken_for_an_answer(http_server, monkeypatch):
+    http_server.route("http://control.invalid:8080/api/v1/jobs/j/claim", method="POST", status=407, body=b"")
+    _through_proxy(monkeypatch, "http", http_server.url)
+    with pytest.raises(ControlPlaneError, match="HTTP 407"):  # a claim then waits and is made again, never dropped
+        client_for("http://control.invalid:8080", deadline=0.5).call("POST", "/jobs/j/claim", {"attempt": 1})
+    assert len(http_server.requests) >= 2
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "https://agent:s3cret@proxy.invalid:8443",  # TLS to the proxy: not supported, never the password in clear
+        "http://agent:s3cr/et@proxy.invalid:3128",  # a "/" left unencoded: the host would be "agent"
+        "http://agent:1234/s3cret@proxy.invalid",  # the same, with a password that looks like a port
+        "http://agent:s3cret#x@proxy.invalid",
+        "http://proxy.invalid:99999",
+    ],
+)
+def test_a_proxy_url_the_agent_cannot_use_is_refused_at_start_without_showing_it(monkeypatch, proxy):
+    _through_proxy(monkeypatch, "https", proxy)
+    with pytest.raises(ValueError, match=r"must be an http:// URL") as refused:
+        client_for("https://control.invalid")
+    assert "s3cr" not in str(refused.value) and "1234" not in str(refused.value)
+    assert "https_proxy or HTTPS_PROXY" in str(refused.value)
+
+
+def test_the_agent_command_says_what_is_wrong_with_its_proxy_and_exits_2(tmp_path):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},
+        **settings_env("https://control.invalid"),
+        "JOB_VERIFY_KEY": base64.b64encode(bytes(32)).decode(),
+        "HTTPS_PROXY": "https://agent:s3cret@proxy.invalid:8443",
+    }
+    agent = subprocess.run(
+        [sys.executable, "-m", "workers"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert agent.returncode == 2, agent.stderr
+    assert "must be an http:// URL" in agent.stderr and "s3cret" not in agent.stderr + agent.stdout
