@@ -24,7 +24,7 @@ from app.agents.models import Agent
 from app.columns import utcnow
 from app.errors import Conflict
 from app.extensions import db
-from app.jobs.models import Job, JobAttempt
+from app.jobs.models import Job, JobAttempt, JobEvent
 from app.jobs.receipts import Receipts
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
 from dispatch.contract import control_channel
@@ -223,14 +223,7 @@ def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt 
     """
     if attempt.state not in RETRYABLE or job.cancel_requested:
         return None
-    failures = (
-        db.session.scalar(
-            select(func.count())
-            .select_from(JobAttempt)
-            .where(JobAttempt.job_id == job.id, JobAttempt.state.in_(list(RETRYABLE)))
-        )
-        or 0
-    )
+    failures = _counted(job, JobAttempt.state.in_(list(RETRYABLE)))
     if failures >= job.max_attempts:
         return None
     config = current_app.config
@@ -244,6 +237,27 @@ def retry_failed(job: Job, attempt: JobAttempt, *, now: datetime) -> JobAttempt 
     if not delay:
         send(job, following)
     return following
+
+
+def _counted(job: Job, condition: Any) -> int:
+    """How many of the job's attempts meet ``condition``, counted from its last requeue: an operator who requeues a
+    dead letter gives it its whole ``max_attempts`` and ``MAX_LOST_ATTEMPTS`` again (the attempts before stay in
+    its history)."""
+    requeued = db.session.scalar(
+        select(func.max(JobEvent.attempt)).where(
+            JobEvent.job_id == job.id,
+            JobEvent.from_state == JobState.DEAD_LETTER.value,
+            JobEvent.to_state == JobState.QUEUED.value,
+        )
+    )
+    return (
+        db.session.scalar(
+            select(func.count())
+            .select_from(JobAttempt)
+            .where(JobAttempt.job_id == job.id, JobAttempt.number >= (requeued or 1), condition)
+        )
+        or 0
+    )
 
 
 def dead_letter(
@@ -507,14 +521,7 @@ def _reap_one(job: Job, attempt: JobAttempt, now: datetime) -> int:
         _cancel_as_requested(job, lost, now)
         db.session.commit()
         return 1
-    lost_count = (
-        db.session.scalar(
-            select(func.count())
-            .select_from(JobAttempt)
-            .where(JobAttempt.job_id == job.id, JobAttempt.state == AttemptState.LOST.value)
-        )
-        or 0
-    )
+    lost_count = _counted(job, JobAttempt.state == AttemptState.LOST.value)
     nowhere = _pinned_nowhere(job)
     if nowhere is not None:
         dead_letter(job, reason="no_agent", message=f"{lost}; {nowhere}", actor="reaper", now=now)

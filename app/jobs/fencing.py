@@ -259,9 +259,10 @@ def _apply_status(caller: Principal, job_id: str, report: StatusReport) -> Job:
 
 def _reportable(caller: Principal, job_id: str, report: StatusReport) -> tuple[Job, JobAttempt, bool]:
     """The job and the caller's current attempt the report is for, and whether there is anything to record (not
-    when it repeats a final state already recorded); raise if the report is refused. Reads only."""
+    when it repeats a final state already recorded; a ``running`` report always renews the lease); raise if the
+    report is refused. Reads only."""
     job, row = fenced(caller, job_id, report.attempt)
-    if row.state == report.state and job.state == report.state:
+    if row.state == report.state and job.state == report.state and report.state != AttemptState.RUNNING.value:
         return job, row, False  # a retried report of the same final state
     _still_running(job, row)
     return job, row, True

@@ -39,7 +39,7 @@ LINE_LIMIT = f"LOG_LINE_MAX_BYTES must be between 256 and {MAX_LINE_BYTES}"
     "Ship log lines of the current attempt (agents; bounded per job with a truncation marker)",
     body=LogBatch,
     responses={200: LogBatchOut},
-    errors={**ERR_WRITE, 409: ("stale_attempt",)},
+    errors={**ERR_WRITE, 409: ("stale_attempt", "concurrent_update")},
 )
 @require("agent", action="ship job logs")
 def ship(job_id: str) -> Response:

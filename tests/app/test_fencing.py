@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import Flask
+from sqlalchemy import update
 
+from app.columns import utcnow
+from app.extensions import db
 from app.jobs import service as jobs
+from app.jobs.models import JobAttempt
 from app.jobs.schemas import ClaimOut
 from tests.app.support import Api, MakeApp, Tenant, token
 
@@ -162,15 +166,25 @@ def test_a_final_state_ends_the_job_and_the_attempt_and_a_repeat_is_harmless(
     assert late.status_code == 409
 
 
-def test_a_running_report_renews_the_lease(api: Api, world: dict[str, Tenant]) -> None:
+def test_a_running_report_renews_the_lease_and_stores_what_it_carries(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
     acme = world["acme"]
-    before = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["attempts"][0]["lease_expires_at"]
-    response = api.post(
-        f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json={"attempt": 1, "state": "running"}
-    )
+    with app.app_context():  # a lease about to run out
+        soon = utcnow() + timedelta(seconds=5)
+        db.session.execute(update(JobAttempt).where(JobAttempt.job_id == acme.running).values(lease_expires_at=soon))
+        db.session.commit()
+    result = {"name": "kernel", "type": "command", "status": "succeeded", "position": 0, "output": "Linux\n"}
+    line = {"ts": "2026-12-07T10:00:00Z", "task": "kernel", "level": "info", "message": "Linux"}
+    body = {"attempt": 1, "state": "running", "tasks": [result], "logs": [line], "logs_first_line": 1}
+    response = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body)
     assert response.status_code == 200 and response.json["state"] == "running"
-    after = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["attempts"][0]["lease_expires_at"]
-    assert after >= before
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    renewed = datetime.fromisoformat(detail["attempts"][0]["lease_expires_at"].replace("Z", "+00:00"))
+    assert renewed >= soon + timedelta(seconds=app.config["LEASE_SECONDS"] - 10)
+    assert [(t["name"], t["output"]) for t in detail["tasks"]] == [("kernel", "Linux\n")]
+    logs = api.get(f"/api/v1/jobs/{acme.running}/logs", acme.tokens["viewer"]).json
+    assert [entry["message"] for entry in logs["lines"]] == ["Linux"]
 
 
 def test_an_agent_may_read_the_jobs_it_claimed_and_no_others(api: Api, world: dict[str, Tenant]) -> None:

@@ -229,6 +229,43 @@ def test_too_many_lost_attempts_dead_letter_the_job(
         assert db.session.get(Agent, ("acme", "a1")) is not None
 
 
+def lose(app: Flask) -> None:
+    """Let the reaper find every running attempt's lease expired."""
+    with app.app_context():
+        assert dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1)) >= 1
+
+
+def test_a_requeued_job_has_its_whole_budget_of_runs_and_lost_attempts_again(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    job_id = submit(api, acme, max_attempts=2, retry_backoff=0)
+
+    def state() -> tuple[str, int, str | None]:
+        job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+        return job["state"], job["attempt"], job["dead_letter_reason"]
+
+    app.config["MAX_LOST_ATTEMPTS"] = 2
+    try:
+        assert publish_and_claim(api, app, acme, job_id) == 1
+        assert report(api, acme, job_id, 1).json["state"] == "queued"  # one failed run of two
+        for _ in (2, 3):
+            publish_and_claim(api, app, acme, job_id)
+            lose(app)
+        assert state() == ("dead_letter", 3, "lost")
+        assert api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"]).status_code == 200
+        assert publish_and_claim(api, app, acme, job_id) == 4
+        assert report(api, acme, job_id, 4).json["state"] == "queued"  # the first failed run since the requeue
+        assert publish_and_claim(api, app, acme, job_id) == 5
+        lose(app)  # the first loss since the requeue
+        assert state() == ("queued", 6, None)
+        assert publish_and_claim(api, app, acme, job_id) == 6
+        assert report(api, acme, job_id, 6).json["state"] == "failed"  # the second failed run since the requeue
+        assert [a.state for a in attempts(app, job_id)] == ["failed", "lost", "lost", "failed", "lost", "failed"]
+    finally:
+        app.config["MAX_LOST_ATTEMPTS"] = 3
+
+
 def elsewhere(app: Flask, *statements: Any) -> None:
     """Commit ``statements`` through another connection (another process), each changing one row."""
     other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
