@@ -500,7 +500,7 @@ def _time_out(job: Job, attempt: JobAttempt, now: datetime) -> int:
 def _cancel_as_requested(job: Job, ended: str, now: datetime) -> None:
     """Cancel (uncommitted) a job whose cancel was requested and whose run the reaper ended (``ended`` says how):
     stopped as asked, though not by its agent, and never run again."""
-    message = f"cancelled as requested; {ended}"
+    message = f"{job.cancel_reason or 'cancelled as requested'}; {ended}"
     transition(job, JobState.CANCELLED, actor="reaper", reason=message, finished_at=now, error=message)
     log.warning("job %s: %s", job.id, message, extra=_about(job))
 

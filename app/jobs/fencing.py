@@ -285,7 +285,10 @@ def _record_status(caller: Principal, job: Job, row: JobAttempt, report: StatusR
     transition_attempt(row, AttemptState(target), finished_at=now, error=report.error, **counted)
     if dispatching.retry_failed(job, row, now=now) is not None:
         return True
-    transition(job, JobState(target), actor=caller.subject, reason=report.error, finished_at=now, error=report.error)
+    error = report.error
+    if target == JobState.CANCELLED.value and job.cancel_requested and job.cancel_reason:
+        error = job.cancel_reason  # the operator's words; the attempt keeps the agent's
+    transition(job, JobState(target), actor=caller.subject, reason=error, finished_at=now, error=error)
     return False
 
 

@@ -56,6 +56,7 @@ class Job(Base):
     dead_letter_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     revision: Mapped[int] = mapped_column(default=1)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    cancel_reason: Mapped[str | None] = mapped_column(Text, default=None)  # of a running job's cancel, for its end
     scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deliver_by: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

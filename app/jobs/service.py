@@ -137,7 +137,7 @@ def cancel_job(*, caller: Principal, job_id: str, reason: str | None = None) -> 
             statement = (
                 update(Job)
                 .where(Job.id == job.id, Job.state == JobState.RUNNING.value)
-                .values(cancel_requested=True, updated_at=now)
+                .values(cancel_requested=True, cancel_reason=reason, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
             if db.session.execute(statement).rowcount != 1:  # type: ignore[attr-defined]
@@ -222,6 +222,7 @@ def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
         reason=f"requeued by {caller.subject}",
         dead_letter_reason=None,
         cancel_requested=False,  # a new request: an old cancel of the job no longer stands
+        cancel_reason=None,
         error=None,
         finished_at=None,
         deliver_by=data.deliver_by.astimezone(UTC).replace(tzinfo=None) if data.deliver_by else None,

@@ -165,6 +165,21 @@ def test_cancelling_a_running_job_asks_its_agent_to_stop(api: Api, world: dict[s
     assert beat.json["cancel"] == [acme.running]
 
 
+def test_a_running_job_cancelled_with_a_reason_ends_with_it(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    reason = {"reason": "maintenance window closed"}
+    assert api.post(f"/api/v1/jobs/{acme.running}/cancel", acme.tokens["operator"], json=reason).status_code == 202
+    again = {"reason": "a second thought"}  # the first request's reason stands
+    assert api.post(f"/api/v1/jobs/{acme.running}/cancel", acme.tokens["operator"], json=again).status_code == 202
+    stopped = {"attempt": 1, "state": "cancelled", "error": "the run was cancelled"}
+    reply = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=stopped)
+    assert reply.status_code == 200 and reply.json["state"] == "cancelled"
+    detail = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert detail["error"] == "maintenance window closed"  # the operator's words, not only the agent's
+    assert detail["attempts"][0]["error"] == "the run was cancelled"
+    assert detail["events"][-1]["reason"] == "maintenance window closed"
+
+
 def test_a_finished_job_cannot_be_cancelled(api: Api, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
     response = api.post(f"/api/v1/jobs/{acme.completed}/cancel", acme.tokens["operator"])

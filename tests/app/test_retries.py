@@ -288,13 +288,14 @@ def test_a_running_job_whose_cancel_was_requested_is_cancelled_when_its_agent_is
     acme = world["acme"]
     job_id = submit(api, acme, max_attempts=3)
     publish_and_claim(api, app, acme, job_id)
-    assert api.post(f"/api/v1/jobs/{job_id}/cancel", acme.tokens["operator"]).status_code == 202
+    cancel = api.post(f"/api/v1/jobs/{job_id}/cancel", acme.tokens["operator"], json={"reason": "wrong host"})
+    assert cancel.status_code == 202
     with app.app_context():
         dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
     job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
     assert job["state"] == "cancelled" and job["attempt"] == 1, job
     assert [a["state"] for a in job["attempts"]] == ["lost"]
-    assert job["error"] == "cancelled as requested; attempt 1 lost: agent 'a1' stopped renewing its lease"
+    assert job["error"] == "wrong host; attempt 1 lost: agent 'a1' stopped renewing its lease"  # the operator's words
 
 
 def test_a_cancel_committed_while_the_reaper_works_wins(
@@ -588,7 +589,7 @@ def test_a_run_past_its_deadline_whose_cancel_was_requested_is_cancelled(
         dispatching.reap(now=later)
     job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
     assert job["state"] == "cancelled" and [a["state"] for a in job["attempts"]] == ["timed_out"], job
-    assert job["error"].startswith("cancelled as requested; attempt 1 timed out")
+    assert job["error"].startswith("cancelled by operator@acme; attempt 1 timed out")  # who asked, and how it ended
 
 
 def changed_after_a_rollback(app: Flask, monkeypatch: pytest.MonkeyPatch, job_ids: list[str], change: Any) -> list[str]:
