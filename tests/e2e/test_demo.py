@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
 import pytest
+import requests
 
 from tests.servers._util import free_port
 
@@ -95,3 +99,54 @@ def test_the_example_env_files_name_every_variable_the_code_reads():
         assert re.search(rf"^#?\s*{name}=", control_plane, re.MULTILINE), name
     for name in agent_names:
         assert re.search(rf"^#?\s*{name}=", agent, re.MULTILINE), name
+
+
+SLEEPER = (
+    "name: sleeper\ntasks:\n  - name: nap\n    type: command\n    config:\n      command: sleep\n      args: ['300']\n"
+)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_the_demo_stopped_while_a_job_runs_cancels_it_and_leaves_no_process_behind(tmp_path):
+    state = tmp_path / "demo"
+    port = free_port()
+    env = {
+        **os.environ,
+        "DEMO_PORT": str(port),
+        "DEMO_VALKEY_PORT": str(free_port()),
+        "DEMO_STATE_DIR": str(state),
+        "NO_COLOR": "1",
+    }
+    output = tmp_path / "demo.out"
+    with output.open("w") as sink:
+        demo = subprocess.Popen(
+            [str(REPO / "scripts" / "demo")], cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops all" not in output.read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.2)
+        api = f"http://127.0.0.1:{port}/api/v1"
+        headers = {"Authorization": f"Bearer {(state / 'operator.token').read_text().strip()}"}
+        job_id = requests.post(f"{api}/jobs", json={"workflow": SLEEPER}, headers=headers, timeout=10).json()["job_id"]
+        while not any(p.info["cmdline"] == ["sleep", "300"] for p in processes_of(state)):  # the job runs
+            assert time.monotonic() < deadline + 30, output.read_text()
+            time.sleep(0.2)
+        stopping = time.monotonic()
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 128 + signal.SIGINT, output.read_text()
+        took = time.monotonic() - stopping
+        text = output.read_text()
+        assert f"cancelling 1 running job(s): {job_id[:8]}" in text, text
+        with sqlite3.connect(state / "automation.db") as db:
+            row = db.execute("SELECT state, error FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row == ("cancelled", "the demo stopped"), text
+        assert not processes_of(state), [p.info["cmdline"] for p in processes_of(state)]  # no sleep left either
+        assert took < 30, text  # the agent had nothing left to wait for
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for proc in processes_of(state):
+            proc.kill()
