@@ -18,8 +18,8 @@ from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import DeadLetterQuery, JobListQuery, JobUpdate, RequeueRequest
 from app.jobs.states import FINAL_STATES, NOT_STARTED, AttemptState, JobState, transition, transition_attempt
-from app.jobs.submission import check_target
-from app.jobs.workflows import choose_platform, validate_workflow
+from app.jobs.submission import check_target, target_platform
+from app.jobs.workflows import validate_workflow
 
 JOB_STARTED = "job {job_id} is {state}; only a job that has not started can be changed"
 JOB_ACTIVE = "job {job_id} is {state}; cancel it or wait until it finishes before deleting it"
@@ -83,12 +83,11 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     workflow = validate_workflow(data.workflow or job.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
     agent_id = changes.get("agent_id", job.agent_id)
     agent = check_target(caller, job.project_id, agent_id, changes.get("platform"))
-    requested = changes.get("platform") or (agent.platform if agent else None)
     values = {
         **changes,
         "name": workflow.name,
         "timeout": workflow.timeout,
-        "platform": choose_platform(workflow, requested),
+        "platform": target_platform(workflow, agent, changes.get("platform")),
     }
     now = utcnow()
     values.update(revision=job.revision + 1, updated_at=now)

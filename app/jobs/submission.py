@@ -9,6 +9,7 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+import probe
 from app.agents.models import Agent
 from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant
@@ -20,7 +21,7 @@ from app.jobs import dispatching
 from app.jobs.models import Job
 from app.jobs.schemas import JobSubmit
 from app.jobs.states import JobState
-from app.jobs.workflows import choose_platform, validate_workflow
+from app.jobs.workflows import allowed_platforms, choose_platform, validate_workflow
 from app.realtime.events import note_state
 from app.rows import commit_new
 from app.secretstore import service as secretstore
@@ -65,6 +66,18 @@ def check_target(caller: Principal, project_id: str, agent_id: str | None, platf
     return agent
 
 
+def target_platform(workflow: probe.Workflow, agent: Agent | None, requested: str | None) -> str:
+    """The platform of a job (or a schedule's jobs): the one requested, else the pinned agent's, else the default;
+    422 ``incompatible_platform`` when the workflow cannot run there, naming the pinned agent when it is its."""
+    allowed = allowed_platforms(workflow)
+    if agent is not None and requested is None and allowed and agent.platform not in allowed:
+        raise Unprocessable(
+            AGENT_PLATFORM.format(agent=agent.id, platform=agent.platform, allowed=", ".join(sorted(allowed))),
+            code="incompatible_platform",
+        )
+    return choose_platform(workflow, requested or (agent.platform if agent else None))
+
+
 def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_key: str | None, digest: str) -> Job:
     """Validate one submission (its tenant and ``project_id`` already checked) and add it to the session as a new
     job (queued when it is due), not committed."""
@@ -76,7 +89,7 @@ def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_ke
             UNKNOWN_SECRETS.format(project=project_id, names=names), code="unknown_secret", names=absent
         )
     agent = check_target(caller, project_id, data.agent_id, data.platform)
-    platform = choose_platform(workflow, data.platform or (agent.platform if agent else None))
+    platform = target_platform(workflow, agent, data.platform)
     now = utcnow()
     job = Job(
         id=new_id(),

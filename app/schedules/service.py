@@ -19,8 +19,9 @@ from app.jobs.submission import (
     NO_PROJECT,
     UNKNOWN_PROJECT,
     check_target,  # the job submission's own agent and platform checks
+    target_platform,
 )
-from app.jobs.workflows import choose_platform, validate_workflow
+from app.jobs.workflows import validate_workflow
 from app.schedules import cron
 from app.schedules.models import Schedule, ScheduleRun
 from app.schedules.schemas import ScheduleCreate, ScheduleListQuery, ScheduleUpdate
@@ -61,7 +62,7 @@ def _target(
     """Check the workflow and the target exactly as a job submission does; return its name and platform."""
     loaded = validate_workflow(workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
     agent = check_target(caller, project_id, agent_id, platform)
-    return loaded.name, choose_platform(loaded, platform or (agent.platform if agent else None))
+    return loaded.name, target_platform(loaded, agent, platform)
 
 
 def _check_project(caller: Principal, project_id: str) -> None:

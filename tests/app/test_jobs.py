@@ -61,6 +61,10 @@ def test_a_powershell_workflow_goes_to_windows_and_never_to_a_linux_agent(api: A
     assert response.status_code == 201 and response.json["platform"] == "windows"
     pinned = api.post("/api/v1/jobs", operator, json={"workflow": POWERSHELL, "agent_id": "a1"})
     assert pinned.status_code == 422 and pinned.json["error"] == "incompatible_platform"
+    assert pinned.json["message"] == "agent 'a1' runs linux; this workflow runs on windows"  # which agent, and why
+    queued = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "scheduled_at": "2999-01-01T00:00:00Z"})
+    moved = api.put(f"/api/v1/jobs/{queued.json['job_id']}", operator, json={"workflow": POWERSHELL, "agent_id": "a1"})
+    assert moved.status_code == 422 and moved.json["message"] == pinned.json["message"]
     forced = api.post("/api/v1/jobs", operator, json={"workflow": POWERSHELL, "platform": "linux"})
     assert forced.status_code == 422 and forced.json["error"] == "incompatible_platform"
 

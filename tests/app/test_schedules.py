@@ -105,6 +105,7 @@ def test_the_workflow_and_the_target_are_checked_as_for_a_job(api: Api, world: d
     assert create(api, acme, "tenant_admin", project_id="db", agent_id="a1").json["error"] == "unknown_agent"
     pinned = create(api, acme, workflow=POWERSHELL, agent_id="a1")
     assert pinned.status_code == 422 and pinned.json["error"] == "incompatible_platform"
+    assert pinned.json["message"] == "agent 'a1' runs linux; this workflow runs on windows"
     assert created(api, acme, workflow=POWERSHELL).platform == "windows"
     assert create(api, acme, overlap="sometimes").status_code == 400
     assert create(api, acme, priority="5").status_code == 400
