@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
 
 from probe.durations import parse_duration
 
@@ -203,6 +207,29 @@ def acl_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+FLOWER_LOGIN = (
+    "set FLOWER_BASIC_AUTH to user:password (several: user:password,user2:password2); Flower never runs without a "
+    "login"
+)
+
+
+def flower(args: argparse.Namespace) -> int:
+    """Run Flower on the control plane's Celery app, behind basic auth (the Procfile's ``flower``).
+
+    Flower reads ``FLOWER_BASIC_AUTH``, ``FLOWER_ADDRESS`` and ``FLOWER_PORT`` from the environment itself, so the
+    login is never on a command line, where ``ps`` shows it to every user of the host.
+    """
+    login = os.environ.get("FLOWER_BASIC_AUTH", "")
+    if not login or not all(re.fullmatch(r"[^:]+:.+", entry) for entry in login.split(",")):
+        raise CommandError(FLOWER_LOGIN)
+    env = {**os.environ}
+    env.setdefault("FLOWER_ADDRESS", "127.0.0.1")  # Flower's own default is every interface
+    env.setdefault("FLOWER_PORT", "5555")
+    celery = shutil.which("celery") or str(Path(sys.executable).parent / "celery")
+    os.execve(celery, [celery, "-A", "app.celery_app:celery", "flower"], env)  # noqa: S606 - a fixed argv
+    return 0  # not reached: the process is Flower now
+
+
 def _plugin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the commands of other packages (the agent's ``automation agent``) from their entry points."""
     for entry in entry_points(group=COMMANDS_GROUP):
@@ -278,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--password", help="its password (default: a new random one, printed with its URL)")
     agent.add_argument("--db", type=int, default=0, help="the Valkey database of the broker (default: 0)")
     agent.set_defaults(run=acl_agent)
+    dashboard = commands.add_parser(
+        "flower", help="run Flower, the Celery dashboard, behind FLOWER_BASIC_AUTH (FLOWER_ADDRESS, FLOWER_PORT)"
+    )
+    dashboard.set_defaults(run=flower)
     add_audit_commands(commands)
     add_client_commands(commands)
     _plugin_commands(commands)

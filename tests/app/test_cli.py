@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jwt
@@ -56,3 +57,27 @@ def test_the_command_line_refuses_unknown_tenants_and_duplicates(
 
 def test_without_a_command_the_help_is_shown() -> None:
     assert main([]) == 2
+
+
+@pytest.mark.parametrize("login", [None, "", "ops", "ops:", ":secret", "ops:secret,viewer"])
+def test_flower_does_not_start_without_a_login(
+    login: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail(f"Flower was started: {args[1]}"))
+    if login is None:
+        monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+    else:
+        monkeypatch.setenv("FLOWER_BASIC_AUTH", login)
+    assert main(["flower"]) == 1
+    assert "set FLOWER_BASIC_AUTH to user:password" in capsys.readouterr().err
+
+
+def test_flower_gets_its_login_from_the_environment_never_its_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((path, argv, env)))
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:s3cret,viewer:other")
+    monkeypatch.delenv("FLOWER_ADDRESS", raising=False)
+    main(["flower"])
+    [(_path, argv, env)] = started
+    assert argv[1:] == ["-A", "app.celery_app:celery", "flower"] and not any("s3cret" in arg for arg in argv)
+    assert env["FLOWER_BASIC_AUTH"] == "ops:s3cret,viewer:other" and env["FLOWER_ADDRESS"] == "127.0.0.1"

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 import redis
 import requests
@@ -39,18 +40,10 @@ def flower(platform: Platform) -> Iterator[str]:
     """Flower on the control plane's Celery app, with basic auth, as the Procfile's ``flower`` line runs it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**platform.env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    env = {**platform.env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}", "FLOWER_PORT": str(port)}
     process = platform.process("flower")
     process.start(
-        [
-            str(BIN / "celery"),
-            "-A",
-            "app.celery_app:celery",
-            "flower",
-            "--address=127.0.0.1",
-            f"--port={port}",
-            f"--basic-auth={env['FLOWER_BASIC_AUTH']}",
-        ],
+        [str(BIN / "automation"), "flower"],  # the Procfile's line
         ready=lambda: requests.get(f"{url}/healthcheck", timeout=1).ok,
         env=env,
         timeout=60,
@@ -168,3 +161,14 @@ def test_the_control_planes_celery_processes_log_json(platform: Platform, flower
         assert all({"timestamp", "level", "job_id", "tenant_id", "message"} <= set(record) for record in records)
     worker_lines = [json.loads(line) for line in platform.log("dispatcher").splitlines() if line.startswith("{")]
     assert any(record["message"].endswith("ready.") for record in worker_lines)
+
+
+def test_flowers_login_is_not_on_its_command_line(flower: str) -> None:
+    port = flower.rsplit(":", 1)[1]
+    pids = {
+        c.pid for c in psutil.net_connections("tcp") if c.laddr.port == int(port) and c.status == psutil.CONN_LISTEN
+    }
+    assert len(pids) == 1
+    cmdline = psutil.Process(pids.pop()).cmdline()
+    assert "flower" in cmdline and not any(PASSWORD in arg for arg in cmdline)  # `ps` shows every user this line
+    assert requests.get(f"{flower}/api/tasks", timeout=10).status_code == 401
