@@ -149,7 +149,13 @@ def _mark_line(exc: yaml.YAMLError, text: str) -> int | None:
     position = getattr(exc, "position", None)
     if isinstance(position, int):
         return text.count("\n", 0, position) + 1
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem_mark", None)
+    context = getattr(exc, "context_mark", None)
+    last = max(1, len(text.splitlines()))
+    if problem is not None and problem.line + 1 > last:
+        # Past the end of the text (an unclosed bracket or quote): where the unclosed thing starts says more.
+        return min(context.line + 1, last) if context is not None else last
+    mark = problem or context
     return mark.line + 1 if mark is not None else None
 
 

@@ -46,7 +46,9 @@ def test_an_invalid_workflow_is_refused_with_its_yaml_line(api: Api, world: dict
 def test_malformed_yaml_is_an_invalid_workflow_with_its_line(api: Api, world: dict[str, Tenant]) -> None:
     response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": "name: x\ntasks: [\n"})
     assert response.status_code == 422
-    assert response.json["error"] == "invalid_workflow" and response.json["line"] == 3
+    assert (
+        response.json["error"] == "invalid_workflow" and response.json["line"] == 2
+    )  # where the "[" is, not past the end
 
 
 def test_a_workflow_that_looks_like_a_file_name_is_not_read_from_disk(api: Api, world: dict[str, Tenant]) -> None:

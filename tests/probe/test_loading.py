@@ -180,6 +180,19 @@ def test_invalid_yaml_reports_its_line(load_error):
     assert "invalid YAML" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("name: x\ntasks:\n  - name: a\n    type: command\n    config:\n      args: [1, 2\n", 6),  # unclosed [
+        ('name: x\ntasks:\n  - name: "a\n', 3),  # unclosed quote
+        ("name: x\ntasks: [\n", 2),
+    ],
+)
+def test_yaml_cut_short_reports_the_line_where_the_unclosed_part_starts_not_one_past_the_end(load_error, text, line):
+    error = load_error(text)
+    assert error.line == line and len(text.splitlines()) >= line
+
+
 def test_several_documents_are_refused(load_error):
     error = load_error("name: a\ntasks: []\n---\nname: b\ntasks: []\n")
     assert MULTIPLE_DOCUMENTS in str(error)
