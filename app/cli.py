@@ -208,8 +208,7 @@ def acl_agent(args: argparse.Namespace) -> int:
 
 
 FLOWER_LOGIN = (
-    "set FLOWER_BASIC_AUTH to user:password (several: user:password,user2:password2); Flower never runs without a "
-    "login"
+    "set FLOWER_BASIC_AUTH to user:password (several: user:password,user2:password2); Flower never runs without a login"
 )
 
 
@@ -223,9 +222,11 @@ def flower(args: argparse.Namespace) -> int:
     if not login or not all(re.fullmatch(r"[^:]+:.+", entry) for entry in login.split(",")):
         raise CommandError(FLOWER_LOGIN)
     env = {**os.environ}
-    env.setdefault("FLOWER_ADDRESS", "127.0.0.1")  # Flower's own default is every interface
-    env.setdefault("FLOWER_PORT", "5555")
-    celery = shutil.which("celery") or str(Path(sys.executable).parent / "celery")
+    for name, default in (("FLOWER_ADDRESS", "127.0.0.1"), ("FLOWER_PORT", "5555")):
+        if not env.get(name, "").strip():  # unset or empty: Flower would listen on every interface, or fail
+            env[name] = default
+    beside = Path(sys.executable).parent / "celery"  # this environment's Celery, before any other on PATH
+    celery = str(beside) if beside.exists() else shutil.which("celery") or "celery"
     os.execve(celery, [celery, "-A", "app.celery_app:celery", "flower"], env)  # noqa: S606 - a fixed argv
     return 0  # not reached: the process is Flower now
 

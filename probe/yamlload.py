@@ -151,12 +151,48 @@ def _mark_line(exc: yaml.YAMLError, text: str) -> int | None:
         return text.count("\n", 0, position) + 1
     problem = getattr(exc, "problem_mark", None)
     context = getattr(exc, "context_mark", None)
-    last = max(1, len(text.splitlines()))
-    if problem is not None and problem.line + 1 > last:
-        # Past the end of the text (an unclosed bracket or quote): where the unclosed thing starts says more.
-        return min(context.line + 1, last) if context is not None else last
+    lines = text.splitlines()
+    if problem is not None and problem.line + 1 > len(lines):
+        # Past the end of the text (an unclosed bracket or quote): where the unclosed part starts says more.
+        opened = _unclosed_line(lines)
+        if opened is not None:
+            return opened
+        if context is not None and context.line < len(lines):
+            return context.line + 1
+        return _last_content_line(lines)
     mark = problem or context
     return mark.line + 1 if mark is not None else None
+
+
+def _unclosed_line(lines: list[str]) -> int | None:
+    """The line of the last ``[`` or ``{`` never closed, outside quotes and comments (None: all closed)."""
+    opened: list[int] = []
+    quote = ""
+    for number, line in enumerate(lines, start=1):
+        previous = " "
+        for index, char in enumerate(line):
+            if quote:
+                if char == quote and not (quote == '"' and line[index - 1 : index] == "\\"):
+                    quote = ""
+            elif char in "'\"" and (previous in " \t[{,:" or index == 0):
+                quote = char
+            elif char == "#" and previous in " \t":
+                break
+            elif char in "[{":
+                opened.append(number)
+            elif char in "]}" and opened:
+                opened.pop()
+            previous = char
+    return opened[-1] if opened else None
+
+
+def _last_content_line(lines: list[str]) -> int:
+    """The last line with something other than blanks or a comment (1 for a text without one)."""
+    for number in range(len(lines), 0, -1):
+        stripped = lines[number - 1].strip()
+        if stripped and not stripped.startswith("#"):
+            return number
+    return 1
 
 
 def _yaml_message(exc: yaml.YAMLError) -> str:

@@ -149,11 +149,12 @@ class Api:
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def call(self, method: str, path: str, body: Any = None) -> requests.Response:
-        """Make one call, again after ``Retry-After`` while rate-limited."""
+    def call(self, method: str, path: str, body: Any = None, *, patient: bool = True) -> requests.Response:
+        """Make one call, again after ``Retry-After`` while rate-limited (once only, within 3 s, unless ``patient``:
+        when the demo stops)."""
         while True:
-            reply = self.session.request(method, self.url + path, json=body, timeout=10)
-            if reply.status_code != 429:
+            reply = self.session.request(method, self.url + path, json=body, timeout=10 if patient else 3)
+            if reply.status_code != 429 or not patient:
                 return reply
             time.sleep(float(reply.headers.get("Retry-After") or 1))
 
@@ -186,18 +187,22 @@ def follow(api: Api, procs: Processes, job_id: str) -> dict[str, Any]:
 
 def cancel_running(api: Api) -> None:
     """Cancel the project's running jobs and wait (up to ``CANCEL_WAIT``) for the agent to stop them."""
-    reply = api.call("GET", "/jobs?state=running&limit=100")
-    reply.raise_for_status()
-    running = [job["job_id"] for job in reply.json()["jobs"]]
-    if not running:
-        return
-    OUT.step(f"cancelling {len(running)} running job(s): {', '.join(job_id[:8] for job_id in running)}…")
-    for job_id in running:
-        api.call("POST", f"/jobs/{job_id}/cancel", {"reason": STOPPED_REASON})
     deadline = time.monotonic() + CANCEL_WAIT
+
+    def running() -> list[str]:
+        reply = api.call("GET", "/jobs?state=running&limit=100", patient=False)
+        reply.raise_for_status()  # a 429 too: stopping does not wait for the rate limit
+        return [job["job_id"] for job in reply.json()["jobs"]]
+
+    jobs = running()
+    if not jobs:
+        return
+    OUT.step(f"cancelling {len(jobs)} running job(s): {', '.join(job_id[:8] for job_id in jobs)}…")
+    for job_id in jobs:
+        if time.monotonic() < deadline:
+            api.call("POST", f"/jobs/{job_id}/cancel", {"reason": STOPPED_REASON}, patient=False)
     while time.monotonic() < deadline:
-        left = api.call("GET", "/jobs?state=running&limit=100").json()["jobs"]
-        if not left:
+        if not running():
             return
         time.sleep(0.2)
     OUT.line(f"  still running after {CANCEL_WAIT:.0f}s: their leases will expire and the reaper will cancel them")

@@ -28,6 +28,7 @@ from app.secretstore import service as secretstore
 from app.tenants.models import Project
 
 LONGEST_RUN = 366 * 86400.0  # seconds: a workflow may declare a longer timeout, the deadline stops there
+ENDED_MEANWHILE = "attempt {attempt} of job {job_id} ended while this report was recorded"
 STALE_ATTEMPT = "attempt {attempt} of job {job_id} is not the current one (the job is at attempt {current})"
 ATTEMPT_OVER = "attempt {attempt} of job {job_id} is {state}; it takes no more reports"
 NOT_YOURS = "attempt {attempt} of job {job_id} belongs to another agent"
@@ -223,6 +224,14 @@ def _still_running(job: Job, row: JobAttempt) -> None:
         )
 
 
+def _renew(job: Job, row: JobAttempt, values: dict[str, Any]) -> None:
+    """Renew the lease of a running attempt (uncommitted), writing ``values`` with it; 409 ``stale_attempt`` when the
+    attempt ended since it was read (the reaper made it lost, a final report was recorded): what the request wrote
+    is then rolled back with it."""
+    if not update_fenced(db.session, row, {"lease_expires_at": _lease()[1], **values}, {"state": row.state}):
+        raise Conflict(ENDED_MEANWHILE.format(attempt=row.number, job_id=job.id), code="stale_attempt")
+
+
 def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[TaskResult, bool]:
     """Store one task's result of the caller's current attempt; return it and whether it is new."""
     job, row = fenced(caller, job_id, report.attempt)
@@ -230,7 +239,7 @@ def report_task(*, caller: Principal, job_id: str, report: TaskReport) -> tuple[
     result, created = _store_result(job, row.number, report)
     if report.next_task is not None:
         _task_started(job, row.number, report.next_task)
-    update_fenced(db.session, row, {"lease_expires_at": _lease()[1]}, {})  # a report is a sign of life too
+    _renew(job, row, {})  # a report is a sign of life too
     db.session.commit()
     return result, created
 
@@ -278,9 +287,9 @@ def _record_status(caller: Principal, job: Job, row: JobAttempt, report: StatusR
     if fresh:
         append_lines(job, row.number, fresh)
     counted: dict[str, Any] = {"log_lines": received} if received != row.log_lines else {}
-    now, expires = _lease()
+    now = utcnow()
     if target == AttemptState.RUNNING.value:
-        update_fenced(db.session, row, {"lease_expires_at": expires, **counted}, {})
+        _renew(job, row, counted)
         return False
     transition_attempt(row, AttemptState(target), finished_at=now, error=report.error, **counted)
     if dispatching.retry_failed(job, row, now=now) is not None:

@@ -135,12 +135,14 @@ def cancel_job(*, caller: Principal, job_id: str, reason: str | None = None) -> 
         if not job.cancel_requested:
             statement = (
                 update(Job)
-                .where(Job.id == job.id, Job.state == JobState.RUNNING.value)
+                .where(Job.id == job.id, Job.state == JobState.RUNNING.value, Job.cancel_requested.is_(False))
                 .values(cancel_requested=True, cancel_reason=reason, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
             if db.session.execute(statement).rowcount != 1:  # type: ignore[attr-defined]
-                raise Conflict(f"job {job.id} finished while the request was handled", code="concurrent_update")
+                seen = db.session.execute(select(Job.state, Job.cancel_requested).where(Job.id == job.id)).one()
+                if tuple(seen) != (JobState.RUNNING.value, True):  # else: asked meanwhile; its reason stands
+                    raise Conflict(f"job {job.id} finished while the request was handled", code="concurrent_update")
     else:
         transition(
             job,

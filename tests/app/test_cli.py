@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jwt
@@ -77,7 +78,10 @@ def test_flower_gets_its_login_from_the_environment_never_its_command_line(monke
     monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((path, argv, env)))
     monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:s3cret,viewer:other")
     monkeypatch.delenv("FLOWER_ADDRESS", raising=False)
+    monkeypatch.setenv("FLOWER_PORT", "")  # empty is unset, as the Procfile's ${FLOWER_PORT:-5555} had it
     main(["flower"])
-    [(_path, argv, env)] = started
+    [(path, argv, env)] = started
     assert argv[1:] == ["-A", "app.celery_app:celery", "flower"] and not any("s3cret" in arg for arg in argv)
-    assert env["FLOWER_BASIC_AUTH"] == "ops:s3cret,viewer:other" and env["FLOWER_ADDRESS"] == "127.0.0.1"
+    assert env["FLOWER_BASIC_AUTH"] == "ops:s3cret,viewer:other"
+    assert (env["FLOWER_ADDRESS"], env["FLOWER_PORT"]) == ("127.0.0.1", "5555")  # never every interface
+    assert path == str(Path(sys.executable).parent / "celery")  # this environment's Celery, whatever PATH says

@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, delete, select, update
 from app.agents.models import Agent
 from app.columns import utcnow
 from app.extensions import db
-from app.jobs import dispatching, fencing
+from app.jobs import dispatching, fencing, service
 from app.jobs.models import Job, JobAttempt, JobEvent
 from tests.app.support import Api, Tenant, token
 from tests.app.test_receipts import acme_tenant, live_app, messages
@@ -653,3 +653,50 @@ def test_a_job_changed_while_the_sweeper_expires_a_batch_is_left_alone(
         dispatching.expire(now=utcnow())
     job = api.get(f"/api/v1/jobs/{seen[1]}", acme.tokens["viewer"]).json
     assert job["state"] == "queued" and job["attempt"] == 2, job
+
+
+@pytest.mark.parametrize("report", ["task", "running"])
+def test_a_report_read_before_the_reaper_ended_its_attempt_records_nothing(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch, report: str
+):
+    acme = world["acme"]
+    checked = fencing._still_running
+
+    def reaped_meanwhile(job: Job, row: JobAttempt) -> None:  # after the report's read, before its writes
+        checked(job, row)
+        lost = update(JobAttempt).where(JobAttempt.job_id == acme.running, JobAttempt.number == 1)
+        elsewhere(app, lost.values(state="lost", lease_expires_at=datetime(2000, 1, 1, tzinfo=UTC)))
+
+    monkeypatch.setattr(fencing, "_still_running", reaped_meanwhile)
+    result = {"name": "kernel", "type": "command", "status": "succeeded", "position": 0, "output": "x"}
+    if report == "task":
+        reply = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json={"attempt": 1, **result})
+    else:
+        body = {"attempt": 1, "state": "running", "tasks": [result]}
+        reply = api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body)
+    assert (reply.status_code, reply.json["error"]) == (409, "stale_attempt"), reply.json  # the fenced write saw it
+    job = api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json
+    assert job["attempts"][0]["state"] == "lost" and job["attempts"][0]["lease_expires_at"].startswith("2000-")
+    assert job["tasks"] == []
+
+
+def test_of_two_cancels_of_a_running_job_at_once_the_first_committed_keeps_its_reason(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+):
+    acme = world["acme"]
+    clock = service.utcnow
+    first: list[str] = []
+
+    def first_commits_meanwhile() -> datetime:  # after the second request read the job as not yet asked
+        if not first:
+            first.append("done")
+            asked = update(Job).where(Job.id == acme.running).values(cancel_requested=True, cancel_reason="first")
+            elsewhere(app, asked)
+        return clock()
+
+    monkeypatch.setattr(service, "utcnow", first_commits_meanwhile)
+    second = api.post(f"/api/v1/jobs/{acme.running}/cancel", acme.tokens["operator"], json={"reason": "second"})
+    assert second.status_code == 202 and second.json["cancel_requested"], second.json  # asked: that is what it wanted
+    with app.app_context():
+        job = db.session.get(Job, acme.running)
+        assert job is not None and job.cancel_reason == "first"

@@ -150,3 +150,19 @@ def test_the_demo_stopped_while_a_job_runs_cancels_it_and_leaves_no_process_behi
             demo.kill()
         for proc in processes_of(state):
             proc.kill()
+
+
+def test_stopping_the_demo_never_waits_for_a_rate_limited_or_silent_api(http_server, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import demo_platform
+
+    http_server.route("/api/v1/jobs", status=429, headers={"Retry-After": "60"}, body=b'{"error": "rate_limited"}')
+    started = time.monotonic()
+    with pytest.raises(requests.HTTPError):  # main() says it could not cancel, then stops the processes
+        demo_platform.cancel_running(demo_platform.Api(http_server.url, "token"))
+    assert time.monotonic() - started < 5 and len(http_server.requests) == 1
+    http_server.route("/api/v1/jobs", delay=60, body=b"{}")  # one that never answers
+    started = time.monotonic()
+    with pytest.raises(requests.Timeout):
+        demo_platform.cancel_running(demo_platform.Api(http_server.url, "token"))
+    assert time.monotonic() - started < 5

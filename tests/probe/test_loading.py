@@ -186,6 +186,10 @@ def test_invalid_yaml_reports_its_line(load_error):
         ("name: x\ntasks:\n  - name: a\n    type: command\n    config:\n      args: [1, 2\n", 6),  # unclosed [
         ('name: x\ntasks:\n  - name: "a\n', 3),  # unclosed quote
         ("name: x\ntasks: [\n", 2),
+        ("name: x\ntasks: [a,\n  b,\n", 2),  # where the "[" is, not the last line
+        ("name: x\ntasks:\n  - name: a\n    type: command\n    config: {command: ls,\n\n\n", 5),  # not a blank
+        ("name: x\ntasks: [\n\n# a comment\n", 2),  # nor a comment
+        ("name: x\ntasks:\n  - name: 'it''s [ not a bracket'\n    config: [\n", 4),
     ],
 )
 def test_yaml_cut_short_reports_the_line_where_the_unclosed_part_starts_not_one_past_the_end(load_error, text, line):
