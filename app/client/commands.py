@@ -133,6 +133,7 @@ def jobs_submit(client: Client, args: argparse.Namespace) -> int:
     if agents:
         body["agent_id"] = agents[0]
     job = client.call("POST", "/jobs", body=body, headers=headers)
+    _warn(job)
     if not args.wait:
         if args.json:
             _out(job)
@@ -144,11 +145,19 @@ def jobs_submit(client: Client, args: argparse.Namespace) -> int:
     return follow(client, job["job_id"], as_json=args.json, final_json=True)
 
 
+def _warn(job: dict[str, Any]) -> None:
+    """Print what the control plane warns about a job just submitted (no agent online to run it…), on stderr."""
+    for warning in job.get("warnings") or ():
+        print(f"warning: job {job.get('job_id')}: {warning}", file=sys.stderr)
+
+
 def _submit_batch(
     client: Client, args: argparse.Namespace, entries: list[dict[str, Any]], headers: dict[str, str] | None
 ) -> int:
     """One job per agent through ``POST /jobs/batch``; with --wait, follow each in turn (they run meanwhile)."""
     jobs = client.call("POST", "/jobs/batch", body={"jobs": entries}, headers=headers)["jobs"]
+    for job in jobs:
+        _warn(job)
     if args.json and not args.wait:
         _out({"jobs": jobs})
         return OK

@@ -239,6 +239,12 @@ class JobOut(Response):
     schedule_id: str | None = None  # the schedule that fired it
 
 
+class JobSubmitted(JobOut):
+    """A job as its submission returns it, with what the submitter should know (e.g. no agent to run it is online)."""
+
+    warnings: list[str] = []
+
+
 class JobDetail(JobOut):
     """A job with its workflow, the current attempt's task results, every attempt and every state change."""
 
@@ -251,7 +257,7 @@ class JobDetail(JobOut):
 class JobBatchOut(Response):
     """The jobs of a batch, in the order they were submitted."""
 
-    jobs: list[JobOut]
+    jobs: list[JobSubmitted]
 
 
 class JobList(Response):

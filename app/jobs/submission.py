@@ -4,6 +4,8 @@ published (the sweeper publishes what a crash left behind)."""
 from __future__ import annotations
 
 import hashlib
+import time
+from datetime import timedelta
 
 from flask import current_app
 from sqlalchemy import select
@@ -33,6 +35,42 @@ NO_PROJECT = "name the project: give project_id (the token is not limited to one
 UNKNOWN_AGENT = "agent '{agent}' is not registered in project '{project}'"
 UNKNOWN_SECRETS = "the workflow names secrets that project '{project}' does not have: {names}; set them first"
 AGENT_PLATFORM = "agent '{agent}' runs {platform}; this workflow runs on {allowed}"
+
+
+NO_AGENT_ONLINE = (
+    "no {platform} agent of project '{project}' is online: the job waits in its queue until one is, and becomes "
+    "dead_letter (expired) if none claims it in time"
+)
+ONLINE_SEEN_FOR = 10.0  # seconds a process trusts that a project had an online agent of a platform
+_online_seen: dict[tuple[str, str, str], float] = {}  # (tenant, project, platform) -> time.monotonic() when seen
+
+
+def warnings_for(job: Job) -> list[str]:
+    """What the submitter should know about a job it just submitted: that no agent that could run it (unpinned:
+    of its project and platform) is online. A pinned job's agent was checked already. One query, not each time:
+    an online agent, once seen, is trusted for ``ONLINE_SEEN_FOR`` seconds."""
+    if job.agent_id is not None or job.state not in (JobState.PENDING.value, JobState.QUEUED.value):
+        return []
+    key = (job.tenant_id, job.project_id, job.platform)
+    if time.monotonic() - _online_seen.get(key, -ONLINE_SEEN_FOR) < ONLINE_SEEN_FOR:
+        return []
+    cutoff = utcnow() - timedelta(seconds=current_app.config["AGENT_OFFLINE_AFTER"])
+    found = db.session.scalar(
+        select(Agent.id)
+        .where(
+            Agent.tenant_id == job.tenant_id,
+            Agent.project_id == job.project_id,
+            Agent.platform == job.platform,
+            Agent.last_heartbeat_at >= cutoff,
+        )
+        .limit(1)
+    )
+    if found is None:
+        return [NO_AGENT_ONLINE.format(platform=job.platform, project=job.project_id)]
+    if len(_online_seen) > 10000:
+        _online_seen.clear()
+    _online_seen[key] = time.monotonic()
+    return []
 
 
 def _request_hash(data: JobSubmit, project_id: str) -> str:

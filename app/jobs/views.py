@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 
@@ -26,6 +28,7 @@ from app.jobs.schemas import (
     JobListQuery,
     JobOut,
     JobSubmit,
+    JobSubmitted,
     JobUpdate,
     RequeueRequest,
     StatusReport,
@@ -42,9 +45,18 @@ IDEMPOTENCY_KEY_MAX = 255
 BATCH_KEY_MAX = IDEMPOTENCY_KEY_MAX - len(submission.batch_key("", MAX_BATCH_JOBS - 1))  # room for "#99"
 
 
+def submitted(job: Job) -> JobSubmitted:
+    """Return the response model of a job just submitted (or replayed), with its warnings."""
+    return JobSubmitted(**_fields(job), warnings=submission.warnings_for(job))
+
+
 def job_out(job: Job) -> JobOut:
     """Return the response model of a job."""
-    return JobOut(
+    return JobOut(**_fields(job))
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    return dict(
         job_id=job.id,
         tenant_id=job.tenant_id,
         project_id=job.project_id,
@@ -135,7 +147,7 @@ def job_detail(job: Job) -> JobDetail:
 @document(
     "Submit a workflow as a new job",
     body=JobSubmit,
-    responses={201: JobOut},
+    responses={201: JobSubmitted},
     errors={
         **ERR_WRITE,
         409: ("idempotency_conflict",),
@@ -153,7 +165,7 @@ def submit() -> Response:
     headers = {"Location": f"/api/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return reply(job_out(job), 201, headers)
+    return reply(submitted(job), 201, headers)
 
 
 @bp.post("/batch")
@@ -178,7 +190,7 @@ def submit_batch() -> Response:
     if created:
         dispatching.deliver_all(jobs)  # committed first; what is not sent here, the sweeper sends
     headers = {} if created else {"Idempotent-Replayed": "true"}
-    return reply(JobBatchOut(jobs=[job_out(job) for job in jobs]), 201, headers)
+    return reply(JobBatchOut(jobs=[submitted(job) for job in jobs]), 201, headers)
 
 
 def idempotency_key(longest: int) -> str | None:

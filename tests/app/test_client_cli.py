@@ -483,6 +483,18 @@ def test_argument_errors_exit_2(cli: Any) -> None:
     assert exited.value.code == 2
 
 
+def test_submit_prints_the_control_planes_warnings_on_stderr(
+    cli: Any, http_server: HTTPTestServer, tmp_path: Path
+) -> None:
+    warned = {**job("queued"), "warnings": ["no windows agent of project 'web' is online: the job waits"]}
+    http_server.route("/api/v1/jobs", method="POST", body=lambda r: reply(warned, 201))
+    workflow = tmp_path / "w.yaml"
+    workflow.write_text("name: hello\ntasks: []\n")
+    status, out, err = cli("jobs", "submit", str(workflow))
+    assert status == 0 and out == f"submitted job {JOB} (hello): queued\n"  # stdout stays one line for scripts
+    assert err == f"warning: job {JOB}: no windows agent of project 'web' is online: the job waits\n"
+
+
 def test_submit_posts_the_workflow_with_its_variables_target_and_priority(
     cli: Any, http_server: HTTPTestServer, tmp_path: Path
 ) -> None:

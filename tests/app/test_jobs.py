@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+from flask import Flask
+from sqlalchemy import update
+
+from app.agents.models import Agent
+from app.extensions import db
+from app.jobs import submission
 from app.jobs.schemas import JobDetail, JobList, JobOut
 from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, Tenant
 
@@ -211,3 +218,30 @@ def test_an_unknown_job_is_not_found(api: Api, world: dict[str, Tenant]) -> None
     response = api.get("/api/v1/jobs/no-such-job", world["acme"].tokens["viewer"])
     assert response.status_code == 404
     assert response.json == {"error": "not_found", "message": "job 'no-such-job' does not exist"}
+
+
+def test_a_submission_warns_when_no_agent_that_could_run_it_is_online(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(submission, "_online_seen", {})  # what other tests' submissions saw
+    acme = world["acme"]
+    with app.app_context():  # a1, the project's linux agent, last heard of long ago
+        db.session.execute(update(Agent).where(Agent.id == "a1").values(last_heartbeat_at=None))
+        db.session.commit()
+    operator = acme.tokens["operator"]
+    windows = api.post("/api/v1/jobs", operator, json={"workflow": POWERSHELL})
+    assert windows.status_code == 201, windows.json
+    project = windows.json["project_id"]
+    assert windows.json["warnings"] == [submission.NO_AGENT_ONLINE.format(platform="windows", project=project)]
+    offline = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW})
+    assert offline.json["warnings"] == [submission.NO_AGENT_ONLINE.format(platform="linux", project=project)]
+    beat = api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json={"running": []})
+    assert beat.status_code == 200
+    online = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW})
+    assert online.json["warnings"] == []
+    pinned = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "agent_id": "a1"})
+    assert pinned.json["warnings"] == []
+    batch = api.post("/api/v1/jobs/batch", operator, json={"jobs": [{"workflow": WORKFLOW}, {"workflow": POWERSHELL}]})
+    assert [len(job["warnings"]) for job in batch.json["jobs"]] == [0, 1]
+    listed = api.get("/api/v1/jobs", operator).json["jobs"]
+    assert all("warnings" not in job for job in listed)  # a submission's answer only
