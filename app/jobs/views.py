@@ -45,9 +45,14 @@ IDEMPOTENCY_KEY_MAX = 255
 BATCH_KEY_MAX = IDEMPOTENCY_KEY_MAX - len(submission.batch_key("", MAX_BATCH_JOBS - 1))  # room for "#99"
 
 
-def submitted(job: Job) -> JobSubmitted:
-    """Return the response model of a job just submitted (or replayed), with its warnings."""
-    return JobSubmitted(**_fields(job), warnings=submission.warnings_for(job))
+REPLAYED = "Idempotency-Key {key!r} was used before: this is the job it submitted then, not a new one"
+
+
+def submitted(job: Job, replayed: str | None = None) -> JobSubmitted:
+    """Return the response model of a job just submitted, or of the one an Idempotency-Key ``replayed``, with its
+    warnings."""
+    warnings = [REPLAYED.format(key=replayed)] if replayed is not None else []
+    return JobSubmitted(**_fields(job), warnings=warnings + submission.warnings_for(job))
 
 
 def job_out(job: Job) -> JobOut:
@@ -165,7 +170,7 @@ def submit() -> Response:
     headers = {"Location": f"/api/v1/jobs/{job.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return reply(submitted(job), 201, headers)
+    return reply(submitted(job, None if created else key), 201, headers)
 
 
 @bp.post("/batch")
@@ -190,7 +195,7 @@ def submit_batch() -> Response:
     if created:
         dispatching.deliver_all(jobs)  # committed first; what is not sent here, the sweeper sends
     headers = {} if created else {"Idempotent-Replayed": "true"}
-    return reply(JobBatchOut(jobs=[submitted(job) for job in jobs]), 201, headers)
+    return reply(JobBatchOut(jobs=[submitted(job, None if created else key) for job in jobs]), 201, headers)
 
 
 def idempotency_key(longest: int) -> str | None:

@@ -154,6 +154,7 @@ def test_a_resent_batch_with_the_same_idempotency_key_returns_the_same_jobs(app:
     again = api.post(BATCH, operator, json=body, headers=headers)
     assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
     assert [j["job_id"] for j in again.json["jobs"]] == [j["job_id"] for j in first.json["jobs"]]
+    assert all("'rollout-7' was used before" in j["warnings"][0] for j in again.json["jobs"])
     assert stored(app) == count
     with app.app_context():
         keys = db.session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.like("rollout-7#%"))).all()

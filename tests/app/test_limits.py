@@ -133,6 +133,8 @@ def test_the_same_idempotency_key_and_body_return_the_same_job(api: Api, world: 
     assert first.status_code == second.status_code == 201
     assert first.json["job_id"] == second.json["job_id"] and second.headers["Idempotent-Replayed"] == "true"
     assert api.get("/api/v1/jobs", operator).json["total"] == 5
+    replayed = "Idempotency-Key 'deploy-42' was used before: this is the job it submitted then, not a new one"
+    assert replayed not in first.json["warnings"] and second.json["warnings"][0] == replayed  # what the CLI prints
 
 
 def test_the_same_idempotency_key_with_another_body_is_a_conflict(api: Api, world: dict[str, Tenant]) -> None:
