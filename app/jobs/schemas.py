@@ -242,7 +242,7 @@ class JobOut(Response):
 class JobSubmitted(JobOut):
     """A job as its submission returns it, with what the submitter should know (e.g. no agent to run it is online)."""
 
-    warnings: list[str] = []
+    warnings: list[str]
 
 
 class JobDetail(JobOut):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 from datetime import timedelta
+from typing import Any
 
 from flask import current_app
 from sqlalchemy import select
@@ -41,36 +42,38 @@ NO_AGENT_ONLINE = (
     "no {platform} agent of project '{project}' is online: the job waits in its queue until one is, and becomes "
     "dead_letter (expired) if none claims it in time"
 )
-ONLINE_SEEN_FOR = 10.0  # seconds a process trusts that a project had an online agent of a platform
-_online_seen: dict[tuple[str, str, str], float] = {}  # (tenant, project, platform) -> time.monotonic() when seen
+PINNED_AGENT_OFFLINE = (
+    "agent '{agent}', which the job is pinned to, is not online: the job waits in its queue until it is, and "
+    "becomes dead_letter (expired) if it does not claim it in time"
+)
+SEEN_FOR = 10.0  # seconds a process trusts what it found out about a target's agents being online
+SOON = timedelta(minutes=5)  # a job scheduled later than this is not warned about: agents may be back by then
+_seen: dict[tuple[str, ...], tuple[float, bool]] = {}  # target -> (time.monotonic() when looked, any agent online)
 
 
 def warnings_for(job: Job) -> list[str]:
-    """What the submitter should know about a job it just submitted: that no agent that could run it (unpinned:
-    of its project and platform) is online. A pinned job's agent was checked already. One query, not each time:
-    an online agent, once seen, is trusted for ``ONLINE_SEEN_FOR`` seconds."""
-    if job.agent_id is not None or job.state not in (JobState.PENDING.value, JobState.QUEUED.value):
+    """What the submitter should know about a job it just submitted (or that is due soon): that no agent that could
+    run it is online, its pinned agent or, unpinned, any of its project and platform. One query per target at most
+    every ``SEEN_FOR`` seconds in a process, whatever it found, so the hot path does not pay for it."""
+    if job.state not in (JobState.PENDING.value, JobState.QUEUED.value) or job.scheduled_at > utcnow() + SOON:
         return []
-    key = (job.tenant_id, job.project_id, job.platform)
-    if time.monotonic() - _online_seen.get(key, -ONLINE_SEEN_FOR) < ONLINE_SEEN_FOR:
-        return []
-    cutoff = utcnow() - timedelta(seconds=current_app.config["AGENT_OFFLINE_AFTER"])
-    found = db.session.scalar(
-        select(Agent.id)
-        .where(
-            Agent.tenant_id == job.tenant_id,
-            Agent.project_id == job.project_id,
-            Agent.platform == job.platform,
-            Agent.last_heartbeat_at >= cutoff,
-        )
-        .limit(1)
-    )
-    if found is None:
-        return [NO_AGENT_ONLINE.format(platform=job.platform, project=job.project_id)]
-    if len(_online_seen) > 10000:
-        _online_seen.clear()
-    _online_seen[key] = time.monotonic()
-    return []
+    if job.agent_id is not None:
+        target: tuple[str, ...] = (job.tenant_id, "agent", job.agent_id)
+        scope: list[Any] = [Agent.tenant_id == job.tenant_id, Agent.id == job.agent_id]
+        warning = PINNED_AGENT_OFFLINE.format(agent=job.agent_id)
+    else:
+        target = (job.tenant_id, job.project_id, job.platform)
+        scope = [Agent.tenant_id == job.tenant_id, Agent.project_id == job.project_id, Agent.platform == job.platform]
+        warning = NO_AGENT_ONLINE.format(platform=job.platform, project=job.project_id)
+    now = time.monotonic()
+    seen = _seen.get(target)
+    if seen is None or now - seen[0] >= SEEN_FOR:
+        cutoff = utcnow() - timedelta(seconds=current_app.config["AGENT_OFFLINE_AFTER"])
+        online = db.session.scalar(select(Agent.id).where(*scope, Agent.last_heartbeat_at >= cutoff).limit(1))
+        if len(_seen) > 10000:
+            _seen.clear()
+        seen = _seen[target] = (now, online is not None)
+    return [] if seen[1] else [warning]
 
 
 def _request_hash(data: JobSubmit, project_id: str) -> str:

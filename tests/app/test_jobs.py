@@ -223,7 +223,7 @@ def test_an_unknown_job_is_not_found(api: Api, world: dict[str, Tenant]) -> None
 def test_a_submission_warns_when_no_agent_that_could_run_it_is_online(
     api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(submission, "_online_seen", {})  # what other tests' submissions saw
+    monkeypatch.setattr(submission, "_seen", {})  # what other tests' submissions saw
     acme = world["acme"]
     with app.app_context():  # a1, the project's linux agent, last heard of long ago
         db.session.execute(update(Agent).where(Agent.id == "a1").values(last_heartbeat_at=None))
@@ -235,8 +235,14 @@ def test_a_submission_warns_when_no_agent_that_could_run_it_is_online(
     assert windows.json["warnings"] == [submission.NO_AGENT_ONLINE.format(platform="windows", project=project)]
     offline = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW})
     assert offline.json["warnings"] == [submission.NO_AGENT_ONLINE.format(platform="linux", project=project)]
+    pinned = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "agent_id": "a1"})
+    assert pinned.json["warnings"] == [submission.PINNED_AGENT_OFFLINE.format(agent="a1")]
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    scheduled = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "scheduled_at": later})
+    assert scheduled.json["warnings"] == []  # agents may well be back by then
     beat = api.post("/api/v1/agents/a1/heartbeat", acme.tokens["agent"], json={"running": []})
     assert beat.status_code == 200
+    submission._seen.clear()  # what a process found out is trusted for SEEN_FOR seconds: as if they had passed
     online = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW})
     assert online.json["warnings"] == []
     pinned = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "agent_id": "a1"})
