@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKeyConstraint, String
+from sqlalchemy import JSON, ColumnElement, ForeignKeyConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.columns import UTCDateTime, utcnow
@@ -32,6 +32,11 @@ class Agent(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+    @classmethod
+    def online(cls, offline_after: int) -> ColumnElement[bool]:
+        """The SQL condition of an agent that ``status`` calls online: heard from within ``offline_after`` seconds."""
+        return cls.last_heartbeat_at >= utcnow() - timedelta(seconds=offline_after)
 
     def status(self, offline_after: int) -> str:
         """Return ``online`` when the last heartbeat is recent enough, else ``offline``."""

@@ -91,8 +91,7 @@ def list_agents(*, caller: Principal, params: AgentListQuery) -> tuple[list[Agen
     if params.platform is not None:
         query = query.where(Agent.platform == params.platform)
     if params.status is not None:
-        cutoff = utcnow() - timedelta(seconds=current_app.config["AGENT_OFFLINE_AFTER"])
-        online = Agent.last_heartbeat_at >= cutoff
+        online = Agent.online(current_app.config["AGENT_OFFLINE_AFTER"])
         query = query.where(online if params.status == "online" else (Agent.last_heartbeat_at.is_(None) | ~online))
     total = db.session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = query.order_by(Agent.id).limit(params.limit).offset(params.offset)

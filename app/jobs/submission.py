@@ -68,11 +68,11 @@ def warnings_for(job: Job) -> list[str]:
     now = time.monotonic()
     seen = _seen.get(target)
     if seen is None or now - seen[0] >= SEEN_FOR:
-        cutoff = utcnow() - timedelta(seconds=current_app.config["AGENT_OFFLINE_AFTER"])
-        online = db.session.scalar(select(Agent.id).where(*scope, Agent.last_heartbeat_at >= cutoff).limit(1))
+        online = Agent.online(current_app.config["AGENT_OFFLINE_AFTER"])
+        found = db.session.scalar(select(Agent.id).where(*scope, online).limit(1))
         if len(_seen) > 10000:
             _seen.clear()
-        seen = _seen[target] = (now, online is not None)
+        seen = _seen[target] = (now, found is not None)
     return [] if seen[1] else [warning]
 
 
