@@ -6,9 +6,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.servers._util import port_is_open
+from tests.servers.http import HTTPTestServer
 from tests.servers.mariadb import MariaDBServer
+from tests.servers.proxy import Gateway
 from tests.servers.sshd import SSHServer
 from tests.servers.valkey import ValkeyServer
 
@@ -70,3 +73,19 @@ def test_ssh_refuses_the_server_when_its_host_key_is_unknown(sshd_server: SSHSer
     assert result.returncode == 255
     assert "Host key verification failed" in result.stderr
     assert result.stdout == ""
+
+
+def test_the_gateway_relays_answers_and_loses_only_those_it_is_told_to_after_forwarding(
+    http_server: HTTPTestServer,
+) -> None:
+    http_server.route("/api/v1/jobs/j/claim", method="POST", status=200, body='{"ok": true}')
+    gateway = Gateway(http_server.url)
+    try:
+        gateway.lose_answers("POST", "/claim")
+        lost = requests.post(f"{gateway.url}/api/v1/jobs/j/claim", json={"attempt": 1}, timeout=5)
+        relayed = requests.post(f"{gateway.url}/api/v1/jobs/j/claim?x=1", json={"attempt": 1}, timeout=5)
+    finally:
+        gateway.close()
+    assert lost.status_code == 502 and relayed.status_code == 200 and relayed.json() == {"ok": True}
+    assert [r.body for r in http_server.requests] == [b'{"attempt": 1}'] * 2  # both reached the server
+    assert gateway.lost == ["POST /api/v1/jobs/j/claim"]

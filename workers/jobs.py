@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,9 +278,10 @@ class JobRunner:
     def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
         """Claim the attempt. While its project runs as many jobs as it may, the control plane cannot be reached, or
         it answers with something that is not this claim (a proxy's page), wait and claim again, holding the
-        message, until its envelope expires; raises Stopping when the agent stops meanwhile."""
+        message, until its envelope expires; raises Stopping when the agent stops meanwhile. Every try carries the
+        same ``claim_id``: a try after a granted claim whose answer was lost is granted again, not refused."""
         delay = 1.0
-        request: dict[str, Any] = {"attempt": envelope.attempt}
+        request: dict[str, Any] = {"attempt": envelope.attempt, "claim_id": uuid.uuid4().hex}
         if first_task is not None:
             request["task"] = first_task  # it starts right after the claim: the control plane tells watchers
         flushed = False

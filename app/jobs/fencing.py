@@ -80,15 +80,17 @@ def run_deadline(job: Job, claimed: datetime) -> datetime | None:
 
 
 def claim_job(
-    *, caller: Principal, job_id: str, attempt: int, task: str | None = None
+    *, caller: Principal, job_id: str, attempt: int, task: str | None = None, claim_id: str | None = None
 ) -> tuple[Job, JobAttempt, dict[str, str]]:
-    """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim.
+    """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim, but the
+    same claim made again (see ``_made_again``).
 
-    ``task`` names the workflow's first task, which the agent starts right after the claim. Returns the job, its
-    attempt and the values of the project secrets its workflow names.
+    ``task`` names the workflow's first task, which the agent starts right after the claim; ``claim_id`` is the
+    agent's name for this claim, the same in each of its tries. Returns the job, its attempt and the values of the
+    project secrets its workflow names.
     """
     job, row, max_running = _claimable(caller, job_id, attempt)
-    secrets = _take(caller, job, row, max_running, task)
+    secrets = _take(caller, job, row, max_running, task, claim_id)
     db.session.commit()
     return job, row, secrets
 
@@ -119,13 +121,19 @@ def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAt
     return job, row, max_running
 
 
-def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None) -> dict[str, str]:
+def _take(
+    caller: Principal, job: Job, row: JobAttempt, max_running: int | None, task: str | None, claim_id: str | None
+) -> dict[str, str]:
     """Move the claimable job to ``running`` with a lease, uncommitted; 409 when that is refused (a full project's
-    refusal rolls back at once, releasing the project's lock; the caller rolls back any other).
+    refusal rolls back at once, releasing the project's lock; the caller rolls back any other). The same claim made
+    again only renews the lease.
 
     Returns the values of the project secrets the workflow names, read in the same transaction: should reading
     them fail (the database gone), the claim is rolled back with it, and the agent's retry can claim again.
     """
+    if _made_again(caller, row, claim_id):
+        _renew(job, row, {})
+        return secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow)
     now, expires = _lease()
     if max_running is not None:
         # Serialize the claims of a limited project (a row lock on MariaDB; SQLite has a single writer anyway).
@@ -164,6 +172,7 @@ def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None,
         row,
         AttemptState.RUNNING,
         agent_id=caller.agent_id,
+        claim_id=claim_id,
         claimed_at=now,
         lease_expires_at=expires,
         deadline_at=run_deadline(job, now),
@@ -171,6 +180,19 @@ def _take(caller: Principal, job: Job, row: JobAttempt, max_running: int | None,
     if task is not None:
         _task_started(job, row.number, task)
     return secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow)
+
+
+def _made_again(caller: Principal, row: JobAttempt, claim_id: str | None) -> bool:
+    """Whether a claim repeats the one that made this attempt the caller's: the agent sends each of its tries of a
+    claim with the same ``claim_id``, so a try made after a granted claim's answer was lost on the way (a gateway's
+    502, a connection cut) is answered as a claim again, instead of 409 and a job that waits for its lease to expire.
+    A second delivery of the job's message is claimed under another id, and refused."""
+    return (
+        claim_id is not None
+        and row.state == AttemptState.RUNNING.value
+        and row.agent_id == caller.agent_id
+        and row.claim_id == claim_id
+    )
 
 
 def _task_started(job: Job, attempt: int, task: str) -> None:
@@ -326,7 +348,13 @@ def _refused(report: FinishedReport, exc: AppError) -> FinishedOut:
 
 
 def claim_carrying(
-    *, caller: Principal, job_id: str, attempt: int, task: str | None, reports: Sequence[FinishedReport]
+    *,
+    caller: Principal,
+    job_id: str,
+    attempt: int,
+    task: str | None,
+    reports: Sequence[FinishedReport],
+    claim_id: str | None = None,
 ) -> tuple[Job, JobAttempt, dict[str, str], list[FinishedOut]]:
     """Record the final states a claim carries, each as if reported alone, then make the claim.
 
@@ -371,14 +399,16 @@ def claim_carrying(
         _record_alone(caller, reports, pending, outcomes)
         if claimable is not None:
             try:
-                job, row, secrets = claim_job(caller=caller, job_id=job_id, attempt=attempt, task=task)
+                job, row, secrets = claim_job(
+                    caller=caller, job_id=job_id, attempt=attempt, task=task, claim_id=claim_id
+                )
                 claimable = (job, row, None)
             except AppError as exc:
                 refusal = exc
     else:
         try:
             if claimable is not None:
-                secrets = _take(caller, *claimable, task)
+                secrets = _take(caller, *claimable, task, claim_id)
         except AppError as exc:
             _record_alone(caller, reports, pending, outcomes)
             refusal = exc

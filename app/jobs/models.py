@@ -93,6 +93,7 @@ class JobAttempt(Base):
     number: Mapped[int]
     state: Mapped[str] = mapped_column(String(16), default="queued")
     agent_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    claim_id: Mapped[str | None] = mapped_column(String(64), default=None)  # the agent's name for its claim
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # None: not yet sent
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # a retry's backoff

@@ -166,6 +166,12 @@ class ClaimRequest(Request):
     attempt: int = Field(ge=1, le=BIGGEST)
     task: str | None = Field(None, min_length=1, max_length=NAME_LIMIT, description="the first task, about to start")
     finished: list[FinishedReport] = Field(default_factory=list, max_length=MAX_FINISHED_PER_CLAIM)
+    claim_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{16,64}$",
+        description="the agent's name for this claim, the same in each try: a try made after the claim was granted "
+        "(its answer lost on the way) is answered as a claim again",
+    )
 
 
 class TaskResultOut(Response):

@@ -305,7 +305,12 @@ def claim(job_id: str) -> Response:
     caller = principal()
     charge_rate_limit(len(data.finished))  # each carried report counts as the request it saves
     job, attempt, secrets, finished = fencing.claim_carrying(
-        caller=caller, job_id=job_id, attempt=data.attempt, task=data.task, reports=data.finished
+        caller=caller,
+        job_id=job_id,
+        attempt=data.attempt,
+        task=data.task,
+        reports=data.finished,
+        claim_id=data.claim_id,
     )
     assert attempt.lease_expires_at is not None
     return reply(

@@ -6,12 +6,12 @@ import threading
 from datetime import datetime, timedelta
 
 from flask import Flask
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs import service as jobs
-from app.jobs.models import JobAttempt
+from app.jobs.models import JobAttempt, JobEvent
 from app.jobs.schemas import ClaimOut
 from tests.app.support import Api, MakeApp, Tenant, token
 
@@ -234,3 +234,60 @@ def test_a_claim_may_name_the_first_task_it_starts(api: Api, world: dict[str, Te
     assert bad.status_code in (400, 422)
     response = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json={"attempt": 1, "task": "a"})
     assert response.status_code == 200 and response.json["state"] == "running"
+
+
+def test_a_claim_made_again_under_its_claim_id_is_granted_again_and_only_renews_the_lease(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    """The agent's first try was granted, but its answer was lost on the way: the same claim, tried again, is granted
+    again (the lease renewed, nothing else written), not refused as a second claim."""
+    acme = world["acme"]
+    body = {"attempt": 1, "task": "a", "claim_id": "c" * 32}
+    first = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert first.status_code == 200
+    with app.app_context():
+        soon = utcnow() + timedelta(seconds=5)
+        db.session.execute(update(JobAttempt).where(JobAttempt.job_id == acme.queued).values(lease_expires_at=soon))
+        db.session.commit()
+        events = db.session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == acme.queued))
+    again = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
+    assert again.status_code == 200, again.json
+    granted = ClaimOut.model_validate(again.json)
+    assert granted.attempt == 1 and granted.state == "running" and granted.workflow == first.json["workflow"]
+    assert (granted.lease_expires_at - datetime.now(granted.lease_expires_at.tzinfo)).total_seconds() > 80
+    with app.app_context():
+        row = db.session.scalars(select(JobAttempt).where(JobAttempt.job_id == acme.queued)).one()
+        assert row.claimed_at is not None and row.claimed_at.isoformat() <= first.json["lease_expires_at"]
+        assert (
+            db.session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == acme.queued))
+            == events
+        )
+    detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
+    assert detail["state"] == "running" and len(detail["attempts"]) == 1
+
+
+def test_a_second_claim_under_another_claim_id_or_none_or_by_another_agent_is_still_refused(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    url = f"/api/v1/jobs/{acme.queued}/claim"
+    ours = "k" * 16
+    for bad in ("short", "x" * 65, "no spaces here at all"):
+        assert api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": bad}).status_code in (400, 422)
+    assert api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": ours}).status_code == 200
+    other = token("acme", "agent", agent="a2")
+    api.post("/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"})
+    for bearer, body in (
+        (acme.tokens["agent"], {"attempt": 1, "claim_id": "m" * 16}),  # a second delivery of the message
+        (acme.tokens["agent"], {"attempt": 1}),
+        (other, {"attempt": 1, "claim_id": ours}),
+    ):
+        response = api.post(url, bearer, json=body)
+        assert response.status_code == 409 and response.json["error"] == "invalid_transition", (body, response.json)
+    api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
+    refused = api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": ours})
+    assert refused.status_code == 409 and refused.json["error"] == "job_cancelled"
+    status = {"attempt": 1, "state": "cancelled"}
+    assert api.post(f"/api/v1/jobs/{acme.queued}/status", acme.tokens["agent"], json=status).status_code == 200
+    over = api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": ours})
+    assert over.status_code == 409 and over.json["error"] in ("job_cancelled", "invalid_transition")

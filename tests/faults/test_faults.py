@@ -11,6 +11,7 @@ import requests
 
 from tests.e2e.test_dispatch import marker_workflow, runs, wait_until
 from tests.servers.platform import Platform
+from tests.servers.proxy import Gateway
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -138,3 +139,27 @@ def test_mariadb_stopped_under_submission_load_answers_503_then_recovers_with_no
     assert {job["state"] for job in finished.values()} == {"completed"}
     listed = platform.api("GET", "/jobs?limit=500", platform.token("viewer", tenant)).json()
     assert listed["total"] == len(accepted)  # no job was half-written: every stored job was acknowledged
+
+
+def test_a_granted_claim_whose_answer_is_lost_is_made_again_and_runs_in_its_first_attempt(
+    make_platform: MakePlatform, tmp_path
+):
+    """A gateway between agent and control plane loses the answer to the first claim, after the control plane
+    granted it: the agent's next try of the same claim is granted again, so the job runs at once, once, in its
+    first attempt, instead of waiting for the lease to expire and running in a second one."""
+    platform = make_platform()
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    gateway = Gateway(platform.url)
+    try:
+        platform.start_agent(tenant, project, "gw", CONTROL_PLANE_URL=gateway.url)
+        gateway.lose_answers("POST", "/claim")
+        marker = tmp_path / "mark"
+        job_id = platform.submit(operator, marker_workflow(str(marker)))["job_id"]
+        job = settle(platform, tenant, [job_id])[job_id]
+        lost = gateway.lost
+    finally:
+        gateway.close()
+    assert lost == [f"POST /api/v1/jobs/{job_id}/claim"]
+    assert job["state"] == "completed" and [a["state"] for a in job["attempts"]] == ["completed"], job
+    assert runs(marker) == 1

@@ -175,6 +175,22 @@ def test_a_claim_the_control_plane_could_not_answer_is_made_again_until_it_does(
     assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/claim", "/jobs/j1/claim", "/jobs/j1/status"]
 
 
+def test_every_try_of_a_claim_carries_the_same_claim_id_and_each_message_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """So that a try made after a granted claim's answer was lost is granted again (the control plane matches the
+    id), while a second delivery of the message, claimed under a new id, is refused."""
+    recorder = Recorder(claims=[UNREACHABLE, NOT_A_CLAIM, Reply(200, {})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    pauses(runner, monkeypatch)
+    assert runner.run(envelope("j1")) == "completed"
+    assert runner.run(envelope("j1")) == "completed"  # the same message again (the recorder grants anything)
+    runner.outbox.flush(5)
+    ids = [body.get("claim_id") for _, path, body in recorder.calls if path.endswith("/claim")]
+    assert len(ids) == 4 and ids[0] == ids[1] == ids[2] != ids[3]
+    assert all(isinstance(i, str) and 16 <= len(i) <= 64 and i.isalnum() for i in ids)
+
+
 def test_a_claim_still_unanswered_when_its_message_expires_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder(claims=[UNREACHABLE] * 10)
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
