@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ exit codes:
 
 configured by CONTROL_PLANE_URL and JWT_TOKEN (and CONTROL_PLANE_CA_FILE for a private CA); see docs/CLI.md
 """
+ID_HELP = "the job's id, or enough of its start to name one job (the 8 characters `jobs watch` prints)"
 STATES = ("pending", "queued", "running", "completed", "failed", "timed_out", "cancelled", "dead_letter")
 LOG_PAGE = 500
 LOG_WAIT = 25  # seconds the server may hold a follow request (the contract allows 30)
@@ -47,6 +49,11 @@ TOO_MANY_AGENTS = "--agent: at most {limit} agents at once, not {count}"
 POLLING = "automation: the control plane serves no live events for this job ({why}); polling it every second"
 NO_LOG_ROUTE = "automation: the control plane does not serve job logs; showing the tasks' output instead"
 TRUNCATED = "automation: the control plane truncated this job's log (it keeps a bounded number of lines per job)"
+
+WHOLE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ID_START = re.compile(r"[0-9a-f-]{4,35}")
+NO_JOB_STARTS = "no job of yours has an id that starts with {start!r}"
+AMBIGUOUS_ID = "{start!r} starts the ids of several jobs ({ids}, ...): give more of the id"
 
 NO_VALUE = 'no value: pipe it in (printf %s "$VALUE" | automation secrets set NAME ...) or use --from-env VARIABLE'
 NO_VARIABLE = "--from-env {name}: that variable is not set"
@@ -61,6 +68,27 @@ def _out(data: Any) -> None:
 
 def _line(data: Any) -> None:
     print(json.dumps(data), flush=True)
+
+
+def whole_job_id(client: Client, given: str) -> str:
+    """The id of the one job whose id starts with ``given`` (the first 8 characters, as `jobs watch` prints them,
+    are enough while no other job shares them); ``given`` itself when it is a whole id, or no start of one (the API
+    then answers for it), or when the control plane cannot look ids up by their start."""
+    start = given.strip().lower()
+    if WHOLE_ID.fullmatch(start) or not ID_START.fullmatch(start):
+        return given
+    try:
+        page = client.call("GET", "/jobs", params={"id_prefix": start, "limit": 2})
+    except ApiError as exc:
+        if exc.status != 400:  # 400: an older control plane, which knows no id_prefix
+            raise
+        return given
+    ids = [str(job["job_id"]) for job in page.get("jobs") or []]
+    if not ids:
+        raise ApiError(404, "not_found", NO_JOB_STARTS.format(start=start))
+    if len(ids) > 1:
+        raise UsageError(AMBIGUOUS_ID.format(start=start, ids=", ".join(ids)))
+    return ids[0]
 
 
 def read_workflow(path: str) -> str:
@@ -362,7 +390,10 @@ def run(handler: Handler) -> Callable[[argparse.Namespace], int]:
 
     def command(args: argparse.Namespace) -> int:
         try:
-            return handler(Client.from_environment(args.url, args.token), args)
+            client = Client.from_environment(args.url, args.token)
+            if getattr(args, "job_id", None) is not None:
+                args.job_id = whole_job_id(client, args.job_id)
+            return handler(client, args)
         except ClientError as exc:
             print(f"automation: {exc.message}", file=sys.stderr)
             return exc.exit_code
@@ -429,18 +460,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--limit", type=_limit, default=50, help="at most this many (1-500, default 50)")
 
     get = action(group, "get", jobs_get, "show a job with its tasks")
-    get.add_argument("job_id")
+    get.add_argument("job_id", help=ID_HELP)
 
     live = action(group, "watch", jobs_watch, "follow a job live, a line per task, until it ends")
-    live.add_argument("job_id")
+    live.add_argument("job_id", help=ID_HELP)
 
     logs = action(group, "logs", jobs_logs, "print a job's log lines")
-    logs.add_argument("job_id")
+    logs.add_argument("job_id", help=ID_HELP)
     logs.add_argument("--follow", "-f", action="store_true", help="wait for new lines until the job has ended")
     logs.add_argument("--after", type=int, default=0, metavar="CURSOR", help="start after this cursor")
 
     cancel = action(group, "cancel", jobs_cancel, "cancel a job (a running one stops at its agent)")
-    cancel.add_argument("job_id")
+    cancel.add_argument("job_id", help=ID_HELP)
     cancel.add_argument("--reason", help="why (kept as the job's error)")
 
     agents = commands.add_parser(

@@ -100,10 +100,18 @@ def task_duration(task: dict[str, Any]) -> str:
 def jobs_table(jobs: Sequence[dict[str, Any]]) -> str:
     """``automation jobs list``."""
     rows = [
-        (j["job_id"], j.get("name"), j.get("state"), j.get("attempt"), j.get("agent_id"), when(j.get("created_at")))
+        (j["job_id"], j.get("name"), j.get("state"), j.get("attempt"), agent_of(j), when(j.get("created_at")))
         for j in jobs
     ]
     return table(("JOB ID", "NAME", "STATE", "ATTEMPT", "AGENT", "CREATED"), rows)
+
+
+def agent_of(job: dict[str, Any]) -> str | None:
+    """Where a listed job runs or ran: the agent that claimed its current attempt, else the one it is pinned to
+    (marked so), else none yet."""
+    if job.get("ran_on"):
+        return str(job["ran_on"])
+    return f"{job['agent_id']} (pinned)" if job.get("agent_id") else None
 
 
 def agents_table(agents: Sequence[dict[str, Any]]) -> str:

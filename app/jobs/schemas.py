@@ -84,6 +84,7 @@ class JobListQuery(Page):
     project_id: str | None = None
     state: JobState | None = None
     agent_id: str | None = None
+    id_prefix: str | None = Field(None, min_length=4, max_length=36, pattern=r"^[0-9a-f-]+$")
 
 
 DeadLetterReason = Literal["expired", "refused", "poison", "lost", "no_agent"]
@@ -266,10 +267,16 @@ class JobBatchOut(Response):
     jobs: list[JobSubmitted]
 
 
+class JobListItem(JobOut):
+    """A job as the list shows it: also the agent its current attempt was claimed by (None until it is claimed)."""
+
+    ran_on: str | None
+
+
 class JobList(Response):
     """A page of jobs, newest first."""
 
-    jobs: list[JobOut]
+    jobs: list[JobListItem]
     total: int
     limit: int
     offset: int

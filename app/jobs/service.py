@@ -4,9 +4,10 @@ is in ``app/jobs/submission.py``."""
 from __future__ import annotations
 
 from datetime import UTC
+from typing import Any
 
 from flask import current_app
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, and_, delete, func, select, update
 
 from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant, deny
@@ -20,6 +21,7 @@ from app.jobs.schemas import DeadLetterQuery, JobListQuery, JobUpdate, RequeueRe
 from app.jobs.states import FINAL_STATES, NOT_STARTED, AttemptState, JobState, transition, transition_attempt
 from app.jobs.submission import check_target, target_platform
 from app.jobs.workflows import validate_workflow
+from app.schemas import Page
 
 JOB_STARTED = "job {job_id} is {state}; only a job that has not started can be changed"
 JOB_ACTIVE = "job {job_id} is {state}; cancel it or wait until it finishes before deleting it"
@@ -48,8 +50,9 @@ def visible(caller: Principal, job_id: str, job: Job | None) -> Job:
     return job
 
 
-def list_jobs(*, caller: Principal, params: JobListQuery) -> tuple[list[Job], int]:
-    """Return a page of the caller's jobs, newest first, and how many match in all."""
+def list_jobs(*, caller: Principal, params: JobListQuery) -> tuple[list[tuple[Job, str | None]], int]:
+    """Return a page of the caller's jobs, newest first, each with the agent that claimed its current attempt
+    (None until claimed), and how many match in all."""
     check_tenant(caller, params.tenant_id)
     query = select(Job).where(Job.tenant_id == caller.tenant_id)
     project_id = check_project(caller, params.project_id)
@@ -59,9 +62,23 @@ def list_jobs(*, caller: Principal, params: JobListQuery) -> tuple[list[Job], in
         query = query.where(Job.state == params.state.value)
     if params.agent_id is not None:
         query = query.where(Job.agent_id == params.agent_id)
+    if params.id_prefix is not None:  # hexadecimal digits and dashes only: nothing LIKE would take as a wildcard
+        query = query.where(Job.id.startswith(params.id_prefix))
+    return _page(query, (Job.created_at.desc(), Job.id), params)
+
+
+def _page(query: Select[Job], order: tuple[Any, ...], params: Page) -> tuple[list[tuple[Job, str | None]], int]:
+    """One page of the jobs ``query`` selects, in ``order``, each with the agent that claimed its current attempt (None
+    until claimed), and how many it selects in all."""
     total = db.session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = query.order_by(Job.created_at.desc(), Job.id).limit(params.limit).offset(params.offset)
-    return list(db.session.scalars(page)), total
+    page = (
+        query.add_columns(JobAttempt.agent_id)
+        .outerjoin(JobAttempt, and_(JobAttempt.job_id == Job.id, JobAttempt.number == Job.attempt))
+        .order_by(*order)
+        .limit(params.limit)
+        .offset(params.offset)
+    )
+    return [(job, ran_on) for job, ran_on in db.session.execute(page)], total
 
 
 def get_job(*, caller: Principal, job_id: str) -> Job:
@@ -193,8 +210,9 @@ def _current_attempt(job: Job) -> JobAttempt | None:
     return db.session.scalar(select(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.number == job.attempt))
 
 
-def list_dead_letters(*, caller: Principal, params: DeadLetterQuery) -> tuple[list[Job], int]:
-    """Return a page of the caller's dead-lettered jobs, newest first, and how many match in all."""
+def list_dead_letters(*, caller: Principal, params: DeadLetterQuery) -> tuple[list[tuple[Job, str | None]], int]:
+    """Return a page of the caller's dead-lettered jobs, newest first, each with the agent that claimed its last
+    attempt, and how many match in all."""
     check_tenant(caller, params.tenant_id)
     query = select(Job).where(Job.tenant_id == caller.tenant_id, Job.state == JobState.DEAD_LETTER.value)
     project_id = check_project(caller, params.project_id)
@@ -202,9 +220,7 @@ def list_dead_letters(*, caller: Principal, params: DeadLetterQuery) -> tuple[li
         query = query.where(Job.project_id == project_id)
     if params.reason is not None:
         query = query.where(Job.dead_letter_reason == params.reason)
-    total = db.session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = query.order_by(Job.finished_at.desc(), Job.id).limit(params.limit).offset(params.offset)
-    return list(db.session.scalars(page)), total
+    return _page(query, (Job.finished_at.desc(), Job.id), params)
 
 
 def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:

@@ -25,6 +25,7 @@ from app.jobs.schemas import (
     JobBatchSubmit,
     JobDetail,
     JobList,
+    JobListItem,
     JobListQuery,
     JobOut,
     JobSubmit,
@@ -36,6 +37,7 @@ from app.jobs.schemas import (
     TaskResultOut,
 )
 from app.ratelimit import charge_rate_limit
+from app.schemas import Page
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
@@ -58,6 +60,11 @@ def submitted(job: Job, replayed: str | None = None) -> JobSubmitted:
 def job_out(job: Job) -> JobOut:
     """Return the response model of a job."""
     return JobOut(**_fields(job))
+
+
+def _job_list(jobs: list[tuple[Job, str | None]], total: int, params: Page) -> JobList:
+    items = [JobListItem(**_fields(job), ran_on=ran_on) for job, ran_on in jobs]
+    return JobList(jobs=items, total=total, limit=params.limit, offset=params.offset)
 
 
 def _fields(job: Job) -> dict[str, Any]:
@@ -213,7 +220,7 @@ def list_jobs() -> Response:
     """List jobs."""
     params = query(JobListQuery)
     jobs, total = service.list_jobs(caller=principal(), params=params)
-    return reply(JobList(jobs=[job_out(j) for j in jobs], total=total, limit=params.limit, offset=params.offset))
+    return reply(_job_list(jobs, total, params))
 
 
 @bp.get("/<job_id>")
@@ -375,4 +382,4 @@ def list_dead_letters() -> Response:
     """List dead-lettered jobs."""
     params = query(DeadLetterQuery)
     jobs, total = service.list_dead_letters(caller=principal(), params=params)
-    return reply(JobList(jobs=[job_out(j) for j in jobs], total=total, limit=params.limit, offset=params.offset))
+    return reply(_job_list(jobs, total, params))

@@ -596,6 +596,67 @@ def test_a_job_and_lists_are_readable_tables(cli: Any, http_server: HTTPTestServ
     ]
 
 
+def test_the_jobs_list_shows_where_each_job_runs_or_ran(cli: Any, http_server: HTTPTestServer) -> None:
+    jobs = [
+        {**job("completed"), "job_id": "aaaa", "agent_id": None, "ran_on": "web7"},
+        {**job("running"), "job_id": "bbbb", "agent_id": "a1", "ran_on": "a1"},
+        {**job("queued"), "job_id": "cccc", "agent_id": "a1", "ran_on": None},
+        {**job("pending"), "job_id": "dddd", "agent_id": None, "ran_on": None},
+    ]
+    http_server.route("/api/v1/jobs", body=fixed({"jobs": jobs, "total": 4, "limit": 50, "offset": 0}))
+    status, out, _ = cli("jobs", "list")
+    assert status == 0
+    assert [line.split()[4:-2] for line in out.splitlines()[1:]] == [["web7"], ["a1"], ["a1", "(pinned)"], ["-"]]
+
+
+def lookup(http_server: HTTPTestServer, *ids: str, status: int = 200) -> list[ReceivedRequest]:
+    """Answer GET /api/v1/jobs with the jobs ``ids`` (or an error ``status``); returns the requests it gets."""
+    found = [{**job(), "job_id": i, "ran_on": None} for i in ids]
+    body = (
+        {"jobs": found, "total": len(ids), "limit": 2, "offset": 0} if status == 200 else {"error": "invalid_request"}
+    )
+    http_server.route("/api/v1/jobs", body=fixed(body, status))
+    return http_server.requests
+
+
+def test_a_job_is_named_by_the_start_of_its_id_as_watch_prints_it(cli: Any, http_server: HTTPTestServer) -> None:
+    requests = lookup(http_server, JOB)
+    http_server.route(API, body=fixed(job("completed")))
+    status, out, err = cli("jobs", "get", JOB[:8].upper())
+    assert status == 0, err
+    assert f"job {JOB}  hello" in out
+    assert [r.path for r in requests] == [f"/api/v1/jobs?id_prefix={JOB[:8]}&limit=2", API]
+    requests.clear()
+    assert cli("jobs", "get", JOB)[0] == 0 and [r.path for r in requests] == [API]  # a whole id: no lookup
+
+
+def test_a_start_of_an_id_that_names_no_job_or_several_is_refused(cli: Any, http_server: HTTPTestServer) -> None:
+    lookup(http_server)
+    status, out, err = cli("jobs", "cancel", "3f2a1b2c")
+    assert (status, out) == (
+        3,
+        "",
+    ) and err.strip() == "automation: no job of yours has an id that starts with '3f2a1b2c'"
+    other = JOB[:-1] + "2"
+    lookup(http_server, JOB, other)
+    status, out, err = cli("jobs", "watch", "3f2a")
+    assert (status, out) == (2, "")
+    assert (
+        err.strip() == f"automation: '3f2a' starts the ids of several jobs ({JOB}, {other}, ...): give more of the id"
+    )
+
+
+def test_against_a_control_plane_that_cannot_look_ids_up_the_id_goes_as_given(
+    cli: Any, http_server: HTTPTestServer
+) -> None:
+    requests = lookup(http_server, status=400)
+    missing = {"error": "not_found", "message": "job '3f2a1b2c' does not exist"}
+    http_server.route("/api/v1/jobs/3f2a1b2c", body=fixed(missing, 404))
+    status, _, err = cli("jobs", "get", "3f2a1b2c")
+    assert status == 3 and "job '3f2a1b2c' does not exist" in err
+    assert [r.path.split("?")[0] for r in requests] == ["/api/v1/jobs", "/api/v1/jobs/3f2a1b2c"]
+
+
 def test_the_client_loads_neither_flask_nor_the_database_nor_the_rest_of_the_app() -> None:
     probe = textwrap.dedent(
         """\

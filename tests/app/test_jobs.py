@@ -104,6 +104,29 @@ def test_jobs_are_listed_newest_first_with_filters_paging_and_a_total(api: Api, 
     assert api.get("/api/v1/jobs?colour=red", viewer).status_code == 400
 
 
+def test_listed_jobs_name_the_agent_that_claimed_their_current_attempt(api: Api, world: dict[str, Tenant]) -> None:
+    acme = world["acme"]
+    listing = api.get("/api/v1/jobs", acme.tokens["viewer"]).json
+    ran_on = {job["job_id"]: job["ran_on"] for job in listing["jobs"]}
+    assert ran_on == {acme.pending: None, acme.queued: None, acme.running: "a1", acme.completed: "a1"}
+    assert {job["agent_id"] for job in listing["jobs"]} == {None}  # none is pinned: agent_id stays the pin
+
+
+def test_jobs_are_found_by_the_start_of_their_id_within_the_callers_tenant_only(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme, globex = world["acme"], world["globex"]
+    for job_id in (acme.pending, acme.completed):
+        found = api.get(f"/api/v1/jobs?id_prefix={job_id[:8]}", acme.tokens["viewer"]).json
+        assert [job["job_id"] for job in found["jobs"]] == [job_id] and found["total"] == 1
+    whole = api.get(f"/api/v1/jobs?id_prefix={acme.running}", acme.tokens["viewer"]).json
+    assert [job["job_id"] for job in whole["jobs"]] == [acme.running]
+    assert api.get(f"/api/v1/jobs?id_prefix={acme.running[:8]}", globex.tokens["viewer"]).json["total"] == 0
+    for bad in ("abc", "ABCD1234", "ab%d", "a_cd", acme.running + "0"):
+        refused = api.get(f"/api/v1/jobs?id_prefix={bad}", acme.tokens["viewer"])
+        assert refused.status_code == 400 and refused.json["error"] == "invalid_request", bad
+
+
 def test_a_job_is_read_with_its_attempts_task_results_and_history(api: Api, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
     response = api.get(f"/api/v1/jobs/{acme.completed}", acme.tokens["viewer"])

@@ -218,6 +218,8 @@ def test_too_many_lost_attempts_dead_letter_the_job(
         job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
         assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "lost"
         assert [a["state"] for a in job["attempts"]] == ["lost", "lost"]
+        listed = api.get("/api/v1/dead-letters?reason=lost", acme.tokens["viewer"]).json["jobs"]
+        assert [(j["job_id"], j["ran_on"]) for j in listed] == [(job_id, acme.agent)]  # where it was lost
     finally:
         app.config["MAX_LOST_ATTEMPTS"] = 3
     # the reaper runs in the dispatcher, with no job of its own: its lines name the job they are about

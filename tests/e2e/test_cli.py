@@ -162,12 +162,26 @@ def test_list_and_get_show_tables_and_a_readable_job(fleet: Fleet, finished: dic
     assert listed.returncode == 0
     header, *rows = listed.stdout.splitlines()
     assert header.split() == ["JOB", "ID", "NAME", "STATE", "ATTEMPT", "AGENT", "CREATED"]
-    assert any(row.split()[:3] == [finished["job_id"], "greets", "completed"] for row in rows)
+    assert any(row.split()[:5] == [finished["job_id"], "greets", "completed", "1", "cli1"] for row in rows), rows
     shown = fleet.run("jobs", "get", finished["job_id"])
     assert shown.returncode == 0
     assert f"job {finished['job_id']}  greets" in shown.stdout and "ran on cli1" in shown.stdout
     assert "WHO=ops" in shown.stdout
     assert "greet  succeeded" in shown.stdout and GREETING in shown.stdout
+
+
+def test_the_eight_characters_watch_prints_name_the_job_for_every_command(fleet: Fleet, finished: dict) -> None:
+    short = finished["job_id"][:8]
+    watched = fleet.run("jobs", "watch", short)
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.splitlines()[-1].split()[1:3] == ["job", finished["job_id"]]
+    shown = fleet.run("jobs", "get", short)
+    assert shown.returncode == 0 and f"job {finished['job_id']}  greets" in shown.stdout
+    logs = fleet.run("jobs", "logs", short)
+    assert logs.returncode == 0 and GREETING in logs.stdout
+    other, _ = fleet.platform.tenant()
+    elsewhere = fleet.run("jobs", "get", short, token=fleet.platform.token("viewer", other))
+    assert elsewhere.returncode == 3 and f"no job of yours has an id that starts with '{short}'" in elsewhere.stderr
 
 
 def test_a_running_job_is_cancelled_and_watch_exits_1(fleet: Fleet) -> None:
