@@ -72,15 +72,18 @@ def _line(data: Any) -> None:
 
 def whole_job_id(client: Client, given: str) -> str:
     """The id of the one job whose id starts with ``given`` (the first 8 characters, as `jobs watch` prints them,
-    are enough while no other job shares them); ``given`` itself when it is a whole id, or no start of one (the API
-    then answers for it), or when the control plane cannot look ids up by their start."""
+    are enough while no other job shares them); a whole id as it is (in lower case); ``given`` itself when it is
+    no start of an id (the API then answers for it), or when the control plane cannot look ids up by their start
+    or the token may not list jobs (an agent's)."""
     start = given.strip().lower()
-    if WHOLE_ID.fullmatch(start) or not ID_START.fullmatch(start):
+    if WHOLE_ID.fullmatch(start):
+        return start
+    if not ID_START.fullmatch(start):
         return given
     try:
         page = client.call("GET", "/jobs", params={"id_prefix": start, "limit": 2})
     except ApiError as exc:
-        if exc.status != 400:  # 400: an older control plane, which knows no id_prefix
+        if exc.status not in (400, 403):  # an older control plane (no id_prefix); a token that may not list jobs
             raise
         return given
     ids = [str(job["job_id"]) for job in page.get("jobs") or []]

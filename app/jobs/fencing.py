@@ -89,6 +89,20 @@ def claim_job(
     agent's name for this claim, the same in each of its tries. Returns the job, its attempt and the values of the
     project secrets its workflow names.
     """
+    try:
+        return _claim_once(caller, job_id, attempt, task, claim_id)
+    except Conflict as exc:
+        if exc.code != "concurrent_update" or claim_id is None:
+            raise
+        db.session.rollback()
+    # An earlier try of this very claim (still being answered when the agent gave up on it) may be what changed
+    # the job meanwhile: read it again, and it is granted as the same claim made again.
+    return _claim_once(caller, job_id, attempt, task, claim_id)
+
+
+def _claim_once(
+    caller: Principal, job_id: str, attempt: int, task: str | None, claim_id: str | None
+) -> tuple[Job, JobAttempt, dict[str, str]]:
     job, row, max_running = _claimable(caller, job_id, attempt)
     secrets = _take(caller, job, row, max_running, task, claim_id)
     db.session.commit()
@@ -131,8 +145,8 @@ def _take(
     Returns the values of the project secrets the workflow names, read in the same transaction: should reading
     them fail (the database gone), the claim is rolled back with it, and the agent's retry can claim again.
     """
-    if _made_again(caller, row, claim_id):
-        _renew(job, row, {})
+    if _made_again(caller, row, claim_id):  # the run starts now: its deadline counts from now
+        _renew(job, row, {"deadline_at": run_deadline(job, utcnow())})
         return secretstore.for_workflow(job.tenant_id, job.project_id, job.workflow)
     now, expires = _lease()
     if max_running is not None:
@@ -365,7 +379,8 @@ def claim_carrying(
     concurrent update), the transaction is rolled back, each report not yet committed is recorded in a
     transaction of its own, and the claim is made alone. Should the claim's write be refused (a full project, a
     concurrent claim), the reports are recorded the same way and the refusal stands: asking again would get the
-    same answer.
+    same answer (but for a concurrent claim under the same ``claim_id``, an earlier try of this claim: the claim
+    is then read again, and granted as made again).
 
     Returns the claimed job, its attempt, the values of the project secrets its workflow names (read before the
     commit) and the reports' outcomes, in their order. Raises the claim's refusal,
@@ -412,6 +427,14 @@ def claim_carrying(
         except AppError as exc:
             _record_alone(caller, reports, pending, outcomes)
             refusal = exc
+            if exc.code == "concurrent_update" and claim_id is not None:  # perhaps an earlier try of this claim
+                try:
+                    job, row, secrets = claim_job(
+                        caller=caller, job_id=job_id, attempt=attempt, task=task, claim_id=claim_id
+                    )
+                    claimable, refusal = (job, row, None), None
+                except AppError as again:
+                    refusal = again
         else:
             db.session.commit()
     if refusal is not None:

@@ -62,8 +62,8 @@ def list_jobs(*, caller: Principal, params: JobListQuery) -> tuple[list[tuple[Jo
         query = query.where(Job.state == params.state.value)
     if params.agent_id is not None:
         query = query.where(Job.agent_id == params.agent_id)
-    if params.id_prefix is not None:  # hexadecimal digits and dashes only: nothing LIKE would take as a wildcard
-        query = query.where(Job.id.startswith(params.id_prefix))
+    if params.id_prefix is not None:
+        query = query.where(Job.id.startswith(params.id_prefix, autoescape=True))
     return _page(query, (Job.created_at.desc(), Job.id), params)
 
 

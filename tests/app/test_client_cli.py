@@ -627,7 +627,7 @@ def test_a_job_is_named_by_the_start_of_its_id_as_watch_prints_it(cli: Any, http
     assert f"job {JOB}  hello" in out
     assert [r.path for r in requests] == [f"/api/v1/jobs?id_prefix={JOB[:8]}&limit=2", API]
     requests.clear()
-    assert cli("jobs", "get", JOB)[0] == 0 and [r.path for r in requests] == [API]  # a whole id: no lookup
+    assert cli("jobs", "get", JOB.upper())[0] == 0 and [r.path for r in requests] == [API]  # a whole id: no lookup
 
 
 def test_a_start_of_an_id_that_names_no_job_or_several_is_refused(cli: Any, http_server: HTTPTestServer) -> None:
@@ -646,10 +646,9 @@ def test_a_start_of_an_id_that_names_no_job_or_several_is_refused(cli: Any, http
     )
 
 
-def test_against_a_control_plane_that_cannot_look_ids_up_the_id_goes_as_given(
-    cli: Any, http_server: HTTPTestServer
-) -> None:
-    requests = lookup(http_server, status=400)
+@pytest.mark.parametrize("refusal", [400, 403])  # an older control plane; a token that may not list jobs
+def test_when_ids_cannot_be_looked_up_the_id_goes_as_given(cli: Any, http_server: HTTPTestServer, refusal: int) -> None:
+    requests = lookup(http_server, status=refusal)
     missing = {"error": "not_found", "message": "job '3f2a1b2c' does not exist"}
     http_server.route("/api/v1/jobs/3f2a1b2c", body=fixed(missing, 404))
     status, _, err = cli("jobs", "get", "3f2a1b2c")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta
 
+import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
 from app.columns import utcnow
 from app.extensions import db
+from app.jobs import dispatching, fencing
 from app.jobs import service as jobs
 from app.jobs.models import JobAttempt, JobEvent
 from app.jobs.schemas import ClaimOut
+from app.tenants.models import Project
 from tests.app.support import Api, MakeApp, Tenant, token
 
 
@@ -245,25 +248,94 @@ def test_a_claim_made_again_under_its_claim_id_is_granted_again_and_only_renews_
     body = {"attempt": 1, "task": "a", "claim_id": "c" * 32}
     first = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
     assert first.status_code == 200
+    of_the_job = select(JobAttempt).where(JobAttempt.job_id == acme.queued)
     with app.app_context():
-        soon = utcnow() + timedelta(seconds=5)
-        db.session.execute(update(JobAttempt).where(JobAttempt.job_id == acme.queued).values(lease_expires_at=soon))
+        soon = utcnow() + timedelta(seconds=5)  # the agent tries again late in the lease
+        db.session.execute(
+            update(JobAttempt)
+            .where(JobAttempt.job_id == acme.queued)
+            .values(lease_expires_at=soon, deadline_at=soon + timedelta(seconds=30))
+        )
         db.session.commit()
+        before = db.session.scalars(of_the_job).one()
+        claimed_at, claim_id, deadline = before.claimed_at, before.claim_id, before.deadline_at
         events = db.session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == acme.queued))
+    assert claim_id == "c" * 32 and deadline is not None
     again = api.post(f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"], json=body)
     assert again.status_code == 200, again.json
     granted = ClaimOut.model_validate(again.json)
     assert granted.attempt == 1 and granted.state == "running" and granted.workflow == first.json["workflow"]
     assert (granted.lease_expires_at - datetime.now(granted.lease_expires_at.tzinfo)).total_seconds() > 80
     with app.app_context():
-        row = db.session.scalars(select(JobAttempt).where(JobAttempt.job_id == acme.queued)).one()
-        assert row.claimed_at is not None and row.claimed_at.isoformat() <= first.json["lease_expires_at"]
-        assert (
-            db.session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == acme.queued))
-            == events
-        )
+        row = db.session.scalars(of_the_job).one()
+        assert (row.claimed_at, row.claim_id, row.state) == (claimed_at, claim_id, "running")
+        assert row.deadline_at is not None and row.deadline_at > deadline + timedelta(seconds=30)  # the run starts now
+        count = select(func.count()).select_from(JobEvent).where(JobEvent.job_id == acme.queued)
+        assert db.session.scalar(count) == events  # no second state change
     detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
     assert detail["state"] == "running" and len(detail["attempts"]) == 1
+
+
+def test_a_claim_made_again_is_granted_in_a_full_project_but_not_once_the_reaper_ended_its_attempt(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    body = {"attempt": 1, "claim_id": "f" * 16}
+    url = f"/api/v1/jobs/{acme.queued}/claim"
+    assert api.post(url, acme.tokens["agent"], json=body).status_code == 200
+    with app.app_context():  # the project is full, even over its limit (lowered since): a new claim is refused
+        db.session.execute(
+            update(Project).where(Project.tenant_id == "acme", Project.id == "web").values(max_running_jobs=1)
+        )
+        db.session.commit()
+    again = api.post(url, acme.tokens["agent"], json=body)
+    assert again.status_code == 200, again.json  # it is one of the running jobs, not one more
+    with app.app_context():
+        dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
+    late = api.post(url, acme.tokens["agent"], json=body)
+    assert late.status_code == 409 and late.json["error"] == "stale_attempt", late.json
+    attempts = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json["attempts"]
+    assert [a["state"] for a in attempts][:1] == ["lost"]
+
+
+@pytest.mark.parametrize("carrying", [False, True])
+def test_a_try_of_a_claim_that_overlaps_an_earlier_try_which_wins_is_granted_too(
+    app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch, carrying: bool
+) -> None:
+    """The agent gave up waiting for its first try (a timeout) and tried again while the first was still being
+    answered: the second read the job queued, then lost the write to the first. It is read again and granted, as
+    the same claim made again, instead of 409 concurrent_update and a dropped message."""
+    acme = world["acme"]
+    body: dict[str, object] = {"attempt": 1, "claim_id": "o" * 20}
+    if carrying:  # the claim carries its agent's other job's final state, recorded whatever the race
+        body["finished"] = [{"job_id": acme.running, "attempt": 1, "state": "completed"}]
+    alone = {"attempt": 1, "claim_id": body["claim_id"]}  # the earlier try carried nothing (it was sent earlier)
+    read = fencing._claimable
+    earlier: list[int] = []
+    overtaking = threading.Event()
+
+    def overtaken(*args: object) -> object:
+        found = read(*args)  # type: ignore[arg-type]
+        if not overtaking.is_set():  # this try has read the job queued; the earlier one commits before it writes
+            overtaking.set()
+            thread = threading.Thread(
+                target=lambda: earlier.append(
+                    Api(app.test_client()).post(claim_url, acme.tokens["agent"], json=alone).status_code
+                )
+            )
+            thread.start()
+            thread.join()
+        return found
+
+    claim_url = f"/api/v1/jobs/{acme.queued}/claim"
+    monkeypatch.setattr(fencing, "_claimable", overtaken)
+    later = Api(app.test_client()).post(claim_url, acme.tokens["agent"], json=body)
+    assert earlier == [200] and later.status_code == 200, later.json
+    assert later.json["attempt"] == 1 and later.json["state"] == "running"
+    if carrying:
+        assert [f["status"] for f in later.json["finished"]] == [200]
+    other = Api(app.test_client()).post(claim_url, acme.tokens["agent"], json={**body, "claim_id": "p" * 20})
+    assert other.status_code == 409  # a second delivery is still refused
 
 
 def test_a_second_claim_under_another_claim_id_or_none_or_by_another_agent_is_still_refused(
