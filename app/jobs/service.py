@@ -3,7 +3,7 @@ is in ``app/jobs/submission.py``."""
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app
@@ -127,24 +127,52 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     following = None
     if queued:
         previous = _current_attempt(job)
+        not_before = _not_before(previous, changes.get("scheduled_at"), now)
         if previous is not None:
             transition_attempt(
                 previous, AttemptState.CANCELLED, finished_at=now, error=f"superseded by revision {job.revision + 1}"
             )
-        following = JobAttempt(job_id=job.id, tenant_id=job.tenant_id, number=job.attempt + 1, queued_at=now)
+        following = JobAttempt(
+            job_id=job.id, tenant_id=job.tenant_id, number=job.attempt + 1, queued_at=now, not_before=not_before
+        )
         db.session.add(following)
     audit.record(
         action="job.updated", principal=caller, target_type="job", target_id=job.id, details={"fields": sorted(changes)}
     )
     db.session.commit()
     db.session.refresh(job)
-    if following is not None:
+    if following is not None and following.not_before is None:
         dispatching.send(job, following)  # committed first; if this fails, the sweeper sends it
     return job
 
 
+def _not_before(previous: JobAttempt | None, scheduled_at: datetime | None, now: datetime) -> datetime | None:
+    """When the attempt that supersedes ``previous`` may be sent (None: now): not before a retry's backoff that
+    ``previous`` still waited out, nor before a later ``scheduled_at`` the change asks for. The sweeper sends it
+    then, as it sends a retry."""
+    waits = [] if scheduled_at is None else [scheduled_at.astimezone(UTC)]
+    if previous is not None and previous.published_at is None and previous.not_before is not None:
+        waits.append(previous.not_before)
+    later = max(waits, default=None)
+    return later if later is not None and later > now else None
+
+
 def cancel_job(*, caller: Principal, job_id: str, reason: str | None = None) -> Job:
-    """Cancel a job durably: one not started is cancelled now, a running one is asked to stop."""
+    """Cancel a job durably: one not started is cancelled now, a running one is asked to stop.
+
+    A cancel whose write lost a race (an agent claimed the queued job meanwhile) is read and made once more, as of
+    the job's latest state: the job that started is then asked to stop.
+    """
+    try:
+        return _cancel(caller, job_id, reason)
+    except Conflict as exc:
+        if exc.code != "concurrent_update":
+            raise
+        db.session.rollback()
+    return _cancel(caller, job_id, reason)
+
+
+def _cancel(caller: Principal, job_id: str, reason: str | None) -> Job:
     job = scoped(caller, job_id)
     now = utcnow()
     reason = reason or f"cancelled by {caller.subject}"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask import Flask
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.agents.models import Agent
+from app.columns import utcnow
 from app.extensions import db
-from app.jobs import submission
+from app.jobs import dispatching, service, submission
+from app.jobs.models import JobAttempt
 from app.jobs.schemas import JobDetail, JobList, JobOut
 from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, Tenant
 
@@ -163,6 +166,40 @@ def test_a_pending_job_can_be_changed_and_its_revision_goes_up(api: Api, world: 
     assert api.get(f"/api/v1/jobs/{acme.pending}", acme.tokens["viewer"]).json["variables"] == {"A": "b"}
 
 
+def test_a_queued_job_changed_to_run_later_is_sent_then_and_not_now(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its message carries the old revision, so the change opens a new attempt: that attempt waits for the new
+    ``scheduled_at`` (the sweeper sends it then, as it sends a retry after its backoff) instead of going at once."""
+    acme = world["acme"]
+    sent: list[tuple[str, int]] = []
+    monkeypatch.setattr(dispatching, "send", lambda job, attempt, **_: sent.append((job.id, attempt.number)) or True)
+    later = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    changed = api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"scheduled_at": later.isoformat()})
+    assert changed.status_code == 200 and changed.json["state"] == "queued" and changed.json["attempt"] == 2
+    assert sent == []
+    with app.app_context():
+        attempt = db.session.scalars(
+            select(JobAttempt).where(JobAttempt.job_id == acme.queued, JobAttempt.number == 2)
+        ).one()
+        assert attempt.not_before == later and attempt.published_at is None
+    now = api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"priority": 3})  # no time asked
+    assert now.status_code == 200 and now.json["attempt"] == 3
+    assert sent == []  # still not before the time the previous change asked for
+    sooner = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    assert (
+        api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"scheduled_at": sooner}).json["attempt"]
+        == 4
+    )
+    assert sent == []  # the earlier wait is kept: the backoff or time of a waiting attempt is not skipped
+    with app.app_context():
+        monkeypatch.setattr(dispatching, "_publisher", lambda: object())
+        dispatching.sweep(now=utcnow())  # it sends the world's pending jobs, not this one
+        assert [number for job_id, number in sent if job_id == acme.queued] == []
+        dispatching.sweep(now=later + timedelta(seconds=1))
+    assert [number for job_id, number in sent if job_id == acme.queued] == [4]
+
+
 def test_a_running_or_finished_job_cannot_be_changed(api: Api, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
     for job_id in (acme.running, acme.completed):
@@ -214,6 +251,35 @@ def test_a_running_job_cancelled_with_a_reason_ends_with_it(api: Api, world: dic
     assert detail["error"] == "maintenance window closed"  # the operator's words, not only the agent's
     assert detail["attempts"][0]["error"] == "the run was cancelled"
     assert detail["events"][-1]["reason"] == "maintenance window closed"
+
+
+def test_a_cancel_that_races_the_claim_of_the_job_asks_the_started_job_to_stop(
+    app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel read the job queued, then an agent claimed it before the cancel's write: the cancel is made again
+    as of the job's latest state (202, cancel requested), not refused with 409 concurrent_update."""
+    acme = world["acme"]
+    read = service.scoped
+    claimed: list[int] = []
+
+    def overtaken(*args: object) -> object:
+        job = read(*args)  # type: ignore[arg-type]
+        if not claimed:  # another request, on another thread, claims the job and commits
+            url, agent = f"/api/v1/jobs/{acme.queued}/claim", acme.tokens["agent"]
+            other = threading.Thread(
+                target=lambda: claimed.append(Api(app.test_client()).post(url, agent, json={"attempt": 1}).status_code)
+            )
+            other.start()
+            other.join()
+        return job
+
+    monkeypatch.setattr(service, "scoped", overtaken)
+    cancel = Api(app.test_client()).post(
+        f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"], json={"reason": "stop"}
+    )
+    assert claimed == [200]
+    assert cancel.status_code == 202, cancel.json
+    assert cancel.json["state"] == "running" and cancel.json["cancel_requested"] is True
 
 
 def test_a_finished_job_cannot_be_cancelled(api: Api, world: dict[str, Tenant]) -> None:
