@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from celery import Celery, Task, signals
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 
 from dispatch.contract import (
     RUN_JOB_TASK,
@@ -24,11 +25,12 @@ from workers.client import ControlPlane
 from workers.control import ControlListener
 from workers.envelope import EnvelopeRefused, Verifier
 from workers.heartbeat import Heartbeat
-from workers.jobs import Inflight, JobRunner, Stopping, report_refusal
+from workers.jobs import Inflight, JobRunner, NotAccepted, Stopping, report_refusal
 from workers.outbox import Outbox
 from workers.settings import AgentSettings
 
 DELIVERIES_TTL = 7 * 86400
+EX_NOT_ACCEPTED = 3  # the agent's exit status when the control plane refuses its claims (token, registration)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Agent:
     heartbeat: Heartbeat
     control: ControlListener
     outbox: Outbox
+    refused: list[str]  # why the control plane refused this agent's claims, once it has: the agent then stops
 
     @property
     def queues(self) -> list[str]:
@@ -102,6 +105,7 @@ def make_agent(settings: AgentSettings) -> Agent:
     client = ControlPlane(settings)
     inflight = Inflight()
     runner = JobRunner(client, inflight, settings.concurrency)
+    refusals: list[str] = []
 
     valkey = redis.Redis.from_url(settings.valkey_url, socket_timeout=10, socket_connect_timeout=10)
 
@@ -131,6 +135,13 @@ def make_agent(settings: AgentSettings) -> Agent:
             return f"refused: {refusal.reason}"
         try:
             return runner.run(envelope)
+        except NotAccepted as refused:  # no claim of ours can succeed: another agent takes the message
+            log.error("%s: the message goes back to the queue and the agent stops", refused)
+            verifier.forget(envelope.nonce)
+            runner.stopping.set()
+            refusals.append(str(refused))
+            worker_state.should_stop = EX_NOT_ACCEPTED  # a warm shutdown, as on SIGTERM
+            raise Reject(str(refused), requeue=True) from None
         except Stopping as stopping:  # another agent, or this one once restarted, takes the message
             verifier.forget(envelope.nonce)
             raise Reject(str(stopping), requeue=True) from None
@@ -157,7 +168,7 @@ def make_agent(settings: AgentSettings) -> Agent:
     control = ControlListener(
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
-    return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox)
+    return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox, refusals)
 
 
 def _claims_of(task_id: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def run_agent(args: argparse.Namespace) -> int:
         return 2
     # Imported here, not above: what hide_credentials may start again should not have been loaded twice.
     from dispatch.logs import configure_logging, connect_celery
-    from workers.app import make_agent
+    from workers.app import EX_NOT_ACCEPTED, make_agent
     from workers.client import ControlPlaneError
     from workers.heartbeat import register
 
@@ -57,6 +57,9 @@ def run_agent(args: argparse.Namespace) -> int:
         agent.control.stop()
         agent.outbox.close(settings.report_deadline)  # the last final states, their leases renewed meanwhile
         agent.heartbeat.stop()
+    if agent.refused:
+        print(f"automation agent: stopped: {agent.refused[0]}", file=sys.stderr)
+        return EX_NOT_ACCEPTED
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -64,6 +65,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         """Send one heartbeat and act on the reply."""
         running = [{"job_id": j.job_id, "attempt": j.attempt} for j in self.inflight.snapshot()]
+        sent = time.monotonic()
         reply = self.client.call(
             "POST",
             f"/agents/{self.settings.agent_id}/heartbeat",
@@ -71,6 +73,8 @@ class Heartbeat(threading.Thread):
             deadline=self.settings.heartbeat_interval,
         )
         if reply.ok:
+            self.inflight.note_lease(reply.body.get("lease_seconds"))
+            self.inflight.renewed(_attempts(reply.body.get("leases")), sent)
             self.inflight.cancel(list(reply.body.get("cancel") or []))
             self.inflight.stop(_attempts(reply.body.get("stop")))
             self._check_lease(reply.body.get("lease_seconds"))
@@ -92,16 +96,23 @@ class Heartbeat(threading.Thread):
             )
 
     def run(self) -> None:
-        """Beat until stopped; a failed beat is logged and the next one tried on time."""
+        """Beat until stopped; a failed beat is logged and the next one tried on time. Between beats, stop each run
+        whose lease could not be renewed for a lease's length, as soon as that is so."""
+        due = 0.0  # time.monotonic() of the next beat
         while not self.stopping.is_set():
-            try:
-                self.beat()
-            except ControlPlaneError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            except Exception:
-                log.exception("heartbeat crashed; trying again")
-            self.wake.wait(self.settings.heartbeat_interval)
-            self.wake.clear()
+            if self.wake.is_set() or time.monotonic() >= due:
+                self.wake.clear()
+                try:
+                    self.beat()
+                except ControlPlaneError as exc:
+                    log.warning("heartbeat failed: %s", exc)
+                except Exception:
+                    log.exception("heartbeat crashed; trying again")
+                due = time.monotonic() + self.settings.heartbeat_interval
+            now = time.monotonic()
+            self.inflight.abandon_expired(now)
+            expiry = self.inflight.until_expiry(now)
+            self.wake.wait(max(0.0, min(due - now, due - now if expiry is None else expiry + 0.01)))
 
     def beat_now(self) -> None:
         """Send the next heartbeat at once (a control message hinted at a cancel)."""
@@ -114,7 +125,8 @@ class Heartbeat(threading.Thread):
 
 
 def _attempts(refs: object) -> list[tuple[str, int]]:
-    """The (job id, attempt) pairs of a heartbeat reply's ``stop`` list; whatever is malformed in it is ignored."""
+    """The (job id, attempt) pairs of a heartbeat reply's ``leases`` or ``stop`` list; whatever is malformed in it
+    is ignored."""
     if not isinstance(refs, list):
         return []
     return [

@@ -28,6 +28,13 @@ from workers.outbox import FinalReport, Outbox, Taken
 
 log = logging.getLogger(__name__)
 
+ABANDONED = (
+    "job %s attempt %d: its lease has not been renewed for %.0f s (the control plane's lease: %.0f s); the control "
+    "plane takes the run for lost and runs the job again: stopping it, its final state is not reported"
+)
+REFUSED_AGENT = "the control plane refuses this agent's claims (HTTP {status} {error}: {message})"
+# claim refusals about this agent, not the job: no claim can succeed until it is registered again or given a token
+AGENT_NOT_ACCEPTED = frozenset({"agent_not_registered", "wrong_agent"})
 NOT_OURS = (
     "job %s attempt %d is no longer this agent's on the control plane (lost, timed out, or recorded); stopping it"
 )
@@ -53,10 +60,18 @@ class RunningJob:
     job_id: str
     attempt: int
     cancel: threading.Event = field(default_factory=threading.Event)
+    renewed: float = field(default_factory=time.monotonic)  # when its lease was last renewed, as far as we know
+    abandoned: bool = False  # stopped because its lease could not be renewed: the control plane runs it again
+    ended: bool = False  # its run has ended (its final state may still wait to be delivered)
 
 
 class Stopping(Exception):
     """The agent stops while a job waits to be claimed: its message goes back to the queue, for another agent."""
+
+
+class NotAccepted(Stopping):
+    """The control plane refuses this agent's claims (its token, its registration): the message goes back to the
+    queue, for another agent, and this agent stops."""
 
 
 class Inflight:
@@ -66,6 +81,47 @@ class Inflight:
     def __init__(self) -> None:
         self._jobs: dict[tuple[str, int], RunningJob] = {}
         self._lock = threading.Lock()
+        self.lease: float | None = None  # the control plane's lease in seconds, once an answer has said it
+
+    def note_lease(self, seconds: object) -> None:
+        """Keep the lease a claim's or heartbeat's answer gives (anything but a positive number is ignored)."""
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+            self.lease = float(seconds)
+
+    def renewed(self, attempts: list[tuple[str, int]], at: float) -> None:
+        """Note that the control plane renewed the named attempts' leases as of ``at`` (``time.monotonic()``)."""
+        with self._lock:
+            for key in attempts:
+                running = self._jobs.get(key)
+                if running is not None:
+                    running.renewed = max(running.renewed, at)
+
+    def until_expiry(self, now: float) -> float | None:
+        """Seconds until the first run not abandoned yet has gone a lease without renewal (None: no such run, or
+        the lease is not known yet)."""
+        lease = self.lease
+        if lease is None:
+            return None
+        with self._lock:
+            ages = [now - job.renewed for job in self._jobs.values() if not job.abandoned and not job.ended]
+        return max(0.0, lease - max(ages)) if ages else None
+
+    def abandon_expired(self, now: float) -> None:
+        """Stop every run whose lease this agent has not been able to renew for longer than a lease (the control
+        plane was unreachable, or refused its heartbeats): the control plane's reaper takes such a run for lost and
+        runs the job again, perhaps on another agent, so this copy must not go on. Its final state is not reported.
+        A run that has ended already keeps its final state, delivered (or refused) when the control plane answers."""
+        lease = self.lease
+        if lease is None:
+            return
+        with self._lock:
+            for running in self._jobs.values():
+                late = now - running.renewed
+                if late > lease and not running.abandoned and not running.ended:
+                    running.abandoned = True
+                    with log_context(job_id=running.job_id):
+                        log.error(ABANDONED, running.job_id, running.attempt, late, lease)
+                    running.cancel.set()
 
     def add(self, job_id: str, attempt: int) -> RunningJob:
         """Hold an attempt in the set."""
@@ -206,6 +262,9 @@ class JobRunner:
             problem = str(exc)
         first = workflow.tasks[0].name if workflow is not None and workflow.tasks else None
         claim = self._claim(envelope, first)
+        if claim.status == 401 or claim.error in AGENT_NOT_ACCEPTED:
+            message = claim.body.get("message", "")
+            raise NotAccepted(REFUSED_AGENT.format(status=claim.status, error=claim.error, message=message))
         if not claim.ok:
             log.info(
                 "job %s attempt %d not claimed (%s %s): message dropped",
@@ -215,6 +274,7 @@ class JobRunner:
                 claim.error or claim.body.get("message", ""),
             )
             return f"dropped: {claim.error or claim.status}"
+        self.inflight.note_lease(claim.body.get("lease_seconds"))
         running = self.inflight.add(job_id, attempt)  # until its final state is delivered: the lease is renewed
         try:
             secrets = claim.body.get("secrets") or {}
@@ -224,6 +284,10 @@ class JobRunner:
                 report = FinalReport(job_id, attempt, "failed", MALFORMED_SECRETS)
             else:
                 report = self._execute(envelope, workflow, running, secrets)
+            running.ended = True
+            if running.abandoned and report.state == "cancelled":  # the control plane runs it again: not ours now
+                self.inflight.discard(job_id, attempt)
+                return "abandoned"
             self._last_report = time.monotonic()
             self.outbox.put(report, linger)
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -163,3 +164,42 @@ def test_a_granted_claim_whose_answer_is_lost_is_made_again_and_runs_in_its_firs
     assert lost == [f"POST /api/v1/jobs/{job_id}/claim"]
     assert job["state"] == "completed" and [a["state"] for a in job["attempts"]] == ["completed"], job
     assert runs(marker) == 1
+
+
+def test_an_agent_deleted_while_it_runs_a_job_stops_that_run_gives_the_next_back_and_exits(
+    make_platform: MakePlatform, tmp_path
+):
+    """Deleted, the agent's heartbeats are refused, so its running job's lease runs out and the reaper queues the job
+    again: the agent stops its copy of the run once it could not renew the lease for a lease's length (the job never
+    runs twice at once), and when the next attempt's message reaches it, its claim is refused (not registered): it
+    puts the message back for another agent and exits with status 3, instead of dropping it."""
+    platform = make_platform()
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    doomed = platform.start_agent(tenant, project, "doomed")
+    trace = tmp_path / "trace"
+    workflow = textwrap.dedent(
+        f"""\
+        name: long
+        timeout: 60s
+        tasks:
+          - name: work
+            type: command
+            config:
+              command: sh
+              args: ["-c", "echo start >> {trace}; sleep 8; echo end >> {trace}"]
+        """
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    deleted = platform.api("DELETE", "/agents/doomed", platform.token("tenant_admin", tenant))
+    assert deleted.status_code == 204, deleted.text
+    wait_until(lambda: not doomed.running, timeout=30)
+    assert doomed.returncode == 3
+    log = platform.log(f"agent-{tenant}-doomed")
+    assert "its lease has not been renewed" in log and "refuses this agent's claims" in log, log[-3000:]
+    platform.start_agent(tenant, project, "heir")
+    job = settle(platform, tenant, [job_id])[job_id]
+    assert job["state"] == "completed" and [a["state"] for a in job["attempts"]] == ["lost", "completed"], job
+    assert [a["agent_id"] for a in job["attempts"]] == ["doomed", "heir"]
+    assert trace.read_text().split() == ["start", "start", "end"]  # the first copy was stopped before its end

@@ -179,6 +179,11 @@ class ServerProcess:
             time.sleep(0.05)
 
     @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended by itself (None while it runs, or once stopped or killed)."""
+        return None if self._process is None else self._process.poll()
+
+    @property
     def pid(self) -> int | None:
         """The server's process id while it runs."""
         return self._process.pid if self.running and self._process is not None else None

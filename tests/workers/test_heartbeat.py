@@ -34,3 +34,37 @@ def test_a_reply_without_a_stop_list_stops_nothing(http_server):
     client = client_for(http_server.url)
     Heartbeat(client, client.settings, inflight).beat()
     assert not running.cancel.is_set()
+
+
+def test_an_answered_heartbeat_renews_the_leases_it_names_and_a_refused_one_renews_none(http_server):
+    inflight = Inflight()
+    renewed, forgotten = inflight.add("j1", 1), inflight.add("j2", 1)
+    before, also = renewed.renewed, forgotten.renewed
+    reply = {"leases": [{"job_id": "j1", "attempt": 1}], "cancel": [], "lease_seconds": 90}
+    answers = iter([(200, {}, json.dumps(reply)), (404, {}, json.dumps({"error": "not_found", "message": "gone"}))])
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: next(answers))
+    client = client_for(http_server.url)
+    heartbeat = Heartbeat(client, client.settings, inflight)
+    heartbeat.beat()
+    assert inflight.lease == 90 and renewed.renewed > before and forgotten.renewed == also
+    was = renewed.renewed
+    heartbeat.beat()  # refused: the agent was deleted, say
+    assert renewed.renewed == was
+
+
+def test_runs_whose_leases_go_unrenewed_are_stopped_within_a_beat_of_their_expiry(http_server):
+    """The heartbeat thread checks between beats, as soon as a lease's length has passed without renewal."""
+    inflight = Inflight()
+    inflight.lease = 0.3
+    running = inflight.add("j1", 1)
+    http_server.route(
+        "/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: (404, {}, '{"error": "not_found"}')
+    )
+    client = client_for(http_server.url)
+    heartbeat = Heartbeat(client, client.settings, inflight)  # beats every 30 s: far slower than the lease
+    heartbeat.start()
+    try:
+        assert running.cancel.wait(5) and running.abandoned
+    finally:
+        heartbeat.stop()
+        heartbeat.join(5)

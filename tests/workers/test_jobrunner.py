@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -260,3 +261,77 @@ def test_a_run_with_no_thread_for_its_logs_or_its_report_still_delivers_its_fina
     assert (method, path, final["state"]) == ("POST", "/jobs/j1/status", "completed")
     assert final["logs_first_line"] == 1 and len(final["logs"]) >= 4  # every line, none shipped on its own
     assert running(inflight) == []
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        Reply(401, {"error": "invalid_token", "message": "the token expired"}),
+        Reply(409, {"error": "agent_not_registered", "message": "agent 'a1' is not registered"}),
+        Reply(409, {"error": "wrong_agent", "message": "job j1 runs on windows; this agent runs linux"}),
+    ],
+)
+def test_a_claim_refused_because_of_the_agent_gives_the_message_back_and_runs_nothing(refusal: Reply) -> None:
+    """No claim of this agent can succeed any more (its token, its registration): dropping the message would leave
+    the job queued with no message until it expires; another agent should take it."""
+    recorder = Recorder(claims=[refusal])
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    with pytest.raises(jobs.NotAccepted, match=f"HTTP {refusal.status} {refusal.error}"):
+        runner.run(envelope("j1"))
+    assert recorder.paths() == ["/jobs/j1/claim"] and running(inflight) == []
+
+
+def test_a_claim_refused_because_of_the_job_still_drops_the_message() -> None:
+    recorder = Recorder(claims=[Reply(409, {"error": "invalid_transition", "message": "already claimed"})])
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    assert runner.run(envelope("j1")) == "dropped: invalid_transition"
+
+
+def test_a_run_abandoned_for_want_of_a_renewed_lease_is_stopped_and_its_final_state_not_reported() -> None:
+    """The control plane could not renew the lease for a lease's length: its reaper runs the job again, so this copy
+    stops, and reports nothing (a `cancelled` report recorded late would end a job nobody cancelled)."""
+    slow = WORKFLOW.replace('command: "true"', 'command: "sleep"\n      args: ["5"]')
+    recorder = Recorder(claims=[Reply(200, {"lease_seconds": 0.5})])
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    done: list[str] = []
+    thread = threading.Thread(
+        target=lambda: done.append(runner.run(dataclasses.replace(envelope("j1"), workflow=slow)))
+    )
+    thread.start()
+    try:
+        for _ in range(100):  # until the run has been claimed
+            if inflight.snapshot():
+                break
+            time.sleep(0.02)
+        assert inflight.lease == 0.5
+        started = inflight.snapshot()[0]
+        assert inflight.until_expiry(started.renewed) == 0.5
+        inflight.abandon_expired(started.renewed + 0.4)  # not yet
+        assert not started.cancel.is_set()
+        inflight.renewed([("j1", 1)], started.renewed + 0.3)  # a heartbeat renewed it
+        inflight.abandon_expired(started.renewed + 0.4)
+        assert not started.cancel.is_set()
+        inflight.abandon_expired(started.renewed + 0.6)
+        assert started.abandoned and started.cancel.is_set()
+        assert inflight.until_expiry(started.renewed + 0.6) is None  # nothing else to watch
+    finally:
+        thread.join(10)
+    assert done == ["abandoned"]
+    runner.outbox.flush(5)
+    assert "/jobs/j1/status" not in recorder.paths() and running(inflight) == []
+
+
+def test_a_run_that_has_ended_keeps_its_final_state_however_late_its_delivery() -> None:
+    recorder = Recorder(claims=[Reply(200, {"lease_seconds": 0.5})])
+    recorder.opened.clear()  # the control plane does not answer the final state yet
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    assert runner.run(envelope("j1")) == "completed"
+    ended = inflight.snapshot()[0]
+    inflight.abandon_expired(ended.renewed + 60)
+    assert not ended.abandoned and not ended.cancel.is_set()
+    recorder.opened.set()
+    runner.outbox.flush(5)
+    assert recorder.calls[-1][1] == "/jobs/j1/status" and recorder.calls[-1][2]["state"] == "completed"
