@@ -142,6 +142,10 @@ ENVIRONMENT: dict[str, type] = {
 }
 
 
+TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Return the settings that ``environ`` overrides, converted to their types."""
     settings: dict[str, Any] = {}
@@ -150,7 +154,10 @@ def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if raw is None or raw == "":
             continue
         if kind is bool:
-            settings[name] = raw.strip().lower() in {"1", "true", "yes", "on"}
+            flag = raw.strip().lower()
+            if flag not in TRUE | FALSE:  # a typo must not switch a safeguard off (RATE_LIMIT_ENABLED=ture)
+                raise ConfigError(f"{name} must be true or false (1, yes, on / 0, no, off), got {raw!r}")
+            settings[name] = flag in TRUE
         elif kind is int:
             try:
                 settings[name] = int(raw)

@@ -41,6 +41,8 @@ NOT_OURS = (
 MALFORMED_SECRETS = "the claim's answer carried secrets that are not names and text values; nothing ran"
 RESULTS_KEPT = 16  # task results kept for after an outage (up to 64 KiB of output each): older ones are lost
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
+LOG_BYTES_WITH_FINAL_STATE = 512 * 1024  # and their size encoded, at most (the control plane takes 1 MiB a request)
+LOG_BATCH_BYTES = 512 * 1024  # the size of one request's log lines, encoded, at most
 MAX_CAPACITY_WAIT = 10.0  # seconds between two claims of a job whose project is at its limit
 WORKFLOWS_KEPT = 32  # parsed workflows an agent keeps: a fleet runs the same few again and again
 LINGER = 0.05  # seconds a busy agent's final report waits for the next claim to carry it
@@ -428,12 +430,20 @@ class JobRunner:
     def _log_sender(self, job_id: str, attempt: int) -> Callable[[list[dict[str, Any]], int], None]:
         """Send a batch of log lines numbered from ``first``; ControlPlaneError propagates (the buffer keeps them)."""
 
-        def send(lines: list[dict[str, Any]], first: int) -> None:
+        def post(lines: list[dict[str, Any]], first: int) -> None:
             body = {"attempt": attempt, "lines": lines, "first_line": first}
+            reply = self.client.call("POST", f"/jobs/{job_id}/logs", body)
+            if reply.status == 413 and len(lines) > 1:  # the control plane takes fewer lines a request: halve
+                half = len(lines) // 2
+                post(lines[:half], first)
+                post(lines[half:], first + half)
+            elif not reply.ok:
+                log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error)
+
+        def send(lines: list[dict[str, Any]], first: int) -> None:
             with log_context(job_id=job_id):  # also in the log buffer's own thread, which runs no job
-                reply = self.client.call("POST", f"/jobs/{job_id}/logs", body)
-                if not reply.ok:
-                    log.warning("job %s: %d log lines refused (%s)", job_id, len(lines), reply.error)
+                for start, batch in _batches(lines, LOG_BATCH_BYTES):
+                    post(batch, first + start)
 
         return send
 
@@ -443,9 +453,10 @@ class JobRunner:
         lines, first_line = report.lines, report.first_line
         if len(report.tasks) > 1:  # results that could not be sent while the job ran: each alone first, as the
             report = self._results_first(report)  # last one goes with the final state, which stays small
-        if len(lines) > LOG_LINES_WITH_FINAL_STATE:  # a backlog: ship it first, so the final report stays small
-            surplus, lines = lines[:-LOG_LINES_WITH_FINAL_STATE], lines[-LOG_LINES_WITH_FINAL_STATE:]
-            send = self._log_sender(job_id, attempt)
+        riding = _riding(lines)
+        send = self._log_sender(job_id, attempt)
+        if riding < len(lines):  # a backlog: ship it first, so the final report stays small
+            surplus, lines = lines[: len(lines) - riding], lines[len(lines) - riding :]
             for start in range(0, len(surplus), LOG_LINES_WITH_FINAL_STATE):
                 try:
                     send(surplus[start : start + LOG_LINES_WITH_FINAL_STATE], first_line + start)
@@ -454,6 +465,9 @@ class JobRunner:
                     break
             first_line += len(surplus)
         reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, lines, first_line))
+        if reply.status == 413 and lines:  # the control plane takes less a request: the lines first, then the state
+            send(lines, first_line)
+            reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, [], first_line))
         if not reply.ok:
             log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)
             return f"refused: {reply.error}"
@@ -472,6 +486,38 @@ class JobRunner:
 def _grants(claim: Reply, envelope: Envelope) -> bool:
     """Whether a 2xx answer to a claim is the control plane's grant of this envelope's job and attempt."""
     return (claim.body.get("job_id"), claim.body.get("attempt")) == (envelope.job_id, envelope.attempt)
+
+
+def _size(line: dict[str, Any]) -> int:
+    """A log line's size in a request's body (JSON, ASCII-escaped as the client sends it)."""
+    return len(json.dumps(line, separators=(",", ":"))) + 1
+
+
+def _batches(lines: list[dict[str, Any]], limit: int) -> list[tuple[int, list[dict[str, Any]]]]:
+    """``lines`` cut into runs of at most ``limit`` bytes encoded (a longer line alone), each with its offset."""
+    batches: list[tuple[int, list[dict[str, Any]]]] = []
+    start, size = 0, 0
+    for index, line in enumerate(lines):
+        grows = _size(line)
+        if index > start and size + grows > limit:
+            batches.append((start, lines[start:index]))
+            start, size = index, 0
+        size += grows
+    if start < len(lines):
+        batches.append((start, lines[start:]))
+    return batches
+
+
+def _riding(lines: list[dict[str, Any]]) -> int:
+    """How many of the last ``lines`` go with the final state: ``LOG_LINES_WITH_FINAL_STATE`` at most, and
+    ``LOG_BYTES_WITH_FINAL_STATE`` encoded."""
+    count, size = 0, 0
+    for line in reversed(lines[-LOG_LINES_WITH_FINAL_STATE:]):
+        size += _size(line)
+        if size > LOG_BYTES_WITH_FINAL_STATE:
+            break
+        count += 1
+    return count
 
 
 def _status_body(report: FinalReport, lines: list[dict[str, Any]], first_line: int) -> dict[str, Any]:

@@ -24,6 +24,14 @@ def test_environment_overrides_are_converted_to_their_types() -> None:
     assert settings == {"LEASE_SECONDS": 120, "RATE_LIMIT_ENABLED": False, "VALKEY_URL": "redis://v/0"}
 
 
+@pytest.mark.parametrize("raw", ["ture", "enabled", "2"])
+def test_a_misspelt_switch_is_refused_not_taken_for_false(raw: str) -> None:
+    with pytest.raises(ConfigError, match="RATE_LIMIT_ENABLED must be true or false"):
+        from_environment({"RATE_LIMIT_ENABLED": raw})
+    assert from_environment({"RATE_LIMIT_ENABLED": " OFF "}) == {"RATE_LIMIT_ENABLED": False}
+    assert from_environment({"RATE_LIMIT_ENABLED": "Yes"}) == {"RATE_LIMIT_ENABLED": True}
+
+
 def test_a_malformed_number_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="LEASE_SECONDS must be a whole number"):
         from_environment({"LEASE_SECONDS": "ninety"})

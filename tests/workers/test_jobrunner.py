@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import threading
 import time
 from typing import Any
@@ -335,3 +336,63 @@ def test_a_run_that_has_ended_keeps_its_final_state_however_late_its_delivery() 
     recorder.opened.set()
     runner.outbox.flush(5)
     assert recorder.calls[-1][1] == "/jobs/j1/status" and recorder.calls[-1][2]["state"] == "completed"
+
+
+class Limited:
+    """A control plane that refuses (413) any request over ``limit`` bytes or with more than ``max_lines`` log lines,
+    and records what it took."""
+
+    def __init__(self, limit: int = 1024 * 1024, max_lines: int = 1000) -> None:
+        self.limit, self.max_lines = limit, max_lines
+        self.taken: list[tuple[str, dict[str, Any]]] = []
+        self.refused = 0
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> Reply:
+        size = len(json.dumps(body, separators=(",", ":")))
+        if size > self.limit or len(body.get("lines") or body.get("logs") or []) > self.max_lines:  # type: ignore[union-attr]
+            self.refused += 1
+            return Reply(413, {"error": "too_large", "message": "request body too large"})
+        self.taken.append((path, body or {}))
+        return Reply(200, {"state": (body or {}).get("state")})
+
+    def lines(self) -> list[tuple[int, str]]:
+        """Every log line taken, numbered as sent."""
+        numbered = []
+        for _, body in self.taken:
+            first = body.get("first_line", body.get("logs_first_line"))
+            numbered += [
+                (first + i, line["message"]) for i, line in enumerate(body.get("lines") or body.get("logs") or [])
+            ]
+        return numbered
+
+
+def wide(n: int, size: int = 7000) -> dict[str, Any]:
+    return {**line(n), "message": f"{n:05d} " + "é" * size}  # escaped in JSON: six bytes a character
+
+
+def test_a_long_log_goes_in_requests_the_control_plane_takes_and_the_final_state_stays_under_its_limit() -> None:
+    """500 lines of 7000 characters each, escaped to about 40 KB a line: the final state took them all and was
+    refused for its size (413), and the run was lost. Each request now stays under the control plane's 1 MiB."""
+    control = Limited()
+    runner = JobRunner(control, Inflight())  # type: ignore[arg-type]
+    lines = [wide(n) for n in range(1, 601)]
+    assert runner._finish(FinalReport("j1", 1, "completed", None, [], lines, 1)) == "completed"
+    assert control.refused == 0
+    assert control.lines() == [(n, lines[n - 1]["message"]) for n in range(1, 601)]  # each once, in order
+    assert control.taken[-1][0] == "/jobs/j1/status" and control.taken[-1][1]["state"] == "completed"
+    assert all(len(json.dumps(body)) < 1024 * 1024 for _, body in control.taken)
+
+
+def test_log_batches_and_a_final_state_refused_for_their_size_are_cut_and_sent_again() -> None:
+    """A control plane that takes fewer lines a request (`LOG_BATCH_MAX_LINES` lowered, a smaller body limit):
+    a batch it refuses with 413 is halved until it takes them; a final state it refuses so goes without its lines,
+    which are sent first."""
+    control = Limited(max_lines=30)
+    runner = JobRunner(control, Inflight())  # type: ignore[arg-type]
+    lines = [line(n) for n in range(1, 201)]
+    runner._log_sender("j1", 1)(lines[:100], 1)
+    assert runner._finish(FinalReport("j1", 1, "failed", "boom", [], lines[100:], 101)) == "failed"
+    assert control.refused > 0
+    assert control.lines() == [(n, f"line {n}") for n in range(1, 201)]
+    path, final = control.taken[-1]
+    assert path == "/jobs/j1/status" and final["state"] == "failed" and "logs" not in final

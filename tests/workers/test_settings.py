@@ -45,6 +45,12 @@ def test_broker_isolation_is_a_switch(raw: str | None, isolated: bool) -> None:
     assert load_settings(env).isolated is isolated
 
 
+@pytest.mark.parametrize(("raw", "level"), [(None, "INFO"), ("", "INFO"), (" debug ", "DEBUG")])
+def test_an_empty_log_level_means_the_default(raw: str | None, level: str) -> None:
+    env = BASE if raw is None else {**BASE, "LOG_LEVEL": raw}
+    assert load_settings(env).log_level == level
+
+
 def test_a_malformed_switch_is_refused() -> None:
     with pytest.raises(SettingsError, match="AGENT_BROKER_ISOLATION must be true or false"):
         load_settings({**BASE, "AGENT_BROKER_ISOLATION": "maybe"})
