@@ -99,9 +99,11 @@ class DeadLetterQuery(Page):
 
 
 class RequeueRequest(Request):
-    """``POST /api/v1/jobs/{id}/requeue``: optionally a new delivery deadline."""
+    """``POST /api/v1/jobs/{id}/requeue``: optionally a new delivery deadline, and another agent to pin the job to
+    (``null``: any agent of its project), as a dead letter's pinned agent may be gone (``no_agent``)."""
 
     deliver_by: Moment | None = None
+    agent_id: Slug | None = None
 
 
 class CancelRequest(Request):

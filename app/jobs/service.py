@@ -261,6 +261,12 @@ def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
             state=job.state,
         )
     reason = job.dead_letter_reason
+    target: dict[str, Any] = {}
+    if "agent_id" in data.model_fields_set:  # pinned again, or unpinned: checked as on submission
+        agent = check_target(caller, job.project_id, data.agent_id, None)
+        workflow = validate_workflow(job.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
+        platform = target_platform(workflow, agent, None if agent is not None else job.platform)
+        target = {"agent_id": data.agent_id, "platform": platform, "revision": job.revision + 1}
     attempt = dispatching.open_next_attempt(
         job,
         actor=caller.subject,
@@ -271,14 +277,12 @@ def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
         error=None,
         finished_at=None,
         deliver_by=data.deliver_by.astimezone(UTC).replace(tzinfo=None) if data.deliver_by else None,
+        **target,
     )
-    audit.record(
-        action="job.requeued",
-        principal=caller,
-        target_type="job",
-        target_id=job.id,
-        details={"attempt": attempt.number, "was": reason},
-    )
+    details: dict[str, Any] = {"attempt": attempt.number, "was": reason}
+    if target:
+        details["agent_id"] = target["agent_id"]
+    audit.record(action="job.requeued", principal=caller, target_type="job", target_id=job.id, details=details)
     db.session.commit()
     dispatching.send(job, attempt)
     return job

@@ -392,6 +392,38 @@ def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered_once_due(
     assert sorted(j["job_id"] for j in listed["jobs"]) == sorted([queued, later])
 
 
+def test_a_dead_letter_whose_agent_is_gone_is_requeued_pinned_to_another_or_to_none(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    acme = world["acme"]
+    other = token("acme", "agent", agent="a2")
+    api.post("/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"})
+    moved, freed = submit(api, acme, agent_id="a1"), submit(api, acme, agent_id="a1")
+    with app.app_context():
+        for job_id in (moved, freed):
+            job = db.session.get(Job, job_id)
+            assert job is not None
+            dispatching.open_next_attempt(job, actor="test")
+    assert api.delete("/api/v1/agents/a1", token("acme", "tenant_admin")).status_code == 204
+    url = "/api/v1/jobs/{}/requeue"
+    gone = api.post(url.format(moved), acme.tokens["operator"], json={"agent_id": "a1"})
+    assert gone.status_code == 422 and gone.json["error"] == "unknown_agent"
+    assert api.get(f"/api/v1/jobs/{moved}", acme.tokens["viewer"]).json["state"] == "dead_letter"  # nothing written
+    requeued = api.post(url.format(moved), acme.tokens["operator"], json={"agent_id": "a2"})
+    assert requeued.status_code == 200, requeued.json
+    assert requeued.json["agent_id"] == "a2" and requeued.json["state"] == "queued" and requeued.json["revision"] == 2
+    unpinned = api.post(url.format(freed), acme.tokens["operator"], json={"agent_id": None})
+    assert unpinned.status_code == 200 and unpinned.json["agent_id"] is None and unpinned.json["platform"] == "linux"
+    with app.app_context():  # the sweeper no longer finds them pinned nowhere
+        dispatching.sweep(now=utcnow() + timedelta(seconds=60))
+    for job_id in (moved, freed):
+        assert api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json["state"] == "queued"
+    claim = api.post(f"/api/v1/jobs/{moved}/claim", other, json={"attempt": 2})
+    assert claim.status_code == 200, claim.json
+    audited = api.get("/api/v1/audit?action=job.requeued", token("acme", "tenant_admin")).json["events"]
+    assert {e["details"].get("agent_id", "-") for e in audited} == {"a2", None}
+
+
 def test_a_job_pinned_to_another_agent_while_its_agent_is_deleted_is_left_alone(
     api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
 ):
