@@ -64,7 +64,9 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         """Send one heartbeat and act on the reply."""
-        running = [{"job_id": j.job_id, "attempt": j.attempt} for j in self.inflight.snapshot()]
+        # not the runs being abandoned: renewed now, the lease of a run that is being stopped would keep its job
+        # running on the control plane for a lease more
+        running = [{"job_id": j.job_id, "attempt": j.attempt} for j in self.inflight.snapshot() if not j.abandoned]
         sent = time.monotonic()
         reply = self.client.call(
             "POST",
@@ -110,8 +112,12 @@ class Heartbeat(threading.Thread):
                     log.exception("heartbeat crashed; trying again")
                 due = time.monotonic() + self.settings.heartbeat_interval
             now = time.monotonic()
-            self.inflight.abandon_expired(now)
-            expiry = self.inflight.until_expiry(now)
+            expiry: float | None = None
+            try:
+                self.inflight.abandon_expired(now)
+                expiry = self.inflight.until_expiry(now)
+            except Exception:
+                log.exception("checking the running jobs' leases failed; checking again at the next beat")
             self.wake.wait(max(0.0, min(due - now, due - now if expiry is None else expiry + 0.01)))
 
     def beat_now(self) -> None:

@@ -33,8 +33,6 @@ ABANDONED = (
     "plane takes the run for lost and runs the job again: stopping it, its final state is not reported"
 )
 REFUSED_AGENT = "the control plane refuses this agent's claims (HTTP {status} {error}: {message})"
-# claim refusals about this agent, not the job: no claim can succeed until it is registered again or given a token
-AGENT_NOT_ACCEPTED = frozenset({"agent_not_registered", "wrong_agent"})
 NOT_OURS = (
     "job %s attempt %d is no longer this agent's on the control plane (lost, timed out, or recorded); stopping it"
 )
@@ -125,9 +123,9 @@ class Inflight:
                         log.error(ABANDONED, running.job_id, running.attempt, late, lease)
                     running.cancel.set()
 
-    def add(self, job_id: str, attempt: int) -> RunningJob:
-        """Hold an attempt in the set."""
-        running = RunningJob(job_id, attempt)
+    def add(self, job_id: str, attempt: int, claimed: float | None = None) -> RunningJob:
+        """Hold an attempt in the set, its lease granted as of ``claimed`` (``time.monotonic()``; default: now)."""
+        running = RunningJob(job_id, attempt) if claimed is None else RunningJob(job_id, attempt, renewed=claimed)
         with self._lock:
             self._jobs[job_id, attempt] = running
         return running
@@ -263,8 +261,11 @@ class JobRunner:
         except probe.WorkflowError as exc:
             problem = str(exc)
         first = workflow.tasks[0].name if workflow is not None and workflow.tasks else None
-        claim = self._claim(envelope, first)
-        if claim.status == 401 or claim.error in AGENT_NOT_ACCEPTED:
+        claim, asked = self._claim(envelope, first)
+        # A job of the shared queue is of this agent's project and platform: refused as of another, it is the
+        # agent's registration that is wrong. One pinned to it may be the job's own problem (its platform changed).
+        shared = envelope.audience.startswith("tenant.")
+        if claim.status == 401 or claim.error == "agent_not_registered" or (shared and claim.error == "wrong_agent"):
             message = claim.body.get("message", "")
             raise NotAccepted(REFUSED_AGENT.format(status=claim.status, error=claim.error, message=message))
         if not claim.ok:
@@ -277,7 +278,7 @@ class JobRunner:
             )
             return f"dropped: {claim.error or claim.status}"
         self.inflight.note_lease(claim.body.get("lease_seconds"))
-        running = self.inflight.add(job_id, attempt)  # until its final state is delivered: the lease is renewed
+        running = self.inflight.add(job_id, attempt, asked)  # until its final state is delivered: leases renewed
         try:
             secrets = claim.body.get("secrets") or {}
             if workflow is None:
@@ -341,11 +342,12 @@ class JobRunner:
         finally:
             self.inflight.discard(report.job_id, report.attempt)
 
-    def _claim(self, envelope: Envelope, first_task: str | None) -> Reply:
+    def _claim(self, envelope: Envelope, first_task: str | None) -> tuple[Reply, float]:
         """Claim the attempt. While its project runs as many jobs as it may, the control plane cannot be reached, or
         it answers with something that is not this claim (a proxy's page), wait and claim again, holding the
         message, until its envelope expires; raises Stopping when the agent stops meanwhile. Every try carries the
-        same ``claim_id``: a try after a granted claim whose answer was lost is granted again, not refused."""
+        same ``claim_id``: a try after a granted claim whose answer was lost is granted again, not refused. Returns
+        the answer and when its request was sent (``time.monotonic()``: the lease runs from no earlier)."""
         delay = 1.0
         request: dict[str, Any] = {"attempt": envelope.attempt, "claim_id": uuid.uuid4().hex}
         if first_task is not None:
@@ -354,6 +356,7 @@ class JobRunner:
         while True:
             if self.stopping.is_set():  # a message taken as the agent stops: back to the queue, unclaimed
                 raise Stopping(f"job {envelope.job_id}: the agent stops before the job was claimed")
+            asked = time.monotonic()
             try:
                 claim = self._claim_carrying(envelope.job_id, request)
             except ControlPlaneError as exc:
@@ -361,7 +364,7 @@ class JobRunner:
             if claim.ok and not _grants(claim, envelope):  # a proxy's page, say: not an answer of the control plane
                 claim = Reply(503, {"error": "not_a_claim", "message": f"HTTP {claim.status} is not a claim's answer"})
             if claim.error not in WAIT_AND_CLAIM_AGAIN or time.time() + delay > envelope.expires_at:
-                return claim
+                return claim, asked
             if claim.error == "project_at_capacity" and not flushed:
                 flushed = True  # jobs of ours that ended may still count as running: once reported, ask again
                 if self.outbox.flush(min(MAX_CAPACITY_WAIT, envelope.expires_at - time.time())):
@@ -466,7 +469,10 @@ class JobRunner:
             first_line += len(surplus)
         reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, lines, first_line))
         if reply.status == 413 and lines:  # the control plane takes less a request: the lines first, then the state
-            send(lines, first_line)
+            try:
+                send(lines, first_line)
+            except ControlPlaneError as exc:
+                log.error("job %s: %d log lines lost: %s", job_id, len(lines), exc)
             reply = self.client.call("POST", f"/jobs/{job_id}/status", _status_body(report, [], first_line))
         if not reply.ok:
             log.warning("job %s: final state %s refused (%s)", job_id, state, reply.error)

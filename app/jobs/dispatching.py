@@ -397,7 +397,7 @@ def _expire_unclaimed(now: datetime) -> int:
 
 
 def strand(*, now: datetime, actor: str = "sweeper", tenant_id: str | None = None, agent_id: str | None = None) -> int:
-    """Dead-letter (``no_agent``) every queued job, and every pending one that is due, pinned to an agent that is no
+    """Dead-letter (``no_agent``) every queued or pending job that is due, pinned to an agent that is no
     longer registered or now serves another project or platform: no agent could ever claim it. Only those of one
     agent when named, at most ``BATCH`` (the sweeper takes the rest). A job scheduled later is left alone until it
     is due: it may be pinned to another agent meanwhile. Returns how many were dead-lettered."""
@@ -405,10 +405,8 @@ def strand(*, now: datetime, actor: str = "sweeper", tenant_id: str | None = Non
         select(Job, Agent.project_id, Agent.platform)
         .outerjoin(Agent, and_(Agent.tenant_id == Job.tenant_id, Agent.id == Job.agent_id))
         .where(
-            or_(
-                Job.state == JobState.QUEUED.value,
-                and_(Job.state == JobState.PENDING.value, Job.scheduled_at <= now),
-            ),
+            Job.state.in_([JobState.QUEUED.value, JobState.PENDING.value]),
+            Job.scheduled_at <= now,  # a queued job changed to run later is left alone until then, too
             Job.agent_id.is_not(None),
             or_(Agent.id.is_(None), Agent.project_id != Job.project_id, Agent.platform != Job.platform),
         )

@@ -127,7 +127,7 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     following = None
     if queued:
         previous = _current_attempt(job)
-        not_before = _not_before(previous, changes.get("scheduled_at"), now)
+        not_before = _not_before(previous, job.scheduled_at, changes.get("scheduled_at"), now)
         if previous is not None:
             transition_attempt(
                 previous, AttemptState.CANCELLED, finished_at=now, error=f"superseded by revision {job.revision + 1}"
@@ -146,13 +146,16 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     return job
 
 
-def _not_before(previous: JobAttempt | None, scheduled_at: datetime | None, now: datetime) -> datetime | None:
+def _not_before(
+    previous: JobAttempt | None, was_scheduled: datetime, scheduled_at: datetime | None, now: datetime
+) -> datetime | None:
     """When the attempt that supersedes ``previous`` may be sent (None: now): not before a retry's backoff that
-    ``previous`` still waited out, nor before a later ``scheduled_at`` the change asks for. The sweeper sends it
-    then, as it sends a retry."""
+    ``previous`` still waited out, nor before a later ``scheduled_at`` the change asks for (a time an earlier change
+    asked for, ``was_scheduled``, gives way to it). The sweeper sends it then, as it sends a retry."""
     waits = [] if scheduled_at is None else [scheduled_at.astimezone(UTC)]
-    if previous is not None and previous.published_at is None and previous.not_before is not None:
-        waits.append(previous.not_before)
+    waited = previous.not_before if previous is not None and previous.published_at is None else None
+    if waited is not None and (scheduled_at is None or waited != was_scheduled):  # a retry's backoff stays
+        waits.append(waited)
     later = max(waits, default=None)
     return later if later is not None and later > now else None
 

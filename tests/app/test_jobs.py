@@ -186,18 +186,41 @@ def test_a_queued_job_changed_to_run_later_is_sent_then_and_not_now(
     now = api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"priority": 3})  # no time asked
     assert now.status_code == 200 and now.json["attempt"] == 3
     assert sent == []  # still not before the time the previous change asked for
-    sooner = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-    assert (
-        api.put(f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"], json={"scheduled_at": sooner}).json["attempt"]
-        == 4
-    )
-    assert sent == []  # the earlier wait is kept: the backoff or time of a waiting attempt is not skipped
-    with app.app_context():
+    with app.app_context():  # the sweeper leaves it alone until then
         monkeypatch.setattr(dispatching, "_publisher", lambda: object())
         dispatching.sweep(now=utcnow())  # it sends the world's pending jobs, not this one
         assert [number for job_id, number in sent if job_id == acme.queued] == []
         dispatching.sweep(now=later + timedelta(seconds=1))
-    assert [number for job_id, number in sent if job_id == acme.queued] == [4]
+    assert [number for job_id, number in sent if job_id == acme.queued] == [3]
+
+
+def test_a_queued_job_put_off_can_be_brought_forward_but_a_retrys_backoff_stays(
+    api: Api, app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme = world["acme"]
+    sent: list[int] = []
+    monkeypatch.setattr(dispatching, "send", lambda job, attempt, **_: sent.append(attempt.number) or True)
+    url, operator = f"/api/v1/jobs/{acme.queued}", acme.tokens["operator"]
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert api.put(url, operator, json={"scheduled_at": later}).json["attempt"] == 2 and sent == []
+    sooner = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    assert api.put(url, operator, json={"scheduled_at": sooner}).json["attempt"] == 3
+    assert sent == [3]  # the time asked before gave way to the new one: sent at once
+    backoff = utcnow() + timedelta(minutes=10)
+    with app.app_context():  # the current attempt waits out a retry's backoff
+        db.session.execute(
+            update(JobAttempt)
+            .where(JobAttempt.job_id == acme.queued, JobAttempt.number == 3)
+            .values(published_at=None, not_before=backoff)
+        )
+        db.session.commit()
+    assert api.put(url, operator, json={"scheduled_at": sooner}).json["attempt"] == 4
+    assert sent == [3]
+    with app.app_context():
+        attempt = db.session.scalars(
+            select(JobAttempt).where(JobAttempt.job_id == acme.queued, JobAttempt.number == 4)
+        ).one()
+        assert attempt.not_before == backoff
 
 
 def test_a_running_or_finished_job_cannot_be_changed(api: Api, world: dict[str, Tenant]) -> None:

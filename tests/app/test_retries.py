@@ -369,10 +369,15 @@ def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered_once_due(
     queued = submit(api, acme, agent_id="a1")
     later = submit(api, acme, agent_id="a1", scheduled_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
     shared = submit(api, acme)  # any agent of the project may run it
+    put_off = submit(api, acme, agent_id="a1")
     with app.app_context():
-        job = db.session.get(Job, queued)
-        assert job is not None
-        dispatching.open_next_attempt(job, actor="test")
+        for job_id in (queued, put_off):
+            job = db.session.get(Job, job_id)
+            assert job is not None
+            dispatching.open_next_attempt(job, actor="test")
+    in_an_hour = (datetime.now(UTC) + timedelta(hours=1)).isoformat()  # queued, then changed to run later
+    moved = api.put(f"/api/v1/jobs/{put_off}", acme.tokens["operator"], json={"scheduled_at": in_an_hour})
+    assert moved.status_code == 200, moved.json
     assert api.delete("/api/v1/agents/a1", token("acme", "tenant_admin")).status_code == 204
     job = api.get(f"/api/v1/jobs/{queued}", acme.tokens["viewer"]).json
     assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
@@ -381,15 +386,17 @@ def test_a_job_pinned_to_an_agent_that_is_deleted_is_dead_lettered_once_due(
     with app.app_context():  # the move is the deleting admin's
         actors = db.session.scalars(select(JobEvent.actor).where(JobEvent.to_state == "dead_letter")).all()
         assert actors == ["tenant_admin@acme"]
-    # the job scheduled later may still be pinned to another agent: it is left alone until it is due
+    # the jobs scheduled later may still be pinned to another agent: they are left alone until they are due
     assert api.get(f"/api/v1/jobs/{later}", acme.tokens["viewer"]).json["state"] == "pending"
+    assert api.get(f"/api/v1/jobs/{put_off}", acme.tokens["viewer"]).json["state"] == "queued"
     with app.app_context():
         dispatching.sweep(now=utcnow() + timedelta(hours=2))
-    job = api.get(f"/api/v1/jobs/{later}", acme.tokens["viewer"]).json
-    assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
+    for job_id in (later, put_off):
+        job = api.get(f"/api/v1/jobs/{job_id}", acme.tokens["viewer"]).json
+        assert job["state"] == "dead_letter" and job["dead_letter_reason"] == "no_agent", job
     assert api.get(f"/api/v1/jobs/{shared}", acme.tokens["viewer"]).json["state"] == "pending"
     listed = api.get("/api/v1/dead-letters?reason=no_agent", acme.tokens["viewer"]).json
-    assert sorted(j["job_id"] for j in listed["jobs"]) == sorted([queued, later])
+    assert sorted(j["job_id"] for j in listed["jobs"]) == sorted([queued, later, put_off])
 
 
 def test_a_dead_letter_whose_agent_is_gone_is_requeued_pinned_to_another_or_to_none(

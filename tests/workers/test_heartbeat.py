@@ -68,3 +68,17 @@ def test_runs_whose_leases_go_unrenewed_are_stopped_within_a_beat_of_their_expir
     finally:
         heartbeat.stop()
         heartbeat.join(5)
+
+
+def test_a_run_being_abandoned_is_not_named_in_heartbeats(http_server):
+    """Renewed now, its lease would keep the job running on the control plane for a lease more, while it stops."""
+    inflight = Inflight()
+    inflight.lease = 1.0
+    kept, dropped = inflight.add("j1", 1), inflight.add("j2", 1, claimed=0.0)  # j2: claimed long ago, never renewed
+    inflight.abandon_expired(dropped.renewed + 5)
+    assert dropped.abandoned and not kept.abandoned
+    reply = {"leases": [], "cancel": [], "lease_seconds": 1}
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: (200, {}, json.dumps(reply)))
+    client = client_for(http_server.url)
+    Heartbeat(client, client.settings, inflight).beat()
+    assert json.loads(http_server.requests[-1].body)["running"] == [{"job_id": "j1", "attempt": 1}]

@@ -283,10 +283,19 @@ def test_a_claim_refused_because_of_the_agent_gives_the_message_back_and_runs_no
     assert recorder.paths() == ["/jobs/j1/claim"] and running(inflight) == []
 
 
-def test_a_claim_refused_because_of_the_job_still_drops_the_message() -> None:
-    recorder = Recorder(claims=[Reply(409, {"error": "invalid_transition", "message": "already claimed"})])
+@pytest.mark.parametrize(
+    ("refusal", "audience"),
+    [
+        ("invalid_transition", "tenant.t.p.linux"),
+        ("job_cancelled", "tenant.t.p.linux"),
+        # pinned to this agent, then its platform changed: the job's problem (the sweeper dead-letters it)
+        ("wrong_agent", "agent.t.a1"),
+    ],
+)
+def test_a_claim_refused_because_of_the_job_still_drops_the_message(refusal: str, audience: str) -> None:
+    recorder = Recorder(claims=[Reply(409, {"error": refusal, "message": "no"})])
     runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
-    assert runner.run(envelope("j1")) == "dropped: invalid_transition"
+    assert runner.run(dataclasses.replace(envelope("j1"), audience=audience)) == f"dropped: {refusal}"
 
 
 def test_a_run_abandoned_for_want_of_a_renewed_lease_is_stopped_and_its_final_state_not_reported() -> None:
@@ -302,10 +311,11 @@ def test_a_run_abandoned_for_want_of_a_renewed_lease_is_stopped_and_its_final_st
     )
     thread.start()
     try:
-        for _ in range(100):  # until the run has been claimed
+        for _ in range(500):  # until the run has been claimed
             if inflight.snapshot():
                 break
             time.sleep(0.02)
+        assert inflight.snapshot(), "the run was not claimed within 10 s"
         assert inflight.lease == 0.5
         started = inflight.snapshot()[0]
         assert inflight.until_expiry(started.renewed) == 0.5
