@@ -20,7 +20,7 @@ from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt, TaskResult
 from app.jobs.schemas import FinishedOut, FinishedReport, StatusReport, TaskReport, TaskResultIn
 from app.jobs.service import visible
-from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+from app.jobs.states import AttemptState, JobState, again_if_overtaken, transition, transition_attempt
 from app.logs.service import append_lines, unseen
 from app.realtime.events import note_task
 from app.rows import insert_row, update_fenced
@@ -89,15 +89,11 @@ def claim_job(
     agent's name for this claim, the same in each of its tries. Returns the job, its attempt and the values of the
     project secrets its workflow names.
     """
-    try:
+    if claim_id is None:
         return _claim_once(caller, job_id, attempt, task, claim_id)
-    except Conflict as exc:
-        if exc.code != "concurrent_update" or claim_id is None:
-            raise
-        db.session.rollback()
     # An earlier try of this very claim (still being answered when the agent gave up on it) may be what changed
-    # the job meanwhile: read it again, and it is granted as the same claim made again.
-    return _claim_once(caller, job_id, attempt, task, claim_id)
+    # the job meanwhile: read again, it is granted as the same claim made again.
+    return again_if_overtaken(lambda: _claim_once(caller, job_id, attempt, task, claim_id))
 
 
 def _claim_once(
@@ -286,13 +282,7 @@ def report_status(*, caller: Principal, job_id: str, report: StatusReport) -> Jo
     A report whose write lost a race (the job changed after it was read: a cancel requested meanwhile refuses
     its retry) is read and applied once more, so that it is recorded as of the job's latest state.
     """
-    try:
-        return _apply_status(caller, job_id, report)
-    except Conflict as exc:
-        if exc.code != "concurrent_update":
-            raise
-        db.session.rollback()
-    return _apply_status(caller, job_id, report)
+    return again_if_overtaken(lambda: _apply_status(caller, job_id, report))
 
 
 def _apply_status(caller: Principal, job_id: str, report: StatusReport) -> Job:

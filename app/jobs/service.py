@@ -18,7 +18,15 @@ from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import DeadLetterQuery, JobListQuery, JobUpdate, RequeueRequest
-from app.jobs.states import FINAL_STATES, NOT_STARTED, AttemptState, JobState, transition, transition_attempt
+from app.jobs.states import (
+    FINAL_STATES,
+    NOT_STARTED,
+    AttemptState,
+    JobState,
+    again_if_overtaken,
+    transition,
+    transition_attempt,
+)
 from app.jobs.submission import check_target, target_platform
 from app.jobs.workflows import validate_workflow
 from app.schemas import Page
@@ -166,13 +174,7 @@ def cancel_job(*, caller: Principal, job_id: str, reason: str | None = None) -> 
     A cancel whose write lost a race (an agent claimed the queued job meanwhile) is read and made once more, as of
     the job's latest state: the job that started is then asked to stop.
     """
-    try:
-        return _cancel(caller, job_id, reason)
-    except Conflict as exc:
-        if exc.code != "concurrent_update":
-            raise
-        db.session.rollback()
-    return _cancel(caller, job_id, reason)
+    return again_if_overtaken(lambda: _cancel(caller, job_id, reason))
 
 
 def _cancel(caller: Principal, job_id: str, reason: str | None) -> Job:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import inspect
 
@@ -15,6 +15,8 @@ from app.extensions import db
 from app.jobs.models import Job, JobAttempt, JobEvent
 from app.realtime.events import note_state
 from app.rows import insert_row, update_fenced
+
+T = TypeVar("T")
 
 FINISHED_JOBS = "automation.metrics.finished_jobs"  # session.info: (state, seconds run) of jobs ended meanwhile
 INVALID_TRANSITION = "job {job_id} is {current}; it cannot become {target}"
@@ -164,3 +166,15 @@ def transition_attempt(
         return
     for key, value in values.items():
         setattr(attempt, key, value)
+
+
+def again_if_overtaken(action: Callable[[], T]) -> T:
+    """Run ``action``; when its write lost a race (409 ``concurrent_update``: the row changed after it was read),
+    roll back and run it once more, so that it is decided on the state committed meanwhile."""
+    try:
+        return action()
+    except Conflict as exc:
+        if exc.code != "concurrent_update":
+            raise
+        db.session.rollback()
+    return action()
