@@ -53,6 +53,11 @@ def shared_queue(tenant: str, project: str, platform: str) -> str:
     return f"tenant.{check_name('tenant', tenant)}.{check_name('project', project)}.{platform}"
 
 
+def is_shared_queue(queue: str) -> bool:
+    """Whether ``queue`` (a message's audience) is a project's shared queue, not one agent's own."""
+    return queue.startswith("tenant.")
+
+
 def control_channel(tenant: str, agent_id: str) -> str:
     """The Valkey pub/sub channel on which the control plane tells one agent to cancel a job at once."""
     return f"automation.control.{check_name('tenant', tenant)}.{check_name('agent id', agent_id)}"

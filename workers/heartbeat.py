@@ -118,7 +118,8 @@ class Heartbeat(threading.Thread):
                 expiry = self.inflight.until_expiry(now)
             except Exception:
                 log.exception("checking the running jobs' leases failed; checking again at the next beat")
-            self.wake.wait(max(0.0, min(due - now, due - now if expiry is None else expiry + 0.01)))
+            wait = due - now if expiry is None else min(due - now, expiry + 0.01)  # 0.01: past the expiry
+            self.wake.wait(max(0.0, wait))
 
     def beat_now(self) -> None:
         """Send the next heartbeat at once (a control message hinted at a cancel)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import probe
+from dispatch.contract import is_shared_queue
 from dispatch.logs import log_context
 from workers.client import ControlPlane, ControlPlaneError, Reply, transient
 from workers.envelope import Envelope, EnvelopeRefused
@@ -264,7 +265,7 @@ class JobRunner:
         claim, asked = self._claim(envelope, first)
         # A job of the shared queue is of this agent's project and platform: refused as of another, it is the
         # agent's registration that is wrong. One pinned to it may be the job's own problem (its platform changed).
-        shared = envelope.audience.startswith("tenant.")
+        shared = is_shared_queue(envelope.audience)
         if claim.status == 401 or claim.error == "agent_not_registered" or (shared and claim.error == "wrong_agent"):
             message = claim.body.get("message", "")
             raise NotAccepted(REFUSED_AGENT.format(status=claim.status, error=claim.error, message=message))

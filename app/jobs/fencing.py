@@ -395,6 +395,7 @@ def claim_carrying(
     except AppError as exc:
         refusal = exc
     pending = [index for index, _, _ in due]  # recorded but not committed yet
+    alone = False  # the claim is made again on its own, after the reports
     try:
         for index, job, row in due:
             if _record_status(caller, job, row, reports[index]):
@@ -402,14 +403,7 @@ def claim_carrying(
             outcomes[index] = _recorded(reports[index], job)
     except AppError:
         _record_alone(caller, reports, pending, outcomes)
-        if claimable is not None:
-            try:
-                job, row, secrets = claim_job(
-                    caller=caller, job_id=job_id, attempt=attempt, task=task, claim_id=claim_id
-                )
-                claimable = (job, row, None)
-            except AppError as exc:
-                refusal = exc
+        alone = claimable is not None
     else:
         try:
             if claimable is not None:
@@ -417,16 +411,15 @@ def claim_carrying(
         except AppError as exc:
             _record_alone(caller, reports, pending, outcomes)
             refusal = exc
-            if exc.code == "concurrent_update" and claim_id is not None:  # perhaps an earlier try of this claim
-                try:
-                    job, row, secrets = claim_job(
-                        caller=caller, job_id=job_id, attempt=attempt, task=task, claim_id=claim_id
-                    )
-                    claimable, refusal = (job, row, None), None
-                except AppError as again:
-                    refusal = again
+            alone = exc.code == "concurrent_update" and claim_id is not None  # perhaps an earlier try of this claim
         else:
             db.session.commit()
+    if alone:
+        try:
+            job, row, secrets = claim_job(caller=caller, job_id=job_id, attempt=attempt, task=task, claim_id=claim_id)
+            claimable, refusal = (job, row, None), None
+        except AppError as exc:
+            refusal = exc
     if refusal is not None:
         if outcomes:
             refusal.extra["finished"] = [outcome.model_dump() for outcome in outcomes]

@@ -281,7 +281,7 @@ def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
         cancel_reason=None,
         error=None,
         finished_at=None,
-        deliver_by=data.deliver_by.astimezone(UTC).replace(tzinfo=None) if data.deliver_by else None,
+        deliver_by=data.deliver_by,  # aware: the column stores it as naive UTC
         **target,
     )
     details: dict[str, Any] = {"attempt": attempt.number, "was": reason}

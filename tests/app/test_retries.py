@@ -145,6 +145,16 @@ def test_a_job_not_claimed_before_its_deadline_is_dead_lettered_listed_and_can_b
     assert audited["total"] == 1
     again = api.post(f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"])
     assert again.status_code == 409 and again.json["error"] == "invalid_transition"
+    with app.app_context():  # dead-lettered once more, it is requeued with a new deadline
+        job = db.session.get(Job, job_id)
+        assert job is not None
+        dispatching.dead_letter(job, reason="lost", message="lost", actor="test")
+    deadline = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    later = api.post(
+        f"/api/v1/jobs/{job_id}/requeue", acme.tokens["operator"], json={"deliver_by": deadline.isoformat()}
+    )
+    assert later.status_code == 200, later.json
+    assert datetime.fromisoformat(later.json["deliver_by"].replace("Z", "+00:00")) == deadline
 
 
 def test_a_message_an_agent_refused_as_forged_dead_letters_its_job_but_a_replay_does_not(
