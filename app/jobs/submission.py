@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import time
 from datetime import timedelta
-from typing import Any
 
 from flask import current_app
 from sqlalchemy import select
@@ -57,23 +56,26 @@ def warnings_for(job: Job) -> list[str]:
     every ``SEEN_FOR`` seconds in a process, whatever it found, so the hot path does not pay for it."""
     if job.state not in (JobState.PENDING.value, JobState.QUEUED.value) or job.scheduled_at > utcnow() + SOON:
         return []
-    if job.agent_id is not None:
-        target: tuple[str, ...] = (job.tenant_id, "agent", job.agent_id)
-        scope: list[Any] = [Agent.tenant_id == job.tenant_id, Agent.id == job.agent_id]
-        warning = PINNED_AGENT_OFFLINE.format(agent=job.agent_id)
-    else:
-        target = (job.tenant_id, job.project_id, job.platform)
-        scope = [Agent.tenant_id == job.tenant_id, Agent.project_id == job.project_id, Agent.platform == job.platform]
-        warning = NO_AGENT_ONLINE.format(platform=job.platform, project=job.project_id)
+    pinned = job.agent_id is not None
+    target = (job.tenant_id, "agent", str(job.agent_id)) if pinned else (job.tenant_id, job.project_id, job.platform)
     now = time.monotonic()
     seen = _seen.get(target)
-    if seen is None or now - seen[0] >= SEEN_FOR:
+    if seen is None or now - seen[0] >= SEEN_FOR:  # the query is built only when it runs: building it costs too
+        scope = [Agent.tenant_id == job.tenant_id]
+        if pinned:
+            scope.append(Agent.id == job.agent_id)
+        else:
+            scope += [Agent.project_id == job.project_id, Agent.platform == job.platform]
         online = Agent.online(current_app.config["AGENT_OFFLINE_AFTER"])
         found = db.session.scalar(select(Agent.id).where(*scope, online).limit(1))
         if len(_seen) > 10000:
             _seen.clear()
         seen = _seen[target] = (now, found is not None)
-    return [] if seen[1] else [warning]
+    if seen[1]:
+        return []
+    if pinned:
+        return [PINNED_AGENT_OFFLINE.format(agent=job.agent_id)]
+    return [NO_AGENT_ONLINE.format(platform=job.platform, project=job.project_id)]
 
 
 def _request_hash(data: JobSubmit, project_id: str) -> str:

@@ -1,4 +1,4 @@
-"""commit_new: the session's new objects written with plain INSERTs in order, committed, kept as persistent; and
+"""commit_new: the session's new objects written with plain INSERTs in order, committed, left detached and loaded; and
 each statement of app.rows sent as its driver SQL with the values SQLAlchemy would have sent."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def new_job(project: tuple[str, str], job_id: str = "job-1") -> Job:
     return Job(id=job_id, tenant_id=tenant, project_id=project_id, name="n", workflow="w", platform="linux")
 
 
-def test_new_objects_are_written_in_key_order_with_their_defaults_and_kept_persistent(
+def test_new_objects_are_written_in_key_order_with_their_defaults_and_left_detached_and_loaded(
     app: Flask, project: tuple[str, str]
 ):
     with app.test_request_context():
@@ -59,8 +59,10 @@ def test_new_objects_are_written_in_key_order_with_their_defaults_and_kept_persi
         assert statements.index("INSERT jobs") < min(
             statements.index(t) for t in statements if t.startswith("INSERT job_")
         )
-        assert not db.session.new and not db.session.dirty
-        assert all(inspect(o).persistent for o in (job, first, second, attempt, audit))
+        assert not db.session.new and not db.session.dirty and not db.session.identity_map
+        # out of the session, as after a query and an expunge: every column readable, no query to read it
+        assert all(inspect(o).detached and not inspect(o).expired_attributes for o in (job, first, second, attempt))
+        assert inspect(audit).detached
         assert first.id is not None and second.id is not None and first.id < second.id
         assert attempt.id is not None and audit.id is not None
         defaults = (job.state, job.attempt, job.revision, job.cancel_requested, job.variables)
