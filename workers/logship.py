@@ -108,7 +108,11 @@ def cut_line(message: str, limit: int) -> str:
 
 class _Alarm:
     """One thread per process that rings each buffer when its oldest line is due; a job that ends sooner has
-    been spared a thread of its own."""
+    been spared a thread of its own.
+
+    The thread wakes only when a buffer is due that has not ended, or when a buffer due sooner than any other
+    comes: an agent running short jobs back to back wakes it about once every ``max_delay``, not once a job.
+    """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
@@ -122,6 +126,7 @@ class _Alarm:
         with self._changed:
             if self._pid != os.getpid():  # a forked child: the parent's thread is not in this process
                 self._pid, self._due, self._thread = os.getpid(), [], None
+            sooner = not self._due or when < self._due[0][0]  # than the thread is waiting for
             heapq.heappush(self._due, (when, next(self._order), buffer))
             if self._thread is None or not self._thread.is_alive():
                 thread = threading.Thread(target=self._run, name="logship-alarm", daemon=True)
@@ -131,12 +136,18 @@ class _Alarm:
                     log.warning("could not start the log shipping alarm (%s): lines wait", exc)
                     return
                 self._thread = thread
-            self._changed.notify()
+            elif sooner:
+                self._changed.notify()
 
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._due or (left := self._due[0][0] - time.monotonic()) > 0:
+                while True:
+                    if self._due and self._due[0][2].ended:  # forget every buffer that ended: none needs ringing
+                        self._due = [entry for entry in self._due if not entry[2].ended]
+                        heapq.heapify(self._due)
+                    if self._due and (left := self._due[0][0] - time.monotonic()) <= 0:
+                        break
                     self._changed.wait(left if self._due else None)
                 buffer = heapq.heappop(self._due)[2]
             try:
@@ -200,6 +211,11 @@ class LogBuffer:
                 elif not self._alarm_set:
                     self._alarm_set = True
                     _ALARM.at(self._oldest + self.max_delay, self)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the job's lines were drained (read without the lock: it only ever becomes true)."""
+        return self._closed
 
     def _ring(self) -> None:
         """The alarm: the oldest line is due, unless the job has ended (drained) since."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -66,6 +67,10 @@ class Outbox:
         self._finished = threading.Condition(lock)
         self._closed = False
         self._threads: list[threading.Thread] = []
+        # When each delivery thread waiting in _next looks again (inf: when woken). A report due later than all of
+        # them wakes none: a busy agent's reports, each taken by the next claim, then wake a thread about once a
+        # linger, not twice a job.
+        self._looks_at: list[float] = []
 
     def put(self, report: FinalReport, linger: float = 0.0) -> None:
         """Hand a report over, for a thread to deliver after ``linger`` seconds unless a claim takes it first;
@@ -74,9 +79,11 @@ class Outbox:
             self._finished.wait_for(lambda: self._closed or len(self._unfinished) < self._limit)
             if not self._closed and self._start_threads():
                 number = next(self._numbers)
-                self._waiting.append((number, report, time.monotonic() + linger))
+                due = time.monotonic() + linger
+                self._waiting.append((number, report, due))
                 self._unfinished.add(number)
-                self._queued.notify_all()
+                if any(when > due for when in self._looks_at):
+                    self._queued.notify_all()
                 return
         # A task that ends while the agent shuts down, or when no delivery thread could be started: its caller
         # delivers the report itself.
@@ -170,11 +177,21 @@ class Outbox:
                     if left <= 0 or self._closed:
                         self._waiting.remove(first)
                         return first[0], first[1]
-                    self._queued.wait(left)
+                    self._wait(left)
                 elif self._closed:
                     return None
                 else:
-                    self._queued.wait()
+                    self._wait(None)
+
+    def _wait(self, seconds: float | None) -> None:
+        """Wait on ``_queued`` (lock held) for ``seconds`` (None: until woken), telling ``put`` when this thread looks
+        again."""
+        when = math.inf if seconds is None else time.monotonic() + seconds
+        self._looks_at.append(when)
+        try:
+            self._queued.wait(seconds)
+        finally:
+            self._looks_at.remove(when)
 
     def _run(self) -> None:
         while (item := self._next()) is not None:

@@ -176,11 +176,46 @@ def test_a_job_that_ends_before_its_lines_are_due_starts_no_thread(monkeypatch: 
         buffer.add([line(1)])
         buffer.add([line(2)])
         assert buffer.drain() == [line(1), line(2)]
+
+    def remembered() -> bool:
+        with logship._ALARM._changed:
+            return any(entry[2] is buffer for entry in logship._ALARM._due)
+
     deadline = time.monotonic() + 5
-    while buffer._alarm_set and time.monotonic() < deadline:
+    while remembered() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not buffer._alarm_set  # the alarm rang the drained buffer: nothing more happens
+    assert not remembered()  # once due, the alarm forgot the drained buffer: nothing more happens
+    time.sleep(0.1)
     assert "logship" not in started and receiver.tried == []
+
+
+def test_jobs_that_end_before_their_lines_are_due_wake_the_alarm_about_once_a_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alarm = logship._Alarm()
+    monkeypatch.setattr(logship, "_ALARM", alarm)
+    woken: list[float] = []
+
+    class Counted(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            try:
+                return super().wait(timeout)
+            finally:
+                woken.append(time.monotonic())
+
+    alarm._changed = Counted()
+    began = time.monotonic()
+    for n in range(30):  # short jobs back to back, each with a line and ended long before the line is due
+        buffer = LogBuffer(Receiver(), batch_lines=100, max_delay=0.3)
+        buffer.add([line(n)])
+        time.sleep(0.005)
+        assert buffer.drain() == [line(n)]
+    time.sleep(0.4)  # every line has been due: the alarm woke for the first, and forgot every ended buffer then
+    spent = time.monotonic() - began
+    # Woken by every job's line, then when each was due, the alarm would have woken about 60 times.
+    assert len(woken) <= 6 + 2 * (spent / 0.3), len(woken)
+    with alarm._changed:
+        assert alarm._due == []
 
 
 def test_each_buffer_is_sent_when_its_own_lines_are_due_whatever_the_others_wait_for() -> None:
