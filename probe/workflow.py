@@ -95,12 +95,17 @@ class Workflow:
         env: Mapping[str, str] | None = None,
     ) -> list[Problem]:
         """Return a problem for each variable or secret a placeholder uses that has no value."""
-        known = set(os.environ if env is None else env) | set(self.variables) | set(variables or {})
+        environment = os.environ if env is None else env
+        given = variables or {}
+
+        def unknown(name: str, *, own: bool = True) -> bool:  # looked up where it may come from: no set built
+            return name not in given and name not in environment and not (own and name in self.variables)
+
         problems = []
         for spec in self.tasks:
             for path, text in walk_strings(spec.config):
                 for ref in references(text):
-                    if ref.kind == "var" and ref.name not in known:
+                    if ref.kind == "var" and unknown(ref.name):
                         message = UNDEFINED_VARIABLE.format(name=ref.name)
                     elif ref.kind == "secret" and ref.name not in (secrets or {}):
                         message = UNDEFINED_SECRET.format(name=ref.name)
@@ -109,11 +114,10 @@ class Workflow:
                     top = path.split(".")[0].split("[")[0]
                     problems.append(Problem(f"{spec.label}.config.{path}", message, spec.config_lines.get(top)))
         # A workflow variable's value may use run-time variables and the environment, not other variables.
-        outside = set(os.environ if env is None else env) | set(variables or {})
         for name, value in self.variables.items():
             for _, text in walk_strings(value):
                 for ref in references(text):
-                    if ref.kind == "var" and ref.name not in outside:
+                    if ref.kind == "var" and unknown(ref.name, own=False):
                         message = UNDEFINED_VARIABLE.format(name=ref.name)
                         problems.append(Problem(f"variables.{name}", message, self.variable_lines.get(name)))
                     elif ref.kind == "secret" and ref.name not in (secrets or {}):
