@@ -3,8 +3,8 @@
 The unit of work's flush costs about three times the statements it sends: 0.6 ms of CPU against 0.2 ms
 for the four rows of a submission (job, audit entry, state change, attempt), measured with SQLite on the
 machines of docs/PERFORMANCE.md. ``commit_new`` writes the session's new objects itself, in foreign-key
-order and in the order they were added, commits, and keeps them in the session as persistent, clean objects, so the
-code that builds them stays ordinary ORM code; and it holds the write lock only for the statements.
+order and in the order they were added, commits, and leaves them detached and loaded, as clean as a query leaves
+them, so the code that builds them stays ordinary ORM code; and it holds the write lock only for the statements.
 
 Each statement goes to the database as its driver SQL, compiled once per set of parameters, with the values
 converted as SQLAlchemy would convert them (``_run``): ``Connection.execute`` looks the statement up in its compiled
