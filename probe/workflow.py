@@ -95,7 +95,7 @@ class Workflow:
         env: Mapping[str, str] | None = None,
     ) -> list[Problem]:
         """Return a problem for each variable or secret a placeholder uses that has no value."""
-        environment = os.environ if env is None else env
+        environment = dict(os.environ) if env is None else env  # as a run reads it (case-sensitive on Windows too)
         given = variables or {}
 
         def unknown(name: str, *, own: bool = True) -> bool:  # looked up where it may come from: no set built

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, event, select
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs import dispatching
-from app.jobs.models import JobAttempt, JobEvent
+from app.jobs.models import Job, JobAttempt, JobEvent
 from app.jobs.receipts import Receipts
 from dispatch.signing import generate_keypair
 from tests.app.support import WORKFLOW, Api, MakeApp, Tenant, build_world
@@ -82,6 +82,27 @@ def test_a_submission_is_stored_queued_with_its_attempt_in_one_transaction(
         assert [(m.from_state, m.to_state, m.attempt) for m in moves] == [("pending", "queued", 1)]
     attempt = wait_for_receipt(live, job_id)
     assert attempt.number == 1 and attempt.state == "queued"
+
+
+def test_a_job_queued_only_when_it_is_published_is_answered_as_queued(
+    live: Flask, acme: Tenant, valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch
+):
+    """A job not due in its submission's transaction but due by its publish (scheduled a moment ahead) is queued
+    then, and the answer says so, as the stored job does."""
+    monkeypatch.setattr(dispatching, "queue_new", lambda _job, **_kwargs: False)
+    api = Api(live.test_client())
+    before = messages(valkey_server)
+    one = api.post("/api/v1/jobs", acme.tokens["operator"], json={"workflow": WORKFLOW})
+    assert one.status_code == 201, one.json
+    two = api.post("/api/v1/jobs/batch", acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}] * 2})
+    assert two.status_code == 201, two.json
+    answered = [one.json, *two.json["jobs"]]
+    assert [(job["state"], job["attempt"]) for job in answered] == [("queued", 1)] * 3
+    with live.app_context():
+        for job in answered:
+            stored = db.session.get(Job, job["job_id"])
+            assert stored is not None and (stored.state, stored.attempt) == ("queued", 1)
+    assert messages(valkey_server) == before + 3
 
 
 def test_the_sweeper_leaves_a_receipted_attempt_alone_and_resends_one_whose_receipt_was_lost(

@@ -246,15 +246,14 @@ def test_back_to_back_reports_taken_by_claims_wake_the_delivery_thread_about_onc
     outbox._wait = counted  # type: ignore[method-assign]
     began = time.monotonic()
     for n in range(30):  # a busy agent: each report lingers, and the next job's claim takes it
-        outbox.put(report(f"j{n}"), linger=0.3)
+        outbox.put(report(f"j{n}"), linger=2.0)
         time.sleep(0.005)
         outbox.settle(outbox.take(1))
     spent = time.monotonic() - began
-    time.sleep(0.35)  # the last linger ends: the thread looks once more, finds nothing, and waits to be woken
-    # Woken by every put, then at each linger's end, the thread would have looked about 60 times; a put due later
-    # than its next look wakes it no more.
-    assert len(looks) <= 6 + 2 * (spent / 0.3), looks
-    assert gate.delivered == []
+    # Woken by every put, the thread would have looked again 30 times; a put due later than its next look wakes it
+    # no more: it looked when the first report came, and waits for that report's linger to end.
+    assert len(looks) <= 4 + 2 * (spent / 2.0), looks
+    assert outbox.close(5) and gate.delivered == []
 
 
 def test_a_report_due_now_is_not_held_up_by_an_older_one_that_lingers() -> None:
