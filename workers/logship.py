@@ -136,10 +136,10 @@ class _Alarm:
                     log.warning("could not start the log shipping alarm (%s): lines wait", exc)
                     return
                 self._thread = thread
-                # After a fork the condition still lists the parent's thread as waiting: this wakes that one, not
-                # a thread of this process, so that the first entry due sooner later wakes this process's thread.
-                self._changed.notify()
-            elif sooner:
+                # After a fork the condition still lists the parent's thread as waiting: a notify now wakes that
+                # one, so that the next entry due sooner wakes this process's own thread.
+                sooner = True
+            if sooner:
                 self._changed.notify()
 
     def _run(self) -> None:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import and_, func, inspect, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.agents.models import Agent
@@ -177,8 +177,7 @@ def deliver(job: Job, *, actor: str = "dispatcher") -> bool:
     """Publish a committed new job: the attempt ``queue_new`` opened, or queue a pending one that is due."""
     if _unsent(job):
         return send(job, job.attempts[-1], receipt=True)
-    if inspect(job).detached:  # as commit_new leaves it: in the session, it is the job queued below, answered so
-        db.session.add(job)
+    db.session.add(job)  # detached as commit_new leaves it: in the session, the job queued below is this one
     return dispatch_job(job_id=job.id, actor=actor)
 
 

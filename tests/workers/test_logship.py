@@ -228,7 +228,7 @@ def test_jobs_that_end_before_their_lines_are_due_wake_the_alarm_about_once_a_de
     assert all(receiver.tried == [] for receiver in receivers)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork does not exist on Windows")
 def test_in_a_forked_child_the_alarm_rings_each_buffer_when_due(monkeypatch: pytest.MonkeyPatch) -> None:
     alarm = logship._Alarm()
     monkeypatch.setattr(logship, "_ALARM", alarm)
