@@ -37,6 +37,7 @@ CANCELLED = "job {job_id} was cancelled; drop the message"
 AT_CAPACITY = "project '{project}' already runs {limit} jobs (its max_running_jobs); claim again later"
 NOT_REGISTERED = "agent '{agent}' is not registered: register before claiming jobs"
 WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platform}"
+NEVER_STARTED = "cancelled before its run started: the agent's claim was made again after the cancel was requested"
 
 
 # The job with one of its attempts, in one statement built once; claims add what they check of the agent and project.
@@ -83,7 +84,8 @@ def claim_job(
     *, caller: Principal, job_id: str, attempt: int, task: str | None = None, claim_id: str | None = None
 ) -> tuple[Job, JobAttempt, dict[str, str]]:
     """Move a queued job to ``running`` for the calling agent and grant a lease; 409 for any second claim, but the
-    same claim made again (see ``_made_again``).
+    same claim made again (see ``_made_again``). The same claim made again after a cancel is refused, and ends its
+    attempt and the job (``_end_unstarted``).
 
     ``task`` names the workflow's first task, which the agent starts right after the claim; ``claim_id`` is the
     agent's name for this claim, the same in each of its tries. Returns the job, its attempt and the values of the
@@ -91,9 +93,14 @@ def claim_job(
     """
     if claim_id is None:
         return _claim_once(caller, job_id, attempt, task, claim_id)
-    # An earlier try of this very claim (still being answered when the agent gave up on it) may be what changed
-    # the job meanwhile: read again, it is granted as the same claim made again.
-    return again_if_overtaken(lambda: _claim_once(caller, job_id, attempt, task, claim_id))
+    try:
+        # An earlier try of this very claim (still being answered when the agent gave up on it) may be what changed
+        # the job meanwhile: read again, it is granted as the same claim made again.
+        return again_if_overtaken(lambda: _claim_once(caller, job_id, attempt, task, claim_id))
+    except Conflict as exc:
+        if exc.code == "job_cancelled":
+            _end_unstarted(caller, job_id, attempt, claim_id)
+        raise
 
 
 def _claim_once(
@@ -203,6 +210,29 @@ def _made_again(caller: Principal, row: JobAttempt, claim_id: str | None) -> boo
         and row.agent_id == caller.agent_id
         and row.claim_id == claim_id
     )
+
+
+def _end_unstarted(caller: Principal, job_id: str, attempt: int, claim_id: str) -> None:
+    """After a claim refused for a cancel: when an earlier try of the same claim was granted (its answer lost on the
+    way), end its attempt and the job now, cancelled as the agent's own report would end them. The agent drops the
+    job's message on the refusal and never runs it, so nothing else would end them until the lease expired.
+
+    Nothing is written for any other refused claim; should this write fail or lose a race, the reaper still ends the
+    attempt when its lease expires.
+    """
+
+    def end() -> None:
+        job, row = fenced(caller, job_id, attempt)
+        if job.cancel_requested and _made_again(caller, row, claim_id):
+            report = StatusReport(attempt=attempt, state="cancelled", error=NEVER_STARTED, logs_first_line=None)
+            if not _record_status(caller, job, row, report):
+                db.session.commit()
+
+    db.session.rollback()  # the refused claim wrote nothing; the reports a claim carried are committed already
+    try:
+        again_if_overtaken(end)
+    except AppError:
+        db.session.rollback()
 
 
 def _task_started(job: Job, attempt: int, task: str) -> None:
@@ -420,6 +450,8 @@ def claim_carrying(
             claimable, refusal = (job, row, None), None
         except AppError as exc:
             refusal = exc
+    elif refusal is not None and refusal.code == "job_cancelled" and claim_id is not None:
+        _end_unstarted(caller, job_id, attempt, claim_id)
     if refusal is not None:
         if outcomes:
             refusal.extra["finished"] = [outcome.model_dump() for outcome in outcomes]

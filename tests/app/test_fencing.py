@@ -299,6 +299,53 @@ def test_a_claim_made_again_is_granted_in_a_full_project_but_not_once_the_reaper
 
 
 @pytest.mark.parametrize("carrying", [False, True])
+def test_a_claim_made_again_after_a_cancel_ends_its_unstarted_attempt_and_the_job_at_once(
+    api: Api, world: dict[str, Tenant], carrying: bool
+) -> None:
+    """The first try was granted but its answer lost; the operator cancelled; the agent's next try is refused and it
+    drops the message, so the run never starts: the attempt and the job are cancelled now, not left running until
+    the reaper finds the lease expired."""
+    acme = world["acme"]
+    url = f"/api/v1/jobs/{acme.queued}/claim"
+    body: dict[str, object] = {"attempt": 1, "task": "a", "claim_id": "n" * 16}
+    assert api.post(url, acme.tokens["agent"], json=body).status_code == 200
+    cancel = {"reason": "wrong host"}
+    assert api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"], json=cancel).status_code == 202
+    if carrying:  # the claim carries its agent's other job's final state, recorded all the same
+        body["finished"] = [{"job_id": acme.running, "attempt": 1, "state": "completed"}]
+    refused = api.post(url, acme.tokens["agent"], json=body)
+    assert refused.status_code == 409 and refused.json["error"] == "job_cancelled", refused.json
+    if carrying:
+        assert [f["status"] for f in refused.json["finished"]] == [200]
+        assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["state"] == "completed"
+    detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
+    assert detail["state"] == "cancelled" and detail["error"] == "wrong host", detail
+    [attempt] = detail["attempts"]
+    assert attempt["state"] == "cancelled" and attempt["error"] == fencing.NEVER_STARTED
+    assert attempt["finished_at"] is not None
+    # the agent's own report of the end, should it send one, is taken as the state already recorded
+    status = {"attempt": 1, "state": "cancelled"}
+    assert api.post(f"/api/v1/jobs/{acme.queued}/status", acme.tokens["agent"], json=status).status_code == 200
+
+
+def test_a_second_delivery_refused_for_a_cancel_leaves_the_run_of_the_first_claim_alone(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    """Only the claim that made the attempt is known not to run it: a second delivery of the message, refused for
+    the cancel, is no sign that the granted run stopped (its agent stops it when the heartbeat says so)."""
+    acme = world["acme"]
+    url = f"/api/v1/jobs/{acme.queued}/claim"
+    assert api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": "r" * 16}).status_code == 200
+    api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
+    for other in ({"attempt": 1, "claim_id": "s" * 16}, {"attempt": 1}):
+        refused = api.post(url, acme.tokens["agent"], json=other)
+        assert refused.status_code == 409 and refused.json["error"] == "job_cancelled"
+    detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
+    assert detail["state"] == "running" and detail["cancel_requested"] is True
+    assert [a["state"] for a in detail["attempts"]] == ["running"]
+
+
+@pytest.mark.parametrize("carrying", [False, True])
 def test_a_try_of_a_claim_that_overlaps_an_earlier_try_which_wins_is_granted_too(
     app: Flask, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch, carrying: bool
 ) -> None:
