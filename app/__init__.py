@@ -59,6 +59,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         )
 
     init_celery(app)
+    from app.system.beacon import init_beacon
+
+    init_beacon(app)
     from app.system.metrics import init_metrics  # here: gunicorn's config imports app before prometheus_client
 
     init_metrics(app)  # before the other blueprints: its request hooks time every request, refused ones too

@@ -50,6 +50,7 @@ class Config:
     BROKER_VISIBILITY_TIMEOUT = 12 * 3600
     BROKER_RESTORE_INTERVAL: int | None = None  # None: kombu's default (about every 100 s)
     REAPER_INTERVAL = 10.0
+    BEACON_INTERVAL = 5.0  # seconds between a web process's marks that it can serve agents; 0: no beacon
     SWEEPER_INTERVAL = 5.0
     SWEEP_GRACE = 5.0
     AUDIT_SEAL_INTERVAL = 2.0  # seconds between two runs of the audit sealer (hash-chains new audit entries)
@@ -109,6 +110,7 @@ ENVIRONMENT: dict[str, type] = {
     "BROKER_VISIBILITY_TIMEOUT": int,
     "BROKER_RESTORE_INTERVAL": int,
     "REAPER_INTERVAL": float,
+    "BEACON_INTERVAL": float,
     "SWEEPER_INTERVAL": float,
     "SWEEP_GRACE": float,
     "AUDIT_SEAL_INTERVAL": float,

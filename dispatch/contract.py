@@ -86,6 +86,9 @@ def isolated_transport_options(tenant: str, agent_id: str) -> dict[str, str]:
     }
 
 
+# The control plane's beacon (dispatch.beacon): one key, which the web marks and the reaper and agents read.
+BEACON_KEY = "automation.controlplane.beacon"
+
 # What an isolated agent sends to Valkey: kombu's consumer and producer commands, its scripts, and pub/sub.
 AGENT_ACL_COMMANDS = (
     "+ping +hello +auth +client|setinfo +client|setname +select +quit +reset"
@@ -102,13 +105,15 @@ def agent_acl(tenant: str, project: str, agent_id: str, platform: str, password:
     The user is ``agent-<tenant>-<agent_id>``. The keys are its pinned queue and its project's queue for its
     platform (with their priority lists and kombu's binding sets), its unacknowledged-message bookkeeping and
     poison counters (``agent.<tenant>.<agent_id>.*``), and kombu's shared binding-expiry set; the channels are
-    its control channel and its tenant's Celery event exchange (in database ``db``, as kombu names it).
+    its control channel and its tenant's Celery event exchange (in database ``db``, as kombu names it). It may
+    also read, and only read, the control plane's beacon.
     """
     own, shared = agent_queue(tenant, agent_id), shared_queue(tenant, project, platform)
     keys = [own, f"{own}:*", f"{own}.*", shared, f"{shared}:*", "_kombu.binding_deadlines"]
     for queue in (own, shared):
         keys += [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
     channels = [control_channel(tenant, agent_id), f"/{db}.{event_exchange(tenant)}/*"]
+    readable = [BEACON_KEY]  # read only: whether the control plane can renew leases (dispatch.beacon)
     return [
         f"agent-{tenant}-{agent_id}",
         "reset",
@@ -119,6 +124,7 @@ def agent_acl(tenant: str, project: str, agent_id: str, platform: str, password:
         "-@all",
         *AGENT_ACL_COMMANDS.split(),
         *(f"~{key}" for key in keys),
+        *(f"%R~{key}" for key in readable),
         *(f"&{channel}" for channel in channels),
     ]
 

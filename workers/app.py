@@ -11,6 +11,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 
+from dispatch import beacon
 from dispatch.contract import (
     RUN_JOB_TASK,
     agent_queue,
@@ -164,11 +165,17 @@ def make_agent(settings: AgentSettings) -> Agent:
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.task_unknown.connect(on_unknown, weak=False)
     signals.task_rejected.connect(on_rejected, weak=False)
-    heartbeat = Heartbeat(client, settings, inflight)
+    heartbeat = Heartbeat(client, settings, inflight, lambda: _lease_time(valkey))
     control = ControlListener(
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
     return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox, refusals)
+
+
+def _lease_time(valkey: redis.Redis) -> float | None:
+    """For how long the control plane has been able to renew leases, as its beacon says (None: never marked)."""
+    seen = beacon.read(valkey)
+    return None if seen is None else seen.lease_time()
 
 
 def _claims_of(task_id: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -55,9 +56,18 @@ def register(client: ControlPlane, settings: AgentSettings) -> None:
 class Heartbeat(threading.Thread):
     """Sends a heartbeat every interval with the running jobs; passes cancel requests on to them."""
 
-    def __init__(self, client: ControlPlane, settings: AgentSettings, inflight: Inflight) -> None:
+    def __init__(
+        self,
+        client: ControlPlane,
+        settings: AgentSettings,
+        inflight: Inflight,
+        lease_time: Callable[[], float | None] | None = None,
+    ) -> None:
+        """``lease_time`` reads the control plane's beacon: for how long agents have been able to renew their leases
+        (0: the control plane is down; None: not known). Without it, every lease runs out after a lease's length."""
         super().__init__(name="agent-heartbeat", daemon=True)
         self.client, self.settings, self.inflight = client, settings, inflight
+        self.lease_time = lease_time
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.lease_checked = False
@@ -114,12 +124,27 @@ class Heartbeat(threading.Thread):
             now = time.monotonic()
             expiry: float | None = None
             try:
-                self.inflight.abandon_expired(now)
-                expiry = self.inflight.until_expiry(now)
+                up_for = self._up_for(now)
+                self.inflight.abandon_expired(now, up_for)
+                expiry = self.inflight.until_expiry(now, up_for)
             except Exception:
                 log.exception("checking the running jobs' leases failed; checking again at the next beat")
             wait = due - now if expiry is None else min(due - now, expiry + 0.01)  # 0.01: past the expiry
             self.wake.wait(max(0.0, wait))
+
+    def _up_for(self, now: float) -> float | None:
+        """For how long the control plane has been able to renew leases, asked of its beacon only when a run has gone
+        a lease without renewal (None: not known, or not needed)."""
+        if self.lease_time is None:
+            return None
+        expiry = self.inflight.until_expiry(now)
+        if expiry is None or expiry > 0:
+            return None
+        try:
+            return self.lease_time()
+        except Exception as exc:  # Valkey out of reach (or the agent's ACL too old to read the beacon)
+            log.warning("could not read the control plane's beacon: %s", exc)
+            return None
 
     def beat_now(self) -> None:
         """Send the next heartbeat at once (a control message hinted at a cancel)."""

@@ -66,6 +66,12 @@ class RunningJob:
     ended: bool = False  # its run has ended (its final state may still wait to be delivered)
 
 
+def _late(now: float, running: RunningJob, up_for: float | None) -> float:
+    """How long a run's lease has gone without renewal while the control plane could renew it."""
+    late = now - running.renewed
+    return late if up_for is None else min(late, up_for)
+
+
 class Stopping(Exception):
     """The agent stops while a job waits to be claimed: its message goes back to the queue, for another agent."""
 
@@ -97,27 +103,32 @@ class Inflight:
                 if running is not None:
                     running.renewed = max(running.renewed, at)
 
-    def until_expiry(self, now: float) -> float | None:
+    def until_expiry(self, now: float, up_for: float | None = None) -> float | None:
         """Seconds until the first run not abandoned yet has gone a lease without renewal (None: no such run, or
-        the lease is not known yet)."""
+        the lease is not known yet). ``up_for``: for how long the control plane has been able to renew leases, as
+        its beacon says (None: not known); the time before that does not count (see ``abandon_expired``)."""
         lease = self.lease
         if lease is None:
             return None
         with self._lock:
-            ages = [now - job.renewed for job in self._jobs.values() if not job.abandoned and not job.ended]
+            ages = [_late(now, job, up_for) for job in self._jobs.values() if not job.abandoned and not job.ended]
         return max(0.0, lease - max(ages)) if ages else None
 
-    def abandon_expired(self, now: float) -> None:
-        """Stop every run whose lease this agent has not been able to renew for longer than a lease (the control
-        plane was unreachable, or refused its heartbeats): the control plane's reaper takes such a run for lost and
-        runs the job again, perhaps on another agent, so this copy must not go on. Its final state is not reported.
-        A run that has ended already keeps its final state, delivered (or refused) when the control plane answers."""
+    def abandon_expired(self, now: float, up_for: float | None = None) -> None:
+        """Stop every run whose lease this agent has not been able to renew for longer than a lease (its heartbeats
+        did not get through, or were refused): the control plane's reaper takes such a run for lost and runs the
+        job again, perhaps on another agent, so this copy must not go on. Its final state is not reported. A run
+        that has ended already keeps its final state, delivered (or refused) when the control plane answers.
+
+        ``up_for`` is how long the control plane has been able to renew leases, from its beacon (0 while it is down;
+        None when the beacon could not be read): a lease runs out only in that time, on this side as on the
+        reaper's, so an outage of the control plane stops no run."""
         lease = self.lease
         if lease is None:
             return
         with self._lock:
             for running in self._jobs.values():
-                late = now - running.renewed
+                late = _late(now, running, up_for)
                 if late > lease and not running.abandoned and not running.ended:
                     running.abandoned = True
                     with log_context(job_id=running.job_id):

@@ -27,6 +27,7 @@ from app.extensions import db
 from app.jobs.models import Job, JobAttempt, JobEvent
 from app.jobs.receipts import Receipts
 from app.jobs.states import AttemptState, JobState, transition, transition_attempt
+from dispatch import beacon
 from dispatch.contract import control_channel
 from dispatch.logs import job_fields
 from dispatch.publish import JobMessage, Publisher, PublishError
@@ -47,6 +48,13 @@ AGENT_MOVED = (
 OVERRUN = (
     "attempt {number} timed out: agent '{agent}' had not reported its end by its deadline {deadline} (the claim, "
     "the workflow's timeout of {timeout}, and a lease more)"
+)
+CONTROL_PLANE_DOWN = (
+    "no lease is reaped: the control plane has not marked its beacon for {silent:.0f} s, so agents cannot renew them"
+)
+CONTROL_PLANE_BACK = (
+    "no lease is reaped yet: the control plane is back since {up:.0f} s; leases are reaped once agents have had a"
+    " whole lease ({lease} s) to renew them"
 )
 NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
 BATCH = 100
@@ -456,7 +464,15 @@ def _pinned_nowhere(job: Job) -> str | None:
 
 def reap(*, now: datetime | None = None) -> int:
     """Turn every running attempt whose lease expired into ``lost``, and every one past its deadline (its agent
-    beats, but the run never ends) into ``timed_out``; then queue the next attempt or end the job."""
+    beats, but the run never ends) into ``timed_out``; then queue the next attempt or end the job.
+
+    Nothing is reaped while the control plane's beacon says that agents could not have renewed their leases
+    (``leases_paused``).
+    """
+    paused = leases_paused()
+    if paused is not None:
+        log.info("%s", paused)
+        return 0
     now = now or utcnow()
     reaped = 0
     for column, handle in ((JobAttempt.lease_expires_at, _reap_one), (JobAttempt.deadline_at, _time_out)):
@@ -472,6 +488,28 @@ def reap(*, now: datetime | None = None) -> int:
             except Conflict:
                 db.session.rollback()  # the agent reported, or another reaper won, meanwhile
     return reaped
+
+
+def leases_paused() -> str | None:
+    """Why leases must not be reaped now, or None: the control plane's beacon (``dispatch.beacon``) says it cannot
+    serve agents, or came back less than a lease ago. None as well with no beacon to read (``BEACON_INTERVAL`` 0,
+    no Valkey, or no web process marked it yet): leases are then reaped as they expire."""
+    client = current_app.extensions.get("valkey")
+    if client is None or current_app.config["BEACON_INTERVAL"] <= 0:
+        return None
+    try:
+        seen = beacon.read(client)
+    except Exception as exc:  # redis-py's errors and OSError: reaped as if there were no beacon
+        log.warning("could not read the control plane's beacon: %s", exc)
+        return None
+    if seen is None:
+        return None
+    if not seen.up:
+        return CONTROL_PLANE_DOWN.format(silent=seen.silent_for)
+    lease = current_app.config["LEASE_SECONDS"]
+    if seen.up_for < lease:
+        return CONTROL_PLANE_BACK.format(up=seen.up_for, lease=lease)
+    return None
 
 
 def _time_out(job: Job, attempt: JobAttempt, now: datetime) -> int:

@@ -4,6 +4,7 @@
   ``PROMETHEUS_MULTIPROC_DIR`` (its old ``*.db`` files removed), or a new temporary one removed at exit. It is
   set here, when gunicorn reads this file, before anything imports ``prometheus_client``.
 - Structured logs (``LOG_FORMAT``, ``LOG_LEVEL``) for gunicorn's own error and access logs too.
+- The control plane's beacon (``app.system.beacon``), marked from each worker as soon as it has loaded the app.
 - ``SSE_MAX_STREAMS``, when not set: each worker's threads less one (``post_fork``). An event stream holds a
   thread for as long as it lasts, so streams can never take the last thread of a worker from the other requests;
   a stream asked for beyond that is answered 503, and ``automation`` then follows the job by polling.
@@ -87,6 +88,13 @@ logconfig_dict = _logconfig()  # with it, gunicorn writes access lines even with
 def post_fork(_server: Any, worker: Any) -> None:
     """In a new worker, before it loads the app: leave one of its threads to requests other than event streams."""
     os.environ.setdefault("SSE_MAX_STREAMS", str(max(0, int(worker.cfg.threads) - 1)))
+
+
+def post_worker_init(worker: Any) -> None:
+    """A worker has loaded the app: mark the control plane's beacon from it now, not only from its first request."""
+    from app.system.beacon import start_marking
+
+    start_marking(worker.wsgi)
 
 
 def child_exit(_server: Any, worker: Any) -> None:

@@ -25,6 +25,7 @@ def config(url: str, **overrides: Any) -> dict[str, Any]:
         "JWT_SECRET": SECRET,
         "SECRETS_KEY": SECRETS_KEY,
         "RATE_LIMIT_ENABLED": False,
+        "BEACON_INTERVAL": 0,  # the reaper's tests move the clock; tests/app/test_beacon.py turns it on
         **overrides,
     }
 

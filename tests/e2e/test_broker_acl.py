@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatch.contract import agent_acl, agent_queue, control_channel, shared_queue
+from dispatch import beacon
+from dispatch.contract import BEACON_KEY, agent_acl, agent_queue, control_channel, shared_queue
 from tests.servers.platform import BIN, Platform
 
 pytestmark = pytest.mark.e2e
@@ -76,6 +77,8 @@ def test_an_isolated_agents_credentials_reach_nothing_else(platform: Platform, c
     agent = redis.Redis.from_url(url)
     assert agent.ping()
     assert agent.llen(agent_queue(tenant, "a1")) == 0 and agent.llen(shared_queue(tenant, project, "linux")) == 0
+    seen = beacon.read(agent)  # whether the control plane can renew leases: marked by the platform's web
+    assert seen is not None and seen.up
     forbidden = [
         lambda: agent.lpush(agent_queue(tenant, "a2"), "x"),  # another agent's queue
         lambda: agent.lpush(shared_queue(tenant, "other", "linux"), "x"),  # another project's
@@ -86,6 +89,7 @@ def test_an_isolated_agents_credentials_reach_nothing_else(platform: Platform, c
         lambda: agent.publish("/0.celery.pidbox", "{}"),  # the broker-wide remote control
         lambda: agent.keys("*"),
         lambda: agent.get(f"automation.events.{tenant}.j1.seq"),
+        lambda: agent.set(BEACON_KEY, "1 1 1"),  # the control plane's beacon: read only
     ]
     for attempt in forbidden:
         with pytest.raises(redis.exceptions.NoPermissionError):

@@ -95,6 +95,30 @@ def test_killing_the_web_process_and_the_dispatcher_mid_jobs_loses_nothing(make_
     assert [runs(tmp_path / f"j{i}") for i in range(4)] == [1, 1, 1, 1]
 
 
+def test_a_web_outage_longer_than_a_lease_leaves_running_jobs_running_in_their_first_attempt(
+    make_platform: MakePlatform, tmp_path
+):
+    """The web is down for more than twice the lease while the dispatcher's reaper runs on (every second): no agent
+    can renew a lease meanwhile, so the reaper reaps none and the agent stops no run; the job ends in its first
+    attempt, run once. (Before the beacon, the agent stopped its run after a lease, the reaper made the attempt lost,
+    and the job ran again from the start.)"""
+    platform = make_platform(BEACON_INTERVAL="0.5")  # the harness's lease is 4 s
+    tenant, project = platform.tenant()
+    operator = platform.token("operator", tenant, project)
+    platform.start_agent(tenant, project, "o1")
+    marker = tmp_path / "long"
+    job_id = platform.submit(operator, marker_workflow(str(marker), sleep=14))["job_id"]
+    platform.wait_for(operator, job_id, {"running"})
+    platform.process("web").kill()
+    time.sleep(9)
+    assert platform.process("dispatcher").running
+    platform.start_web()
+    job = settle(platform, tenant, [job_id])[job_id]
+    assert job["state"] == "completed" and [a["state"] for a in job["attempts"]] == ["completed"], job
+    assert runs(marker) == 1
+    assert "no lease is reaped" in platform.log("dispatcher")
+
+
 @pytest.mark.mariadb
 def test_mariadb_stopped_under_submission_load_answers_503_then_recovers_with_nothing_half_written(
     make_platform: MakePlatform, mariadb_server, tmp_path

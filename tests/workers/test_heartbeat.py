@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.workers.test_client import client_for
 from workers.heartbeat import Heartbeat
 from workers.jobs import Inflight
@@ -82,3 +84,65 @@ def test_a_run_being_abandoned_is_not_named_in_heartbeats(http_server):
     client = client_for(http_server.url)
     Heartbeat(client, client.settings, inflight).beat()
     assert json.loads(http_server.requests[-1].body)["running"] == [{"job_id": "j1", "attempt": 1}]
+
+
+def test_a_lease_runs_out_only_while_the_beacon_says_the_control_plane_could_renew_it():
+    inflight = Inflight()
+    inflight.lease = 10.0
+    running = inflight.add("j1", 1, claimed=100.0)  # its lease last renewed at 100 (time.monotonic())
+    inflight.abandon_expired(200.0, up_for=0.0)  # the control plane is down: no lease runs out
+    inflight.abandon_expired(200.0, up_for=9.0)  # back 9 s ago: agents have not had a whole lease to renew it
+    assert not running.abandoned and inflight.until_expiry(200.0, up_for=9.0) == pytest.approx(1.0)
+    inflight.abandon_expired(200.0, up_for=11.0)  # back for more than a lease, and still not renewed: cut off
+    assert running.abandoned and running.cancel.is_set()
+    other = inflight.add("j2", 1, claimed=100.0)
+    inflight.abandon_expired(200.0, up_for=None)  # no beacon to read: a lease's length without renewal, as before
+    assert other.abandoned
+
+
+def test_the_heartbeat_keeps_runs_going_through_a_control_plane_outage_and_stops_them_if_cut_off_alone(http_server):
+    """The heartbeats get nowhere all along (refused here, at once: failing ones are retried within the beat); the
+    beacon says first that the whole control plane is down (every agent is in
+    the same place, and the reaper waits too), then that it is up: this agent alone is cut off."""
+    inflight = Inflight()
+    inflight.lease = 0.3
+    running = inflight.add("j1", 1)
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: (404, {}, "{}"))
+    client = client_for(http_server.url)
+    up_for: list[float] = [0.0]
+    asked: list[float] = []
+
+    def lease_time() -> float:
+        asked.append(up_for[0])
+        return up_for[0]
+
+    heartbeat = Heartbeat(client, client.settings, inflight, lease_time)
+    heartbeat.start()
+    try:
+        assert not running.cancel.wait(1.0) and not running.abandoned  # three leases without renewal
+        assert asked, "the beacon is read once a run has gone a lease without renewal"
+        up_for[0] = 1.0  # up for more than a lease, and this agent's heartbeats still fail
+        heartbeat.beat_now()
+        assert running.cancel.wait(5) and running.abandoned
+    finally:
+        heartbeat.stop()
+        heartbeat.join(5)
+
+
+def test_a_beacon_that_cannot_be_read_leaves_runs_to_be_stopped_after_a_lease_as_before(http_server):
+    inflight = Inflight()
+    inflight.lease = 0.3
+    running = inflight.add("j1", 1)
+    http_server.route("/api/v1/agents/a1/heartbeat", method="POST", body=lambda request: (404, {}, "{}"))
+    client = client_for(http_server.url)
+
+    def unreadable() -> float:
+        raise ConnectionError("Valkey is out of reach")
+
+    heartbeat = Heartbeat(client, client.settings, inflight, unreadable)
+    heartbeat.start()
+    try:
+        assert running.cancel.wait(5) and running.abandoned
+    finally:
+        heartbeat.stop()
+        heartbeat.join(5)

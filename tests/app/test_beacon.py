@@ -1,0 +1,110 @@
+"""The reaper ends runs for their expired leases only while agents could have renewed them, as the beacon tells."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+from flask import Flask
+
+from app.columns import utcnow
+from app.config import ConfigError
+from app.extensions import db
+from app.jobs import dispatching
+from app.jobs.models import JobAttempt
+from dispatch import beacon
+from tests.app.support import Api, MakeApp, Tenant
+
+
+@pytest.fixture
+def valkey(valkey_server, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    """The session's Valkey, with a beacon key of this test's own."""
+    monkeypatch.setattr(beacon, "KEY", f"test.beacon.{uuid.uuid4().hex}")
+    client = valkey_server.client()
+    yield client
+    client.delete(beacon.KEY)
+
+
+def _beacon(client: redis.Redis, *, silent: float, up_for: float, gap: float = 15.0) -> None:
+    """Write the beacon as a control plane that last marked it ``silent`` seconds ago, up for ``up_for`` then."""
+    seconds, micros = client.time()
+    now = seconds * 1000 + micros // 1000
+    client.set(beacon.KEY, f"{now - int(silent * 1000)} {now - int((silent + up_for) * 1000)} {int(gap * 1000)}")
+
+
+@pytest.mark.parametrize(
+    ("state", "reaped"),
+    [
+        ("never marked", True),  # no web process marks it (BEACON_INTERVAL 0 there): leases expire as they did
+        ("down", False),  # the web or its database out of reach: agents cannot renew leases
+        ("back", False),  # up again, for less than a lease: agents have not all had the chance to beat yet
+        ("up", True),
+    ],
+)
+def test_an_expired_lease_is_reaped_only_once_agents_have_had_a_lease_of_uptime_to_renew_it(
+    make_app: MakeApp,
+    valkey_server,
+    valkey: redis.Redis,
+    world: dict[str, Tenant],
+    caplog: pytest.LogCaptureFixture,
+    state: str,
+    reaped: bool,
+) -> None:
+    app = make_app(VALKEY_URL=valkey_server.url, BEACON_INTERVAL=5)
+    lease = app.config["LEASE_SECONDS"]
+    if state == "down":
+        _beacon(valkey, silent=600, up_for=3600)
+    elif state == "back":
+        _beacon(valkey, silent=1, up_for=lease - 20)
+    elif state == "up":
+        _beacon(valkey, silent=1, up_for=lease + 20)
+    acme = world["acme"]
+    with app.app_context(), caplog.at_level(logging.INFO, "app.jobs.dispatching"):
+        count = dispatching.reap(now=utcnow() + timedelta(seconds=lease + 1))
+        attempt = db.session.query(JobAttempt).filter_by(job_id=acme.running, number=1).one()
+    assert (count >= 1, attempt.state) == ((True, "lost") if reaped else (False, "running"))
+    paused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no lease is reaped")]
+    assert bool(paused) is not reaped
+    if state == "down":
+        assert "has not marked its beacon for 600 s" in paused[0]
+    if state == "back":
+        assert f"back since {lease - 19} s" in paused[0] or f"back since {lease - 20} s" in paused[0]
+
+
+def test_a_beacon_the_reaper_cannot_read_leaves_leases_to_expire_as_before(
+    make_app: MakeApp, world: dict[str, Tenant], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(VALKEY_URL="redis://127.0.0.1:1/0", BEACON_INTERVAL=5, HEALTH_TIMEOUT=0.5)
+    with app.app_context(), caplog.at_level(logging.WARNING, "app.jobs.dispatching"):
+        assert dispatching.leases_paused() is None
+    assert any("could not read the control plane's beacon" in r.getMessage() for r in caplog.records)
+
+
+def test_a_web_process_marks_the_beacon_once_it_serves_requests_and_only_then(
+    make_app: MakeApp, valkey_server, valkey: redis.Redis
+) -> None:
+    app: Flask = make_app(VALKEY_URL=valkey_server.url, BEACON_INTERVAL=0.1)
+    time.sleep(0.3)
+    assert beacon.read(valkey) is None  # built (as the dispatcher and the CLI build it), it serves nothing
+    try:
+        assert Api(app.test_client()).get("/health").status_code in (200, 503)
+        deadline = time.monotonic() + 5
+        while (seen := beacon.read(valkey)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen is not None and seen.up and seen.gap == pytest.approx(0.3)
+    finally:
+        app.extensions["beacon"].stop()
+
+
+def test_no_beacon_is_marked_without_valkey_or_with_an_interval_of_zero_and_an_infinite_one_is_refused(
+    make_app: MakeApp, valkey_server
+) -> None:
+    assert "beacon" not in make_app(BEACON_INTERVAL=5).extensions  # no VALKEY_URL
+    assert "beacon" not in make_app(VALKEY_URL=valkey_server.url, BEACON_INTERVAL=0).extensions
+    with pytest.raises(ConfigError, match="BEACON_INTERVAL must be a finite number"):
+        make_app(VALKEY_URL=valkey_server.url, BEACON_INTERVAL=float("inf"))
