@@ -222,8 +222,10 @@ def _end_unstarted(caller: Principal, job_id: str, attempt: int, claim_id: str) 
     """
 
     def end() -> None:
-        job, row = fenced(caller, job_id, attempt)
-        if job.cancel_requested and _made_again(caller, row, claim_id):
+        # not ``fenced``: an attempt that is not the caller's (a job cancelled while queued, another agent's run) is
+        # no access violation here, only nothing to end
+        job, row = _read(caller, job_id, _JOB_AND_ATTEMPT, {"number": attempt})
+        if row is not None and job.attempt == attempt and job.cancel_requested and _made_again(caller, row, claim_id):
             report = StatusReport(attempt=attempt, state="cancelled", error=NEVER_STARTED, logs_first_line=None)
             if not _record_status(caller, job, row, report):
                 db.session.commit()

@@ -332,17 +332,48 @@ def test_a_second_delivery_refused_for_a_cancel_leaves_the_run_of_the_first_clai
     api: Api, world: dict[str, Tenant]
 ) -> None:
     """Only the claim that made the attempt is known not to run it: a second delivery of the message, refused for
-    the cancel, is no sign that the granted run stopped (its agent stops it when the heartbeat says so)."""
+    the cancel, is no sign that the granted run stopped (its agent stops it when the heartbeat says so). Nor is it
+    an access violation when it reaches another agent."""
     acme = world["acme"]
     url = f"/api/v1/jobs/{acme.queued}/claim"
     assert api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": "r" * 16}).status_code == 200
     api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
-    for other in ({"attempt": 1, "claim_id": "s" * 16}, {"attempt": 1}):
-        refused = api.post(url, acme.tokens["agent"], json=other)
-        assert refused.status_code == 409 and refused.json["error"] == "job_cancelled"
+    other = token("acme", "agent", agent="a2")
+    api.post("/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"})
+    for bearer, body in (
+        (acme.tokens["agent"], {"attempt": 1, "claim_id": "s" * 16}),
+        (acme.tokens["agent"], {"attempt": 1}),
+        (other, {"attempt": 1, "claim_id": "r" * 16}),
+    ):
+        refused = api.post(url, bearer, json=body)
+        assert refused.status_code == 409 and refused.json["error"] == "job_cancelled", (body, refused.json)
     detail = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
     assert detail["state"] == "running" and detail["cancel_requested"] is True
     assert [a["state"] for a in detail["attempts"]] == ["running"]
+    assert not denials(api, acme)
+
+
+def test_a_claim_of_a_job_cancelled_while_queued_writes_nothing_and_audits_no_violation(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    """The most common refusal for a cancel: the job was cancelled before any agent claimed it, and its message is
+    delivered all the same. Its attempt is no agent's, and that is no access violation."""
+    acme = world["acme"]
+    assert api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"]).status_code in (200, 202)
+    before = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
+    claim_url = f"/api/v1/jobs/{acme.queued}/claim"
+    refused = api.post(claim_url, acme.tokens["agent"], json={"attempt": 1, "claim_id": "q" * 16})
+    assert refused.status_code == 409 and refused.json["error"] == "job_cancelled"
+    after = api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json
+    assert after == before and after["state"] == "cancelled"
+    assert not denials(api, acme)
+
+
+def denials(api: Api, tenant: Tenant) -> list[dict[str, object]]:
+    """The tenant's audited access violations."""
+    response = api.get("/api/v1/audit", tenant.tokens["admin"])
+    assert response.status_code == 200, response.json
+    return [e for e in response.json["events"] if e["action"] in ("access.denied", "access.cross_tenant")]
 
 
 @pytest.mark.parametrize("carrying", [False, True])
