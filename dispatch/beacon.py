@@ -9,7 +9,10 @@ its database thus pauses every lease, instead of ending every running job once i
 off alone (its agent's network) is still ended on both sides after a lease.
 
 Times are Valkey's (``TIME``), so the web, the reaper and the agents need no common clock. The beacon is one string
-key: ``"<last mark ms> <up since ms> <gap ms>"``. Standard library and ``redis`` only: agents read it too.
+key: ``"<last mark ms> <up since ms> <gap ms>"``, which expires a day after the last mark (``KEPT``): a control plane
+silent that long is read as no beacon, and leases run out as they did without one. A web process whose
+``BEACON_INTERVAL`` is 0 removes it (``forget``), so that a beacon nothing marks any more is not read as an outage.
+Standard library and ``redis`` only: agents read it too.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ log = logging.getLogger(__name__)
 
 KEY = BEACON_KEY
 GAP_INTERVALS = 3  # marks missed in a row before the control plane counts as down
+KEPT = 86400  # seconds the beacon outlives its last mark: leases pause for at most that long
 
-# ARGV: the gap in ms. The uptime goes on while marks come less than a gap apart; else it starts again now.
+# ARGV: the gap, then how long the key is kept, in ms. The uptime goes on while marks come less than a gap apart;
+# else it starts again now.
 _MARK_LUA = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -40,7 +45,7 @@ if old then
   local last, up = string.match(old, '^(%d+) (%d+)')
   if last and ms - tonumber(last) <= gap then since = tonumber(up) end
 end
-redis.call('SET', KEYS[1], ms .. ' ' .. since .. ' ' .. gap)
+redis.call('SET', KEYS[1], ms .. ' ' .. since .. ' ' .. gap, 'PX', ARGV[2])
 return ms - since
 """
 
@@ -70,7 +75,12 @@ def gap_of(interval: float) -> float:
 
 def mark(client: redis.Redis, gap: float) -> None:
     """Mark the beacon now: this process can serve agents."""
-    client.eval(_MARK_LUA, 1, KEY, int(gap * 1000))
+    client.eval(_MARK_LUA, 1, KEY, int(gap * 1000), KEPT * 1000)
+
+
+def forget(client: redis.Redis) -> None:
+    """Remove the beacon: no control plane marks it any more."""
+    client.delete(KEY)
 
 
 def read(client: redis.Redis) -> Beacon | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,8 @@ import redis
 from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dispatch import beacon
 from dispatch.contract import (
@@ -32,6 +35,7 @@ from workers.settings import AgentSettings
 
 DELIVERIES_TTL = 7 * 86400
 EX_NOT_ACCEPTED = 3  # the agent's exit status when the control plane refuses its claims (token, registration)
+BEACON_TIMEOUT = 1.0  # seconds the agent waits for Valkey when it reads the control plane's beacon
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +169,33 @@ def make_agent(settings: AgentSettings) -> Agent:
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.task_unknown.connect(on_unknown, weak=False)
     signals.task_rejected.connect(on_rejected, weak=False)
-    heartbeat = Heartbeat(client, settings, inflight, lambda: _lease_time(valkey))
+    heartbeat = Heartbeat(client, settings, inflight, beacon_reader(settings.valkey_url))
     control = ControlListener(
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
     return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox, refusals)
 
 
-def _lease_time(valkey: redis.Redis) -> float | None:
-    """For how long the control plane has been able to renew leases, as its beacon says (None: never marked)."""
-    seen = beacon.read(valkey)
-    return None if seen is None else seen.lease_time()
+def beacon_reader(valkey_url: str) -> Callable[[], float | None]:
+    """A reader of the control plane's beacon: for how long the control plane has been able to renew leases (None:
+    no beacon). Its client tries once, with short timeouts: the heartbeat thread waits for it before it decides to
+    stop a run, which must not be late (redis-py's own retries would take minutes on a silent network).
+
+    Raises (the reader):
+        redis.RedisError, OSError: Valkey could not be read in time.
+    """
+    client = redis.Redis.from_url(
+        valkey_url,
+        socket_timeout=BEACON_TIMEOUT,
+        socket_connect_timeout=BEACON_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+    def lease_time() -> float | None:
+        seen = beacon.read(client)
+        return None if seen is None else seen.lease_time()
+
+    return lease_time
 
 
 def _claims_of(task_id: str) -> dict[str, Any]:

@@ -54,7 +54,11 @@ def register(client: ControlPlane, settings: AgentSettings) -> None:
 
 
 class Heartbeat(threading.Thread):
-    """Sends a heartbeat every interval with the running jobs; passes cancel requests on to them."""
+    """Sends a heartbeat every interval with the running jobs; passes cancel requests on to them.
+
+    ``lease_time`` reads the control plane's beacon: for how long agents have been able to renew their leases (0: the
+    control plane is down; None: no beacon). Without it, every lease runs out after a lease's length.
+    """
 
     def __init__(
         self,
@@ -63,8 +67,6 @@ class Heartbeat(threading.Thread):
         inflight: Inflight,
         lease_time: Callable[[], float | None] | None = None,
     ) -> None:
-        """``lease_time`` reads the control plane's beacon: for how long agents have been able to renew their leases
-        (0: the control plane is down; None: not known). Without it, every lease runs out after a lease's length."""
         super().__init__(name="agent-heartbeat", daemon=True)
         self.client, self.settings, self.inflight = client, settings, inflight
         self.lease_time = lease_time

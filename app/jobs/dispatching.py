@@ -53,9 +53,10 @@ CONTROL_PLANE_DOWN = (
     "no lease is reaped: the control plane has not marked its beacon for {silent:.0f} s, so agents cannot renew them"
 )
 CONTROL_PLANE_BACK = (
-    "no lease is reaped yet: the control plane is back since {up:.0f} s; leases are reaped once agents have had a"
-    " whole lease ({lease} s) to renew them"
+    "no lease is reaped yet: the control plane has been back for {up:.0f} s; leases are reaped once agents have had"
+    " a whole lease ({lease} s) to renew them, and the beacon's gap ({gap:g} s) more"
 )
+BEACON_UNREADABLE = "no lease is reaped: the control plane's beacon could not be read ({error})"
 NOT_CANCELLED = {"cancel_requested": False}  # the guard of a next attempt: a cancel committed meanwhile wins
 BATCH = 100
 RETRYABLE = frozenset({AttemptState.FAILED.value, AttemptState.TIMED_OUT.value})
@@ -491,24 +492,26 @@ def reap(*, now: datetime | None = None) -> int:
 
 
 def leases_paused() -> str | None:
-    """Why leases must not be reaped now, or None: the control plane's beacon (``dispatch.beacon``) says it cannot
-    serve agents, or came back less than a lease ago. None as well with no beacon to read (``BEACON_INTERVAL`` 0,
-    no Valkey, or no web process marked it yet): leases are then reaped as they expire."""
+    """Why leases must not be reaped now, or None: the control plane's beacon (``dispatch.beacon``) says that it
+    cannot serve agents, or came back less than a lease ago (and a gap: a cut-off agent, which stops its runs a lease
+    after the control plane is back, goes first), or it cannot be read. None with no beacon (no web process marks it:
+    ``BEACON_INTERVAL`` 0, or no Valkey): leases are then reaped as they expire, as agents then stop their runs."""
     client = current_app.extensions.get("valkey")
-    if client is None or current_app.config["BEACON_INTERVAL"] <= 0:
+    if client is None:
         return None
     try:
         seen = beacon.read(client)
-    except Exception as exc:  # redis-py's errors and OSError: reaped as if there were no beacon
+    except Exception as exc:  # redis-py's errors and OSError
+        # Waiting is the safe side: a run reaped while its agent reads an outage in the beacon would run twice.
         log.warning("could not read the control plane's beacon: %s", exc)
-        return None
+        return BEACON_UNREADABLE.format(error=exc)
     if seen is None:
         return None
     if not seen.up:
         return CONTROL_PLANE_DOWN.format(silent=seen.silent_for)
     lease = current_app.config["LEASE_SECONDS"]
-    if seen.up_for < lease:
-        return CONTROL_PLANE_BACK.format(up=seen.up_for, lease=lease)
+    if seen.up_for < lease + seen.gap:
+        return CONTROL_PLANE_BACK.format(up=seen.up_for, lease=lease, gap=seen.gap)
     return None
 
 

@@ -46,6 +46,15 @@ def test_marks_closer_than_the_gap_keep_the_uptime_and_a_silence_longer_than_it_
     assert back is not None and back.up and back.up_for < 0.2 and back.lease_time() == back.up_for
 
 
+def test_a_beacon_outlives_its_last_mark_by_a_day_and_can_be_removed(client: redis.Redis) -> None:
+    """A control plane silent for a day reads as no beacon (leases run out again); one that stopped marking on
+    purpose removes it at once."""
+    beacon.mark(client, gap=0.5)
+    assert beacon.KEPT == 86400 and 86300 * 1000 < client.pttl(beacon.KEY) <= 86400 * 1000
+    beacon.forget(client)
+    assert beacon.read(client) is None
+
+
 def test_a_marker_marks_only_while_its_process_can_serve_agents(client: redis.Redis) -> None:
     database_up = False
 

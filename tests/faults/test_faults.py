@@ -102,7 +102,7 @@ def test_a_web_outage_longer_than_a_lease_leaves_running_jobs_running_in_their_f
     can renew a lease meanwhile, so the reaper reaps none and the agent stops no run; the job ends in its first
     attempt, run once. (Before the beacon, the agent stopped its run after a lease, the reaper made the attempt lost,
     and the job ran again from the start.)"""
-    platform = make_platform(BEACON_INTERVAL="0.5")  # the harness's lease is 4 s
+    platform = make_platform()  # a lease of 4 s, the beacon marked every 0.5 s
     tenant, project = platform.tenant()
     operator = platform.token("operator", tenant, project)
     platform.start_agent(tenant, project, "o1")
