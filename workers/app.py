@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def make_agent(settings: AgentSettings) -> Agent:
     )
     client = ControlPlane(settings)
     inflight = Inflight()
-    runner = JobRunner(client, inflight, settings.concurrency)
+    read_beacon = beacon_reader(settings.valkey_url)
+    runner = JobRunner(client, inflight, settings.concurrency, lambda: _down(read_beacon()))
     refusals: list[str] = []
 
     valkey = redis.Redis.from_url(settings.valkey_url, socket_timeout=10, socket_connect_timeout=10)
@@ -169,17 +171,17 @@ def make_agent(settings: AgentSettings) -> Agent:
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.task_unknown.connect(on_unknown, weak=False)
     signals.task_rejected.connect(on_rejected, weak=False)
-    heartbeat = Heartbeat(client, settings, inflight, beacon_reader(settings.valkey_url))
+    heartbeat = Heartbeat(client, settings, inflight, lambda: _lease_time(read_beacon()))
     control = ControlListener(
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
     return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox, refusals)
 
 
-def beacon_reader(valkey_url: str) -> Callable[[], float | None]:
-    """A reader of the control plane's beacon: for how long the control plane has been able to renew leases (None:
-    no beacon). Its client tries once, with short timeouts: the heartbeat thread waits for it before it decides to
-    stop a run, which must not be late (redis-py's own retries would take minutes on a silent network).
+def beacon_reader(valkey_url: str) -> Callable[[], beacon.Beacon | None]:
+    """A reader of the control plane's beacon (None: no beacon). Its client tries once, with short timeouts: the
+    heartbeat thread waits for it before it decides to stop a run, which must not be late (redis-py's own retries
+    would take minutes on a silent network).
 
     Raises (the reader):
         redis.RedisError, OSError: Valkey could not be read in time.
@@ -190,12 +192,17 @@ def beacon_reader(valkey_url: str) -> Callable[[], float | None]:
         socket_connect_timeout=BEACON_TIMEOUT,
         retry=Retry(NoBackoff(), 0),
     )
+    return functools.partial(beacon.read, client)
 
-    def lease_time() -> float | None:
-        seen = beacon.read(client)
-        return None if seen is None else seen.lease_time()
 
-    return lease_time
+def _lease_time(seen: beacon.Beacon | None) -> float | None:
+    """For how long the control plane has been able to renew leases (None: no beacon)."""
+    return None if seen is None else seen.lease_time()
+
+
+def _down(seen: beacon.Beacon | None) -> bool:
+    """Whether the beacon says that the control plane is down (not when there is none)."""
+    return seen is not None and not seen.up
 
 
 def _claims_of(task_id: str) -> dict[str, Any]:

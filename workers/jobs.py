@@ -38,6 +38,12 @@ NOT_OURS = (
     "job %s attempt %d is no longer this agent's on the control plane (lost, timed out, or recorded); stopping it"
 )
 MALFORMED_SECRETS = "the claim's answer carried secrets that are not names and text values; nothing ran"
+UNDELIVERED = (
+    "job %s attempt %d: the final state %s could not be delivered (%s); the control plane will retry the job when its"
+    " lease expires"
+)
+WAITING = "job %s attempt %d: the control plane is down (its beacon says so); the final state %s waits for it (%s)"
+WAIT_WHILE_DOWN = 5.0  # seconds between two tries of a final state while the control plane is down
 RESULTS_KEPT = 16  # task results kept for after an outage (up to 64 KiB of output each): older ones are lost
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 LOG_BYTES_WITH_FINAL_STATE = 512 * 1024  # and their size encoded, at most (the control plane takes 1 MiB a request)
@@ -255,9 +261,16 @@ class JobRunner:
     """Claims and runs verified envelopes for one agent; ``concurrency`` is how many Celery runs at once, and how
     many final reports the outbox delivers at once."""
 
-    def __init__(self, client: ControlPlane, inflight: Inflight, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        client: ControlPlane,
+        inflight: Inflight,
+        concurrency: int = 1,
+        control_plane_down: Callable[[], bool] | None = None,
+    ) -> None:
         self.client = client
         self.inflight = inflight
+        self.control_plane_down = control_plane_down  # the beacon says so: a final state waits for it to come back
         self.outbox = Outbox(self._deliver, limit=concurrency)
         self.stopping = threading.Event()  # set when the agent shuts down: no more waiting for a claim
         self._last_report = float("-inf")  # time.monotonic() of the last final report handed to the outbox
@@ -339,20 +352,32 @@ class JobRunner:
         return FinalReport(job_id, attempt, state, error, reports.left(), lines, logs.first_pending)
 
     def _deliver(self, report: FinalReport) -> None:
-        """Deliver a final report (in the outbox's thread); the attempt leaves the running set either way."""
+        """Deliver a final report (in the outbox's thread); the attempt leaves the running set either way. One that
+        could not be delivered in ``REPORT_DEADLINE`` is tried again while the control plane's beacon says that it is
+        down (its lease waits too), unless the agent is stopping."""
         try:
-            self._finish(report)
-        except ControlPlaneError as exc:
-            log.error(
-                "job %s attempt %d: the final state %s could not be delivered (%s); the control plane will retry the "
-                "job when its lease expires",
-                report.job_id,
-                report.attempt,
-                report.state,
-                exc,
-            )
+            while True:
+                try:
+                    self._finish(report)
+                    return
+                except ControlPlaneError as exc:
+                    if self.stopping.is_set() or not self._down():
+                        log.error(UNDELIVERED, report.job_id, report.attempt, report.state, exc)
+                        return
+                    log.warning(WAITING, report.job_id, report.attempt, report.state, exc)
+                    self.stopping.wait(WAIT_WHILE_DOWN)
         finally:
             self.inflight.discard(report.job_id, report.attempt)
+
+    def _down(self) -> bool:
+        """Whether the control plane's beacon says that it is down (False when there is none, or it cannot be read)."""
+        if self.control_plane_down is None:
+            return False
+        try:
+            return self.control_plane_down()
+        except Exception as exc:  # Valkey out of reach: the final state is given up, as without a beacon
+            log.warning("could not read the control plane's beacon: %s", exc)
+            return False
 
     def _claim(self, envelope: Envelope, first_task: str | None) -> tuple[Reply, float]:
         """Claim the attempt. While its project runs as many jobs as it may, the control plane cannot be reached, or

@@ -6,7 +6,8 @@ acknowledging its message would fetch, verify and claim the next job only after 
 claim and the last report travel at the same time. Nothing is lost by it:
 
 - a job stays in the agent's running set, and its lease is renewed by the heartbeat, until its report is
-  delivered (or given up after ``REPORT_DEADLINE``, when the lease runs out and the control plane retries it);
+  delivered (or given up after ``REPORT_DEADLINE``, when the lease runs out and the control plane retries it; not
+  while the control plane's beacon says that it is down);
 - the outbox delivers with as many threads as the agent runs jobs at once, so a report that the control plane
   keeps refusing with 5xx holds up only its own thread; and it holds at most that many reports, so a control
   plane that does not answer holds up the task threads instead of piling up reports;

@@ -99,24 +99,32 @@ def test_a_web_outage_longer_than_a_lease_leaves_running_jobs_running_in_their_f
     make_platform: MakePlatform, tmp_path
 ):
     """The web is down for more than twice the lease while the dispatcher's reaper runs on (every second): no agent
-    can renew a lease meanwhile, so the reaper reaps none and the agent stops no run; the job ends in its first
-    attempt, run once. (Before the beacon, the agent stopped its run after a lease, the reaper made the attempt lost,
-    and the job ran again from the start.)"""
+    can renew a lease meanwhile, so the reaper reaps none and the agents stop no run. One job outlives the outage;
+    the other ends during it, and its final state waits longer than its agent's REPORT_DEADLINE for the web. Each
+    ends in its first attempt, run once. (Before the beacon, the agents stopped their runs after a lease, the reaper
+    made the attempts lost, and the jobs ran again from the start.)"""
     platform = make_platform()  # a lease of 4 s, the beacon marked every 0.5 s
     tenant, project = platform.tenant()
     operator = platform.token("operator", tenant, project)
-    platform.start_agent(tenant, project, "o1")
-    marker = tmp_path / "long"
-    job_id = platform.submit(operator, marker_workflow(str(marker), sleep=14))["job_id"]
-    platform.wait_for(operator, job_id, {"running"})
+    for agent in ("o1", "o2"):
+        platform.start_agent(tenant, project, agent, REPORT_DEADLINE="2")
+    long, short = tmp_path / "long", tmp_path / "short"
+    jobs = [
+        platform.submit(operator, marker_workflow(str(path), sleep=s))["job_id"] for path, s in ((long, 14), (short, 3))
+    ]
+    for job_id in jobs:
+        platform.wait_for(operator, job_id, {"running"})
     platform.process("web").kill()
     time.sleep(9)
     assert platform.process("dispatcher").running
     platform.start_web()
-    job = settle(platform, tenant, [job_id])[job_id]
-    assert job["state"] == "completed" and [a["state"] for a in job["attempts"]] == ["completed"], job
-    assert runs(marker) == 1
+    finished = settle(platform, tenant, jobs)
+    for job in finished.values():
+        assert job["state"] == "completed" and [a["state"] for a in job["attempts"]] == ["completed"], job
+    assert (runs(long), runs(short)) == (1, 1)
     assert "no lease is reaped" in platform.log("dispatcher")
+    agents = "".join(platform.log(f"agent-{tenant}-{a}") for a in ("o1", "o2"))
+    assert "the control plane is down (its beacon says so); the final state completed waits for it" in agents
 
 
 @pytest.mark.mariadb

@@ -165,8 +165,8 @@ def test_the_agents_beacon_reader_answers_from_valkey_and_gives_up_within_second
     assert read() is None  # never marked
     beacon.mark(valkey_server.client(), gap=15)
     try:
-        up_for = read()
-        assert up_for is not None and 0 <= up_for < 1
+        seen = read()
+        assert seen is not None and seen.up and 0 <= seen.up_for < 1
     finally:
         valkey_server.client().delete(beacon.KEY)
     with socket.socket() as silent:  # accepts connections, never answers

@@ -97,6 +97,48 @@ def test_a_final_state_that_cannot_be_delivered_is_logged_and_its_lease_left_to_
     assert "job j1 attempt 1: the final state completed could not be delivered" in caplog.text
 
 
+def test_a_final_state_waits_for_the_control_plane_while_its_beacon_says_it_is_down(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try gives up after REPORT_DEADLINE (here at once); while the beacon says that the control plane is down
+    (and the reaper waits too), the final state is tried again instead of dropped, its lease kept."""
+    monkeypatch.setattr(jobs, "WAIT_WHILE_DOWN", 0.05)
+    recorder = Recorder()
+    recorder.fail_status = True
+    inflight = Inflight()
+    down = threading.Event()
+    down.set()
+    runner = JobRunner(recorder, inflight, control_plane_down=down.is_set)  # type: ignore[arg-type]
+    assert runner.run(envelope()) == "completed"
+    time.sleep(0.3)
+    assert running(inflight) == [("j1", 1)]  # still named in heartbeats: renewed once they get through
+    assert "the control plane is down (its beacon says so); the final state completed waits for it" in caplog.text
+    recorder.fail_status = False  # the control plane is back
+    runner.outbox.flush(5)
+    assert running(inflight) == [] and recorder.paths()[-1] == "/jobs/j1/status"
+    assert "could not be delivered" not in caplog.text
+
+
+def test_a_final_state_is_given_up_when_the_beacon_says_the_control_plane_is_up_or_cannot_be_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Up for others, the control plane does not answer this agent: the reaper runs the job again after its lease."""
+
+    def unreadable() -> bool:
+        raise ConnectionError("Valkey is out of reach")
+
+    for down in (lambda: False, unreadable):
+        recorder = Recorder()
+        recorder.fail_status = True
+        inflight = Inflight()
+        runner = JobRunner(recorder, inflight, control_plane_down=down)  # type: ignore[arg-type]
+        assert runner.run(envelope()) == "completed"
+        runner.outbox.flush(5)
+        assert running(inflight) == []
+        assert "job j1 attempt 1: the final state completed could not be delivered" in caplog.text
+        caplog.clear()
+
+
 def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_is_made_again_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
