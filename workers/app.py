@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +10,7 @@ import redis
 from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from dispatch import beacon
 from dispatch.contract import (
     RUN_JOB_TASK,
     agent_queue,
@@ -33,10 +28,10 @@ from workers.heartbeat import Heartbeat
 from workers.jobs import Inflight, JobRunner, NotAccepted, Stopping, report_refusal
 from workers.outbox import Outbox
 from workers.settings import AgentSettings
+from workers.watch import BeaconWatch
 
 DELIVERIES_TTL = 7 * 86400
 EX_NOT_ACCEPTED = 3  # the agent's exit status when the control plane refuses its claims (token, registration)
-BEACON_TIMEOUT = 1.0  # seconds the agent waits for Valkey when it reads the control plane's beacon
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +105,8 @@ def make_agent(settings: AgentSettings) -> Agent:
     )
     client = ControlPlane(settings)
     inflight = Inflight()
-    read_beacon = beacon_reader(settings.valkey_url)
-    runner = JobRunner(client, inflight, settings.concurrency, lambda: _down(read_beacon()))
+    watch = BeaconWatch.of(settings.valkey_url)
+    runner = JobRunner(client, inflight, settings.concurrency, lambda: watch.reaper_waits(inflight.lease))
     refusals: list[str] = []
 
     valkey = redis.Redis.from_url(settings.valkey_url, socket_timeout=10, socket_connect_timeout=10)
@@ -171,38 +166,11 @@ def make_agent(settings: AgentSettings) -> Agent:
     signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.task_unknown.connect(on_unknown, weak=False)
     signals.task_rejected.connect(on_rejected, weak=False)
-    heartbeat = Heartbeat(client, settings, inflight, lambda: _lease_time(read_beacon()))
+    heartbeat = Heartbeat(client, settings, inflight, watch.lease_time)
     control = ControlListener(
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
     return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox, refusals)
-
-
-def beacon_reader(valkey_url: str) -> Callable[[], beacon.Beacon | None]:
-    """A reader of the control plane's beacon (None: no beacon). Its client tries once, with short timeouts: the
-    heartbeat thread waits for it before it decides to stop a run, which must not be late (redis-py's own retries
-    would take minutes on a silent network).
-
-    Raises (the reader):
-        redis.RedisError, OSError: Valkey could not be read in time.
-    """
-    client = redis.Redis.from_url(
-        valkey_url,
-        socket_timeout=BEACON_TIMEOUT,
-        socket_connect_timeout=BEACON_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return functools.partial(beacon.read, client)
-
-
-def _lease_time(seen: beacon.Beacon | None) -> float | None:
-    """For how long the control plane has been able to renew leases (None: no beacon)."""
-    return None if seen is None else seen.lease_time()
-
-
-def _down(seen: beacon.Beacon | None) -> bool:
-    """Whether the beacon says that the control plane is down (not when there is none)."""
-    return seen is not None and not seen.up
 
 
 def _claims_of(task_id: str) -> dict[str, Any]:

@@ -74,8 +74,9 @@ class Heartbeat(threading.Thread):
         self.wake = threading.Event()
         self.lease_checked = False
 
-    def beat(self) -> None:
-        """Send one heartbeat and act on the reply."""
+    def beat(self, deadline: float | None = None) -> None:
+        """Send one heartbeat (tried again until ``deadline`` seconds have passed; default: the interval) and act on
+        the reply."""
         # not the runs being abandoned: renewed now, the lease of a run that is being stopped would keep its job
         # running on the control plane for a lease more
         running = [{"job_id": j.job_id, "attempt": j.attempt} for j in self.inflight.snapshot() if not j.abandoned]
@@ -84,7 +85,7 @@ class Heartbeat(threading.Thread):
             "POST",
             f"/agents/{self.settings.agent_id}/heartbeat",
             {"running": running},
-            deadline=self.settings.heartbeat_interval,
+            deadline=self.settings.heartbeat_interval if deadline is None else deadline,
         )
         if reply.ok:
             self.inflight.note_lease(reply.body.get("lease_seconds"))
@@ -117,7 +118,7 @@ class Heartbeat(threading.Thread):
             if self.wake.is_set() or time.monotonic() >= due:
                 self.wake.clear()
                 try:
-                    self.beat()
+                    self.beat(self._beat_deadline())
                 except ControlPlaneError as exc:
                     log.warning("heartbeat failed: %s", exc)
                 except Exception:
@@ -133,6 +134,13 @@ class Heartbeat(threading.Thread):
                 log.exception("checking the running jobs' leases failed; checking again at the next beat")
             wait = due - now if expiry is None else min(due - now, expiry + 0.01)  # 0.01: past the expiry
             self.wake.wait(max(0.0, wait))
+
+    def _beat_deadline(self) -> float:
+        """How long a heartbeat may be tried: its interval, but no longer than until a run's lease would run out (at
+        least 1 s), so that a control plane out of reach does not hold up the check that stops such a run."""
+        expiry = self.inflight.until_expiry(time.monotonic())
+        interval = self.settings.heartbeat_interval
+        return interval if expiry is None else max(1.0, min(interval, expiry))
 
     def _up_for(self, now: float) -> float | None:
         """For how long the control plane has been able to renew leases, asked of its beacon only when a run has gone

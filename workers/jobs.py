@@ -42,8 +42,11 @@ UNDELIVERED = (
     "job %s attempt %d: the final state %s could not be delivered (%s); the control plane will retry the job when its"
     " lease expires"
 )
-WAITING = "job %s attempt %d: the control plane is down (its beacon says so); the final state %s waits for it (%s)"
-WAIT_WHILE_DOWN = 5.0  # seconds between two tries of a final state while the control plane is down
+WAITING = (
+    "job %s attempt %d: the control plane cannot take it yet (its beacon says it is down or just back); the final"
+    " state %s waits for it (%s)"
+)
+WAIT_WHILE_DOWN = 5.0  # seconds between two tries of a final state while the reaper waits
 RESULTS_KEPT = 16  # task results kept for after an outage (up to 64 KiB of output each): older ones are lost
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 LOG_BYTES_WITH_FINAL_STATE = 512 * 1024  # and their size encoded, at most (the control plane takes 1 MiB a request)
@@ -266,11 +269,11 @@ class JobRunner:
         client: ControlPlane,
         inflight: Inflight,
         concurrency: int = 1,
-        control_plane_down: Callable[[], bool] | None = None,
+        reaper_waits: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
         self.inflight = inflight
-        self.control_plane_down = control_plane_down  # the beacon says so: a final state waits for it to come back
+        self.reaper_waits = reaper_waits  # the beacon says so: a final state that could not be delivered waits too
         self.outbox = Outbox(self._deliver, limit=concurrency)
         self.stopping = threading.Event()  # set when the agent shuts down: no more waiting for a claim
         self._last_report = float("-inf")  # time.monotonic() of the last final report handed to the outbox
@@ -353,30 +356,32 @@ class JobRunner:
 
     def _deliver(self, report: FinalReport) -> None:
         """Deliver a final report (in the outbox's thread); the attempt leaves the running set either way. One that
-        could not be delivered in ``REPORT_DEADLINE`` is tried again while the control plane's beacon says that it is
-        down (its lease waits too), unless the agent is stopping."""
+        could not be delivered in ``REPORT_DEADLINE`` is tried again while the control plane's beacon says that the
+        reaper waits too (the control plane is down, or not back for long), unless the agent is stopping."""
         try:
             while True:
                 try:
                     self._finish(report)
                     return
                 except ControlPlaneError as exc:
-                    if self.stopping.is_set() or not self._down():
+                    if self.stopping.is_set() or not self._reaper_waits():
                         log.error(UNDELIVERED, report.job_id, report.attempt, report.state, exc)
                         return
                     log.warning(WAITING, report.job_id, report.attempt, report.state, exc)
-                    self.stopping.wait(WAIT_WHILE_DOWN)
+                    if self.stopping.wait(WAIT_WHILE_DOWN):
+                        log.error(UNDELIVERED, report.job_id, report.attempt, report.state, "the agent stops")
+                        return
         finally:
             self.inflight.discard(report.job_id, report.attempt)
 
-    def _down(self) -> bool:
-        """Whether the control plane's beacon says that it is down (False when there is none, or it cannot be read)."""
-        if self.control_plane_down is None:
+    def _reaper_waits(self) -> bool:
+        """Whether the beacon says that the reaper leaves expired leases alone now (False without a beacon)."""
+        if self.reaper_waits is None:
             return False
         try:
-            return self.control_plane_down()
-        except Exception as exc:  # Valkey out of reach: the final state is given up, as without a beacon
-            log.warning("could not read the control plane's beacon: %s", exc)
+            return self.reaper_waits()
+        except Exception:  # a callable of tests, or one day another reader: given up, as without a beacon
+            log.exception("reading the control plane's beacon failed")
             return False
 
     def _claim(self, envelope: Envelope, first_task: str | None) -> tuple[Reply, float]:

@@ -47,8 +47,9 @@ class Forget:
     def _forget(self) -> None:
         try:
             beacon.forget(self.client)
-        except Exception as exc:  # Valkey out of reach: the beacon expires a day after its last mark anyway
+        except Exception as exc:  # Valkey out of reach: tried again at this process's next request
             log.warning("could not remove the control plane's beacon: %s", exc)
+            self._pid = None
 
 
 def init_beacon(app: Flask) -> None:

@@ -17,6 +17,7 @@ from app.config import ConfigError
 from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import JobAttempt
+from app.system.beacon import Forget, start_marking
 from dispatch import beacon
 from dispatch.beacon import Marker
 from tests.app.support import Api, MakeApp, Tenant
@@ -108,6 +109,33 @@ def test_the_reaper_reads_the_beacon_whatever_its_own_interval_and_a_web_with_no
     assert not valkey.exists(beacon.KEY)
     with app.app_context():
         assert dispatching.leases_paused() is None
+
+
+def test_gunicorn_starts_marking_or_removing_the_beacon_as_a_worker_begins_and_a_failed_removal_is_tried_again(
+    make_app: MakeApp, valkey_server, valkey: redis.Redis
+) -> None:
+    _beacon(valkey, silent=600, up_for=3600)
+    app: Flask = make_app(VALKEY_URL=valkey_server.url, BEACON_INTERVAL=0)
+    start_marking(app)  # gunicorn's post_worker_init, before any request
+    deadline = time.monotonic() + 5
+    while valkey.exists(beacon.KEY) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not valkey.exists(beacon.KEY)
+    unreachable = Forget(redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2))
+    unreachable.start()
+    deadline = time.monotonic() + 30
+    while unreachable._pid is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert unreachable._pid is None  # the next request tries again
+    marking: Flask = make_app(VALKEY_URL=valkey_server.url, BEACON_INTERVAL=0.1)
+    start_marking(marking)
+    try:
+        deadline = time.monotonic() + 5
+        while (seen := beacon.read(valkey)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen is not None and seen.up
+    finally:
+        marking.extensions["beacon"].stop()
 
 
 def test_a_beacon_interval_too_long_for_the_lease_is_warned_about(

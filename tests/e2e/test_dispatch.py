@@ -16,6 +16,7 @@ from app import create_app
 from app.auth.tokens import Principal
 from app.jobs import submission
 from app.jobs.schemas import JobSubmit
+from dispatch import beacon
 from dispatch.celery import make_celery
 from dispatch.contract import RUN_JOB_TASK, agent_queue
 from dispatch.signing import Signer, generate_keypair, load_signing_key
@@ -286,6 +287,13 @@ def test_a_job_cancelled_while_queued_never_runs(platform: Platform, tmp_path):
     assert platform.api("GET", f"/jobs/{job['job_id']}", operator).json()["state"] == "cancelled"
 
 
+def steady(platform: Platform) -> bool:
+    """Whether the platform's beacon says its control plane has been up long enough for the reaper to reap."""
+    seen = beacon.read(platform.valkey.client())
+    lease, interval = float(platform.env["LEASE_SECONDS"]), float(platform.env["BEACON_INTERVAL"])
+    return seen is not None and seen.up and seen.up_for >= lease + beacon.gap_of(interval)
+
+
 def test_an_agent_killed_mid_job_loses_its_attempt_and_the_next_attempt_runs_on_another_agent(
     platform: Platform, tmp_path
 ):
@@ -298,6 +306,9 @@ def test_an_agent_killed_mid_job_loses_its_attempt_and_the_next_attempt_runs_on_
     platform.wait_for(operator, job_id, {"running"})
     wait_until(flag.exists, what="the first attempt starting its task")
     platform.start_agent(tenant, project, "k2")
+    # The bound below holds once the control plane has been up for a lease and its beacon's gap (docs/OPERATIONS.md,
+    # "Control plane outages"): a platform just started, or one back from an outage, waits that long first.
+    wait_until(lambda: steady(platform), what="the control plane up for a lease and the beacon's gap")
     first.kill()
     killed_at = time.monotonic()
     lost = wait_until(

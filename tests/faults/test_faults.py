@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 import uuid
@@ -108,13 +109,27 @@ def test_a_web_outage_longer_than_a_lease_leaves_running_jobs_running_in_their_f
     operator = platform.token("operator", tenant, project)
     for agent in ("o1", "o2"):
         platform.start_agent(tenant, project, agent, REPORT_DEADLINE="2")
-    long, short = tmp_path / "long", tmp_path / "short"
+    long, short, go = tmp_path / "long", tmp_path / "short", tmp_path / "go"
+    ends_in_the_outage = textwrap.dedent(
+        f"""\
+        name: short
+        timeout: 60s
+        tasks:
+          - name: mark
+            type: command
+            config:
+              command: sh
+              args: ["-c", "echo ran >> {short}; until [ -e {go} ]; do sleep 0.1; done"]
+        """
+    )
     jobs = [
-        platform.submit(operator, marker_workflow(str(path), sleep=s))["job_id"] for path, s in ((long, 14), (short, 3))
+        platform.submit(operator, marker_workflow(str(long), sleep=14))["job_id"],
+        platform.submit(operator, ends_in_the_outage)["job_id"],
     ]
     for job_id in jobs:
         platform.wait_for(operator, job_id, {"running"})
     platform.process("web").kill()
+    go.touch()  # the short job ends now, during the outage
     time.sleep(9)
     assert platform.process("dispatcher").running
     platform.start_web()
@@ -124,7 +139,7 @@ def test_a_web_outage_longer_than_a_lease_leaves_running_jobs_running_in_their_f
     assert (runs(long), runs(short)) == (1, 1)
     assert "no lease is reaped" in platform.log("dispatcher")
     agents = "".join(platform.log(f"agent-{tenant}-{a}") for a in ("o1", "o2"))
-    assert "the control plane is down (its beacon says so); the final state completed waits for it" in agents
+    assert "the control plane cannot take it yet (its beacon says it is down or just back)" in agents
 
 
 @pytest.mark.mariadb

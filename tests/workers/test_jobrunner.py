@@ -108,18 +108,18 @@ def test_a_final_state_waits_for_the_control_plane_while_its_beacon_says_it_is_d
     inflight = Inflight()
     down = threading.Event()
     down.set()
-    runner = JobRunner(recorder, inflight, control_plane_down=down.is_set)  # type: ignore[arg-type]
+    runner = JobRunner(recorder, inflight, reaper_waits=down.is_set)  # type: ignore[arg-type]
     assert runner.run(envelope()) == "completed"
     time.sleep(0.3)
     assert running(inflight) == [("j1", 1)]  # still named in heartbeats: renewed once they get through
-    assert "the control plane is down (its beacon says so); the final state completed waits for it" in caplog.text
+    assert "the control plane cannot take it yet (its beacon says it is down or just back)" in caplog.text
     recorder.fail_status = False  # the control plane is back
     runner.outbox.flush(5)
     assert running(inflight) == [] and recorder.paths()[-1] == "/jobs/j1/status"
     assert "could not be delivered" not in caplog.text
 
 
-def test_a_final_state_is_given_up_when_the_beacon_says_the_control_plane_is_up_or_cannot_be_read(
+def test_a_final_state_is_given_up_when_the_beacon_says_the_reaper_does_not_wait_or_cannot_be_read(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Up for others, the control plane does not answer this agent: the reaper runs the job again after its lease."""
@@ -131,12 +131,31 @@ def test_a_final_state_is_given_up_when_the_beacon_says_the_control_plane_is_up_
         recorder = Recorder()
         recorder.fail_status = True
         inflight = Inflight()
-        runner = JobRunner(recorder, inflight, control_plane_down=down)  # type: ignore[arg-type]
+        runner = JobRunner(recorder, inflight, reaper_waits=down)  # type: ignore[arg-type]
         assert runner.run(envelope()) == "completed"
         runner.outbox.flush(5)
         assert running(inflight) == []
         assert "job j1 attempt 1: the final state completed could not be delivered" in caplog.text
         caplog.clear()
+
+
+def test_a_final_state_waiting_for_the_control_plane_is_given_up_at_once_when_the_agent_stops(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "WAIT_WHILE_DOWN", 30.0)
+    recorder = Recorder()
+    recorder.fail_status = True
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight, reaper_waits=lambda: True)  # type: ignore[arg-type]
+    assert runner.run(envelope()) == "completed"
+    deadline = time.monotonic() + 5
+    while "waits for it" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    runner.stopping.set()
+    runner.outbox.flush(5)
+    assert time.monotonic() - started < 2 and running(inflight) == []
+    assert "the final state completed could not be delivered (the agent stops)" in caplog.text
 
 
 def test_a_claim_refused_at_capacity_waits_for_our_own_pending_final_state_then_is_made_again_at_once(
