@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -24,12 +22,9 @@ from tests.app.support import Api, MakeApp, Tenant
 
 
 @pytest.fixture
-def valkey(valkey_server, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+def valkey(beacon_valkey: redis.Redis) -> redis.Redis:
     """The session's Valkey, with a beacon key of this test's own."""
-    monkeypatch.setattr(beacon, "KEY", f"test.beacon.{uuid.uuid4().hex}")
-    client = valkey_server.client()
-    yield client
-    client.delete(beacon.KEY)
+    return beacon_valkey
 
 
 def _beacon(client: redis.Redis, *, silent: float, up_for: float, gap: float = 15.0) -> None:

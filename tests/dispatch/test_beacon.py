@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -13,12 +11,9 @@ from dispatch import beacon
 
 
 @pytest.fixture
-def client(valkey_server, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+def client(beacon_valkey: redis.Redis) -> redis.Redis:
     """A client of the session's Valkey, with a beacon key of this test's own."""
-    monkeypatch.setattr(beacon, "KEY", f"test.beacon.{uuid.uuid4().hex}")
-    valkey = valkey_server.client()
-    yield valkey
-    valkey.delete(beacon.KEY)
+    return beacon_valkey
 
 
 def test_a_beacon_never_marked_reads_as_none(client: redis.Redis) -> None:

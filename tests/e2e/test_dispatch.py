@@ -56,8 +56,10 @@ def test_a_submitted_uname_job_completes_with_its_output_stored(platform: Platfo
     assert "powershell" not in agent["task_types"]  # no PowerShell on this host
 
 
-def marker_workflow(path: str, *, sleep: float = 0, name: str = "mark") -> str:
-    """A workflow that appends one line to ``path`` (so runs can be counted), then optionally sleeps."""
+def marker_workflow(path: str, *, sleep: float = 0, name: str = "mark", until: str | None = None) -> str:
+    """A workflow that appends one line to ``path`` (so runs can be counted), then optionally sleeps, or waits until
+    the file ``until`` exists."""
+    rest = f"sleep {sleep}" if until is None else f"until [ -e {until} ]; do sleep 0.1; done"
     return textwrap.dedent(
         f"""\
         name: {name}
@@ -67,7 +69,7 @@ def marker_workflow(path: str, *, sleep: float = 0, name: str = "mark") -> str:
             type: command
             config:
               command: sh
-              args: ["-c", "echo ran >> {path}; sleep {sleep}"]
+              args: ["-c", "echo ran >> {path}; {rest}"]
         """
     )
 

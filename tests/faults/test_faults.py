@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import threading
 import time
 import uuid
@@ -110,21 +109,9 @@ def test_a_web_outage_longer_than_a_lease_leaves_running_jobs_running_in_their_f
     for agent in ("o1", "o2"):
         platform.start_agent(tenant, project, agent, REPORT_DEADLINE="2")
     long, short, go = tmp_path / "long", tmp_path / "short", tmp_path / "go"
-    ends_in_the_outage = textwrap.dedent(
-        f"""\
-        name: short
-        timeout: 60s
-        tasks:
-          - name: mark
-            type: command
-            config:
-              command: sh
-              args: ["-c", "echo ran >> {short}; until [ -e {go} ]; do sleep 0.1; done"]
-        """
-    )
     jobs = [
         platform.submit(operator, marker_workflow(str(long), sleep=14))["job_id"],
-        platform.submit(operator, ends_in_the_outage)["job_id"],
+        platform.submit(operator, marker_workflow(str(short), until=str(go)))["job_id"],
     ]
     for job_id in jobs:
         platform.wait_for(operator, job_id, {"running"})

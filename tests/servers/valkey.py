@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,3 +91,14 @@ def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeySe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def beacon_valkey(valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    """A client of the session's Valkey, with a control-plane beacon key of this test's own (``dispatch.beacon``)."""
+    from dispatch import beacon
+
+    monkeypatch.setattr(beacon, "KEY", f"test.beacon.{uuid.uuid4().hex}")
+    client = valkey_server.client()
+    yield client
+    client.delete(beacon.KEY)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -17,19 +16,15 @@ from workers.watch import TIMEOUT, BeaconWatch
 
 
 def test_a_watch_reads_the_beacon_from_valkey_and_gives_up_within_seconds_on_a_silent_network(
-    valkey_server, monkeypatch: pytest.MonkeyPatch
+    valkey_server, beacon_valkey: redis.Redis
 ):
     """The heartbeat thread waits for the watch before it decides to stop a run: it must never wait long (redis-py's
     own retries would make a silent network last minutes)."""
-    monkeypatch.setattr(beacon, "KEY", f"test.beacon.{uuid.uuid4().hex}")
     watch = BeaconWatch.of(valkey_server.url)
     assert watch.lease_time() is None and watch.reaper_waits(90) is False  # never marked
-    beacon.mark(valkey_server.client(), gap=15)
-    try:
-        up_for = watch.lease_time()
-        assert up_for is not None and 0 <= up_for < 1 and watch.reaper_waits(90) is True  # just back
-    finally:
-        valkey_server.client().delete(beacon.KEY)
+    beacon.mark(beacon_valkey, gap=15)
+    up_for = watch.lease_time()
+    assert up_for is not None and 0 <= up_for < 1 and watch.reaper_waits(90) is True  # just back
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
