@@ -4,7 +4,8 @@ A lease is only fair while its agent can renew it, and an agent can renew it onl
 and its database) answers. Each web process that can reach its database marks the beacon every ``interval``
 seconds; the first mark after a silence longer than ``gap`` (three intervals) starts the control plane's uptime
 again. The reaper ends a run for its expired lease only while the beacon says the control plane is up, and has
-been for a whole lease; an agent stops a run it could not renew under the same rule. An outage of the web or of
+been for a whole lease and the gap; an agent stops a run it could not renew after a lease of uptime, so before the
+reaper runs the job again (``workers.watch``). An outage of the web or of
 its database thus pauses every lease, instead of ending every running job once it is over, and a run that was cut
 off alone (its agent's network) is still ended on both sides after a lease.
 
