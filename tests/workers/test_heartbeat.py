@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import pytest
 
 from tests.workers.test_client import client_for
 from workers.heartbeat import Heartbeat
 from workers.jobs import Inflight
+
+
+@contextlib.contextmanager
+def beating(heartbeat: Heartbeat) -> Iterator[Heartbeat]:
+    """Run the heartbeat's thread for the block, then stop it."""
+    heartbeat.start()
+    try:
+        yield heartbeat
+    finally:
+        heartbeat.stop()
+        heartbeat.join(5)
 
 
 def test_the_attempts_the_control_plane_no_longer_counts_are_stopped_and_only_they(http_server):
@@ -64,12 +77,8 @@ def test_runs_whose_leases_go_unrenewed_are_stopped_within_a_beat_of_their_expir
     )
     client = client_for(http_server.url)
     heartbeat = Heartbeat(client, client.settings, inflight)  # beats every 30 s: far slower than the lease
-    heartbeat.start()
-    try:
+    with beating(heartbeat):
         assert running.cancel.wait(5) and running.abandoned
-    finally:
-        heartbeat.stop()
-        heartbeat.join(5)
 
 
 def test_a_run_being_abandoned_is_not_named_in_heartbeats(http_server):
@@ -117,16 +126,12 @@ def test_the_heartbeat_keeps_runs_going_through_a_control_plane_outage_and_stops
         return up_for[0]
 
     heartbeat = Heartbeat(client, client.settings, inflight, lease_time)
-    heartbeat.start()
-    try:
+    with beating(heartbeat):
         assert not running.cancel.wait(1.0) and not running.abandoned  # three leases without renewal
         assert asked, "the beacon is read once a run has gone a lease without renewal"
         up_for[0] = 1.0  # up for more than a lease, and this agent's heartbeats still fail
         heartbeat.beat_now()
         assert running.cancel.wait(5) and running.abandoned
-    finally:
-        heartbeat.stop()
-        heartbeat.join(5)
 
 
 def test_a_beacon_that_cannot_be_read_leaves_runs_to_be_stopped_after_a_lease_as_before(http_server):
@@ -140,9 +145,5 @@ def test_a_beacon_that_cannot_be_read_leaves_runs_to_be_stopped_after_a_lease_as
         raise ConnectionError("Valkey is out of reach")
 
     heartbeat = Heartbeat(client, client.settings, inflight, unreadable)
-    heartbeat.start()
-    try:
+    with beating(heartbeat):
         assert running.cancel.wait(5) and running.abandoned
-    finally:
-        heartbeat.stop()
-        heartbeat.join(5)
