@@ -14,6 +14,7 @@ MASK = "***"
 MIN_PREFIX = 3  # a cut-off secret at the end of truncated output is masked from this many characters on
 URI_SAFE = "!#$%&'()*+,/:;=?@[]~"  # what requests leaves as it is when it quotes a URL again
 MIN_ENCODED = 7  # bytes: a shorter secret is not looked for in base64, whose runs of it would mask innocent text too
+MIN_LINE = 4  # characters: a shorter line of a multi-line secret is not masked on its own (nor is a blank one)
 
 
 def encoded(secret: str) -> set[str]:
@@ -34,12 +35,21 @@ def encoded(secret: str) -> set[str]:
 
 
 def forms(secret: str) -> set[str]:
-    """The secret and the forms it takes in what a task reports: quoted into a URL (as requests and
-    ``urllib.parse`` do), escaped in a JSON string or a Python ``repr``, escaped as MySQL echoes a bound value in
-    its errors, and inside base64 text (``encoded``). A short secret with no character to escape has only
+    """The secret and the forms it takes in what a task reports: in lower or upper case (a host name in an
+    error, a hex digest), quoted into a URL (as requests and ``urllib.parse`` do), escaped in a JSON string or a
+    Python ``repr``, escaped as MySQL echoes a bound value in its errors, and inside base64 text (``encoded``).
+    Each line of a multi-line secret (a key in PEM form) is masked on its own too, in each of these forms, as
+    output prefixed or reflowed line by line shows it. A short secret with no character to escape has only
     itself."""
+    lines = [line.strip() for line in secret.splitlines()] if "\n" in secret or "\r" in secret else []
+    return _forms(secret).union(*(_forms(line) for line in lines if len(line) >= MIN_LINE))
+
+
+def _forms(secret: str) -> set[str]:
     found = {
         secret,
+        secret.lower(),
+        secret.upper(),
         quote(secret, safe=""),
         quote(secret, safe=URI_SAFE),
         quote_plus(secret),

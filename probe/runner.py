@@ -7,6 +7,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -365,5 +366,7 @@ class _Run:
             return partial, Status.ERROR
         if isinstance(error, TaskStopped):
             return Outcome(False, error="stopped"), Status.ERROR
-        log.error("task %s (%s) raised", spec.name, spec.type, exc_info=error)
+        # the traceback is logged masked: its messages may hold rendered options, secrets among them
+        trace = self.redactor.text("".join(traceback.format_exception(error)).rstrip())
+        log.error("task %s (%s) raised:\n%s", spec.name, spec.type, trace)
         return Outcome(False, error=f"internal error in task type '{spec.type}': {error!r}"), Status.ERROR

@@ -25,7 +25,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, LocationValueError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
@@ -41,6 +41,7 @@ TLS_FAILED = "TLS connection to {where} failed: {reason}"
 CONNECT_FAILED = "cannot connect to {where}: {reason}"
 TIMED_OUT = "no response from {where} in time"
 REQUEST_FAILED = "request to {where} failed: {reason}"
+BAD_LOCATION = "request to {where} failed: the URL's host or port is not valid"
 CA_FILE_UNREADABLE = "cannot load ca_file {path}: {reason}"
 ABORTED = "the task was stopped"
 
@@ -277,13 +278,19 @@ def describe(exc: BaseException, url: str, *, tls_hint: str = "") -> str:
     for cause in causes:
         if isinstance(cause, NewConnectionError):
             return CONNECT_FAILED.format(where=where, reason=_innermost(cause))
+        if isinstance(cause, requests.exceptions.InvalidURL | LocationValueError):
+            # not echoed: a password holding a '/' ends the URL's host early, and the rest would show part of it
+            return BAD_LOCATION.format(where=where)
     return REQUEST_FAILED.format(where=where, reason=_innermost(exc))
 
 
 def _where(url: str) -> str:
     """Return ``host:port`` of ``url`` (never its credentials, path or query)."""
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port: int | str = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # not a number: never shown, it may be part of a password with a '/' in it
+        port = "?"
     host = parts.hostname or "?"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -411,13 +411,13 @@ class _Stubborn(TaskType):
 
 
 class _Crashing(TaskType):
-    """A task type with a bug."""
+    """A task type with a bug (whose message shows its option ``say``, as exceptions often show their input)."""
 
     name = "test-crashing"
-    options = {}
+    options = {"say": Option("string", default="oops")}
 
     def run(self, config: dict, ctx: TaskContext) -> Outcome:
-        raise ZeroDivisionError("oops")
+        raise ZeroDivisionError(config["say"])
 
 
 MEETING: list[threading.Barrier] = []  # where test-where tasks with ``meet`` wait for each other
@@ -459,6 +459,17 @@ def test_a_bug_in_a_task_type_is_an_error_result_not_a_crash(run_yaml, test_type
     result = run_yaml("name: s\ntasks:\n  - {name: a, type: test-crashing}\n")
     assert result.tasks[0].status is probe.Status.ERROR
     assert "ZeroDivisionError" in (result.tasks[0].error or "")
+
+
+def test_the_traceback_of_a_bug_in_a_task_type_is_logged_with_secrets_masked(run_yaml, test_types, caplog):
+    workflow = "name: s\ntasks:\n  - {name: a, type: test-crashing, config: {say: 'key={{.secrets.K}}'}}\n"
+    with caplog.at_level("ERROR", logger="probe"):
+        result = run_yaml(workflow, secrets={"K": "sekrit-value-1"})
+    assert result.tasks[0].error == "internal error in task type 'test-crashing': ZeroDivisionError('key=***')"
+    [record] = [r for r in caplog.records if r.name == "probe.runner"]
+    shown = record.getMessage() + (record.exc_text or "")
+    assert "ZeroDivisionError: key=***" in shown and "Traceback" in shown, shown
+    assert "sekrit-value-1" not in caplog.text and not record.exc_info
 
 
 def thread_of(result: probe.WorkflowResult) -> int:

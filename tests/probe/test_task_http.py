@@ -369,3 +369,24 @@ def test_a_secret_in_the_url_stays_out_of_debug_logs(
     assert result.tasks[0].status is Status.SUCCEEDED, result.tasks[0].error
     assert any(r.name == "probe.tasks.http" for r in caplog.records)  # the request's debug line was written
     assert secret not in caplog.text, caplog.text  # neither in it nor in urllib3's
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "error"),
+    [
+        # the resolver's error names the host in lower case
+        ("http://{{.secrets.PW}}.invalid/x", "Zq7Kx9SecretPW", "cannot resolve host '***.invalid'"),
+        # a '/' in a password ends the URL's host early: what follows it up to the '@' would be shown as a port
+        ("http://user:{{.secrets.PW}}@127.0.0.1:1/x", "Ab1/Xy9zSecret", "the URL's host or port is not valid"),
+        ("http://127.0.0.1:{{.secrets.PW}}/x", "Zq7Kx9SecretPW", "the URL's host or port is not valid"),
+    ],
+)
+def test_no_part_of_a_secret_in_a_url_shows_in_the_error_of_a_request_that_cannot_be_made(
+    run_yaml: RunYaml, caplog: pytest.LogCaptureFixture, url: str, secret: str, error: str
+) -> None:
+    with caplog.at_level("DEBUG", logger="probe"):  # urllib3's debug lines: see the test above
+        task = run_yaml(one_task(f'url: "{url}"'), secrets={"PW": secret}).tasks[0]
+    assert task.status is Status.ERROR and error in (task.error or ""), task.error
+    assert "internal error" not in (task.error or "")
+    for part in {secret, secret.lower(), *secret.split("/")}:
+        assert part not in (task.error or "") and part not in caplog.text, (part, task.error, caplog.text)

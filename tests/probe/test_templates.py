@@ -96,6 +96,20 @@ def test_a_secret_is_masked_inside_base64_text_wherever_it_starts(before: str, a
         assert len(head) <= -(-len(before) * 8 // 6) and len(tail) <= -(-len(after) * 8 // 6) + 3, masked
 
 
+def test_each_line_of_a_multi_line_secret_is_masked_on_its_own() -> None:
+    # output that prefixes or reflows lines (a logger, sed, a shell's error) shows the lines apart
+    redactor = Redactor(["-----BEGIN KEY-----\r\nline1QQsecret\nline2WWsecret\n\nab\n"])
+    shown = "> -----BEGIN KEY-----\n> line1QQsecret\n> line2WWsecret\nsh: 2: line2WWsecret: not found\nab cd"
+    assert redactor.text(shown) == "> ***\n> ***\n> ***\nsh: 2: ***: not found\nab cd"  # too short a line: kept
+    assert Redactor(["line1QQsecret\nline2WWsecret"]).text('"line1QQsecret\\nline2WWsecret"') == '"***"'  # whole
+
+
+def test_a_secret_is_masked_in_lower_and_upper_case() -> None:
+    # a host name in a resolver's error is lower case; a hex digest may be written either way
+    shown = "host 'zq7kx9secretpw.invalid', ZQ7KX9SECRETPW"
+    assert Redactor(["Zq7Kx9SecretPW"]).text(shown) == "host '***.invalid', ***"
+
+
 def test_short_base64_runs_of_a_secret_are_not_masked_in_other_text() -> None:
     assert Redactor(["abcdef"]).text("YWJjZGVm and YWJj") == "YWJjZGVm and YWJj"  # too short to tell apart
     assert Redactor(["abcdefg"]).text("YWJjZGVmZw==") == "***w=="
