@@ -57,6 +57,9 @@ def register_agent(*, caller: Principal, data: AgentRegister) -> tuple[Agent, bo
         raise Unprocessable(UNKNOWN_PROJECT.format(project=project_id), code="unknown_project")
     now = utcnow()
     agent = db.session.get(Agent, (caller.tenant_id, data.agent_id))
+    if agent is not None and caller.project_id is not None and agent.project_id != caller.project_id:
+        # an agent of a project the caller cannot see: moved only by a caller who can (as GET and DELETE answer)
+        raise NotFound(NOT_FOUND.format(kind="agent", id=data.agent_id))
     created = agent is None
     if agent is None:
         agent = Agent(tenant_id=caller.tenant_id, id=data.agent_id, registered_at=now)

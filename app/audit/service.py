@@ -26,11 +26,13 @@ def _event(
     target_type: str | None,
     target_id: str | None,
     details: dict[str, Any] | None,
+    platform: bool = False,
 ) -> AuditEvent:
+    home = tenant_id or (principal.tenant_id if principal else None)
     return AuditEvent(
         action=action,
         outcome=outcome,
-        tenant_id=tenant_id or (principal.tenant_id if principal else None),
+        tenant_id=None if platform else home,  # the platform's own log: no tenant's admin reads it
         actor=principal.subject if principal else None,
         role=principal.role if principal else None,
         target_type=target_type,
@@ -74,8 +76,10 @@ def record_refusal(
     target_type: str | None = None,
     target_id: str | None = None,
     details: dict[str, Any] | None = None,
+    platform: bool = False,
 ) -> None:
-    """Record a refused request in its own transaction (the request's own work is rolled back first)."""
+    """Record a refused request in its own transaction (the request's own work is rolled back first); with
+    ``platform``, in the platform's own log (no tenant), which only platform admins read."""
     try:
         db.session.rollback()
         db.session.add(
@@ -87,6 +91,7 @@ def record_refusal(
                 target_type=target_type,
                 target_id=target_id,
                 details=details,
+                platform=platform,
             )
         )
         db.session.commit()

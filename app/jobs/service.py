@@ -52,7 +52,10 @@ def visible(caller: Principal, job_id: str, job: Job | None) -> Job:
     )
     if not seen:
         if job is not None:
-            audit.record_refusal(action="access.cross_tenant", principal=caller, target_type="job", target_id=job_id)
+            # in the platform's log: the caller's tenant admin would learn from it which ids exist elsewhere
+            audit.record_refusal(
+                action="access.cross_tenant", principal=caller, target_type="job", target_id=job_id, platform=True
+            )
         raise NotFound(NOT_FOUND.format(kind="job", id=job_id))
     assert job is not None
     return job

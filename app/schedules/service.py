@@ -42,8 +42,12 @@ def scoped(caller: Principal, schedule_id: str) -> Schedule:
     )
     if not visible:
         if schedule is not None:
-            audit.record_refusal(
-                action="access.cross_tenant", principal=caller, target_type="schedule", target_id=schedule_id
+            audit.record_refusal(  # in the platform's log, as for jobs (app.jobs.service.visible)
+                action="access.cross_tenant",
+                principal=caller,
+                target_type="schedule",
+                target_id=schedule_id,
+                platform=True,
             )
         raise NotFound(NOT_FOUND.format(kind="schedule", id=schedule_id))
     assert schedule is not None

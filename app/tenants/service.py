@@ -6,6 +6,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.audit import service as audit
+from app.auth.guard import deny
 from app.auth.tokens import Principal
 from app.errors import NOT_FOUND, Conflict, NotFound
 from app.extensions import db
@@ -14,6 +15,7 @@ from app.tenants.models import Project, Tenant
 
 TENANT_EXISTS = "tenant '{id}' already exists"
 PROJECT_EXISTS = "project '{id}' already exists in tenant '{tenant}'"
+LIMITED_TO_PROJECT = "this token is limited to project '{project}': it cannot create projects"
 
 
 def create_tenant(*, caller: Principal | None, tenant_id: str, name: str | None = None) -> Tenant:
@@ -61,9 +63,12 @@ def create_project(
     name: str | None = None,
     max_running_jobs: int | None = None,
 ) -> Project:
-    """Create a project in a tenant the caller may see; 409 if its id is taken there."""
+    """Create a project in a tenant the caller may see; 409 if its id is taken there, 403 for a caller limited to
+    one project (the tenant's projects are its tenant admin's to make)."""
     if caller is not None:
         visible_tenant(caller=caller, tenant_id=tenant_id)
+        if caller.project_id is not None:
+            raise deny(caller, LIMITED_TO_PROJECT.format(project=caller.project_id), project_id=project_id)
     elif db.session.get(Tenant, tenant_id) is None:
         raise NotFound(NOT_FOUND.format(kind="tenant", id=tenant_id))
     project = Project(tenant_id=tenant_id, id=project_id, name=name or project_id, max_running_jobs=max_running_jobs)

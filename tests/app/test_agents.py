@@ -49,6 +49,24 @@ def test_a_tenant_admin_registers_an_agent_in_a_named_project(api: Api, world: d
     assert missing.status_code == 422 and missing.json["error"] == "unknown_project"
 
 
+def test_a_caller_limited_to_a_project_cannot_take_another_projects_agent(api: Api, world: dict[str, Tenant]) -> None:
+    # a1 serves project web; a tenant admin (or an agent token) limited to project db would move it, stranding its
+    # pinned jobs and failing its claims: 404, as GET and DELETE answer that caller for a1
+    for bearer in (token("acme", "tenant_admin", project_override="db"), token("acme", "agent", project="db")):
+        taken = api.post("/api/v1/agents", bearer, json={**REGISTRATION, "agent_id": "a1", "project_id": "db"})
+        assert taken.status_code == 404 and taken.json["error"] == "not_found", taken.json
+        assert api.get("/api/v1/agents/a1", bearer).status_code == 404
+    agent = api.get("/api/v1/agents/a1", world["acme"].tokens["viewer"]).json
+    assert (agent["project_id"], agent["hostname"]) == ("web", "a1.local")
+    # a caller who sees both projects moves it
+    moved = api.post(
+        "/api/v1/agents",
+        world["acme"].tokens["tenant_admin"],
+        json={**REGISTRATION, "agent_id": "a1", "project_id": "db"},
+    )
+    assert moved.status_code == 200 and moved.json["project_id"] == "db"
+
+
 def test_an_agent_token_cannot_register_another_agent(api: Api, world: dict[str, Tenant]) -> None:
     response = api.post("/api/v1/agents", world["acme"].tokens["agent"], json=REGISTRATION)
     assert response.status_code == 403 and response.json["error"] == "access_denied"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.tenants.schemas import ProjectList, ProjectOut, TenantList, TenantOut
-from tests.app.support import Api, Tenant
+from tests.app.support import Api, Tenant, token
 
 
 def test_a_platform_admin_creates_a_tenant(api: Api, world: dict[str, Tenant]) -> None:
@@ -52,3 +52,10 @@ def test_a_tenant_admin_cannot_touch_another_tenants_projects(api: Api, world: d
     assert api.get("/api/v1/tenants/globex/projects/web", admin).status_code == 404
     platform = world["acme"].tokens["admin"]
     assert api.post("/api/v1/tenants/globex/projects", platform, json={"project_id": "x"}).status_code == 201
+
+
+def test_a_tenant_admin_limited_to_one_project_cannot_create_projects(api: Api, world: dict[str, Tenant]) -> None:
+    limited = token("acme", "tenant_admin", project_override="web")
+    refused = api.post("/api/v1/tenants/acme/projects", limited, json={"project_id": "newp"})
+    assert refused.status_code == 403 and refused.json["error"] == "access_denied", refused.json
+    assert api.get("/api/v1/tenants/acme/projects/newp", world["acme"].tokens["tenant_admin"]).status_code == 404
