@@ -53,16 +53,19 @@ class Unreachable(ClientError):
 class ApiError(ClientError):
     """Raised when the API answers with an error: a refusal (4xx, exit 3) or a server error (5xx, exit 4)."""
 
-    def __init__(self, status: int, code: str, message: str, body: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, body: Mapping[str, Any] | None = None, *, foreign: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.body = dict(body or {})
+        self.foreign = foreign  # not an answer of the API: the URL points at something else
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
-        """3 for a refusal, 4 for a server error (or an answer that is not the API's)."""
-        return REFUSED if 400 <= self.status < 500 else UNREACHABLE
+        """3 for a refusal, 4 for a server error or an answer that is not the API's (whatever its status)."""
+        return REFUSED if 400 <= self.status < 500 and not self.foreign else UNREACHABLE
 
 
 def describe(exc: requests.RequestException, timeout: float) -> str:
@@ -85,7 +88,7 @@ def error_from(response: requests.Response) -> ApiError:
         return ApiError(response.status_code, str(body.get("error") or "error"), body["message"], body)
     text = " ".join(response.text.split())[:200] or response.reason
     message = NOT_THE_API.format(status=response.status_code, url=response.url, text=text)
-    return ApiError(response.status_code, "error", message)
+    return ApiError(response.status_code, "error", message, foreign=True)
 
 
 def retry_after(response: requests.Response) -> float:

@@ -429,6 +429,9 @@ def test_without_the_logs_route_the_tasks_output_is_shown(cli: Any, http_server:
         (401, {"error": "invalid_token", "message": "the token is invalid: Signature verification failed"}, 3, "token"),
         (500, {"error": "internal_error", "message": "the server failed"}, 4, "the server failed"),
         (502, "<html>Bad Gateway</html>", 4, "502 from http://"),
+        # --url pointing at another server: not a refusal of the API, whatever its status
+        (404, "<html>Not Found</html>", 4, "not an answer of the automation API"),
+        (400, '{"detail": "bad"}', 4, "not an answer of the automation API"),
     ],
 )
 def test_refusals_exit_3_server_errors_exit_4_with_the_message_on_stderr(
