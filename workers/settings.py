@@ -138,12 +138,14 @@ def scrub_environment(environ: MutableMapping[str, str] | None = None) -> list[s
     return [name for name in _secret_names(env) if env.pop(name, None) is not None]
 
 
+PR_SET_DUMPABLE = 4  # prctl's option: whether processes of the same user may read this one's memory and ptrace it
 HANDOVER = "AGENT_CREDENTIALS_FD"  # set only by hide_credentials, for the image it starts
 PR_SET_NAME = 15  # prctl's option that sets the calling thread's name (the process's, from its main thread)
 
 
 def hide_credentials() -> None:
-    """On Linux, keep the agent's credentials out of ``/proc/<pid>/environ``; call first thing in the entry point.
+    """On Linux, keep the agent's credentials out of ``/proc/<pid>/environ`` and its memory out of reach of the
+    workflows it runs (``keep_memory_private``); call first thing in the entry point.
 
     ``scrub_environment`` keeps them from the processes the agent starts, but Linux goes on showing the environment
     a process was started with to every process of the same user (``/proc/<pid>/environ``, ``ps e``): a workflow
@@ -153,6 +155,22 @@ def hide_credentials() -> None:
     image reads them back into ``os.environ``, which /proc does not show, and closes the file. Elsewhere (Windows,
     macOS) this does nothing. Raises ``SettingsError`` when a handover cannot be read.
     """
+    _restart_without_credentials()  # returns in the image started again, or when there is nothing to hide
+    keep_memory_private()
+
+
+def keep_memory_private() -> None:
+    """On Linux, make this process non-dumpable, so that a process of the same user (every workflow the agent runs,
+    unless it runs as another user) can neither read its memory (``/proc/<pid>/mem``, where the credentials live
+    on after ``hide_credentials``) nor attach to it with ptrace; only root can (``CAP_SYS_PTRACE``). It also writes
+    no core dump. The commands it starts are not affected: ``execve`` makes a process dumpable again."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _restart_without_credentials() -> None:
     handed = os.environ.pop(HANDOVER, None)
     if handed is not None:
         secrets, name = _take_handover(handed)

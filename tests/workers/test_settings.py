@@ -3,6 +3,7 @@ the environment it was started with."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -131,3 +132,38 @@ def test_a_handover_that_cannot_be_read_is_refused(monkeypatch: pytest.MonkeyPat
     with pytest.raises(SettingsError, match="not a map of strings"):
         hide_credentials()
     assert "JWT_TOKEN" not in os.environ
+
+
+# An agent (after hide_credentials) that runs a workflow's command as its own user: the command tries to read the
+# agent's memory, where its credentials live on, as any process of the same user could without a ptrace guard.
+READ_PARENT = """
+import subprocess, sys
+from workers.settings import hide_credentials
+hide_credentials()
+peek = "import os; f = open(f'/proc/{os.getppid()}/mem', 'rb'); print('read')"
+done = subprocess.run([sys.executable, "-c", peek], capture_output=True, text=True)
+print(done.stdout.strip() or done.stderr.strip().splitlines()[-1])
+"""
+
+
+def _without_ptrace_capability() -> None:
+    """(In the child, before exec.) Drop CAP_SYS_PTRACE from the bounding set: root then reads another process's
+    memory only as any user does, by the same rules (the agent's user and its dumpable flag)."""
+    ctypes.CDLL(None).prctl(24, 19, 0, 0, 0)  # PR_CAPBSET_DROP, CAP_SYS_PTRACE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl's PR_SET_DUMPABLE is Linux's")
+@pytest.mark.parametrize("credentials", [{"JWT_TOKEN": "secret-token"}, {}])
+def test_a_workflow_running_as_the_agents_user_cannot_read_the_agents_memory(credentials: dict[str, str]) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in CREDENTIALS and k != "AGENT_CREDENTIALS_FD"}
+    env = {**base, **credentials, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", READ_PARENT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_without_ptrace_capability if os.geteuid() == 0 else None,  # pytest runs no threads here
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("PermissionError"), done.stdout
