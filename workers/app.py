@@ -120,14 +120,17 @@ def make_agent(settings: AgentSettings) -> Agent:
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         deliveries = _count_delivery(valkey, task_id, scope) if redelivered else 1
         try:
+            if args:
+                raise EnvelopeRefused("malformed", "job messages carry keyword arguments only")
             if deliveries > settings.poison_limit:
+                # the job it names is dead-lettered: proved genuine first (a forged one is refused for that), as
+                # its task id, which anyone with broker access may write, would name any job
+                genuine = verifier.verify(kwargs, take=False)
                 raise EnvelopeRefused(
                     "poison",
                     f"this message was delivered {deliveries} times and never finished (it crashes agents)",
-                    _claims_of(task_id),
+                    {"job_id": genuine.job_id, "attempt": genuine.attempt},
                 )
-            if args:
-                raise EnvelopeRefused("malformed", "job messages carry keyword arguments only")
             envelope = verifier.verify(kwargs)
         except EnvelopeRefused as refusal:
             log.warning("refused message %s: %s (%s)", task_id, refusal, refusal.reason)
@@ -171,12 +174,6 @@ def make_agent(settings: AgentSettings) -> Agent:
         settings.valkey_url, control_channel(settings.tenant_id, settings.agent_id), heartbeat.beat_now
     )
     return Agent(settings, celery, client, inflight, heartbeat, control, runner.outbox, refusals)
-
-
-def _claims_of(task_id: str) -> dict[str, Any]:
-    """The job and attempt a Celery task id ``<job_id>:<attempt>`` names, for a refusal report."""
-    job_id, _, attempt = task_id.rpartition(":")
-    return {"job_id": job_id, "attempt": int(attempt)} if job_id and attempt.isdigit() else {}
 
 
 def _count_delivery(valkey: redis.Redis, task_id: str, scope: str) -> int:

@@ -59,8 +59,12 @@ class Verifier:
         self._expiring: list[tuple[float, str]] = []  # the same as a heap, soonest expiry first
         self._lock = threading.Lock()
 
-    def verify(self, kwargs: dict[str, Any], now: float | None = None) -> Envelope:
-        """Return the envelope in a message's kwargs, or raise EnvelopeRefused saying why."""
+    def verify(self, kwargs: dict[str, Any], now: float | None = None, *, take: bool = True) -> Envelope:
+        """Return the envelope in a message's kwargs, or raise EnvelopeRefused saying why.
+
+        With ``take`` false, only prove the message genuine: an envelope already taken is not refused as a replay,
+        nor remembered (what the agent knows of a message it refuses anyway).
+        """
         now = time.time() if now is None else now
         try:
             body = base64.b64decode(kwargs["envelope"], validate=True)
@@ -92,13 +96,8 @@ class Verifier:
             )
         if claims["aud"] not in self.audiences:
             raise EnvelopeRefused("wrong_audience", f"the envelope is addressed to {claims['aud']!r}", claims)
-        with self._lock:
-            self._forget_expired(now)
-            if claims["nonce"] in self._seen:
-                raise EnvelopeRefused("replayed", "this envelope was already delivered to this agent", claims)
-            expires = float(claims["exp"])
-            self._seen[claims["nonce"]] = expires
-            heapq.heappush(self._expiring, (expires, claims["nonce"]))
+        if take:
+            self._take(claims, now)
         return Envelope(
             audience=claims["aud"],
             tenant=claims["tenant"],
@@ -118,6 +117,16 @@ class Verifier:
         agent takes it next, this one included, must not refuse it as replayed."""
         with self._lock:
             self._seen.pop(nonce, None)
+
+    def _take(self, claims: dict[str, Any], now: float) -> None:
+        """Remember the envelope's nonce until it expires; EnvelopeRefused ``replayed`` if it was taken already."""
+        with self._lock:
+            self._forget_expired(now)
+            if claims["nonce"] in self._seen:
+                raise EnvelopeRefused("replayed", "this envelope was already delivered to this agent", claims)
+            expires = float(claims["exp"])
+            self._seen[claims["nonce"]] = expires
+            heapq.heappush(self._expiring, (expires, claims["nonce"]))
 
     def _forget_expired(self, now: float) -> None:
         """Drop the nonces of envelopes expired by ``now`` (an expired envelope is refused anyway): the work is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import textwrap
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from dispatch.contract import deliveries_key
-from tests.e2e.test_dispatch import marker_workflow, slow_first_run, wait_until
+from tests.e2e.test_dispatch import audit, marker_workflow, slow_first_run, wait_until
 from tests.servers.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +33,7 @@ def sleepers(marker: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
 
-def test_cancelling_a_running_job_stops_it_within_five_seconds_and_keeps_the_finished_tasks(
+def test_cancelling_a_running_job_stops_it_within_five_seconds_and_keeps_every_tasks_result(
     platform: Platform, tmp_path
 ):
     tenant, project = platform.tenant()
@@ -63,7 +64,11 @@ def test_cancelling_a_running_job_stops_it_within_five_seconds_and_keeps_the_fin
     done = platform.wait_for(operator, job_id, timeout=10)
     assert time.monotonic() - started < 5
     assert done["state"] == "cancelled"
-    assert [(t["name"], t["status"]) for t in done["tasks"]] == [("quick", "succeeded"), ("slow", "cancelled")]
+    assert [(t["name"], t["status"]) for t in done["tasks"]] == [
+        ("quick", "succeeded"),
+        ("slow", "cancelled"),
+        ("never", "cancelled"),  # never reached: as probe lists it
+    ]
     assert not sleepers(marker)
 
 
@@ -114,6 +119,29 @@ def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lett
     dead = platform.wait_for(operator, job_id, {"dead_letter"}, timeout=15)
     assert dead["dead_letter_reason"] == "poison" and "crashes agents" in dead["error"]
     assert not marker.exists()
+
+
+def test_a_forged_message_over_the_poison_limit_cannot_dead_letter_the_job_it_names(platform: Platform, tmp_path):
+    # With write access to the broker, push an unsigned message that names a queued job in its task id, flagged
+    # redelivered, its delivery counter over the limit: the poison check must not trust that id.
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "v2").stop()
+    operator = platform.token("operator", tenant, project)
+    marker = tmp_path / "ran"
+    job_id = platform.submit(operator, marker_workflow(str(marker)), agent_id="v2")["job_id"]
+    valkey = platform.valkey.client()
+    wait_until(lambda: valkey.keys(f"agent.{tenant}.v2*"), timeout=10)
+    (queue,) = valkey.keys(f"agent.{tenant}.v2*")
+    forged = json.loads(valkey.lindex(queue, -1))
+    forged["body"] = base64.b64encode(json.dumps([[], {"junk": "no envelope at all"}, {}]).encode()).decode()
+    forged["headers"]["redelivered"] = True
+    forged["properties"]["delivery_info"]["redelivered"] = True
+    valkey.rpush(queue, json.dumps(forged))  # taken before the genuine message
+    valkey.set(deliveries_key(f"{job_id}:1"), 100)
+    platform.start_agent(tenant, project, "v2")
+    assert platform.wait_for(operator, job_id, timeout=20)["state"] == "completed" and marker.exists()
+    [refused] = wait_until(lambda: audit(platform, tenant, "job.message_refused"), what="the refusal's audit")
+    assert refused["details"]["reason"] == "unsigned", refused
 
 
 def test_a_first_delivery_is_not_counted_in_the_broker(platform: Platform, tmp_path):

@@ -99,6 +99,14 @@ def test_a_replayed_envelope_is_refused():
     assert refusal(kwargs, v) == "replayed"
 
 
+def test_an_envelope_only_proved_genuine_is_neither_taken_nor_refused_as_a_replay():
+    v = verifier()
+    kwargs = message()
+    assert v.verify(kwargs, take=False).job_id == v.verify(kwargs).job_id  # not remembered by the first
+    assert v.verify(kwargs, take=False).attempt == 1  # taken already: still genuine
+    assert refusal(kwargs, v) == "replayed"
+
+
 def test_an_envelope_given_back_unrun_can_be_taken_again():
     v = verifier()
     kwargs = message()
