@@ -36,7 +36,7 @@ class Job(Base):
         Index("ix_jobs_tenant_dead_letter", "tenant_id", "dead_letter_reason"),
         Index("ix_jobs_schedule_state", "schedule_id", "state"),  # schedules: is the previous run still active?
         Index("ix_jobs_state_finished", "state", "finished_at"),  # retention: a state's oldest jobs, in order
-        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        UniqueConstraint("tenant_id", "project_id", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

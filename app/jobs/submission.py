@@ -82,8 +82,11 @@ def _request_hash(data: JobSubmit, project_id: str) -> str:
     return hashlib.sha256(f"{project_id}\n{data.model_dump_json()}".encode()).hexdigest()
 
 
-def _replay(caller: Principal, key: str, digest: str) -> Job | None:
-    job = db.session.scalar(select(Job).where(Job.tenant_id == caller.tenant_id, Job.idempotency_key == key))
+def _replay(caller: Principal, project_id: str, key: str, digest: str) -> Job | None:
+    # a key is the project's own: another project's job under the same key is neither found nor in the way
+    job = db.session.scalar(
+        select(Job).where(Job.tenant_id == caller.tenant_id, Job.project_id == project_id, Job.idempotency_key == key)
+    )
     if job is not None and job.request_hash != digest:
         raise Conflict(IDEMPOTENCY_CONFLICT.format(key=key), code="idempotency_conflict")
     return job
@@ -182,7 +185,7 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
     """Validate and store a new ``pending`` job; return it and whether it was created (False: a replay)."""
     project_id = _project_of(caller, data)
     digest = _request_hash(data, project_id)
-    if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
+    if idempotency_key is not None and (existing := _replay(caller, project_id, idempotency_key, digest)) is not None:
         return existing, False
     job = _new_job(caller, data, project_id, idempotency_key, digest)
     try:
@@ -190,7 +193,7 @@ def submit_job(*, caller: Principal, data: JobSubmit, idempotency_key: str | Non
     except IntegrityError:  # the project's foreign key, or a concurrent request with the same key
         db.session.rollback()
         _check_project(caller, job.project_id)
-        if idempotency_key is not None and (existing := _replay(caller, idempotency_key, digest)) is not None:
+        if idempotency_key is not None and (existing := _replay(caller, project_id, idempotency_key, digest)):
             return existing, False
         raise
     return job, True
@@ -208,18 +211,17 @@ def _batch_hashes(digests: list[str]) -> list[str]:
     return [hashlib.sha256(f"{whole}\n{index}".encode()).hexdigest() for index in range(len(digests))]
 
 
-def _replay_batch(caller: Principal, idempotency_key: str, hashes: list[str]) -> list[Job] | None:
-    """The jobs of an earlier batch with the same key (None if there was none); 409 if it was another request."""
+def _replay_batch(caller: Principal, idempotency_key: str, projects: list[str], hashes: list[str]) -> list[Job] | None:
+    """The jobs of an earlier batch with the same key (None if there was none); 409 if it was another request.
+    Entry i's key is looked for in entry i's project only, as a single submission's is."""
     keys = [batch_key(idempotency_key, index) for index in range(len(hashes))]
-    found = {
-        job.idempotency_key: job
-        for job in db.session.scalars(
-            select(Job).where(Job.tenant_id == caller.tenant_id, Job.idempotency_key.in_(keys))
-        )
-    }
-    if not found:
+    query = select(Job).where(
+        Job.tenant_id == caller.tenant_id, Job.project_id.in_(set(projects)), Job.idempotency_key.in_(keys)
+    )
+    found = {(job.project_id, job.idempotency_key): job for job in db.session.scalars(query)}
+    jobs = [found.get(place) for place in zip(projects, keys, strict=True)]
+    if not any(jobs):
         return None
-    jobs = [found.get(key) for key in keys]
     if any(job is None or job.request_hash != digest for job, digest in zip(jobs, hashes, strict=True)):
         raise Conflict(IDEMPOTENCY_CONFLICT.format(key=idempotency_key), code="idempotency_conflict")
     return [job for job in jobs if job is not None]
@@ -248,7 +250,7 @@ def submit_jobs(
         except AppError as exc:
             raise _at(index, exc) from None
     hashes = _batch_hashes([_request_hash(data, project) for data, project in zip(items, projects, strict=True)])
-    if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, hashes)) is not None:
+    if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, projects, hashes)):
         return existing, False
     pinned = {data.agent_id for data in items if data.agent_id is not None}
     # Loaded at once and held until the end: the checks below find them in the session without a query each.
@@ -278,7 +280,7 @@ def submit_jobs(
                 _check_project(caller, project)
             except AppError as exc:
                 raise _at(index, exc) from None
-        if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, hashes)) is not None:
+        if idempotency_key is not None and (existing := _replay_batch(caller, idempotency_key, projects, hashes)):
             return existing, False
         raise
     return jobs, True

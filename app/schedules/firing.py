@@ -152,7 +152,10 @@ def submit_run(*, schedule: Schedule, run: ScheduleRun) -> int:
     key = idempotency_key(schedule.id, run.scheduled_for)
     job = db.session.scalar(
         select(Job).where(
-            Job.tenant_id == schedule.tenant_id, Job.idempotency_key == key, Job.created_by == subject(schedule.id)
+            Job.tenant_id == schedule.tenant_id,
+            Job.project_id == schedule.project_id,
+            Job.idempotency_key == key,
+            Job.created_by == subject(schedule.id),
         )
     )
     if job is None:

@@ -171,6 +171,16 @@ def test_the_same_idempotency_key_with_another_batch_is_a_conflict(app: Flask, a
     assert stored(app) == count
 
 
+def test_a_batchs_idempotency_key_is_its_projects_own(app: Flask, api: Api, acme: Tenant):
+    headers, body = {"Idempotency-Key": "rollout-9"}, {"jobs": [{"workflow": WORKFLOW}] * 2}
+    web = api.post(BATCH, token("acme", "operator"), json=body, headers=headers)
+    other = api.post(BATCH, token("acme", "operator", project="db"), json=body, headers=headers)
+    assert web.status_code == other.status_code == 201 and "Idempotent-Replayed" not in other.headers, other.json
+    assert not {j["job_id"] for j in web.json["jobs"]} & {j["job_id"] for j in other.json["jobs"]}
+    again = api.post(BATCH, token("acme", "operator", project="db"), json=body, headers=headers)
+    assert [j["job_id"] for j in again.json["jobs"]] == [j["job_id"] for j in other.json["jobs"]]
+
+
 def test_an_idempotency_key_too_long_for_a_batch_is_refused(api: Api, acme: Tenant):
     reply = api.post(
         BATCH, acme.tokens["operator"], json={"jobs": [{"workflow": WORKFLOW}]}, headers={"Idempotency-Key": "k" * 253}

@@ -152,6 +152,21 @@ def test_idempotency_keys_are_per_tenant(api: Api, world: dict[str, Tenant]) -> 
     assert acme.status_code == globex.status_code == 201 and acme.json["job_id"] != globex.json["job_id"]
 
 
+def test_idempotency_keys_are_a_projects_own(api: Api, world: dict[str, Tenant]) -> None:
+    # another project's key is neither a conflict (which told a project the keys another one used) nor a replay
+    headers = {"Idempotency-Key": "deploy-2026-12-07"}
+    web = api.post("/api/v1/jobs", token("acme", "operator"), json={"workflow": WORKFLOW}, headers=headers)
+    db_ = api.post(
+        "/api/v1/jobs", token("acme", "operator", project="db"), json={"workflow": WORKFLOW}, headers=headers
+    )
+    assert web.status_code == db_.status_code == 201, db_.json
+    assert web.json["job_id"] != db_.json["job_id"] and "Idempotent-Replayed" not in db_.headers
+    again = api.post(
+        "/api/v1/jobs", token("acme", "operator", project="db"), json={"workflow": WORKFLOW}, headers=headers
+    )
+    assert again.json["job_id"] == db_.json["job_id"] and again.headers["Idempotent-Replayed"] == "true"
+
+
 def test_idempotency_keys_differing_only_in_case_are_two_keys(api: Api, world: dict[str, Tenant]) -> None:
     operator = world["acme"].tokens["operator"]
     upper = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW}, headers={"Idempotency-Key": "Deploy-44"})
