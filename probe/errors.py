@@ -64,7 +64,16 @@ class TaskError(ProbeError):
 
 
 class TaskStopped(ProbeError):
-    """Raised inside a task when its work was stopped because it timed out or was cancelled."""
+    """Raised inside a task when its work was stopped because it timed out or was cancelled.
+
+    ``output`` keeps what the work wrote before it was stopped (``truncated_bytes`` counts what it read and did
+    not keep): how far a hung command got is what an operator needs to see.
+    """
+
+    def __init__(self, reason: str = "stopped", *, output: str = "", truncated_bytes: int = 0) -> None:
+        super().__init__(reason)
+        self.output = output
+        self.truncated_bytes = truncated_bytes
 
 
 class UnknownTaskType(ProbeError, KeyError):

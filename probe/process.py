@@ -1,7 +1,8 @@
 """Run a local process for a task: output read concurrently and bounded, the whole process tree stopped on abort.
 
-On POSIX the child leads a new session, so a timeout or a cancel kills its whole process group; on Windows
-it gets a new process group and ``taskkill /T /F`` ends its tree.
+On POSIX the child leads a new session, so a timeout or a cancel kills its whole process group, and so does the
+guardian (``probe.guardian``) should this process die; on Windows it gets a new process group and
+``taskkill /T /F`` ends its tree.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from probe import guardian
 from probe.errors import TaskError
 from probe.tasktype import TaskContext
 
@@ -125,7 +127,7 @@ def run_process(
     Raises:
         TaskError: the program cannot be started, or (on Windows) is a batch file given arguments cmd.exe would
             interpret without ``shell``.
-        TaskStopped: the task was stopped (the process tree has been killed).
+        TaskStopped: the task was stopped (the process tree has been killed); it carries the output read until then.
     """
     limit = ctx.output_limit if limit is None else limit
     problem = None if shell or isinstance(argv, str) else batch_argument_problem(argv)
@@ -140,6 +142,7 @@ def run_process(
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
     else:
         kwargs["start_new_session"] = True
+        guardian.start()
     try:
         proc = subprocess.Popen(
             argv,
@@ -155,6 +158,8 @@ def run_process(
         shown = argv if isinstance(argv, str) else argv[0] if argv else "''"
         raise TaskError(f"cannot start {shown}: {exc.strerror if isinstance(exc, OSError) else exc}") from exc
 
+    if not WINDOWS:
+        guardian.watch(proc.pid)  # its group dies with this process, however this process dies
     unregister = ctx.on_abort(lambda: kill_tree(proc))
     out, err = Sink(limit), Sink(limit)
     try:
@@ -165,11 +170,14 @@ def run_process(
         if proc.poll() is None:
             kill_tree(proc)
             proc.wait()
+        if not WINDOWS:
+            guardian.release(proc.pid)
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-    ctx.check()
-    return ProcessResult(code, out.text(), err.text(), out.dropped + err.dropped, leftovers)
+    result = ProcessResult(code, out.text(), err.text(), out.dropped + err.dropped, leftovers)
+    ctx.check(output=result.output, truncated_bytes=result.dropped)
+    return result
 
 
 def _pump_poll(proc: subprocess.Popen[bytes], out: Sink, err: Sink) -> str | None:

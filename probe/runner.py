@@ -351,6 +351,8 @@ class _Run:
         partial = Outcome(False)
         if isinstance(error, TaskError):
             partial = Outcome(False, error.output, error.message, error.metrics)
+        elif isinstance(error, TaskStopped):
+            partial = Outcome(False, error.output, truncated_bytes=error.truncated_bytes)
         if ctx.stop_reason is not None:
             late = f"; the task did not stop within {ABORT_GRACE:.0f}s and was abandoned" if abandoned else ""
             base = outcome if isinstance(outcome, Outcome) else partial

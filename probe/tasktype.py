@@ -195,10 +195,10 @@ class TaskContext:
         for callback in callbacks:
             _call_quietly(callback)
 
-    def check(self) -> None:
-        """Raise TaskStopped when the task must stop."""
+    def check(self, *, output: str = "", truncated_bytes: int = 0) -> None:
+        """Raise TaskStopped when the task must stop, keeping the ``output`` the work had so far in its result."""
         if self.stop.is_set():
-            raise TaskStopped(self.stop_reason or "stopped")
+            raise TaskStopped(self.stop_reason or "stopped", output=output, truncated_bytes=truncated_bytes)
 
     def log(self, message: str, level: str = "info") -> None:
         """Emit a log line of the workflow (the platform streams and stores these)."""
@@ -245,7 +245,8 @@ class TaskType:
 
         Raises:
             TaskError: the work could not be done; the task's status is ``error``.
-            TaskStopped: the work stopped because ``ctx.stop`` was set.
+            TaskStopped: the work stopped because ``ctx.stop`` was set; ``ctx.check(output=...)`` raises it with
+                the output gathered so far, which the task's result keeps.
         """
         raise NotImplementedError
 

@@ -210,9 +210,9 @@ class _Session:
             return Outcome(True, "\n".join(self.lines) + "\n", metrics=self.metrics)
         line = remote_command(config["command"], config.get("env"), config.get("workdir"))
         result = self.execute(line)
-        ctx.check()
-        self.metrics["exit_code"] = result.exit_code
         prefix = "".join(f"{text}\n" for text in self.lines)
+        ctx.check(output=prefix + result.output, truncated_bytes=result.dropped)
+        self.metrics["exit_code"] = result.exit_code
         outcome = exit_outcome(result.exit_code, prefix + result.output, result.stderr, [0], result.dropped)
         outcome.metrics = self.metrics
         if result.exit_code == -1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+import threading
 
 import pytest
 
@@ -174,3 +175,34 @@ def test_a_batch_file_on_windows_takes_no_argument_cmd_would_interpret(argv: lis
     problem = batch_argument_problem(argv, windows=True)
     assert (problem is None) if refused is None else (problem is not None and refused in problem), problem
     assert batch_argument_problem(argv, windows=False) is None  # elsewhere a .bat is an ordinary file name
+
+
+@pytest.mark.parametrize("stop", ["timeout", "cancel"])
+def test_a_stopped_command_keeps_the_output_it_wrote_masked_in_its_result_and_events(run_yaml, stop):
+    events: list[dict] = []
+    cancel = threading.Event()
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if stop == "cancel" and event["event"] == "task_started":
+            threading.Timer(1, cancel.set).start()
+
+    result = run_yaml(
+        f"""\
+        name: hung
+        tasks:
+          - name: a
+            type: command
+            timeout: {"1s" if stop == "timeout" else "20s"}
+            config: {{command: "echo begin {{{{.secrets.TOKEN}}}}; sleep 30", shell: true}}
+        """,
+        secrets={"TOKEN": "hunter2-token"},
+        cancel=cancel,
+        on_event=on_event,
+    )
+    task = result.tasks[0]
+    assert task.status is (probe.Status.TIMED_OUT if stop == "timeout" else probe.Status.CANCELLED)
+    assert task.error == ("timed out (its timeout)" if stop == "timeout" else "cancelled")
+    assert task.output == "begin ***\n"
+    (finished,) = [e for e in events if e["event"] == "task_finished"]
+    assert finished["result"]["output"] == "begin ***\n"

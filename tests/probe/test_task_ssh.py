@@ -369,6 +369,15 @@ def test_a_timeout_stops_the_remote_command_and_leaves_no_process(sshd_server, t
     assert wait_for(lambda: not live_processes(marker), timeout=5), live_processes(marker)
 
 
+def test_a_timed_out_remote_command_keeps_the_output_it_wrote(sshd_server):
+    sleeper, marker = unique_sleep()
+    result = run_ssh(server_config(sshd_server, command=f"echo begin; {sleeper}"), timeout="2s")
+    assert result.status is Status.TIMED_OUT
+    assert result.error == "timed out (its timeout)"
+    assert result.output == "begin\n"
+    assert wait_for(lambda: not live_processes(marker), timeout=5), live_processes(marker)
+
+
 def test_a_cancel_from_another_thread_stops_the_remote_command(sshd_server):
     sleeper, marker = unique_sleep()
     cancel = threading.Event()
