@@ -32,14 +32,15 @@ log = logging.getLogger(__name__)
 # The first line names it in ps.
 PROGRAM = """\
 # probe.guardian: SIGKILLs the process groups of its parent's commands when the parent dies
-import os, signal
+import os, signal, time
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
 groups, rest = set(), b""
-while data := os.read(0, 4096):
+while data := os.read(0, 65536):
     *lines, rest = (rest + data).split(b"\\n")
     for line in lines:
         (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+    time.sleep(0.1)  # read in batches: each wake-up costs the machine more than the two writes of a command
 for pgid in groups:
     try:
         os.killpg(pgid, signal.SIGKILL)
