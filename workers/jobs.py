@@ -26,6 +26,7 @@ from workers.client import ControlPlane, ControlPlaneError, Reply, transient
 from workers.envelope import Envelope, EnvelopeRefused
 from workers.logship import LogBuffer, lines_from_event
 from workers.outbox import FinalReport, Outbox, Taken
+from workers.reports import RESULTS_PER_REPORT, Reports, in_reports, send_results
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ WAITING = (
     " state %s waits for it (%s)"
 )
 WAIT_WHILE_DOWN = 5.0  # seconds between two tries of a final state while the reaper waits
-RESULTS_KEPT = 16  # task results kept for after an outage (up to 64 KiB of output each): older ones are lost
 LOG_LINES_WITH_FINAL_STATE = 500  # log lines the final state report carries; a longer backlog is sent before it
 LOG_BYTES_WITH_FINAL_STATE = 512 * 1024  # and their size encoded, at most (the control plane takes 1 MiB a request)
 LOG_BATCH_BYTES = 512 * 1024  # the size of one request's log lines, encoded, at most
@@ -198,61 +198,6 @@ def report_refusal(client: ControlPlane, agent_id: str, refusal: EnvelopeRefused
         log.error("could not report the refused message %s (%s) to the control plane", task_id, refusal.reason)
 
 
-class Reports:
-    """Sends a run's task results: each when the next task starts (naming it), the last with the final state.
-
-    The control plane learns of every task's start and end without a request of its own per start: the first
-    task is named in the claim, each later one in the result of the task before it.
-    """
-
-    def __init__(self, client: ControlPlane, job_id: str, attempt: int) -> None:
-        self.client = client
-        self.job_id = job_id
-        self.attempt = attempt
-        self.waiting: dict[str, Any] | None = None  # the finished task's result, sent when the next one starts
-        self.unsent: list[dict[str, Any]] = []  # results the control plane could not take: sent before the end
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        """probe's event callback."""
-        if event["event"] == "task_finished":
-            self.waiting = self._result(event)
-        elif event["event"] == "task_started" and self.waiting is not None:
-            result, self.waiting = self.waiting, None
-            body = {**result, "attempt": self.attempt, "next_task": event["task"]}
-            if not send_result(self.client, self.job_id, body):  # sent again before the final state
-                self.unsent.append(result)
-
-    def left(self) -> list[dict[str, Any]]:
-        """The results not sent yet, for the final state report: the last task's, after any the control plane could
-        not take while the job ran (``RESULTS_KEPT`` at most, the latest)."""
-        left = [*self.unsent, *([self.waiting] if self.waiting is not None else [])]
-        self.unsent, self.waiting = [], None
-        if len(left) > RESULTS_KEPT:
-            lost = ", ".join(result["name"] for result in left[:-RESULTS_KEPT])
-            log.error("job %s: the results of tasks %s could not be delivered", self.job_id, lost)
-        return left[-RESULTS_KEPT:]
-
-    @staticmethod
-    def _result(event: dict[str, Any]) -> dict[str, Any]:
-        result = dict(event["result"])
-        result.pop("success", None)
-        attempts = result.pop("attempts", 1)
-        result["metrics"] = {**result.get("metrics", {}), "attempts": attempts}
-        return {"position": event["index"], **result}
-
-
-def send_result(client: ControlPlane, job_id: str, body: dict[str, Any]) -> bool:
-    """Send one task's result; False when the control plane could not be reached (a refusal is logged, and final)."""
-    try:
-        reply = client.call("POST", f"/jobs/{job_id}/tasks", body)
-    except ControlPlaneError as exc:
-        log.warning("job %s: the result of task %s could not be sent: %s", job_id, body["name"], exc)
-        return False
-    if not reply.ok:
-        log.warning("job %s: task result %s refused (%s)", job_id, body["name"], reply.error)
-    return True
-
-
 @functools.lru_cache(maxsize=WORKFLOWS_KEPT)
 def _load(text: str, name: str) -> probe.Workflow:
     """The workflow of an envelope, parsed once per text: nothing changes a Workflow while it runs (probe renders
@@ -339,6 +284,7 @@ class JobRunner:
             reports.on_event(event)
 
         error: str | None
+        result: probe.WorkflowResult | None = None
         try:
             result = probe.run_workflow(
                 workflow,
@@ -352,7 +298,7 @@ class JobRunner:
         else:
             state, error = FINAL_STATE[result.status.value], result.error
         lines = logs.drain()
-        return FinalReport(job_id, attempt, state, error, reports.left(), lines, logs.first_pending)
+        return FinalReport(job_id, attempt, state, error, reports.left(result), lines, logs.first_pending)
 
     def _deliver(self, report: FinalReport) -> None:
         """Deliver a final report (in the outbox's thread); the attempt leaves the running set either way. One that
@@ -423,7 +369,9 @@ class JobRunner:
 
         def fits(number: int, report: FinalReport) -> bool:
             nonlocal room
-            if len(report.lines) > LOG_LINES_WITH_FINAL_STATE or len(report.tasks) > 1:  # _finish sends these first
+            # _finish sends first a log backlog, and the results one report cannot take: more than it may hold, or
+            # over RESULTS_BYTES_PER_REPORT (and so over CARRIED_BYTES: refused below)
+            if len(report.lines) > LOG_LINES_WITH_FINAL_STATE or len(report.tasks) > RESULTS_PER_REPORT:
                 return False
             body = {"job_id": report.job_id, **_status_body(report, report.lines, report.first_line)}
             size = len(json.dumps(body, separators=(",", ":")))  # ASCII-escaped: its length is its size in bytes
@@ -496,8 +444,8 @@ class JobRunner:
         """Send the final state with the results and log lines not sent yet; returns what the control plane did."""
         job_id, attempt, state = report.job_id, report.attempt, report.state
         lines, first_line = report.lines, report.first_line
-        if len(report.tasks) > 1:  # results that could not be sent while the job ran: each alone first, as the
-            report = self._results_first(report)  # last one goes with the final state, which stays small
+        if len(report.tasks) > 1:  # those the control plane could not take while the job ran, of tasks not reached
+            report = self._results_first(report)
         riding = _riding(lines)
         send = self._log_sender(job_id, attempt)
         if riding < len(lines):  # a backlog: ship it first, so the final report stays small
@@ -523,12 +471,12 @@ class JobRunner:
         return state
 
     def _results_first(self, report: FinalReport) -> FinalReport:
-        """Send all but the last of a final report's task results alone (each with its task's output of up to
-        64 KiB, together they could pass the control plane's request limit); the report with the last one."""
-        for result in report.tasks[:-1]:
-            if not send_result(self.client, report.job_id, {**result, "attempt": report.attempt}):
-                log.error("job %s: the result of task %s is lost", report.job_id, result["name"])
-        return dataclasses.replace(report, tasks=report.tasks[-1:])
+        """Send first, in order, the task results one report cannot carry with the rest (``in_reports``), in reports
+        of state ``running``; the final report with the last of them, which stays small."""
+        *first, last = in_reports(report.tasks)
+        for results in first:
+            send_results(self.client, report.job_id, report.attempt, results)
+        return dataclasses.replace(report, tasks=last)
 
 
 def _grants(claim: Reply, envelope: Envelope) -> bool:

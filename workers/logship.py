@@ -18,11 +18,14 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
+
+from probe.results import TRUNCATION_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ LINE_MAX_BYTES = 8192
 MAX_LINES_PER_JOB = 10000
 MAX_BYTES_PER_JOB = 5 * 1024 * 1024
 OUTPUT_CUT = "[… {more} more lines of output not shipped; the task's result keeps its output]"
+OUTPUT_TRUNCATED = (
+    "[… {more} more lines of output not shipped, and {dropped} more bytes were cut from it: the task's result keeps"
+    " only its first {kept} bytes]"
+)
 LINE_CUT = " [… line cut: {dropped} more bytes]"
 AGENT_MARKER = "[log truncated on the agent: later lines are dropped; limit {lines} lines / {size} bytes per job]"
 AGENT_TOTAL = "[log truncated on the agent: {dropped} lines dropped in all]"
@@ -49,14 +56,28 @@ def _line(ts: str, task: str | None, level: str, message: str) -> Line:
     return {"ts": ts, "task": task, "level": level, "message": message}
 
 
+_HEAD, _TAIL = TRUNCATION_MARKER.split("{dropped}")
+_CUT_BY_PROBE = re.compile(re.escape(_HEAD) + r"(\d+)" + re.escape(_TAIL) + r"\Z")  # ends output probe cut
+
+
 def _output_lines(ts: str, task: str, output: str, limit: int) -> list[Line]:
     text = output.splitlines()
     while text and not text[-1].strip():
         text.pop()
     lines = [_line(ts, task, "info", part) for part in text[:limit]]
     if len(text) > limit:
-        lines.append(_line(ts, task, "warning", OUTPUT_CUT.format(more=len(text) - limit)))
+        lines.append(_line(ts, task, "warning", _not_shipped(output, len(text) - limit)))
     return lines
+
+
+def _not_shipped(output: str, more: int) -> str:
+    """The line that ends a task's output cut to its lines: how many more lines there were and, when probe had cut
+    the output already (its marker is the last of those lines), how many bytes it cut, which the result lacks too."""
+    found = _CUT_BY_PROBE.search(output)
+    if found is None:
+        return OUTPUT_CUT.format(more=more)
+    kept = len(output[: found.start()].encode("utf-8", "replace"))
+    return OUTPUT_TRUNCATED.format(more=more - 1, dropped=found.group(1), kept=kept)
 
 
 def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_PER_TASK) -> list[Line]:

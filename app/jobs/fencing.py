@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,7 +38,10 @@ CANCELLED = "job {job_id} was cancelled; drop the message"
 AT_CAPACITY = "project '{project}' already runs {limit} jobs (its max_running_jobs); claim again later"
 NOT_REGISTERED = "agent '{agent}' is not registered: register before claiming jobs"
 WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platform}"
+WRONG_PROJECT = "job {job_id} is of project '{project}'; this agent serves project '{agent_project}'"
 NEVER_STARTED = "cancelled before its run started: the agent's claim was made again after the cancel was requested"
+_HEAD, _TAIL = probe.results.TRUNCATION_MARKER.split("{dropped}")
+_CUT_BY_PROBE = re.compile(re.escape(_HEAD) + r"(\d+)" + re.escape(_TAIL) + r"\Z")  # ends output probe cut
 
 
 # The job with one of its attempts, in one statement built once; claims add what they check of the agent and project.
@@ -129,9 +133,14 @@ def _claimable(caller: Principal, job_id: str, attempt: int) -> tuple[Job, JobAt
         raise Conflict(STALE_ATTEMPT.format(attempt=attempt, job_id=job.id, current=job.attempt), code="stale_attempt")
     if job.cancel_requested or job.state == JobState.CANCELLED.value:
         raise Conflict(CANCELLED.format(job_id=job.id), code="job_cancelled", state=job.state)
-    if agent_platform != job.platform or agent_project != job.project_id:
+    if agent_platform != job.platform:
         raise Conflict(
             WRONG_PLATFORM.format(job_id=job.id, platform=job.platform, agent_platform=agent_platform),
+            code="wrong_agent",
+        )
+    if agent_project != job.project_id:
+        raise Conflict(
+            WRONG_PROJECT.format(job_id=job.id, project=job.project_id, agent_project=agent_project),
             code="wrong_agent",
         )
     assert row is not None  # the job's current attempt
@@ -265,7 +274,7 @@ def _store_result(job: Job, number: int, report: TaskResultIn) -> tuple[TaskResu
     found = db.session.connection().execute(_RESULT_ID, {"job_id": job.id, "attempt": number, "name": report.name})
     existing = found.scalar()
     fields = report.model_dump(include=set(TaskResultIn.model_fields) - {"name"})
-    fields["output"] = probe.results.truncate(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
+    fields["output"] = _cut_output(report.output, current_app.config["TASK_OUTPUT_LIMIT"])
     if existing is not None:  # a repeated report (a retry after a lost answer): updated, not a second event
         result = db.session.get_one(TaskResult, existing)
         for key, value in fields.items():
@@ -277,6 +286,17 @@ def _store_result(job: Job, number: int, report: TaskResultIn) -> tuple[TaskResu
     result.id = insert_row(db.session, TaskResult, values)
     _task_finished(job, result)
     return result, True
+
+
+def _cut_output(output: str, limit: int) -> str:
+    """A task's output cut to ``limit`` bytes with a visible marker. Output that probe cut on the agent already ends
+    with probe's marker, which counts the bytes cut there: the marker is kept and its count grows by what is cut
+    here, so that it still says how much of the output is missing (cut as plain text, the marker itself was cut and
+    only its own bytes counted)."""
+    found = _CUT_BY_PROBE.search(output)
+    if found is None:
+        return probe.results.truncate(output, limit)
+    return probe.results.truncate(output[: found.start()], limit, int(found.group(1)))
 
 
 def _still_running(job: Job, row: JobAttempt) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -25,6 +26,13 @@ SINK = "logsink"  # app.extensions key of the Quickwit forwarder (only when QUIC
 PENDING = "automation.logs.pending"  # session.info key: (sink, documents) to forward if the transaction commits
 LINE_CUT = " [… line cut: {dropped} more bytes]"
 MARKER = "[log truncated: {dropped} more lines dropped; limit {lines} lines / {size} bytes per job]"
+UNCOUNTED = "[log truncated: later lines are dropped; limit {lines} lines / {size} bytes per job]"  # none counted yet
+# An agent's own truncation lines (workers/logship.py): its notice when it starts dropping an attempt's lines, and at
+# the end its count of them. Over the job's bound they are not log lines but counts for the job's marker.
+AGENT_TRUNCATED = re.compile(
+    r"\[log truncated on the agent: (?:later lines are dropped; limit \d+ lines / \d+ bytes per job"
+    r"|(\d+) lines dropped in all)\]"
+)
 INVALID_LINES = "invalid log lines: {message}"
 # Built once (and their cache keys with them): an append runs with every final state report.
 _LOCK_JOB = select(Job.id).where(Job.id == bindparam("job_id")).with_for_update()
@@ -76,7 +84,20 @@ def unseen(received: int, first: int | None, lines: Sequence[Line]) -> tuple[Seq
 
 def _marker_text(dropped: int) -> str:
     config = current_app.config
-    return MARKER.format(dropped=dropped, lines=config["LOG_MAX_LINES_PER_JOB"], size=config["LOG_MAX_BYTES_PER_JOB"])
+    text = MARKER if dropped else UNCOUNTED
+    return text.format(dropped=dropped, lines=config["LOG_MAX_LINES_PER_JOB"], size=config["LOG_MAX_BYTES_PER_JOB"])
+
+
+def _dropped(lines: Sequence[LogLineIn]) -> int:
+    """How many lines of the job ``lines`` stand for, once the job is over its bound: each line one, but an agent's
+    truncation lines, which count the lines the agent dropped (its notice none, its count at the end what it says).
+    Counted as one line each, the two lines of an agent that kept the same bound made the marker say "2 more lines
+    dropped" however many the agent had dropped."""
+    total = 0
+    for line in lines:
+        found = AGENT_TRUNCATED.fullmatch(line.message) if line.task is None else None
+        total += 1 if found is None else int(found.group(1) or 0)
+    return total
 
 
 def _marker(job_id: str) -> JobLogLine | None:
@@ -90,8 +111,9 @@ def append_lines(
 
     Lines are numbered after the job's last one. A line longer than LOG_LINE_MAX_BYTES is cut with a visible
     marker; once the job holds LOG_MAX_LINES_PER_JOB lines or LOG_MAX_BYTES_PER_JOB bytes, one truncation
-    marker line is stored and every later line is only counted on it. Returns how many of ``lines`` were
-    stored. When Quickwit is configured, the stored lines are forwarded after the commit (never on rollback).
+    marker line is stored and every later line is only counted on it (an agent's own truncation lines by the count
+    they give, see ``_dropped``). Returns how many of ``lines`` were stored. When Quickwit is configured, the
+    stored lines are forwarded after the commit (never on rollback).
     ``job_locked``: the transaction already wrote the job's row (which serializes appends as its lock does).
 
     Raises:
@@ -107,7 +129,7 @@ def append_lines(
     if marker_id is not None:
         marker = db.session.get(JobLogLine, marker_id)
         assert marker is not None
-        marker.dropped = (marker.dropped or 0) + len(parsed)
+        marker.dropped = (marker.dropped or 0) + _dropped(parsed)
         marker.message = _marker_text(marker.dropped)
         return 0
     now = utcnow()
@@ -116,7 +138,7 @@ def append_lines(
         message = cut_line(line.message, config["LOG_LINE_MAX_BYTES"])
         length = len(message.encode())
         if count + 1 > config["LOG_MAX_LINES_PER_JOB"] or size + length > config["LOG_MAX_BYTES_PER_JOB"]:
-            dropped = len(parsed) - index
+            dropped = _dropped(parsed[index:])
             stored.append(_row(job, attempt, last + 1, now, None, "warning", _marker_text(dropped), now, dropped))
             break
         last, count, size = last + 1, count + 1, size + length

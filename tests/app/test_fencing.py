@@ -9,6 +9,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
+import probe
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs import dispatching, fencing
@@ -75,6 +76,20 @@ def test_a_job_pinned_to_another_agent_cannot_be_claimed(api: Api, app: Flask, w
     assert api.post(f"/api/v1/jobs/{pinned}/claim", acme.tokens["agent"], json={"attempt": 1}).status_code == 200
 
 
+def test_a_claim_by_an_agent_of_another_project_is_refused_naming_both_projects(
+    api: Api, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    other = token("acme", "agent", agent="a2", project=None)  # it may see the job: the refusal is the project's
+    registered = api.post(
+        "/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux", "project_id": "db"}
+    )
+    assert registered.status_code == 201, registered.json
+    response = api.post(f"/api/v1/jobs/{acme.queued}/claim", other, json={"attempt": 1})
+    assert response.status_code == 409 and response.json["error"] == "wrong_agent"
+    assert response.json["message"] == f"job {acme.queued} is of project 'web'; this agent serves project 'db'"
+
+
 def test_an_unregistered_agent_cannot_claim(api: Api, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
     response = api.post(f"/api/v1/jobs/{acme.queued}/claim", token("acme", "agent", agent="ghost"), json={"attempt": 1})
@@ -131,6 +146,24 @@ def test_task_output_is_truncated_with_a_visible_marker(make_app: MakeApp, world
     report = {"attempt": 1, "name": "kernel", "type": "command", "status": "succeeded", "output": "x" * 1000}
     stored = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json=report).json["output"]
     assert stored.startswith("x" * 50) and "truncated" in stored and len(stored) < 300
+
+
+SEQ = "name: big\ntasks:\n  - {name: count, type: command, config: {command: seq, args: ['1', '200000']}}\n"
+
+
+@pytest.mark.parametrize("limit", [64 * 1024, 1000])
+def test_output_probe_cut_keeps_its_marker_counting_every_byte_cut_on_the_agent_and_here(
+    make_app: MakeApp, world: dict[str, Tenant], limit: int
+) -> None:
+    """``seq 1 200000`` prints 1.29 MB; probe keeps 64 KiB and its marker. Cut again here, the marker was cut off and
+    the new one counted only its 57 bytes."""
+    output = probe.run_workflow(probe.load_workflow(SEQ.encode())).tasks[0].output
+    printed = sum(len(f"{n}\n") for n in range(1, 200001))
+    assert output.endswith(f"\n[... output truncated: {printed - 65536} more bytes not shown ...]")
+    api, acme = Api(make_app(TASK_OUTPUT_LIMIT=limit).test_client()), world["acme"]
+    report = {"attempt": 1, "name": "count", "type": "command", "status": "succeeded", "output": output}
+    stored = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json=report).json["output"]
+    assert stored == output[:limit] + f"\n[... output truncated: {printed - limit} more bytes not shown ...]"
 
 
 def test_results_of_a_superseded_attempt_are_refused(api: Api, world: dict[str, Tenant]) -> None:

@@ -18,7 +18,7 @@ from app.logs import shipping
 from app.logs.models import JobLogLine
 from app.logs.service import append_lines
 from tests.app.support import Api, MakeApp, Tenant, agent_principal, token
-from workers.logship import lines_from_event
+from workers.logship import LogBuffer, lines_from_event
 
 
 def line(message: str, *, task: str | None = "disk", level: str = "info", ts: str = "2026-11-28T10:00:00Z") -> dict:
@@ -104,6 +104,29 @@ def test_a_job_over_its_line_bound_keeps_one_marker_that_counts_every_dropped_li
     marker = page["lines"][3]
     assert marker["level"] == "warning" and marker["task"] is None and marker["seq"] == 4
     assert marker["message"].startswith("[log truncated: 6 more lines dropped; limit 3 lines")
+
+
+@pytest.mark.parametrize("bound", [5, 3])
+def test_lines_an_agent_dropped_are_counted_on_the_jobs_one_marker(
+    api: Api, make_app: MakeApp, world: dict[str, Tenant], bound: int
+) -> None:
+    """The agent keeps at most 5 lines of the 12 here and adds its notice and its count of the 7 it dropped: over
+    the job's bound (the same, or lower), those two are not lines to count as dropped but the agent's count, so
+    that the job's one marker says how many lines are missing (it said "2 more lines dropped")."""
+    acme = world["acme"]
+    api = Api(make_app(LOG_MAX_LINES_PER_JOB=bound).test_client())
+    buffer = LogBuffer(lambda lines, first: None, batch_lines=100, max_delay=600, max_lines=5)
+    buffer.add([line(str(n)) for n in range(12)])
+    lines = buffer.drain()  # 5 lines, the notice, the count
+    ship(api, acme, acme.running, lines[:6])  # shipped while the job runs
+    limits = f"limit {bound} lines / 5242880 bytes per job"
+    early = "later lines are dropped" if bound == 5 else "2 more lines dropped"  # the agent's count is to come
+    assert read(api, acme, acme.running).json["lines"][-1]["message"] == f"[log truncated: {early}; {limits}]"
+    body = {"attempt": 1, "state": "completed", "logs": lines[6:], "logs_first_line": 7}
+    assert api.post(f"/api/v1/jobs/{acme.running}/status", acme.tokens["agent"], json=body).status_code == 200
+    page = read(api, acme, acme.running).json
+    assert [x["message"] for x in page["lines"][:-1]] == [str(n) for n in range(bound)] and page["truncated"]
+    assert page["lines"][-1]["message"] == f"[log truncated: {12 - bound} more lines dropped; {limits}]"
 
 
 def test_the_byte_bound_counts_bytes_not_characters(api: Api, make_app: MakeApp, world: dict[str, Tenant]) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.e2e.test_dispatch import wait_until
 from tests.servers.platform import Platform
+from workers.logship import MAX_LINES_PER_JOB, OUTPUT_LINES_PER_TASK
 
 pytestmark = pytest.mark.e2e
 
@@ -50,3 +51,30 @@ def test_a_jobs_log_is_followed_while_it_runs_and_complete_when_it_ends(platform
     stranger = platform.token("operator", other_tenant, other_project)
     assert platform.api("GET", "/logs?query=goodbye-from-bye", stranger).json()["lines"] == []
     assert platform.api("GET", f"/jobs/{job_id}/logs", stranger).status_code == 404
+
+
+def test_a_log_over_its_bound_ends_with_one_marker_counting_every_line_dropped(platform: Platform) -> None:
+    """12 tasks printing 1200 lines each: the agent ships 1000 of each task's lines and keeps 10,000 of the job's,
+    as the control plane does; its marker said "2 more lines dropped" (its own two lines, over the bound)."""
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "l2")
+    operator = platform.token("operator", tenant, project)
+    tasks = "".join(
+        f"  - {{name: t{n}, type: command, config: {{command: seq, args: ['1', '1200']}}}}\n" for n in range(12)
+    )
+    job_id = platform.submit(operator, f"name: chatty\ntasks:\n{tasks}")["job_id"]
+    assert platform.wait_for(operator, job_id)["state"] == "completed"
+    lines, after = [], 0
+    while True:
+        page = platform.api("GET", f"/jobs/{job_id}/logs?limit=1000&after={after}", operator).json()
+        lines += page["lines"]
+        after = page["next"]
+        if page["finished"]:
+            break
+    # the workflow's first and last lines, and each task's start, 1000 output lines, the cut and its end
+    written = 1 + 12 * (1 + OUTPUT_LINES_PER_TASK + 1 + 1) + 1
+    markers = [line["message"] for line in lines if line["message"].startswith("[log truncated")]
+    assert markers == [
+        f"[log truncated: {written - MAX_LINES_PER_JOB} more lines dropped; limit 10000 lines / 5242880 bytes per job]"
+    ]
+    assert len(lines) == MAX_LINES_PER_JOB + 1 and page["truncated"]

@@ -140,6 +140,44 @@ def test_a_jobs_events_arrive_in_order_through_sse_and_centrifugo(
     assert resumed == events[2:]
 
 
+def test_the_tasks_a_failed_run_never_reached_are_stored_skipped_each_with_its_live_event(platform: Platform) -> None:
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "l3")
+    operator = platform.token("operator", tenant, project)
+    workflow = textwrap.dedent(
+        """\
+        name: fails-third
+        tasks:
+          - {name: one, type: command, config: {command: "true"}}
+          - {name: two, type: command, config: {command: "true"}}
+          - {name: breaks, type: command, config: {command: "false"}}
+          - {name: never, type: command, config: {command: "true"}}
+          - {name: never2, type: command, config: {command: "true"}}
+        """
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+    events = read_stream(platform, operator, job_id)
+    assert [(e["task"], e["status"]) for e in events if e["task"] is not None] == [
+        ("one", "running"),
+        ("one", "succeeded"),
+        ("two", "running"),
+        ("two", "succeeded"),
+        ("breaks", "running"),
+        ("breaks", "failed"),
+        ("never", "skipped"),
+        ("never2", "skipped"),
+    ]
+    assert events[-1]["state"] == "failed"
+    job = platform.wait_for(operator, job_id)
+    assert [(t["name"], t["status"], t["position"]) for t in job["tasks"]] == [
+        ("one", "succeeded", 0),
+        ("two", "succeeded", 1),
+        ("breaks", "failed", 2),
+        ("never", "skipped", 3),
+        ("never2", "skipped", 4),
+    ]
+
+
 def test_a_stopped_centrifugo_neither_fails_nor_holds_up_a_job_and_is_counted(
     platform: Platform, centrifugo: CentrifugoStandIn
 ) -> None:

@@ -202,3 +202,22 @@ def test_a_claim_carries_no_log_backlog_and_no_more_than_its_share_of_bytes() ->
     paths = [path for path, _ in carrier.requests()]
     assert {"/jobs/j6/logs", "/jobs/j6/status", "/jobs/j7/status", "/jobs/j10/status"} <= set(paths)
     assert not {"/jobs/j8/status", "/jobs/j9/status", "/jobs/j11/status"} & set(paths)
+
+
+def test_a_claim_carries_a_failed_run_with_its_skipped_tasks_but_not_more_results_than_one_report_takes() -> None:
+    """A failed run's report holds the failed task and the skipped ones after it: small, it rides as a one-task
+    report does. One with more results than a report may carry (16) goes alone, its first results before it."""
+    carrier = Carrier()
+    runner = busy_runner(carrier, concurrency=3)
+    skipped = [{"name": f"s{n}", "status": "skipped", "position": n + 1, "output": ""} for n in range(16)]
+    failed = {"name": "breaks", "status": "failed", "position": 0, "output": "boom\n"}
+    short = FinalReport("j8", 1, "failed", "task 'breaks' failed", [failed, *skipped[:2]])
+    long = FinalReport("j9", 1, "failed", "task 'breaks' failed", [failed, *skipped])
+    for report in (short, long):
+        runner.outbox.put(report, linger=60.0)
+    runner.run(envelope("j1"))
+    assert carrier.requests()[0] == ("/jobs/j1/claim", ["j8"])
+    assert [t["name"] for t in carrier.calls[0][1]["finished"][0]["tasks"]] == ["breaks", "s0", "s1"]
+    runner.outbox.flush(5)
+    alone = [(body["state"], len(body["tasks"])) for path, body in carrier.calls if path == "/jobs/j9/status"]
+    assert alone == [("running", 16), ("failed", 1)]

@@ -301,12 +301,58 @@ def test_task_results_the_control_plane_could_not_take_go_with_the_final_state()
     )
     assert runner.run(dataclasses.replace(envelope("j1"), workflow=three)) == "completed"
     runner.outbox.flush(5)
-    # each kept result alone first (with its output, together they could pass the request limit), the last with
-    # the final state
-    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/tasks", "/jobs/j1/tasks", "/jobs/j1/status"]
-    assert [body.get("name") for _, _, body in recorder.calls[1:3]] == ["t1", "t2"]
-    assert all(body["attempt"] == 1 for _, _, body in recorder.calls[1:3])
-    assert [task["name"] for task in recorder.calls[-1][2]["tasks"]] == ["t3"]
+    # the two refused while the run went on, and the last, all small: one final report carries them
+    assert recorder.paths() == ["/jobs/j1/claim", "/jobs/j1/status"]
+    assert [task["name"] for task in recorder.calls[-1][2]["tasks"]] == ["t1", "t2", "t3"]
+
+
+FAILS_THIRD = "name: w\ntasks:\n" + "".join(
+    f"  - {{name: {name}, type: command, config: {{command: '{command}'}}}}\n"
+    for name, command in (("one", "true"), ("two", "true"), ("breaks", "false"), ("never", "true"), ("never2", "true"))
+)
+
+
+def test_the_final_state_carries_the_tasks_a_failed_run_never_reached_as_skipped_in_order() -> None:
+    """probe lists the tasks after a failure as skipped, without an event: the agent reported only the tasks
+    that sent one, and the control plane never learnt of the others."""
+    recorder = Recorder()
+    runner = JobRunner(recorder, Inflight())  # type: ignore[arg-type]
+    assert runner.run(dataclasses.replace(envelope("j1"), workflow=FAILS_THIRD)) == "failed"
+    runner.outbox.flush(5)
+    sent = [body.get("name") for _, path, body in recorder.calls if path == "/jobs/j1/tasks"]
+    assert sent == ["one", "two"]  # each as the next task started
+    _, path, final = recorder.calls[-1]
+    assert path == "/jobs/j1/status" and final["state"] == "failed"
+    assert [(t["name"], t["status"], t["position"]) for t in final["tasks"]] == [
+        ("breaks", "failed", 2),
+        ("never", "skipped", 3),
+        ("never2", "skipped", 4),
+    ]
+    assert final["tasks"][1]["output"] == "" and final["tasks"][1]["started_at"] is None
+
+
+def test_the_final_state_carries_the_tasks_after_a_cancelled_one_as_cancelled() -> None:
+    recorder = Recorder()
+    inflight = Inflight()
+    runner = JobRunner(recorder, inflight)  # type: ignore[arg-type]
+    three = "name: w\ntasks:\n" + "".join(
+        f"  - {{name: {name}, type: command, config: {{command: sleep, args: ['{pause}']}}}}\n"
+        for name, pause in (("quick", "0"), ("slow", "60"), ("never", "0"))
+    )
+    outcome: list[str] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(runner.run(dataclasses.replace(envelope(), workflow=three)))
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not any(body.get("next_task") == "slow" for _, _, body in recorder.calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    inflight.cancel(["j1"])
+    thread.join(10)
+    runner.outbox.flush(5)
+    assert outcome == ["cancelled"]
+    final = recorder.calls[-1][2]
+    assert [(t["name"], t["status"]) for t in final["tasks"]] == [("slow", "cancelled"), ("never", "cancelled")]
 
 
 def test_a_run_with_no_thread_for_its_logs_or_its_report_still_delivers_its_final_state(
@@ -467,3 +513,22 @@ def test_log_batches_and_a_final_state_refused_for_their_size_are_cut_and_sent_a
     assert control.lines() == [(n, f"line {n}") for n in range(1, 201)]
     path, final = control.taken[-1]
     assert path == "/jobs/j1/status" and final["state"] == "failed" and "logs" not in final
+
+
+def test_results_one_report_cannot_carry_go_first_in_running_reports_in_order() -> None:
+    """A long workflow that failed early: three outputs of 100 KB and 40 skipped tasks pass the bytes (256 KiB) and
+    the number of results (16) one report may carry. They go in as few reports as hold them, in order, the last
+    with the final state."""
+    control = Limited()
+    runner = JobRunner(control, Inflight())  # type: ignore[arg-type]
+    big = [{"name": f"big{n}", "status": "failed", "position": n, "output": "x" * 100_000} for n in range(3)]
+    skipped = [{"name": f"s{n}", "status": "skipped", "position": 3 + n, "output": ""} for n in range(40)]
+    assert runner._finish(FinalReport("j1", 1, "failed", "task 'big2' failed", [*big, *skipped])) == "failed"
+    reports = [(path, body["state"], [t["name"] for t in body["tasks"]]) for path, body in control.taken]
+    assert reports == [
+        ("/jobs/j1/status", "running", ["big0", "big1"]),
+        ("/jobs/j1/status", "running", ["big2", *[f"s{n}" for n in range(15)]]),
+        ("/jobs/j1/status", "running", [f"s{n}" for n in range(15, 31)]),
+        ("/jobs/j1/status", "failed", [f"s{n}" for n in range(31, 40)]),
+    ]
+    assert all(body["attempt"] == 1 for _, body in control.taken) and control.refused == 0

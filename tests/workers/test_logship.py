@@ -101,6 +101,24 @@ def test_a_tasks_output_is_cut_to_its_line_budget_with_a_marker() -> None:
     assert lines[12].startswith("task succeeded")
 
 
+def test_output_probe_cut_ends_with_how_many_lines_and_bytes_are_missing_not_a_claim_the_result_keeps_them() -> None:
+    """``seq 1 200000`` prints 1.29 MB: probe keeps 64 KiB, and the line that cut it to its line budget counted
+    only what was left of those 64 KiB, and said the result kept the output."""
+    result, events = run(
+        "name: big\ntasks:\n  - name: count\n    type: command\n    config:\n      command: seq\n"
+        "      args: ['1', '200000']\n"
+    )
+    printed = sum(len(f"{n}\n") for n in range(1, 200001))
+    kept = result.tasks[0].output.rsplit("\n[... output truncated", 1)[0]
+    assert len(kept.encode()) == 65536
+    lines = [line["message"] for line in shipped(events, output_lines=10) if line["task"] == "count"]
+    assert lines[1:11] == [str(n) for n in range(1, 11)]
+    assert lines[11] == (
+        f"[… {len(kept.splitlines()) - 10} more lines of output not shipped, and {printed - 65536} more bytes were"
+        " cut from it: the task's result keeps only its first 65536 bytes]"
+    )
+
+
 def test_an_unknown_event_says_nothing() -> None:
     assert lines_from_event({"event": "something_new", "ts": "2026-11-28T10:00:00Z"}) == []
 
