@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from app.agents.models import Agent
 from app.agents.schemas import AgentListQuery, AgentRegister, RefusalReport
@@ -55,6 +56,14 @@ def register_agent(*, caller: Principal, data: AgentRegister) -> tuple[Agent, bo
         raise Unprocessable(NO_PROJECT, code="unknown_project")
     if db.session.get(Project, (caller.tenant_id, project_id)) is None:
         raise Unprocessable(UNKNOWN_PROJECT.format(project=project_id), code="unknown_project")
+    try:
+        return _register(caller, data, project_id)
+    except IntegrityError:  # a concurrent first registration of the same agent inserted it: this one updates it
+        db.session.rollback()
+        return _register(caller, data, project_id)
+
+
+def _register(caller: Principal, data: AgentRegister, project_id: str) -> tuple[Agent, bool]:
     now = utcnow()
     agent = db.session.get(Agent, (caller.tenant_id, data.agent_id))
     if agent is not None and caller.project_id is not None and agent.project_id != caller.project_id:

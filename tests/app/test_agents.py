@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 from flask import Flask
+from sqlalchemy import event
 
 from app.agents.models import Agent
 from app.agents.schemas import AgentList, AgentOut, HeartbeatOut
@@ -65,6 +67,31 @@ def test_a_caller_limited_to_a_project_cannot_take_another_projects_agent(api: A
         json={**REGISTRATION, "agent_id": "a1", "project_id": "db"},
     )
     assert moved.status_code == 200 and moved.json["project_id"] == "db"
+
+
+def test_two_first_registrations_of_an_agent_at_once_make_one_agent(app: Flask, world: dict[str, Tenant]) -> None:
+    both_read = threading.Barrier(2, timeout=10)
+    replies = []
+
+    def wait_for_the_other(*args: object) -> None:  # each request found no agent, and makes one
+        both_read.wait()
+
+    def register() -> None:
+        replies.append(Api(app.test_client()).post("/api/v1/agents", world["acme"].tokens["tenant_admin"], json=body))
+
+    body = {**REGISTRATION, "agent_id": "racer", "project_id": "web"}
+    event.listen(Agent, "init", wait_for_the_other)
+    try:
+        threads = [threading.Thread(target=register) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        event.remove(Agent, "init", wait_for_the_other)
+    assert sorted(r.status_code for r in replies) == [200, 201], [r.json for r in replies]
+    with app.app_context():
+        assert db.session.get(Agent, ("acme", "racer")) is not None
 
 
 def test_an_agent_token_cannot_register_another_agent(api: Api, world: dict[str, Tenant]) -> None:
