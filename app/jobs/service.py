@@ -27,7 +27,7 @@ from app.jobs.states import (
     transition,
     transition_attempt,
 )
-from app.jobs.submission import check_target, target_platform
+from app.jobs.submission import check_deadline, check_secrets, check_target, target_platform
 from app.jobs.workflows import validate_workflow
 from app.schemas import Page
 
@@ -109,6 +109,10 @@ def update_job(*, caller: Principal, job_id: str, data: JobUpdate) -> Job:
     if not changes:
         raise BadRequest(NOTHING_TO_CHANGE)
     workflow = validate_workflow(data.workflow or job.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
+    if data.workflow is not None:  # checked as on submission
+        check_secrets(job.tenant_id, job.project_id, data.workflow)
+    if {"deliver_by", "scheduled_at"} & changes.keys():
+        check_deadline(changes.get("deliver_by", job.deliver_by), changes.get("scheduled_at", job.scheduled_at))
     agent_id = changes.get("agent_id", job.agent_id)
     agent = check_target(caller, job.project_id, agent_id, changes.get("platform"))
     values = {
@@ -269,6 +273,7 @@ def requeue_job(*, caller: Principal, job_id: str, data: RequeueRequest) -> Job:
             state=job.state,
         )
     reason = job.dead_letter_reason
+    check_deadline(data.deliver_by)
     target: dict[str, Any] = {}
     if "agent_id" in data.model_fields_set:  # pinned again, or unpinned: checked as on submission
         agent = check_target(caller, job.project_id, data.agent_id, None)

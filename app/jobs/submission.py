@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy import select
@@ -17,7 +17,7 @@ from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant
 from app.auth.tokens import Principal
 from app.columns import new_id, utcnow
-from app.errors import AppError, Conflict, Unprocessable
+from app.errors import AppError, BadRequest, Conflict, Unprocessable
 from app.extensions import db
 from app.jobs import dispatching
 from app.jobs.models import Job
@@ -33,6 +33,7 @@ IDEMPOTENCY_CONFLICT = "Idempotency-Key '{key}' was already used with a differen
 UNKNOWN_PROJECT = "project '{project}' does not exist in this tenant"
 NO_PROJECT = "name the project: give project_id (the token is not limited to one)"
 UNKNOWN_AGENT = "agent '{agent}' is not registered in project '{project}'"
+DEADLINE_PASSED = "deliver_by {deliver_by} has passed: a job must be deliverable when it is submitted"
 UNKNOWN_SECRETS = "the workflow names secrets that project '{project}' does not have: {names}; set them first"
 AGENT_PLATFORM = "agent '{agent}' runs {platform}; this workflow runs on {allowed}"
 
@@ -128,12 +129,8 @@ def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_ke
     """Validate one submission (its tenant and ``project_id`` already checked) and add it to the session as a new
     job (queued when it is due), not committed."""
     workflow = validate_workflow(data.workflow, max_bytes=current_app.config["MAX_WORKFLOW_BYTES"])
-    absent = secretstore.missing(caller.tenant_id, project_id, data.workflow)
-    if absent:
-        names = ", ".join(absent)
-        raise Unprocessable(
-            UNKNOWN_SECRETS.format(project=project_id, names=names), code="unknown_secret", names=absent
-        )
+    check_secrets(caller.tenant_id, project_id, data.workflow)
+    check_deadline(data.deliver_by)
     agent = check_target(caller, project_id, data.agent_id, data.platform)
     platform = target_platform(workflow, agent, data.platform)
     now = utcnow()
@@ -171,6 +168,27 @@ def _new_job(caller: Principal, data: JobSubmit, project_id: str, idempotency_ke
     if not dispatching.queue_new(job):
         note_state(job)  # the live event of a job that waits (queued jobs have theirs from the transition)
     return job
+
+
+def check_secrets(tenant_id: str, project_id: str, workflow: str) -> None:
+    """422 ``unknown_secret`` when the workflow names secrets the project does not have."""
+    absent = secretstore.missing(tenant_id, project_id, workflow)
+    if absent:
+        names = ", ".join(absent)
+        raise Unprocessable(
+            UNKNOWN_SECRETS.format(project=project_id, names=names), code="unknown_secret", names=absent
+        )
+
+
+def check_deadline(deliver_by: datetime | None, scheduled_at: datetime | None = None) -> None:
+    """400 for a delivery deadline that has passed, or that is not after the time the job is due: such a job could
+    never be delivered (its envelope expires at least a second after it is sent, so it would run all the same)."""
+    if deliver_by is None:
+        return
+    if deliver_by <= utcnow():
+        raise BadRequest(DEADLINE_PASSED.format(deliver_by=deliver_by.isoformat()))
+    if scheduled_at is not None and deliver_by <= scheduled_at:
+        raise BadRequest("deliver_by must be later than scheduled_at")
 
 
 def _project_of(caller: Principal, data: JobSubmit) -> str:

@@ -14,7 +14,7 @@ from app.columns import utcnow
 from app.extensions import db
 from app.jobs import dispatching, fencing, service
 from app.jobs.models import Job, JobAttempt, JobEvent
-from tests.app.support import Api, Tenant, token
+from tests.app.support import WORKFLOW, Api, Tenant, token
 from tests.app.test_receipts import acme_tenant, live_app, messages
 from tests.servers.valkey import ValkeyServer
 
@@ -751,3 +751,40 @@ def test_of_two_cancels_of_a_running_job_at_once_the_first_committed_keeps_its_r
     with app.app_context():
         job = db.session.get(Job, acme.running)
         assert job is not None and job.cancel_reason == "first"
+
+
+def test_a_delivery_deadline_that_has_passed_is_refused_on_submission_change_and_requeue(
+    api: Api, app: Flask, world: dict[str, Tenant]
+):
+    # the envelope outlives its send by a second at least: such a job was queued and run after its deadline
+    acme = world["acme"]
+    operator = acme.tokens["operator"]
+    for past in ("2020-01-01T00:00:00Z", "0001-01-02T00:00:00Z"):
+        refused = api.post("/api/v1/jobs", operator, json={"workflow": WORKFLOW, "deliver_by": past})
+        assert refused.status_code == 400 and "has passed" in refused.json["message"], refused.json
+        batch = api.post("/api/v1/jobs/batch", operator, json={"jobs": [{"workflow": WORKFLOW, "deliver_by": past}]})
+        assert batch.status_code == 400 and batch.json["index"] == 0, batch.json
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    job_id = submit(api, acme, deliver_by=soon)
+    with app.app_context():
+        dispatching.sweep(now=utcnow() + timedelta(seconds=5))
+    assert api.get(f"/api/v1/jobs/{job_id}", operator).json["state"] == "dead_letter"
+    late = api.post(f"/api/v1/jobs/{job_id}/requeue", operator, json={"deliver_by": "2020-01-01T00:00:00Z"})
+    assert late.status_code == 400 and api.get(f"/api/v1/jobs/{job_id}", operator).json["state"] == "dead_letter"
+    # a change is checked as a submission: its deadline after the time it is due, and after now
+    later = datetime.now(UTC) + timedelta(hours=1)
+    for change in (
+        {"scheduled_at": later.isoformat(), "deliver_by": (later - timedelta(minutes=1)).isoformat()},
+        {"deliver_by": "2020-01-01T00:00:00Z"},
+    ):
+        changed = api.put(f"/api/v1/jobs/{acme.pending}", operator, json=change)
+        assert changed.status_code == 400, (change, changed.json)
+    assert api.get(f"/api/v1/jobs/{acme.pending}", operator).json["revision"] == 1
+
+
+def test_a_changed_workflow_naming_a_secret_the_project_lacks_is_refused(api: Api, world: dict[str, Tenant]):
+    acme = world["acme"]
+    workflow = WORKFLOW.replace("uname -a", "echo {{.secrets.NOPE}}")
+    assert workflow != WORKFLOW
+    changed = api.put(f"/api/v1/jobs/{acme.pending}", acme.tokens["operator"], json={"workflow": workflow})
+    assert changed.status_code == 422 and changed.json["error"] == "unknown_secret", changed.json
