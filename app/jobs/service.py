@@ -233,7 +233,11 @@ def delete_job(*, caller: Principal, job_id: str) -> None:
     finished = [s.value for s in FINAL_STATES]
     if job.state not in finished:
         raise Conflict(JOB_ACTIVE.format(job_id=job.id, state=job.state), code="job_active", state=job.state)
-    db.session.execute(delete(Job).where(Job.id == job.id, Job.state.in_(finished)))
+    gone = db.session.execute(delete(Job).where(Job.id == job.id, Job.state.in_(finished)))
+    if gone.rowcount != 1:  # type: ignore[attr-defined]  # deleted by a concurrent request, or requeued meanwhile
+        db.session.rollback()
+        job = scoped(caller, job_id)  # 404 when deleted
+        raise Conflict(JOB_ACTIVE.format(job_id=job.id, state=job.state), code="job_active", state=job.state)
     audit.record(action="job.deleted", principal=caller, target_type="job", target_id=job.id)
     db.session.commit()
 

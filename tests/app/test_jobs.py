@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -13,7 +14,7 @@ from app.agents.models import Agent
 from app.columns import utcnow
 from app.extensions import db
 from app.jobs import dispatching, service, submission
-from app.jobs.models import JobAttempt
+from app.jobs.models import Job, JobAttempt
 from app.jobs.schemas import JobDetail, JobList, JobOut
 from tests.app.support import BAD_WORKFLOW, POWERSHELL, WORKFLOW, Api, Tenant
 
@@ -324,6 +325,30 @@ def test_a_finished_job_can_be_deleted_but_an_active_one_cannot(api: Api, world:
     assert api.delete(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"]).status_code == 204
     assert api.get(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"]).status_code == 404
     assert api.delete(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"]).status_code == 404
+
+
+def test_a_job_deleted_by_a_request_at_the_same_time_is_not_found_and_deleted_once(
+    api: Api, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the second request read the job before the first deleted it: its DELETE finds no row
+    acme = world["acme"]
+    real = service.scoped
+    stale: list[Job] = []
+
+    def read_before_the_other_deleted(caller: Any, job_id: str) -> Job:
+        if not stale:
+            stale.append(real(caller, job_id))
+            db.session.expunge(stale[0])  # read as it was, in a transaction that ends before the other request
+            db.session.rollback()
+            assert api.delete(f"/api/v1/jobs/{job_id}", acme.tokens["operator"]).status_code == 204  # the other
+            return stale[0]
+        return real(caller, job_id)
+
+    monkeypatch.setattr(service, "scoped", read_before_the_other_deleted)
+    response = api.delete(f"/api/v1/jobs/{acme.completed}", acme.tokens["operator"])
+    assert response.status_code == 404, response.json
+    audited = api.get("/api/v1/audit?action=job.deleted", world["acme"].tokens["admin"]).json
+    assert [e["target_id"] for e in audited["events"]] == [acme.completed]
 
 
 def test_an_unknown_job_is_not_found(api: Api, world: dict[str, Tenant]) -> None:
