@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from flask import Response, request
 from pydantic import BaseModel, ValidationError
 
-from app.errors import BadRequest, UnsupportedMediaType
+from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 # The roles that read and that operate, and the error codes every endpoint documents, shared by the blueprints.
 READERS = ("admin", "tenant_admin", "operator", "viewer")
@@ -33,6 +33,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NOT_JSON = "the request body must be JSON: send 'Content-Type: application/json'"
 BODY_REQUIRED = "this endpoint needs a JSON object as its body"
 MALFORMED_JSON = "the body is not valid JSON: {detail}"
+BODY_TOO_LARGE = "the body is larger than the {limit} bytes accepted"
 
 
 def has_body() -> bool:
@@ -71,10 +72,20 @@ def body(model: type[M], *, optional: bool = False) -> M:
             return model()
         raise BadRequest(BODY_REQUIRED)
     refuse_non_json()
+    data = request.get_data(cache=False)
+    if request.content_length is None and len(data) == request.max_content_length:
+        _refuse_longer()
     try:
-        return model.model_validate_json(request.get_data(cache=False))
+        return model.model_validate_json(data)
     except ValidationError as exc:
         raise _refuse(exc, "body") from None
+
+
+def _refuse_longer() -> None:
+    """413 when a body sent without a length (chunked) goes on past MAX_CONTENT_LENGTH: Werkzeug stops reading it
+    there and hands over what it read, which would be refused as JSON cut short instead."""
+    if request.environ["wsgi.input"].read(1):
+        raise PayloadTooLarge(BODY_TOO_LARGE.format(limit=request.max_content_length))
 
 
 def query(model: type[M]) -> M:

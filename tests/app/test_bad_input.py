@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
 import pytest
@@ -202,6 +204,17 @@ def test_bad_input_is_a_json_error_and_writes_nothing(
         attempts.append(("body", body, response.status_code, response.json["error"]))
     huge = api.call(method, path, bearer, json={"padding": "x" * LIMIT * 2})
     attempts.append(("oversized", None, huge.status_code, huge.json["error"]))
+    oversized = json.dumps({"padding": "x" * LIMIT * 2}).encode()  # sent chunked: no Content-Length to refuse
+    chunked = api.call(
+        method,
+        path,
+        bearer,
+        input_stream=io.BytesIO(oversized),
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},  # as gunicorn serves a chunked body
+    )
+    attempts.append(("oversized", None, chunked.status_code, chunked.json["error"]))
     for kind, body, code, error in attempts:
         if kind == "malformed":
             assert code == 400 and error in ("malformed_json", "invalid_request"), (body, code, error)
