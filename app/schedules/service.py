@@ -198,6 +198,9 @@ def update_schedule(*, caller: Principal, schedule_id: str, data: ScheduleUpdate
 def delete_schedule(*, caller: Principal, schedule_id: str) -> None:
     """Delete a schedule and its record of fire times; its jobs stay, and so does their ``schedule_id``."""
     schedule = scoped(caller, schedule_id)
-    db.session.execute(delete(Schedule).where(Schedule.id == schedule.id))
+    gone = db.session.execute(delete(Schedule).where(Schedule.id == schedule.id))
+    if gone.rowcount != 1:  # type: ignore[attr-defined]  # a concurrent request deleted it: 404, audited once
+        db.session.rollback()
+        raise NotFound(NOT_FOUND.format(kind="schedule", id=schedule_id))
     audit.record(action="schedule.deleted", principal=caller, target_type="schedule", target_id=schedule.id)
     db.session.commit()

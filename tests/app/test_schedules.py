@@ -12,7 +12,7 @@ from werkzeug.test import TestResponse
 
 from app.extensions import db
 from app.jobs.models import Job
-from app.schedules import firing
+from app.schedules import firing, service
 from app.schedules.models import ScheduleRun
 from app.schedules.schemas import ScheduleDetail, ScheduleList, ScheduleOut
 from tests.app.support import BAD_WORKFLOW, POWERSHELL, ROLES, WORKFLOW, Api, MakeApp, Tenant
@@ -64,9 +64,14 @@ def test_a_schedule_is_created_with_its_first_run_in_its_timezone(api: Api, worl
     [
         ("* * * *", "has 4 fields; give 5 (minute hour day-of-month month day-of-week)"),
         ("@daily", "has 1 field; give 5"),
-        ("61 * * * *", "its minute field '61' is not valid (out of range)"),
+        ("61 * * * *", "its minute field '61' is not valid (61 is out of range 0-59)"),
         ("0 25 * * *", "its hour field '25' is not valid"),
         ("0 0 * * funday", "its day-of-week field 'funday' is not valid"),
+        ("1-0 * * * *", "its minute field '1-0' is not valid (the range 1-0 goes backwards"),  # croniter: every minute
+        ("5-1 * * * *", "its minute field '5-1' is not valid (the range 5-1 goes backwards"),  # croniter: wraps around
+        ("R * * * *", "its minute field 'R' is not valid ('R' is not a number)"),  # croniter: random, never fires
+        ("*/61 * * * *", "its minute field '*/61' is not valid (the step 61 is out of range 1-60)"),
+        ("0 0 * * 5#6", "its day-of-week field '5#6' is not valid ('5#6' is not a number or a day name)"),
         ("0 0 31 2 *", "never fires"),
         ("*/2 * * * * *", "has 6 fields"),
     ],
@@ -176,6 +181,7 @@ def test_a_change_that_is_invalid_is_refused_and_changes_nothing(api: Api, world
     schedule = created(api, acme)
     path, operator = f"{PATH}/{schedule.schedule_id}", acme.tokens["operator"]
     assert api.put(path, operator, json={"cron": "* * *"}).json["error"] == "invalid_cron"
+    assert api.put(path, operator, json={"cron": "1-0 * * * *"}).json["error"] == "invalid_cron"
     assert api.put(path, operator, json={"timezone": "Nowhere/Land"}).json["error"] == "invalid_timezone"
     assert api.put(path, operator, json={"workflow": BAD_WORKFLOW}).json["error"] == "invalid_workflow"
     assert api.put(path, operator, json={"agent_id": "ghost"}).json["error"] == "unknown_agent"
@@ -218,6 +224,32 @@ def test_a_deleted_schedule_is_gone_with_its_runs_but_its_jobs_stay(
     with app.app_context():
         job = db.session.get(Job, run.job_id)
         assert job is not None and job.schedule_id == schedule.schedule_id
+
+
+def test_a_schedule_deleted_by_a_request_at_the_same_time_is_not_found_and_deleted_once(
+    api: Api, world: dict[str, Tenant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the second request read the schedule before the first deleted it: its DELETE finds no row
+    acme = world["acme"]
+    schedule = created(api, acme)
+    path = f"{PATH}/{schedule.schedule_id}"
+    real = service.scoped
+    first: list[Any] = []
+
+    def read_before_the_other_deleted(caller: Any, schedule_id: str) -> Any:
+        if first:
+            return real(caller, schedule_id)
+        first.append(real(caller, schedule_id))
+        db.session.expunge(first[0])  # read as it was, in a transaction that ends before the other request
+        db.session.rollback()
+        assert api.delete(path, acme.tokens["operator"]).status_code == 204  # the other request
+        return first[0]
+
+    monkeypatch.setattr(service, "scoped", read_before_the_other_deleted)
+    response = api.delete(path, acme.tokens["operator"])
+    assert response.status_code == 404, response.json
+    audited = api.get("/api/v1/audit?action=schedule.deleted", acme.tokens["admin"]).json
+    assert [e["target_id"] for e in audited["events"]] == [schedule.schedule_id]
 
 
 def test_viewers_only_read_schedules_and_agents_have_no_access(api: Api, world: dict[str, Tenant]) -> None:
