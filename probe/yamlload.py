@@ -20,6 +20,8 @@ MULTIPLE_DOCUMENTS = "the file holds more than one YAML document; a workflow is 
 EMPTY_DOCUMENT = "the document is empty"
 ALIAS_BOMB = "the document expands to more than {limit} values through YAML aliases; refusing to load it"
 DUPLICATE_KEY = "duplicate key '{key}' (first at line {first})"
+BAD_SCALAR = "invalid YAML: {value} cannot be read as {kind}{reason}"
+SHOWN_CHARACTERS = 40
 
 
 # libyaml's parser when PyYAML was built with it: the same safe constructor, about 10x faster.
@@ -96,7 +98,22 @@ class _Builder:
                 items.item_lines.append(item.start_mark.line + 1)
                 items.append(self.build(item))
             return items
-        return self.loader.construct_object(node, deep=True)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            # a scalar its tag cannot make (!!int abc, a 13th month, an integer of 5000 digits): PyYAML's
+            # constructors raise plain exceptions, without the line a YAML error carries
+            kind = node.tag.rpartition(":")[2] or node.tag
+            told = isinstance(exc, ValueError | OverflowError) and str(exc)  # the others' texts say nothing useful
+            reason = f" ({exc})" if told else ""
+            problem = BAD_SCALAR.format(value=_shown(node.value), kind=kind, reason=reason)
+            raise WorkflowError(Problem("", problem, line)) from None
+
+
+def _shown(value: object) -> str:
+    """A scalar as a problem quotes it: its start when it is long."""
+    text = str(value)
+    return repr(text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "…")
 
 
 def load_yaml(text: str | bytes, source: str | None = None) -> Any:

@@ -201,7 +201,10 @@ def _verify(path: Path, digest: str, config: Mapping[str, Any]) -> str | None:
 
 def _url_problem(url: str, insecure_ok: bool) -> str | None:
     """Return why ``url`` may not be downloaded from, or None."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # such as "Invalid IPv6 URL"
+        return BAD_URL.format(url=url)
     scheme = parts.scheme.lower()
     if not parts.hostname or scheme not in ("http", "https"):
         return BAD_URL.format(url=url)

@@ -57,9 +57,13 @@ class HttpTask(TaskType):
             problems.append(BODY_AND_JSON)
         url = config.get("url")
         if url is not None:
-            parts = urlsplit(url)
-            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            try:
+                parts = urlsplit(url)
+            except ValueError:  # such as "Invalid IPv6 URL": a URL all the same, not a crash of the check
                 problems.append(BAD_URL.format(url=url))
+            else:
+                if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                    problems.append(BAD_URL.format(url=url))
         method = config.get("method")
         if method is not None and not _METHOD.fullmatch(method):
             problems.append(BAD_METHOD.format(method=method))

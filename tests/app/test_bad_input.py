@@ -245,6 +245,14 @@ def test_a_malformed_or_invalid_workflow_writes_nothing(
     assert snapshot(app) == before
 
 
+def test_a_value_yaml_cannot_make_is_refused_with_its_line(limited: tuple[Flask, Api, dict[str, Tenant]]) -> None:
+    _app, api, world = limited
+    workflow = "name: x\nx-when: 2001-13-45\ntasks:\n  - {name: a, type: command, config: {command: 'true'}}\n"
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json={"workflow": workflow})
+    assert response.status_code == 422 and response.json["line"] == 2, response.json
+    assert "'2001-13-45' cannot be read as timestamp" in response.json["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "role"),
     [

@@ -180,6 +180,35 @@ def test_invalid_yaml_reports_its_line(load_error):
     assert "invalid YAML" in str(error)
 
 
+TASK = "tasks:\n  - {name: a, type: command, config: {command: 'true'}}\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2001-13-45", "'2001-13-45' cannot be read as timestamp (month must be in 1..12)"),
+        ("!!int abc", "'abc' cannot be read as int (invalid literal for int() with base 10: 'abc')"),
+        ("!!float xyz", "'xyz' cannot be read as float"),
+        ("!!timestamp xyz", "'xyz' cannot be read as timestamp"),
+        ("!!bool maybe", "'maybe' cannot be read as bool"),
+        ("1" * 5000, "'" + "1" * 40 + "…' cannot be read as int (Exceeds the limit (4300 digits)"),
+    ],
+)
+def test_a_value_its_yaml_tag_cannot_make_is_invalid_yaml_at_its_line(load_error, value, message):
+    # PyYAML's constructors raise plain errors, without a line: the workflow's check failed as "cannot be read"
+    error = load_error(f"name: x\nx-value: {value}\n{TASK}")
+    assert error.line == 2 and message in str(error), str(error)
+
+
+@pytest.mark.parametrize("task_type", ["http", "downloadexec"])
+def test_a_url_python_cannot_split_is_a_problem_of_the_task_at_its_line(load_error, task_type):
+    extra = ", sha256: " + "0" * 64 if task_type == "downloadexec" else ""
+    error = load_error(
+        f"name: x\ntasks:\n  - name: a\n    type: {task_type}\n    config: {{url: 'http://[::1/'{extra}}}\n"
+    )
+    assert error.line == 5 and "'http://[::1/'" in str(error), str(error)
+
+
 @pytest.mark.parametrize(
     ("text", "line"),
     [
