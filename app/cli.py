@@ -51,11 +51,7 @@ def token_create(args: argparse.Namespace) -> int:
 
     def work() -> int:
         lifetime = ttl if ttl is not None else int(current_app.config["JWT_DEFAULT_TTL"])
-        if db.session.get(Tenant, args.tenant) is None:
-            raise CommandError(f"tenant '{args.tenant}' does not exist: create it with 'automation tenant create'")
-        if args.project and db.session.get(Project, (args.tenant, args.project)) is None:
-            raise CommandError(f"project '{args.project}' does not exist in tenant '{args.tenant}'")
-        try:
+        try:  # first: it refuses what no query may carry, such as a byte of argv that is not UTF-8
             token = issue_token(
                 current_app.config["JWT_SECRET"],
                 tenant_id=args.tenant,
@@ -67,6 +63,10 @@ def token_create(args: argparse.Namespace) -> int:
             )
         except TokenError as exc:
             raise CommandError(str(exc)) from None
+        if db.session.get(Tenant, args.tenant) is None:
+            raise CommandError(f"tenant '{args.tenant}' does not exist: create it with 'automation tenant create'")
+        if args.project and db.session.get(Project, (args.tenant, args.project)) is None:
+            raise CommandError(f"project '{args.project}' does not exist in tenant '{args.tenant}'")
         print(token)
         return 0
 

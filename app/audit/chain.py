@@ -52,12 +52,18 @@ def _timestamp(value: datetime) -> str:
 
 
 def canonical(entry: Mapping[Any, Any], *, seq: int, prev_hash: str) -> bytes:
-    """Return the bytes an entry's hash covers: its audited columns, its number and its predecessor's hash."""
+    """Return the bytes an entry's hash covers: its audited columns, its number and its predecessor's hash.
+
+    UTF-8, but with ``surrogatepass``: a lone surrogate (JSON's ``"\\ud800"``, which SQLite's JSON columns keep)
+    has no strict UTF-8 form, and one such row stopped the sealer at every pass, leaving every later entry
+    unsealed. Valid text encodes exactly as strict UTF-8 does, so every existing entry keeps its hash.
+    """
     content = {name: entry[name] for name in HASHED}
     content["created_at"] = _timestamp(entry["created_at"])
     content["seq"] = seq
     content["prev_hash"] = prev_hash
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.encode("utf-8", "surrogatepass")
 
 
 def entry_hash(entry: Mapping[Any, Any], *, seq: int, prev_hash: str) -> str:

@@ -16,6 +16,13 @@ ROLES = ("admin", "tenant_admin", "operator", "viewer", "agent")
 REQUIRED_CLAIMS = ("sub", "tenant_id", "role", "exp", "iat")
 
 INVALID_TOKEN = "the token is invalid: {reason}"  # noqa: S105 - a message, not a secret
+CANNOT_ISSUE = "cannot issue the token: {reason}"
+NOT_TEXT = "claim {name} is not valid UTF-8 text (it holds a lone surrogate)"  # name: ascii(), quoted
+TOO_LONG = "claim '{name}' is longer than {most} characters"
+# The longest value of each claim: the width of the columns that store it (tenants', projects' and agents' ids;
+# an audit entry's actor, a job's created_by; an audit entry's role), so that a token never names what the
+# database cannot write (MariaDB refuses a longer value, and the request that writes it fails).
+LONGEST = {"sub": 255, "tenant_id": 64, "project_id": 64, "agent_id": 64, "role": 32}
 
 
 class TokenError(Unauthorized):
@@ -56,7 +63,6 @@ def issue_token(
         raise TokenError("an agent token needs an agent id")
     issued = int(now if now is not None else time.time())
     claims: dict[str, Any] = {
-        "sub": subject or (f"agent:{agent_id}" if role == "agent" else f"{role}@{tenant_id}"),
         "tenant_id": tenant_id,
         "project_id": project_id,
         "role": role,
@@ -66,6 +72,9 @@ def issue_token(
     }
     if agent_id:
         claims["agent_id"] = agent_id
+    # after the ids: by default it repeats one, and a refusal should name the id the caller gave
+    claims["sub"] = subject or (f"agent:{agent_id}" if role == "agent" else f"{role}@{tenant_id}")
+    _principal(claims, message=CANNOT_ISSUE)  # a token that verification would refuse is never issued
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -103,26 +112,61 @@ def _verify(secret: str, token: str) -> tuple[Principal, float]:
         raise TokenError(INVALID_TOKEN.format(reason=f"claim '{exc.claim}' is missing")) from None
     except jwt.InvalidTokenError as exc:
         raise TokenError(INVALID_TOKEN.format(reason=str(exc) or type(exc).__name__)) from None
-    return _principal(claims), float(claims["exp"])
+    return _principal(claims), _expiry(claims)
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
-    def text(name: str, *, required: bool) -> str | None:
-        value = claims.get(name)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value:
-            raise TokenError(INVALID_TOKEN.format(reason=f"claim '{name}' must be a non-empty string"))
-        return value
+def _expiry(claims: dict[str, Any]) -> float:
+    """Return the expiry as a time, refusing one too large for a float (PyJWT accepts any integer)."""
+    try:
+        return float(claims["exp"])
+    except (OverflowError, ValueError):
+        raise TokenError(INVALID_TOKEN.format(reason="claim 'exp' is not a time")) from None
 
-    role = text("role", required=True)
+
+def _is_text(value: str) -> bool:
+    """Tell whether a string is valid Unicode, which UTF-8 can encode.
+
+    JSON's ``"\\ud800"`` escape decodes to a lone surrogate, which it cannot: no database column stores it and
+    the audit chain could not hash it, so a claim holding one is refused before it goes anywhere.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(claims: dict[str, Any], name: str, *, required: bool, message: str) -> str | None:
+    """Return a string claim short enough for the columns that store it, None if it is absent and optional."""
+    value = claims.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TokenError(message.format(reason=f"claim '{name}' must be a non-empty string"))
+    if len(value) > LONGEST[name]:
+        raise TokenError(message.format(reason=TOO_LONG.format(name=name, most=LONGEST[name])))
+    return value
+
+
+def _all_text(claims: dict[str, Any], message: str) -> None:
+    """Refuse a claim whose name or string value is not valid Unicode, naming it with ``ascii()``: the
+    refusal is audited, and must not carry the surrogate into the audit log itself."""
+    for name, value in claims.items():
+        if not _is_text(name) or (isinstance(value, str) and not _is_text(value)):
+            raise TokenError(message.format(reason=NOT_TEXT.format(name=ascii(name))))
+
+
+def _principal(claims: dict[str, Any], *, message: str = INVALID_TOKEN) -> Principal:
+    """Return the principal that ``claims`` name, or raise TokenError with ``message`` saying why not."""
+    _all_text(claims, message)
+    role = _text(claims, "role", required=True, message=message)
     if role not in ROLES:
-        raise TokenError(INVALID_TOKEN.format(reason=f"role '{role}' is unknown"))
-    agent_id = text("agent_id", required=role == "agent")
+        raise TokenError(message.format(reason=f"role '{role}' is unknown"))
+    agent_id = _text(claims, "agent_id", required=role == "agent", message=message)
     return Principal(
-        subject=str(text("sub", required=True)),
-        tenant_id=str(text("tenant_id", required=True)),
+        subject=str(_text(claims, "sub", required=True, message=message)),
+        tenant_id=str(_text(claims, "tenant_id", required=True, message=message)),
         role=role,
-        project_id=text("project_id", required=False),
+        project_id=_text(claims, "project_id", required=False, message=message),
         agent_id=agent_id if role == "agent" else None,
     )

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from flask import Flask
 from flask_migrate import upgrade
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from app import create_app
 from app.audit import service as audit
-from app.audit.chain import GENESIS, PENDING, seal
+from app.audit.chain import GENESIS, PENDING, entry_hash, seal
+from app.audit.models import AuditEvent
 from app.audit.verify import verify
 from app.cli import main
 from app.extensions import db
@@ -282,3 +284,48 @@ def test_concurrent_sealers_never_fork_the_chain(app: Flask) -> None:
     with app.app_context(), db.engine.connect() as connection:
         verdict = verify(connection)
     assert verdict.intact and verdict.entries == verdict.head_seq == 60
+
+
+def test_a_pending_row_holding_a_lone_surrogate_is_sealed_and_the_chain_goes_on(
+    app: Flask, backend: str, command_line: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if backend == "mariadb":
+        pytest.skip("MariaDB's JSON check refuses a lone surrogate: such a row cannot get in there")
+    write(app, 2)
+    sql(  # as a refused token's audit entry was written before tokens were checked for them
+        app,
+        "INSERT INTO audit_events (created_at, tenant_id, action, outcome, details, prev_hash) "
+        "VALUES ('2026-01-01 00:00:00', 'acme', 'access.denied', 'denied', "
+        "'{\"reason\": \"the token is limited to project \\ud800\"}', 'pending')",
+    )
+    with app.app_context():
+        audit.record(action="test.later", principal=None, tenant_id="globex")  # another tenant's, after it
+        db.session.commit()
+        stored = db.session.scalar(select(AuditEvent.details).where(AuditEvent.action == "access.denied"))
+    assert stored == {"reason": "the token is limited to project \ud800"}  # as SQLite's JSON column reads it back
+    assert seal_all(app) == 2
+    code, out = verify_from_the_command_line(capsys)
+    assert code == 0 and "intact: 4 entries" in out, out
+    with app.app_context(), db.engine.connect() as connection:
+        unsealed = connection.execute(text("SELECT count(*) FROM audit_events WHERE seq IS NULL")).scalar()
+    assert unsealed == 0
+
+
+def test_an_entry_of_valid_text_keeps_the_hash_it_was_sealed_with() -> None:
+    entry = {
+        "created_at": datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        "tenant_id": "acme",
+        "actor": "opérateur 😀",
+        "role": "operator",
+        "action": "job.submitted",
+        "target_type": "job",
+        "target_id": "j1",
+        "outcome": "success",
+        "remote_addr": "127.0.0.1",
+        "details": {"note": "ünïcode ✓", "n": 1},
+    }
+    # as computed before rows holding a lone surrogate could be sealed: the chains sealed then still verify
+    assert (
+        entry_hash(entry, seq=7, prev_hash=GENESIS)
+        == "c3416df4d94c5f3f1f3b9c0f7f2a388c94d5fa968b7cbf1e874b1ef2303baf49"
+    )

@@ -6,11 +6,17 @@ import base64
 import datetime
 import json
 import time
+from typing import Any
 
 import jwt
 import pytest
+from flask import Flask
 
-from tests.app.support import SECRET, Api, Tenant, token
+from app.audit.chain import seal
+from app.audit.verify import verify
+from app.auth.tokens import INVALID_TOKEN, NOT_TEXT
+from app.extensions import db
+from tests.app.support import SECRET, WORKFLOW, Api, Tenant, token
 
 
 def b64(data: dict[str, object]) -> str:
@@ -48,6 +54,15 @@ FORGED = {
     "tenant not a string": lambda: jwt.encode(claims(tenant_id=["acme", "globex"]), SECRET),
     "agent without agent id": lambda: jwt.encode(claims(role="agent"), SECRET),
     "garbage": lambda: "not.a.token",
+    "tenant with a lone surrogate": lambda: jwt.encode(claims(tenant_id="acme\ud800"), SECRET),
+    "project with a lone surrogate": lambda: jwt.encode(claims(project_id="\ud800"), SECRET),
+    "sub with a lone surrogate": lambda: jwt.encode(claims(sub="op\udcff"), SECRET),
+    "role with a lone surrogate": lambda: jwt.encode(claims(role="\ud800"), SECRET),
+    "agent id with a lone surrogate": lambda: jwt.encode(claims(role="agent", agent_id="a\udcff"), SECRET),
+    "claim name with a lone surrogate": lambda: jwt.encode({**claims(), "\ud800": "x"}, SECRET),
+    "sub longer than the audit log's actor": lambda: jwt.encode(claims(sub="o" * 256), SECRET),
+    "tenant longer than a tenant id": lambda: jwt.encode(claims(tenant_id="a" * 65), SECRET),
+    "expiry too large for a float": lambda: jwt.encode(claims(exp=10**400), SECRET),
     "empty claims": lambda: jwt.encode({}, SECRET),
 }
 
@@ -139,3 +154,50 @@ def test_a_token_verified_under_one_secret_is_not_accepted_under_another() -> No
     assert tokens.verify_token(SECRET, issued).tenant_id == "acme"
     with pytest.raises(tokens.TokenError):
         tokens.verify_token("another-secret-" + "x" * 40, issued)
+
+
+def test_a_claim_holding_a_lone_surrogate_is_refused_and_its_refusal_is_sealed(
+    app: Flask, api: Api, world: dict[str, Tenant]
+) -> None:
+    for claim, value in (("tenant_id", "\ud800"), ("project_id", "\ud800"), ("sub", "op\udcff"), ("role", "\ud800")):
+        bearer = jwt.encode(claims(**{"role": "operator", claim: value}), SECRET)
+        for answer in (
+            api.get("/api/v1/jobs", bearer),
+            api.get("/api/v1/agents", bearer),
+            api.post("/api/v1/jobs", bearer, json={"workflow": WORKFLOW, "project_id": "web"}),
+        ):
+            assert answer.status_code == 401, (claim, answer.json)
+            assert answer.json["message"] == INVALID_TOKEN.format(reason=NOT_TEXT.format(name=f"'{claim}'"))
+    with app.app_context(), db.engine.connect() as connection:
+        assert seal(connection) > 0  # the refusals' audit entries, and every one after them, are chained
+        verdict = verify(connection)
+    assert verdict.intact and verdict.pending == 0
+    assert api.get("/api/v1/audit?limit=500", world["acme"].tokens["admin"]).status_code == 200
+
+
+def test_a_token_that_verification_would_refuse_is_never_issued() -> None:
+    from app.auth import tokens
+
+    with pytest.raises(tokens.TokenError, match="claim 'sub' is not valid UTF-8 text"):
+        tokens.issue_token(SECRET, tenant_id="acme", role="viewer", subject="op\udcff")
+    with pytest.raises(tokens.TokenError, match="claim 'tenant_id' is not valid UTF-8 text"):
+        tokens.issue_token(SECRET, tenant_id="acme\udcff", role="viewer")  # not its derived sub
+    with pytest.raises(tokens.TokenError, match="claim 'sub' is longer than 255 characters"):
+        tokens.issue_token(SECRET, tenant_id="acme", role="viewer", subject="o" * 256)
+
+
+def test_no_claim_is_longer_than_the_columns_that_store_it() -> None:
+    from app.agents.models import Agent
+    from app.audit.models import AuditEvent
+    from app.auth.tokens import LONGEST
+    from app.jobs.models import Job
+    from app.tenants import models as tenants
+
+    def width(column: Any) -> int:
+        return int(column.property.columns[0].type.length)
+
+    assert LONGEST["sub"] == width(AuditEvent.actor) == width(Job.created_by)
+    assert LONGEST["tenant_id"] == width(tenants.Tenant.id) == width(AuditEvent.tenant_id) == width(Job.tenant_id)
+    assert LONGEST["project_id"] == width(tenants.Project.id) == width(Job.project_id)
+    assert LONGEST["agent_id"] == width(Agent.id) == width(Job.agent_id)
+    assert LONGEST["role"] == width(AuditEvent.role)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from app.auth.tokens import CANNOT_ISSUE, NOT_TEXT
 from app.cli import main
 from tests.app.support import SECRET
 
@@ -54,6 +55,32 @@ def test_the_command_line_refuses_unknown_tenants_and_duplicates(
     assert "already exists" in capsys.readouterr().err
     assert main(["project", "create", "web", "--tenant", "nope"]) == 1
     assert main(["token", "create", "--tenant", "acme", "--role", "viewer", "--ttl", "soon"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "claim"),
+    [("--subject", "sub"), ("--tenant", "tenant_id"), ("--project", "project_id"), ("--agent-id", "agent_id")],
+)
+def test_a_token_is_not_issued_for_bytes_of_the_command_line_that_are_not_utf8(
+    option: str, claim: str, environment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["tenant", "create", "acme"])
+    main(["project", "create", "web", "--tenant", "acme"])
+    capsys.readouterr()
+    given = {"--tenant": "acme", "--project": "web", "--agent-id": "a1", option: os.fsdecode(b"op\xff")}
+    assert main(["token", "create", "--role", "agent", *(part for pair in given.items() for part in pair)]) == 1
+    captured = capsys.readouterr()
+    assert not captured.out
+    assert captured.err == f"automation: {CANNOT_ISSUE.format(reason=NOT_TEXT.format(name=repr(claim)))}\n"
+
+
+def test_a_token_is_not_issued_for_a_subject_longer_than_the_audit_log_keeps(
+    environment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["tenant", "create", "acme"])
+    capsys.readouterr()
+    assert main(["token", "create", "--tenant", "acme", "--role", "viewer", "--subject", "o" * 256]) == 1
+    assert "claim 'sub' is longer than 255 characters" in capsys.readouterr().err
 
 
 def test_without_a_command_the_help_is_shown() -> None:
