@@ -99,6 +99,17 @@ def test_a_failing_workflow_is_retried_after_its_backoff_and_then_completes(plat
     assert done["tasks"][-1]["output"] == "fine\n"
 
 
+def given_back(valkey, queue_prefix: str) -> tuple[str, dict]:
+    """The agent queue named ``queue_prefix`` (once its message is there) and a copy of the message next taken from
+    it, flagged as the broker flags a message it gave back (its worker died before acknowledging it)."""
+    wait_until(lambda: valkey.keys(f"{queue_prefix}*"), timeout=10)
+    (queue,) = valkey.keys(f"{queue_prefix}*")
+    message = json.loads(valkey.lindex(queue, -1))
+    message["headers"]["redelivered"] = True
+    message["properties"]["delivery_info"]["redelivered"] = True
+    return queue, message
+
+
 def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lettered(platform: Platform, tmp_path):
     tenant, project = platform.tenant()
     platform.start_agent(tenant, project, "v1").stop()
@@ -108,11 +119,8 @@ def test_a_message_that_keeps_crashing_agents_is_refused_as_poison_and_dead_lett
     # Three earlier deliveries of this message started and never finished: each crashed its agent, and the
     # broker gave the message back each time (as kombu restores an unacknowledged one: flagged redelivered).
     valkey = platform.valkey.client()
-    wait_until(lambda: valkey.keys(f"agent.{tenant}.v1*"), timeout=10)
-    (queue,) = valkey.keys(f"agent.{tenant}.v1*")
-    message = json.loads(valkey.rpop(queue))
-    message["headers"]["redelivered"] = True
-    message["properties"]["delivery_info"]["redelivered"] = True
+    queue, message = given_back(valkey, f"agent.{tenant}.v1")
+    valkey.rpop(queue)
     valkey.rpush(queue, json.dumps(message))
     valkey.set(deliveries_key(f"{job_id}:1"), 2)  # the first delivery is not counted, the two after it are
     platform.start_agent(tenant, project, "v1")
@@ -130,12 +138,8 @@ def test_a_forged_message_over_the_poison_limit_cannot_dead_letter_the_job_it_na
     marker = tmp_path / "ran"
     job_id = platform.submit(operator, marker_workflow(str(marker)), agent_id="v2")["job_id"]
     valkey = platform.valkey.client()
-    wait_until(lambda: valkey.keys(f"agent.{tenant}.v2*"), timeout=10)
-    (queue,) = valkey.keys(f"agent.{tenant}.v2*")
-    forged = json.loads(valkey.lindex(queue, -1))
+    queue, forged = given_back(valkey, f"agent.{tenant}.v2")
     forged["body"] = base64.b64encode(json.dumps([[], {"junk": "no envelope at all"}, {}]).encode()).decode()
-    forged["headers"]["redelivered"] = True
-    forged["properties"]["delivery_info"]["redelivered"] = True
     valkey.rpush(queue, json.dumps(forged))  # taken before the genuine message
     valkey.set(deliveries_key(f"{job_id}:1"), 100)
     platform.start_agent(tenant, project, "v2")

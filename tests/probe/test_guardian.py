@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.servers._util import wait_for
+
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX only: Windows keeps what it had"),
     pytest.mark.timeout(60),
@@ -32,23 +34,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes; return whether it held."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
 def pids_in(path: Path, count: int) -> list[int]:
     """Wait for ``count`` whole lines of pids in ``path`` and return them."""
 
     def written() -> bool:
         return path.exists() and path.read_text().count("\n") >= count
 
-    assert wait_for(written), f"{path.name} was not written"
+    assert wait_for(written, timeout=10), f"{path.name} was not written"
     return [int(line) for line in path.read_text().split()]
 
 
@@ -106,7 +98,7 @@ def test_a_forked_child_does_not_keep_the_guardian_from_seeing_its_parent_die(ru
 def test_a_normal_run_leaves_nothing_registered_and_nothing_killed(runner, tmp_path):
     # The command ends normally and leaves a background process in its group: the group was reported done.
     proc = runner(f"run:sleep 300 >/dev/null 2>&1 & echo $! > {tmp_path}/left", "watched")
-    assert wait_for((tmp_path / "done").exists)
+    assert wait_for((tmp_path / "done").exists, timeout=10)
     (left,) = pids_in(tmp_path / "left", 1)
     assert (tmp_path / "watched").read_text() == "[]"
     kill(proc)
@@ -127,7 +119,7 @@ def test_the_guardian_has_a_session_of_its_own_ignores_terminal_signals_and_hold
     (found,) = [p for p in psutil.Process().children() if "probe.guardian" in " ".join(p.cmdline())]
     assert os.getsid(found.pid) == found.pid
     terminal = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    assert wait_for(lambda: terminal <= ignored_signals(found.pid))  # once its first lines have run
+    assert wait_for(lambda: terminal <= ignored_signals(found.pid), timeout=10)  # once its first lines have run
     for sig in terminal:
         found.send_signal(sig)
     time.sleep(0.3)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import probe
 from probe.results import Status
 from probe.tasks import ssh  # importing the module registers the type
-from tests.servers._util import free_port
+from tests.servers._util import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,16 +69,6 @@ def live_processes(marker: str) -> list[psutil.Process]:
         if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(proc.info["cmdline"] or []):
             found.append(proc)
     return found
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes; return whether it held."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def new_key_file(path: Path, password: bytes | None = None, key: Ed25519PrivateKey | None = None) -> str:

@@ -59,6 +59,16 @@ def wait_for_port(
         time.sleep(0.05)
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; return whether it held."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
 def find_binary(name: str, apt_package: str) -> str:
     """Return the absolute path of `name`, or fail with the apt package that provides it."""
     search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
