@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.columns import SLUG_PATTERN
@@ -26,7 +37,20 @@ def _storable(moment: datetime) -> datetime:
     return moment
 
 
-Moment = Annotated[AwareDatetime, AfterValidator(_storable)]  # an aware time of a request, storable in UTC
+NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")  # what pydantic would read as a Unix time
+
+
+def _written_time(value: Any) -> Any:
+    """Refuse a number, or a string of digits, where a time is due: pydantic reads them as Unix times
+    ("scheduled_at": "0" was 1970, "since=2020" 33 minutes past it), which the API does not document."""
+    if isinstance(value, int | float) or (isinstance(value, str) and NUMBER.fullmatch(value)):
+        raise PydanticCustomError("iso_time", "give a time in ISO 8601 with its zone, such as 2026-12-08T09:00:00Z")
+    return value
+
+
+# An aware time of a request, written in ISO 8601, storable in UTC.
+# Lax, as a str reaches the datetime's own parser after a "before" validator only in lax mode (models are strict).
+Moment = Annotated[AwareDatetime, Strict(False), BeforeValidator(_written_time), AfterValidator(_storable)]
 
 JSON_DEPTH = 31  # levels of objects and arrays a JSON column takes on MariaDB, the document's own included
 

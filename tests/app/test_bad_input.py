@@ -295,3 +295,17 @@ def test_a_long_error_in_a_report_is_cut_not_refused(api: Api, world: dict[str, 
     results = {r["name"]: r for r in job["tasks"]}
     for stored in (job["error"], results["kernel"]["error"], results["disk"]["error"]):
         assert stored.startswith("é" * 7000) and len(stored.encode()) < 16100 and "truncated" in stored, stored[-80:]
+
+
+@pytest.mark.parametrize("when", ["1700000000", "0", " 17e8 ", 1700000000, 0.5, True])
+def test_a_number_where_a_time_is_due_is_refused_not_read_as_a_unix_time(
+    limited: tuple[Flask, Api, dict[str, Tenant]], when: object
+) -> None:
+    app, api, world = limited
+    before = snapshot(app)
+    body = {"workflow": WORKFLOW, "scheduled_at": when}
+    response = api.post("/api/v1/jobs", world["acme"].tokens["operator"], json=body)
+    assert response.status_code == 400 and "ISO 8601" in response.json["message"], response.json
+    assert snapshot(app) == before
+    listed = api.get("/api/v1/audit?since=2020", world["acme"].tokens["tenant_admin"])
+    assert listed.status_code == 400 and "ISO 8601" in listed.json["message"], listed.json
