@@ -33,6 +33,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NOT_JSON = "the request body must be JSON: send 'Content-Type: application/json'"
 BODY_REQUIRED = "this endpoint needs a JSON object as its body"
 MALFORMED_JSON = "the body is not valid JSON: {detail}"
+REPEATED = "invalid query: {names}: given more than once"
 BODY_TOO_LARGE = "the body is larger than the {limit} bytes accepted"
 
 
@@ -89,7 +90,10 @@ def _refuse_longer() -> None:
 
 
 def query(model: type[M]) -> M:
-    """Return the query string validated by ``model`` (400 on unknown or malformed parameters)."""
+    """Return the query string validated by ``model`` (400 on unknown, malformed or repeated parameters)."""
+    repeated = sorted(name for name, values in request.args.lists() if len(values) > 1)
+    if repeated:  # which one was meant? Taking the first silently hid ?limit=10&limit=abc
+        raise BadRequest(REPEATED.format(names=", ".join(repeated)))
     try:
         return model.model_validate(request.args.to_dict())
     except ValidationError as exc:

@@ -309,3 +309,15 @@ def test_a_number_where_a_time_is_due_is_refused_not_read_as_a_unix_time(
     assert snapshot(app) == before
     listed = api.get("/api/v1/audit?since=2020", world["acme"].tokens["tenant_admin"])
     assert listed.status_code == 400 and "ISO 8601" in listed.json["message"], listed.json
+
+
+@pytest.mark.parametrize(
+    ("path", "role"),
+    [("/api/v1/agents?limit=10&limit=abc", "viewer"), ("/api/v1/jobs?state=queued&state=running", "viewer")],
+)
+def test_a_query_parameter_given_twice_is_refused(
+    limited: tuple[Flask, Api, dict[str, Tenant]], path: str, role: str
+) -> None:
+    _app, api, world = limited
+    response = api.get(path, world["acme"].tokens[role])
+    assert response.status_code == 400 and "given more than once" in response.json["message"], response.json
