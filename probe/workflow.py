@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ UNKNOWN_KEY = "unknown key '{key}'{hint}"
 UNKNOWN_OPTION = "unknown option '{key}'{hint}"
 DUPLICATE_TASK = "task name '{name}' is used twice (first at line {first})"
 TIMEOUT_TOO_LONG = "timeout {task} is longer than the workflow's timeout {workflow}"
+UNPLAIN_VARIABLE = "YAML read this value as {kind}, which is not text, a number, true/false or null: quote it"
+UNPLAIN_KINDS = {"date": "a date", "datetime": "a date and time", "bytes": "binary data (!!binary)"}
 UNDEFINED_VARIABLE = "variable '{name}' is not defined: give it at run time, under variables, or in the environment"
 UNDEFINED_SECRET = "secret '{name}' was not given"  # noqa: S105 - a message, not a password
 LATER_TASK = "{text} refers to task '{name}', which does not run before this task"
@@ -126,6 +128,19 @@ class Workflow:
         return problems
 
 
+def _unplain(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Yield where, and what, each value inside ``value`` is that YAML made but JSON has not (a date, a time,
+    binary data): a placeholder cannot render it, and the run would fail with a task's option refused."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _unplain(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _unplain(item, f"{where}[{index}]")
+    elif not isinstance(value, str | int | float | bool) and value is not None:
+        yield where, UNPLAIN_KINDS.get(type(value).__name__, type(value).__name__)
+
+
 def load_workflow(source: str | bytes | Path, *, name: str | None = None) -> Workflow:
     """Load and validate a workflow from YAML text or a file path.
 
@@ -194,6 +209,10 @@ def _validate(doc: Any, problems: list[Problem]) -> Workflow | None:
                     line_of(variables, var),
                 )
             )
+    for var, value in variables.items():
+        for where, kind in _unplain(value):
+            message = UNPLAIN_VARIABLE.format(kind=kind)
+            problems.append(Problem(f"variables.{var}{where}", message, line_of(variables, var)))
     _check_templates("variables", variables, problems, line_of(variables))
     tasks = doc.get("tasks")
     specs: list[TaskSpec] = []

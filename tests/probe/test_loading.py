@@ -86,6 +86,17 @@ def test_a_missing_required_option_names_the_task_and_the_config_line(load_error
             "name: x\ntasks:\n  - name: a\n    type: command\n    config: {command: ls, argz: []}\n",
             "tasks[0] (a).config: unknown option 'argz'; did you mean 'args'? (line 5)",
         ),
+        (  # YAML makes a date of it: no placeholder can render one (the run failed with the option refused)
+            "name: x\nvariables:\n  day: 2020-01-01\ntasks:\n  - {name: a, type: command, config: {command: ls}}\n",
+            "variables.day: YAML read this value as a date, which is not text, a number, true/false or null: "
+            "quote it (line 3)",
+        ),
+        (
+            "name: x\nvariables:\n  v: {a: [1, !!binary aGVsbG8=]}\n"
+            "tasks:\n  - {name: a, type: command, config: {command: ls}}\n",
+            "variables.v.a[1]: YAML read this value as binary data (!!binary), which is not text, a number, true/false "
+            "or null: quote it (line 3)",
+        ),
         (
             "name: x\ntasks:\n  - name: a\n    type: command\n    config: {command: ls}\n"
             "  - name: a\n    type: command\n    config: {command: ls}\n",
