@@ -134,7 +134,10 @@ def job_view(job: dict[str, Any], style: Style) -> str:
     agents = [a.get("agent_id") for a in job.get("attempts") or [] if a.get("agent_id")]
     target = f"pinned to {job['agent_id']}" if job.get("agent_id") else "any agent"
     lines.append(f"  agent      {target}" + (f", ran on {agents[-1]}" if agents else ""))
-    lines.append(f"  attempt    {job.get('attempt')} of {job.get('max_attempts')}  priority {job.get('priority')}")
+    # not "attempt 2 of 1": max_attempts bounds the runs that fail; lost, replaced and requeued attempts count apart
+    lines.append(
+        f"  attempt    {job.get('attempt')}  max_attempts {job.get('max_attempts')}  priority {job.get('priority')}"
+    )
     took = between(job.get("started_at"), job.get("finished_at"))
     lines.append(
         f"  created    {when(job.get('created_at'))} by {job.get('created_by')}"

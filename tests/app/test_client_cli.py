@@ -581,6 +581,7 @@ def test_a_job_and_lists_are_readable_tables(cli: Any, http_server: HTTPTestServ
     assert status == 0
     assert f"job {JOB}  hello" in out and "state      failed" in out and "error      task 'check' failed" in out
     assert "pinned to a1" in out and "WHO=you" in out and "(4.0s)" in out
+    assert "attempt    1  max_attempts 1  priority 5" in out  # not "1 of 1": lost attempts do not count
     assert [line.split()[1:5] for line in out.splitlines()[-2:]] == [
         ["greet", "succeeded", "1.5s", "hello"],
         ["check", "failed", "1.5s", "exit"],
