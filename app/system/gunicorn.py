@@ -5,6 +5,7 @@
   set here, when gunicorn reads this file, before anything imports ``prometheus_client``.
 - Structured logs (``LOG_FORMAT``, ``LOG_LEVEL``) for gunicorn's own error and access logs too.
 - The control plane's beacon (``app.system.beacon``), marked from each worker as soon as it has loaded the app.
+- gunicorn's own error answers (a request line or headers it cannot read) in the API's JSON error shape.
 - ``SSE_MAX_STREAMS``, when not set: each worker's threads less one (``post_fork``). An event stream holds a
   thread for as long as it lasts, so streams can never take the last thread of a worker from the other requests;
   a stream asked for beyond that is answered 503, and ``automation`` then follows the job by polling.
@@ -14,6 +15,7 @@ Command-line options (``--bind``, ``--workers``, ``--threads``) still apply on t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,6 +25,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import gunicorn.util
 
 from dispatch.logs import REQUEST_TENANT_KEY  # standard library only: imports nothing that reads the metrics dir
 
@@ -81,8 +85,25 @@ def _logconfig() -> dict[str, Any]:
 
 
 METRICS_DIRECTORY, _MADE_HERE = _metrics_directory()
+# gunicorn's own answers to a request it cannot hand to the app: the code in the API's JSON error shape.
+SERVER_ERRORS = {400: "invalid_request", 413: "payload_too_large", 414: "uri_too_long", 431: "headers_too_large"}
+
+
+def json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """Write gunicorn's answer to a request it refuses itself (a URI or headers too long, a malformed request line)
+    as the API's JSON error, like every other error of the API, instead of gunicorn's HTML page."""
+    code = SERVER_ERRORS.get(status_int, "internal_error" if status_int >= 500 else "invalid_request")
+    body = json.dumps({"error": code, "message": mesg or reason}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 _check_not_imported_yet()
 logconfig_dict = _logconfig()  # with it, gunicorn writes access lines even without --access-logfile
+gunicorn.util.write_error = json_error  # what its workers call (gunicorn.workers.base), looked up at each call
 
 
 def post_fork(_server: Any, worker: Any) -> None:

@@ -160,7 +160,8 @@ def half_a_request(port: int) -> socket.socket:
     return sock
 
 
-def test_counters_are_added_up_across_gunicorn_workers(tmp_path: Path) -> None:
+def start_web(tmp_path: Path, workers: int) -> tuple[ServerProcess, int, Path]:
+    """gunicorn with the Procfile's config file, on SQLite; the process, its port and its metrics directory."""
     url = f"sqlite:///{tmp_path / 'web.db'}"
     app = create_app(config(url))
     with app.app_context():
@@ -176,9 +177,30 @@ def test_counters_are_added_up_across_gunicorn_workers(tmp_path: Path) -> None:
     }
     web = ServerProcess("gunicorn", tmp_path / "web.log")
     argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", "python:app.system.gunicorn"]
-    argv += ["--bind", f"127.0.0.1:{port}", "--workers", "2", "app:create_app()"]
+    argv += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "app:create_app()"]
     # A readiness check that reaches the server is answered, even slowly: one abandoned would be counted unseen.
     web.start(argv, ready=lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=30).ok, env=env)
+    return web, port, metrics_dir
+
+
+def test_what_gunicorn_refuses_itself_is_answered_with_the_apis_json_error(tmp_path: Path) -> None:
+    web, port, _ = start_web(tmp_path, 1)
+    try:
+        too_long = requests.get(f"http://127.0.0.1:{port}/api/v1/agents/{'a' * 5000}", timeout=5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n")  # a header line without a colon
+            raw = sock.recv(4096)
+    finally:
+        web.stop()
+    assert too_long.status_code == 414 and too_long.headers["Content-Type"] == "application/json"
+    assert too_long.json()["error"] == "uri_too_long" and too_long.json()["message"], too_long.text
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"Content-Type: application/json" in head, raw
+    assert json.loads(body)["error"] == "invalid_request", body
+
+
+def test_counters_are_added_up_across_gunicorn_workers(tmp_path: Path) -> None:
+    web, port, metrics_dir = start_web(tmp_path, 2)
     try:
         sent = 1  # the readiness check
         busy = half_a_request(port)  # one worker waits for the rest of this request...
