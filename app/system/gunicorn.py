@@ -86,7 +86,14 @@ def _logconfig() -> dict[str, Any]:
 
 METRICS_DIRECTORY, _MADE_HERE = _metrics_directory()
 # gunicorn's own answers to a request it cannot hand to the app: the code in the API's JSON error shape.
-SERVER_ERRORS = {400: "invalid_request", 413: "payload_too_large", 414: "uri_too_long", 431: "headers_too_large"}
+SERVER_ERRORS = {
+    400: "invalid_request",
+    403: "access_denied",  # a proxy header from an address not in forwarded_allow_ips
+    413: "payload_too_large",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "headers_too_large",
+}
 
 
 def json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
