@@ -138,6 +138,8 @@ def _check_range(kind: CronField, text: str) -> None:
     if not dash:
         return
     end = _value(kind, last)
+    if end == kind.low and start > kind.low and kind.largest > kind.high and not NUMBER.fullmatch(last):
+        end = kind.largest  # "fri-sun", "mon-sun": the week's last day by name is 7 (croniter reads them so)
     if start > end:
         raise _Refused(BACKWARDS.format(part=text))
     if start == end:

@@ -50,6 +50,8 @@ DOCUMENTED = [
     "0 0 * * 7",
     "0 0 * * 5-7",
     "0 0 * * sat,sun",
+    "0 0 * * fri-sun",  # Sunday by name ends a range as 7
+    "0 12 * * Mon-Sun",
     "59 23 31 12 6",
     "0 0 29 2 *",
     "0 0 1 * mon",
@@ -71,6 +73,8 @@ def test_every_documented_form_is_accepted_as_it_is(expression: str) -> None:
         ("0 0 * * fri-mon", "day-of-week", "the range fri-mon goes backwards; a range goes from low to high"),
         ("3-3 * * * *", "minute", "the range 3-3 has a single value; write 3"),
         ("0 0 * * 7-7", "day-of-week", "the range 7-7 has a single value; write 7"),
+        ("0 0 * * sun-sun", "day-of-week", "the range sun-sun has a single value; write sun"),
+        ("0 0 * * fri-0", "day-of-week", "the range fri-0 goes backwards; a range goes from low to high"),
         ("R * * * *", "minute", "'R' is not a number"),
         ("H * * * *", "minute", "'H' is not a number"),
         ("*/61 * * * *", "minute", "the step 61 is out of range 1-60"),
