@@ -41,7 +41,9 @@ WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platfo
 WRONG_PROJECT = "job {job_id} is of project '{project}'; this agent serves project '{agent_project}'"
 NEVER_STARTED = "cancelled before its run started: the agent's claim was made again after the cancel was requested"
 _HEAD, _TAIL = probe.results.TRUNCATION_MARKER.split("{dropped}")
-_CUT_BY_PROBE = re.compile(re.escape(_HEAD) + r"(\d+)" + re.escape(_TAIL) + r"\Z")  # ends output probe cut
+# Ends output probe cut. Its count is read as a number, so the output of a task could hold one too long for int()
+# (4300 digits): a marker with more than 18 digits is not probe's, and is cut as plain text.
+_CUT_BY_PROBE = re.compile(re.escape(_HEAD) + r"(\d{1,18})" + re.escape(_TAIL) + r"\Z")
 
 
 # The job with one of its attempts, in one statement built once; claims add what they check of the agent and project.

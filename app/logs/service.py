@@ -20,6 +20,7 @@ from app.jobs.models import Job
 from app.logs.models import JobLogLine
 from app.logs.schemas import LogLineIn
 from app.rows import insert_rows
+from app.schemas import BIGGEST
 from dispatch.logsink import LogSink
 
 SINK = "logsink"  # app.extensions key of the Quickwit forwarder (only when QUICKWIT_URL is set)
@@ -31,7 +32,7 @@ UNCOUNTED = "[log truncated: later lines are dropped; limit {lines} lines / {siz
 # the end its count of them. Over the job's bound they are not log lines but counts for the job's marker.
 AGENT_TRUNCATED = re.compile(
     r"\[log truncated on the agent: (?:later lines are dropped; limit \d+ lines / \d+ bytes per job"
-    r"|(\d+) lines dropped in all)\]"
+    r"|(\d{1,9}) lines dropped in all)\]"  # a count the job's marker column holds, added up a few times
 )
 INVALID_LINES = "invalid log lines: {message}"
 # Built once (and their cache keys with them): an append runs with every final state report.
@@ -97,7 +98,7 @@ def _dropped(lines: Sequence[LogLineIn]) -> int:
     for line in lines:
         found = AGENT_TRUNCATED.fullmatch(line.message) if line.task is None else None
         total += 1 if found is None else int(found.group(1) or 0)
-    return total
+    return min(total, BIGGEST)
 
 
 def _marker(job_id: str) -> JobLogLine | None:
@@ -129,7 +130,7 @@ def append_lines(
     if marker_id is not None:
         marker = db.session.get(JobLogLine, marker_id)
         assert marker is not None
-        marker.dropped = (marker.dropped or 0) + _dropped(parsed)
+        marker.dropped = min((marker.dropped or 0) + _dropped(parsed), BIGGEST)  # an INTEGER column
         marker.message = _marker_text(marker.dropped)
         return 0
     now = utcnow()

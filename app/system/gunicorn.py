@@ -93,6 +93,7 @@ SERVER_ERRORS = {
     414: "uri_too_long",
     417: "expectation_failed",
     431: "headers_too_large",
+    501: "not_implemented",  # a transfer coding it does not take
 }
 
 

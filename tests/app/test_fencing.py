@@ -166,6 +166,18 @@ def test_output_probe_cut_keeps_its_marker_counting_every_byte_cut_on_the_agent_
     assert stored == output[:limit] + f"\n[... output truncated: {printed - limit} more bytes not shown ...]"
 
 
+def test_output_ending_like_probes_marker_with_a_huge_count_is_stored_as_plain_text(
+    make_app: MakeApp, world: dict[str, Tenant]
+) -> None:
+    # what a workflow prints: a count too long for int() (4300 digits) made the report, and each retry of it, a 500
+    fake = "x" * 200 + "\n[... output truncated: " + "9" * 4400 + " more bytes not shown ...]"
+    api, acme = Api(make_app(TASK_OUTPUT_LIMIT=1000).test_client()), world["acme"]
+    report = {"attempt": 1, "name": "kernel", "type": "command", "status": "succeeded", "output": fake}
+    response = api.post(f"/api/v1/jobs/{acme.running}/tasks", acme.tokens["agent"], json=report)
+    assert response.status_code == 201, response.json
+    assert response.json["output"].startswith(fake[:1000]) and "truncated" in response.json["output"][1000:]
+
+
 def test_results_of_a_superseded_attempt_are_refused(api: Api, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
     for path, body in (

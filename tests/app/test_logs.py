@@ -129,6 +129,20 @@ def test_lines_an_agent_dropped_are_counted_on_the_jobs_one_marker(
     assert page["lines"][-1]["message"] == f"[log truncated: {12 - bound} more lines dropped; {limits}]"
 
 
+def test_an_agents_count_too_large_for_the_marker_is_a_line_or_held_at_the_largest(
+    api: Api, make_app: MakeApp, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    api = Api(make_app(LOG_MAX_LINES_PER_JOB=1).test_client())
+    counts = [
+        {**line(f"[log truncated on the agent: {n} lines dropped in all]"), "task": None} for n in ("9" * 4400, "9" * 9)
+    ]
+    for _ in range(3):  # 999,999,999 three times: over what the marker's INTEGER column holds
+        assert ship(api, acme, acme.running, [line("a"), *counts]).status_code == 200
+    marker = read(api, acme, acme.running).json["lines"][-1]["message"]
+    assert marker.startswith(f"[log truncated: {2**31 - 1} more lines dropped"), marker
+
+
 def test_the_byte_bound_counts_bytes_not_characters(api: Api, make_app: MakeApp, world: dict[str, Tenant]) -> None:
     acme = world["acme"]
     api = Api(make_app(LOG_MAX_BYTES_PER_JOB=20).test_client())
