@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,11 +23,21 @@ class Status(StrEnum):
 
 DEFAULT_OUTPUT_LIMIT = 64 * 1024
 TRUNCATION_MARKER = "\n[... output truncated: {dropped} more bytes not shown ...]"
+_HEAD, _TAIL = TRUNCATION_MARKER.split("{dropped}")
+_MARKED = re.compile(re.escape(_HEAD) + r"(\d{1,18})" + re.escape(_TAIL) + r"\Z")
 
 
 def utcnow() -> str:
     """Return the current time as an ISO 8601 UTC string with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cut_by_probe(output: str) -> tuple[str, int] | None:
+    """The text before the truncation marker ``truncate`` ends ``output`` with, and the bytes the marker counts; None
+    when it ends with none. A count of more than 18 digits is not ``truncate``'s: a task may print anything, and
+    ``int()`` refuses 4300 digits."""
+    found = _MARKED.search(output)
+    return None if found is None else (output[: found.start()], int(found.group(1)))
 
 
 def truncate(

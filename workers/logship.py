@@ -18,14 +18,13 @@ import heapq
 import itertools
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from probe.results import TRUNCATION_MARKER
+from probe.results import cut_by_probe
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,6 @@ def _line(ts: str, task: str | None, level: str, message: str) -> Line:
     return {"ts": ts, "task": task, "level": level, "message": message}
 
 
-_HEAD, _TAIL = TRUNCATION_MARKER.split("{dropped}")
-_CUT_BY_PROBE = re.compile(re.escape(_HEAD) + r"(\d+)" + re.escape(_TAIL) + r"\Z")  # ends output probe cut
-
-
 def _output_lines(ts: str, task: str, output: str, limit: int) -> list[Line]:
     text = output.splitlines()
     while text and not text[-1].strip():
@@ -73,11 +68,11 @@ def _output_lines(ts: str, task: str, output: str, limit: int) -> list[Line]:
 def _not_shipped(output: str, more: int) -> str:
     """The line that ends a task's output cut to its lines: how many more lines there were and, when probe had cut
     the output already (its marker is the last of those lines), how many bytes it cut, which the result lacks too."""
-    found = _CUT_BY_PROBE.search(output)
-    if found is None:
+    cut = cut_by_probe(output)
+    if cut is None:
         return OUTPUT_CUT.format(more=more)
-    kept = len(output[: found.start()].encode("utf-8", "replace"))
-    return OUTPUT_TRUNCATED.format(more=more - 1, dropped=found.group(1), kept=kept)
+    kept = len(cut[0].encode("utf-8", "replace"))
+    return OUTPUT_TRUNCATED.format(more=more - 1, dropped=cut[1], kept=kept)
 
 
 def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_PER_TASK) -> list[Line]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,10 +39,6 @@ NOT_REGISTERED = "agent '{agent}' is not registered: register before claiming jo
 WRONG_PLATFORM = "job {job_id} runs on {platform}; this agent runs {agent_platform}"
 WRONG_PROJECT = "job {job_id} is of project '{project}'; this agent serves project '{agent_project}'"
 NEVER_STARTED = "cancelled before its run started: the agent's claim was made again after the cancel was requested"
-_HEAD, _TAIL = probe.results.TRUNCATION_MARKER.split("{dropped}")
-# Ends output probe cut. Its count is read as a number, so the output of a task could hold one too long for int()
-# (4300 digits): a marker with more than 18 digits is not probe's, and is cut as plain text.
-_CUT_BY_PROBE = re.compile(re.escape(_HEAD) + r"(\d{1,18})" + re.escape(_TAIL) + r"\Z")
 
 
 # The job with one of its attempts, in one statement built once; claims add what they check of the agent and project.
@@ -295,10 +290,10 @@ def _cut_output(output: str, limit: int) -> str:
     with probe's marker, which counts the bytes cut there: the marker is kept and its count grows by what is cut
     here, so that it still says how much of the output is missing (cut as plain text, the marker itself was cut and
     only its own bytes counted)."""
-    found = _CUT_BY_PROBE.search(output)
-    if found is None:
+    cut = probe.results.cut_by_probe(output)
+    if cut is None:
         return probe.results.truncate(output, limit)
-    return probe.results.truncate(output[: found.start()], limit, int(found.group(1)))
+    return probe.results.truncate(cut[0], limit, cut[1])
 
 
 def _still_running(job: Job, row: JobAttempt) -> None:
