@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any
 
 import jwt
 
+from app.columns import SLUG_PATTERN
 from app.errors import Unauthorized
 
 ALGORITHM = "HS256"
@@ -23,6 +25,11 @@ TOO_LONG = "claim '{name}' is longer than {most} characters"
 # an audit entry's actor, a job's created_by; an audit entry's role), so that a token never names what the
 # database cannot write (MariaDB refuses a longer value, and the request that writes it fails).
 LONGEST = {"sub": 255, "tenant_id": 64, "project_id": 64, "agent_id": 64, "role": 32}
+# Tenants', projects' and agents' ids are written only as slugs (lower case, no spaces). A claim naming one must be
+# one too: MariaDB's default collation compares text without case or trailing spaces, so a token for "ACME" or
+# "acme " would otherwise read and write tenant acme's rows.
+IDS = ("tenant_id", "project_id", "agent_id")
+NOT_AN_ID = "claim '{name}' is not an id: lower-case letters, digits, '-' and '_', starting with a letter or digit"
 
 
 class TokenError(Unauthorized):
@@ -145,7 +152,12 @@ def _text(claims: dict[str, Any], name: str, *, required: bool, message: str) ->
         raise TokenError(message.format(reason=f"claim '{name}' must be a non-empty string"))
     if len(value) > LONGEST[name]:
         raise TokenError(message.format(reason=TOO_LONG.format(name=name, most=LONGEST[name])))
+    if name in IDS and not _SLUG.match(value):
+        raise TokenError(message.format(reason=NOT_AN_ID.format(name=name)))
     return value
+
+
+_SLUG = re.compile(SLUG_PATTERN.replace("$", r"\Z"))  # "$" would let a final newline through
 
 
 def _all_text(claims: dict[str, Any], message: str) -> None:
