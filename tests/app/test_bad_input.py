@@ -321,3 +321,31 @@ def test_a_query_parameter_given_twice_is_refused(
     _app, api, world = limited
     response = api.get(path, world["acme"].tokens[role])
     assert response.status_code == 400 and "given more than once" in response.json["message"], response.json
+
+
+@pytest.mark.parametrize(
+    ("path", "role", "field", "says"),
+    [
+        ("/api/v1/jobs?limit=5.0", "viewer", "limit", "whole number"),
+        ("/api/v1/agents?offset=%2B5", "viewer", "offset", "whole number"),
+        ("/api/v1/dead-letters?limit=5_0", "viewer", "limit", "whole number"),
+        ("/api/v1/schedules?paused=yes", "viewer", "paused", "true or false"),
+        ("/api/v1/jobs/{running}/logs?follow=1", "operator", "follow", "true or false"),
+        ("/api/v1/jobs/{running}/logs?after=%201", "operator", "after", "whole number"),
+        ("/api/v1/tenants/acme?tenant_id=globex", "tenant_admin", "tenant_id", "takes no query parameters"),
+        ("/api/v1/schedules/x?project_id=web", "viewer", "project_id", "takes no query parameters"),
+        ("/api/v1/jobs/{running}?fields=id&tenant_id=globex", "viewer", "fields, tenant_id", "takes no query"),
+    ],
+)
+def test_a_query_is_read_as_written_and_one_no_endpoint_takes_is_refused(
+    limited: tuple[Flask, Api, dict[str, Tenant]], path: str, role: str, field: str, says: str
+) -> None:
+    _app, api, world = limited
+    acme = world["acme"]
+    response = api.get(path.format(running=acme.running), acme.tokens[role])
+    assert response.status_code == 400 and response.json["error"] == "invalid_request", response.json
+    assert response.json["message"].startswith(f"invalid query: {field}: ") and says in response.json["message"]
+    written = path.split("?")[0].format(running=acme.running) + "?limit=5"
+    if "limit" in path or "offset" in path:
+        assert api.get(written, acme.tokens[role]).status_code == 200  # the same number in digits is taken
+    assert api.get("/health?probe=lb", None).status_code == 200  # public endpoints ignore a monitor's query
