@@ -54,17 +54,23 @@ class Option:
         for kind in self.kind.split("|"):
             try:
                 result = _coerce(kind, value)
-                if kind == "list" and self.items:
-                    result = [_coerce(self.items, item) for item in result]
             except ValueError as exc:
                 errors.append(str(exc))
                 continue
+            if kind == "list" and self.items:
+                result = [self._item(index, item) for index, item in enumerate(result)]  # a list: its item is wrong
             if self.choices and result not in self.choices:
                 raise ValueError(f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
             return result
         if len(errors) == 1:
             raise ValueError(errors[0])
         raise ValueError(f"expected {' or '.join(self.kind.split('|'))}, got {_kind_of(value)}")
+
+    def _item(self, index: int, item: Any) -> Any:
+        try:
+            return _coerce(str(self.items), item)
+        except ValueError:
+            raise ValueError(f"item {index} of the list: expected {self.items}, got {_kind_of(item)}") from None
 
 
 def _kind_of(value: Any) -> str:

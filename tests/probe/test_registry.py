@@ -54,6 +54,20 @@ def test_option_kinds_convert_rendered_strings_and_refuse_wrong_types():
         Option("string", choices=("mysql", "sqlite")).coerce("postgres")
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ([["a"]], "item 0 of the list: expected string, got list"),
+        (["ls", {"x": 1}], "item 1 of the list: expected string, got mapping"),
+        ({"x": 1}, "expected string or list, got mapping"),
+    ],
+)
+def test_a_list_with_a_wrong_item_names_the_item_not_the_list(value: object, says: str):
+    with pytest.raises(ValueError) as refused:
+        Option("string|list", items="string").coerce(value)
+    assert str(refused.value) == says
+
+
 def test_a_third_party_type_plugs_in_through_the_entry_point_group(tmp_path: Path):
     (tmp_path / "probe_echo_plugin.py").write_text(PLUGIN)
     dist = tmp_path / "probe_echo_plugin-1.0.dist-info"
