@@ -11,6 +11,7 @@ from sqlalchemy import Executable, and_, bindparam, func, select
 
 import probe.results
 from app.agents.models import Agent
+from app.audit import service as audit
 from app.auth.guard import deny
 from app.auth.tokens import Principal
 from app.columns import utcnow
@@ -472,11 +473,34 @@ def claim_carrying(
     elif refusal is not None and refusal.code == "job_cancelled" and claim_id is not None:
         _end_unstarted(caller, job_id, attempt, claim_id)
     if refusal is not None:
+        _audit_second_delivery(caller, job_id, attempt, refusal)
         if outcomes:
             refusal.extra["finished"] = [outcome.model_dump() for outcome in outcomes]
         raise refusal
     assert claimable is not None
     return claimable[0], claimable[1], secrets, outcomes
+
+
+# A claim refused with these found its attempt claimed already, ended or superseded: a second delivery of the job's
+# message. The broker may redeliver one (a connection lost before the ack); anything else is a replay, such as a
+# message pushed onto the queue again after its agent restarted and forgot the envelopes it had taken.
+SECOND_DELIVERY = frozenset({"invalid_transition", "stale_attempt"})
+
+
+def _audit_second_delivery(caller: Principal, job_id: str, attempt: int, refusal: AppError) -> None:
+    """Audit a claim refused as a second delivery (``job.claim_refused``), nothing having run: the agent drops the
+    message. A claim refused for a cancel, a full project or a lost race is the normal course, and not audited."""
+    if refusal.code not in SECOND_DELIVERY:
+        return
+    details = {"agent_id": caller.agent_id, "attempt": attempt, "reason": refusal.code, "message": refusal.message}
+    audit.record_refusal(
+        action="job.claim_refused",
+        principal=caller,
+        outcome="refused",
+        target_type="job",
+        target_id=job_id,
+        details=details,
+    )
 
 
 def _record_alone(

@@ -486,3 +486,41 @@ def test_a_second_claim_under_another_claim_id_or_none_or_by_another_agent_is_st
     assert api.post(f"/api/v1/jobs/{acme.queued}/status", acme.tokens["agent"], json=status).status_code == 200
     over = api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": ours})
     assert over.status_code == 409 and over.json["error"] in ("job_cancelled", "invalid_transition")
+
+
+def claims_refused(api: Api, tenant: Tenant) -> list[dict[str, object]]:
+    """The tenant's audited second deliveries."""
+    response = api.get("/api/v1/audit?action=job.claim_refused", tenant.tokens["admin"])
+    assert response.status_code == 200, response.json
+    return list(response.json["events"])
+
+
+@pytest.mark.parametrize("carrying", [False, True])
+def test_a_second_delivery_is_refused_at_its_claim_and_audited_as_one(
+    api: Api, world: dict[str, Tenant], carrying: bool
+) -> None:
+    """An agent that restarted has forgot the envelopes it took: a message replayed to it then passes its own
+    check, and only the claim stops it. The refusal is in the audit log, as the agent's own refusal would be."""
+    acme = world["acme"]
+    url = f"/api/v1/jobs/{acme.queued}/claim"
+    first = {"attempt": 1, "claim_id": "f" * 16}
+    assert api.post(url, acme.tokens["agent"], json=first).status_code == 200
+    assert api.post(url, acme.tokens["agent"], json=first).status_code == 200  # the same claim again: no replay
+    assert claims_refused(api, acme) == []
+    carried = {"finished": [{"job_id": acme.running, "attempt": 1, "state": "completed"}]} if carrying else {}
+    replay = {"attempt": 1, "claim_id": "r" * 16, **carried}
+    refused = api.post(url, acme.tokens["agent"], json=replay)
+    assert refused.status_code == 409 and refused.json["error"] == "invalid_transition", refused.json
+    stale = api.post(url, acme.tokens["agent"], json={"attempt": 2, "claim_id": "s" * 16})
+    assert stale.status_code == 409 and stale.json["error"] == "stale_attempt", stale.json
+    events = claims_refused(api, acme)
+    assert [(e["outcome"], e["target_id"], e["details"]["reason"]) for e in reversed(events)] == [
+        ("refused", acme.queued, "invalid_transition"),
+        ("refused", acme.queued, "stale_attempt"),
+    ]
+    assert events[-1]["details"]["agent_id"] == "a1" and events[-1]["details"]["attempt"] == 1
+    if carrying:  # the report it carried is recorded all the same
+        assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["state"] == "completed"
+    api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
+    cancelled = api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": "c" * 16})
+    assert cancelled.status_code == 409 and len(claims_refused(api, acme)) == 2  # a cancel is the normal course

@@ -247,9 +247,9 @@ def test_forged_expired_and_misaddressed_messages_never_run_and_are_audited(plat
     assert not any(path.exists() for path in [*markers.values(), tmp_path / "unsigned"])
 
 
-def test_a_message_delivered_twice_runs_once_and_the_replay_is_audited(platform: Platform, tmp_path):
+def test_a_message_delivered_twice_runs_once_and_a_replay_is_audited_even_after_a_restart(platform: Platform, tmp_path):
     tenant, project = platform.tenant()
-    platform.start_agent(tenant, project, "r1")
+    agent = platform.start_agent(tenant, project, "r1")
     operator = platform.token("operator", tenant, project)
     marker = tmp_path / "replayed"
     workflow = marker_workflow(str(marker))
@@ -269,6 +269,14 @@ def test_a_message_delivered_twice_runs_once_and_the_replay_is_audited(platform:
     push(platform, agent_queue(tenant, "r1"), kwargs, f"{job['job_id']}:1")
     replays = wait_until(lambda: audit(platform, tenant, "job.message_refused"), what="the replay's audit")
     assert [e["details"]["reason"] for e in replays] == ["replayed"]
+    claims = wait_until(lambda: audit(platform, tenant, "job.claim_refused"), what="the refused claim's audit")
+    assert [(e["details"]["reason"], e["details"]["agent_id"]) for e in claims] == [("invalid_transition", "r1")]
+    # Restarted, the agent has forgot the envelopes it took: the claim alone stops the replay, and audits it.
+    agent.stop()
+    platform.start_agent(tenant, project, "r1")
+    push(platform, agent_queue(tenant, "r1"), kwargs, f"{job['job_id']}:1")
+    wait_until(lambda: len(audit(platform, tenant, "job.claim_refused")) == 2, what="the replay after the restart")
+    assert len(audit(platform, tenant, "job.message_refused")) == 1
     time.sleep(1)
     assert runs(marker) == 1
 
