@@ -213,7 +213,13 @@ def _submit_batch(
 
 def jobs_list(client: Client, args: argparse.Namespace) -> int:
     """GET /api/v1/jobs as a table, newest first."""
-    params = {"limit": args.limit, "state": args.state, "agent_id": args.agent, "project_id": args.project}
+    params = {
+        "limit": args.limit,
+        "state": args.state,
+        "agent_id": args.agent,
+        "ran_on": args.ran_on,
+        "project_id": args.project,
+    }
     page = client.call("GET", "/jobs", params={k: v for k, v in params.items() if v is not None})
     if args.json:
         _out(page)
@@ -459,6 +465,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing = action(group, "list", jobs_list, "list jobs, newest first")
     listing.add_argument("--state", choices=STATES)
     listing.add_argument("--agent", help="jobs pinned to this agent")
+    listing.add_argument("--ran-on", metavar="AGENT", help="jobs whose current attempt this agent claimed")
     listing.add_argument("--project")
     listing.add_argument("--limit", type=_limit, default=50, help="at most this many (1-500, default 50)")
 

@@ -83,7 +83,8 @@ class JobListQuery(Page):
     tenant_id: str | None = None
     project_id: str | None = None
     state: JobState | None = None
-    agent_id: str | None = None
+    agent_id: str | None = None  # the agent jobs are pinned to
+    ran_on: str | None = None  # the agent that claimed a job's current attempt
     id_prefix: str | None = Field(None, min_length=4, max_length=36, pattern=r"^[0-9a-f-]+$")
 
 
@@ -96,6 +97,7 @@ class DeadLetterQuery(Page):
     tenant_id: str | None = None
     project_id: str | None = None
     reason: DeadLetterReason | None = None
+    ran_on: str | None = None  # the agent that claimed a job's last attempt
 
 
 class RequeueRequest(Request):

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import Select, and_, delete, func, select, update
+from sqlalchemy import Select, and_, delete, exists, func, select, update
+from sqlalchemy.orm import aliased
 
 from app.audit import service as audit
 from app.auth.guard import check_project, check_tenant, deny
@@ -73,9 +74,22 @@ def list_jobs(*, caller: Principal, params: JobListQuery) -> tuple[list[tuple[Jo
         query = query.where(Job.state == params.state.value)
     if params.agent_id is not None:
         query = query.where(Job.agent_id == params.agent_id)
+    if params.ran_on is not None:
+        query = _ran_on(query, params.ran_on)
     if params.id_prefix is not None:
         query = query.where(Job.id.startswith(params.id_prefix, autoescape=True))
     return _page(query, (Job.created_at.desc(), Job.id), params)
+
+
+def _ran_on(query: Select[Job], agent_id: str) -> Select[Job]:
+    """Narrow ``query`` to the jobs whose current attempt ``agent_id`` claimed: what ``ran_on`` shows."""
+    claimed = aliased(JobAttempt)  # the page joins JobAttempt too: this one is the filter's own
+    current = (
+        exists()
+        .where(claimed.job_id == Job.id, claimed.number == Job.attempt, claimed.agent_id == agent_id)
+        .correlate(Job)
+    )
+    return query.where(current)
 
 
 def _page(query: Select[Job], order: tuple[Any, ...], params: Page) -> tuple[list[tuple[Job, str | None]], int]:
@@ -264,6 +278,8 @@ def list_dead_letters(*, caller: Principal, params: DeadLetterQuery) -> tuple[li
         query = query.where(Job.project_id == project_id)
     if params.reason is not None:
         query = query.where(Job.dead_letter_reason == params.reason)
+    if params.ran_on is not None:
+        query = _ran_on(query, params.ran_on)
     return _page(query, (Job.finished_at.desc(), Job.id), params)
 
 

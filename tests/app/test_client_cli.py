@@ -611,6 +611,9 @@ def test_the_jobs_list_shows_where_each_job_runs_or_ran(cli: Any, http_server: H
     status, out, _ = cli("jobs", "list")
     assert status == 0
     assert [line.split()[4:-2] for line in out.splitlines()[1:]] == [["web7"], ["a1"], ["a1", "(pinned)"], ["-"]]
+    status, _, _ = cli("jobs", "list", "--ran-on", "web7", "--agent", "a1")
+    assert status == 0 and "ran_on=web7" in http_server.requests[-1].path
+    assert "agent_id=a1" in http_server.requests[-1].path
 
 
 def lookup(http_server: HTTPTestServer, *ids: str, status: int = 200) -> list[ReceivedRequest]:

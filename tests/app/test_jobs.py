@@ -114,6 +114,11 @@ def test_listed_jobs_name_the_agent_that_claimed_their_current_attempt(api: Api,
     ran_on = {job["job_id"]: job["ran_on"] for job in listing["jobs"]}
     assert ran_on == {acme.pending: None, acme.queued: None, acme.running: "a1", acme.completed: "a1"}
     assert {job["agent_id"] for job in listing["jobs"]} == {None}  # none is pinned: agent_id stays the pin
+    ran = api.get("/api/v1/jobs?ran_on=a1", acme.tokens["viewer"]).json
+    assert {job["job_id"] for job in ran["jobs"]} == {acme.running, acme.completed} and ran["total"] == 2
+    assert api.get("/api/v1/jobs?ran_on=a1&state=running", acme.tokens["viewer"]).json["total"] == 1
+    assert api.get("/api/v1/jobs?ran_on=g1", acme.tokens["viewer"]).json["total"] == 0  # globex's agent
+    assert api.get("/api/v1/jobs?agent_id=a1", acme.tokens["viewer"]).json["total"] == 0  # the pin: none
 
 
 def test_jobs_are_found_by_the_start_of_their_id_within_the_callers_tenant_only(

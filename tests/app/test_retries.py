@@ -230,6 +230,9 @@ def test_too_many_lost_attempts_dead_letter_the_job(
         assert [a["state"] for a in job["attempts"]] == ["lost", "lost"]
         listed = api.get("/api/v1/dead-letters?reason=lost", acme.tokens["viewer"]).json["jobs"]
         assert [(j["job_id"], j["ran_on"]) for j in listed] == [(job_id, acme.agent)]  # where it was lost
+        on = api.get(f"/api/v1/dead-letters?ran_on={acme.agent}", acme.tokens["viewer"]).json["jobs"]
+        assert [j["job_id"] for j in on] == [job_id]
+        assert api.get("/api/v1/dead-letters?ran_on=a2", acme.tokens["viewer"]).json["total"] == 0
     finally:
         app.config["MAX_LOST_ATTEMPTS"] = 3
     # the reaper runs in the dispatcher, with no job of its own: its lines name the job they are about
