@@ -211,17 +211,32 @@ def cancel_running(api: Api) -> None:
 def serve(api: Api, procs: Processes, known: set[str]) -> None:
     """Serve until interrupted, printing the progress of every job submitted meanwhile."""
     followers: dict[str, JobFollower] = {}
+    unanswered = False
     while True:
-        procs.check()
-        reply = api.call("GET", "/jobs?limit=20")
-        reply.raise_for_status()
+        for line in procs.revive():
+            OUT.line(OUT.paint(line, "33"))
+        try:
+            reply = api.call("GET", "/jobs?limit=20")
+            reply.raise_for_status()
+        except requests.RequestException as exc:  # the web starting again: said once, then waited out
+            if not unanswered:
+                OUT.line(f"the API does not answer ({exc.__class__.__name__}); waiting for it")
+            unanswered = True
+            time.sleep(1)
+            continue
+        if unanswered:
+            OUT.line("the API answers again")
+            unanswered = False
         for job in reply.json()["jobs"]:
             if job["job_id"] not in known:
                 known.add(job["job_id"])
                 followers[job["job_id"]] = JobFollower(job["job_id"], spinner=False)
                 OUT.line(f"new job {job['job_id'][:8]} ({job['name']}) by {job['created_by']}")
         for job_id, follower in list(followers.items()):
-            job = api.job(job_id)
+            try:
+                job = api.job(job_id)
+            except requests.RequestException:
+                continue  # followed again at the next round
             if job is None or follower.update(job):
                 if job is not None:
                     follower.report()

@@ -2,7 +2,8 @@
 
 Each long-running process (Valkey, then the Procfile's lines) runs in its own process group with its log in
 ``logs/<name>.log``, dies with the demo (Linux's parent-death signal), and is stopped in order: the agent
-first, then the control plane, then Valkey.
+first, then the control plane, then Valkey. While the demo serves, a process that exits is started again, up to
+``RESTARTS`` times within ``RESTART_WINDOW`` seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's gunicorn, celery and automation
 STOP_TIMEOUT = 15.0  # seconds a process gets to stop after SIGTERM before SIGKILL
+RESTARTS = 3  # starts again of one process within RESTART_WINDOW; its next exit stops the demo
+RESTART_WINDOW = 300.0
 
 
 class DemoError(Exception):
@@ -108,6 +111,8 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.restarted: dict[str, list[float]] = {}  # when each process was started again, within the window
 
     def log(self, name: str) -> Path:
         """The log file of a process."""
@@ -117,9 +122,10 @@ class Processes:
         """What a process has logged so far."""
         return self.log(name).read_text(errors="replace")
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        """Start a process; its log replaces the previous run's."""
-        with self.log(name).open("wb") as log:
+    def start(self, name: str, argv: list[str], env: dict[str, str], *, again: bool = False) -> None:
+        """Start a process; its log replaces the previous run's (``again``: the log goes on after the exit)."""
+        self.commands[name] = (argv, env)
+        with self.log(name).open("ab" if again else "wb") as log:
             log.write(f"$ {shlex.join(argv)}\n".encode())
             log.flush()
             self.running[name] = subprocess.Popen(
@@ -155,6 +161,31 @@ class Processes:
             code = self.running[name].poll()
             if code is not None:
                 raise DemoError(f"{name} exited with code {code}; {self.tail(name)}")
+
+    def revive(self) -> list[str]:
+        """Start again each process that has exited, in the order they were started (Valkey first); return a line
+        for each. Raise DemoError, with the log's tail, for one that exited more than ``RESTARTS`` times within
+        ``RESTART_WINDOW`` seconds: it would only exit again."""
+        lines = []
+        now = time.monotonic()
+        for name, process in list(self.running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            recent = [at for at in self.restarted.get(name, []) if now - at < RESTART_WINDOW]
+            if len(recent) >= RESTARTS:
+                raise DemoError(
+                    f"{name} exited with code {code}, started again {RESTARTS} times in the last "
+                    f"{RESTART_WINDOW / 60:.0f} minutes already; {self.tail(name)}"
+                )
+            self.restarted[name] = [*recent, now]
+            argv, env = self.commands[name]
+            self.start(name, argv, env, again=True)
+            lines.append(
+                f"{name} exited with code {code}: started it again ({len(recent) + 1} of {RESTARTS} in "
+                f"{RESTART_WINDOW / 60:.0f} minutes); see {self.log(name)}"
+            )
+        return lines
 
     def stop(self, *names: str) -> None:
         """Stop the named processes together, with everything in their process groups: SIGTERM, then SIGKILL."""

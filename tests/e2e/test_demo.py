@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -101,14 +106,29 @@ def test_the_example_env_files_name_every_variable_the_code_reads():
         assert re.search(rf"^#?\s*{name}=", agent, re.MULTILINE), name
 
 
+QUICK = "name: quick\ntasks:\n  - name: t\n    type: command\n    config:\n      command: 'true'\n"
 SLEEPER = (
     "name: sleeper\ntasks:\n  - name: nap\n    type: command\n    config:\n      command: sleep\n      args: ['300']\n"
 )
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(120)
-def test_the_demo_stopped_while_a_job_runs_cancels_it_and_leaves_no_process_behind(tmp_path):
+@dataclass
+class Serving:
+    """A demo started without ``--once``, serving once it printed its welcome."""
+
+    demo: subprocess.Popen[bytes]
+    output: Path
+    state: Path
+    api: str
+    headers: dict[str, str]
+
+    def text(self) -> str:
+        return self.output.read_text()
+
+
+@contextlib.contextmanager
+def serving_demo(tmp_path: Path) -> Iterator[Serving]:
+    """Start the demo and wait until it serves; kill whatever is left of it at the end."""
     state = tmp_path / "demo"
     port = free_port()
     env = {
@@ -128,28 +148,105 @@ def test_the_demo_stopped_while_a_job_runs_cancels_it_and_leaves_no_process_behi
         while "Ctrl-C stops all" not in output.read_text():
             assert demo.poll() is None and time.monotonic() < deadline, output.read_text()
             time.sleep(0.2)
-        api = f"http://127.0.0.1:{port}/api/v1"
         headers = {"Authorization": f"Bearer {(state / 'operator.token').read_text().strip()}"}
-        job_id = requests.post(f"{api}/jobs", json={"workflow": SLEEPER}, headers=headers, timeout=10).json()["job_id"]
+        yield Serving(demo, output, state, f"http://127.0.0.1:{port}/api/v1", headers)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for proc in processes_of(state):
+            proc.kill()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_the_demo_stopped_while_a_job_runs_cancels_it_and_leaves_no_process_behind(tmp_path):
+    with serving_demo(tmp_path) as serving:
+        demo, state = serving.demo, serving.state
+        reply = requests.post(f"{serving.api}/jobs", json={"workflow": SLEEPER}, headers=serving.headers, timeout=10)
+        job_id = reply.json()["job_id"]
+        deadline = time.monotonic() + 30
         while not any(p.info["cmdline"] == ["sleep", "300"] for p in processes_of(state)):  # the job runs
-            assert time.monotonic() < deadline + 30, output.read_text()
+            assert time.monotonic() < deadline, serving.text()
             time.sleep(0.2)
         stopping = time.monotonic()
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(60) == 128 + signal.SIGINT, output.read_text()
+        assert demo.wait(60) == 128 + signal.SIGINT, serving.text()
         took = time.monotonic() - stopping
-        text = output.read_text()
+        text = serving.text()
         assert f"cancelling 1 running job(s): {job_id[:8]}" in text, text
         with sqlite3.connect(state / "automation.db") as db:
             row = db.execute("SELECT state, error FROM jobs WHERE id = ?", (job_id,)).fetchone()
         assert row == ("cancelled", "the demo stopped"), text
         assert not processes_of(state), [p.info["cmdline"] for p in processes_of(state)]  # no sleep left either
         assert took < 30, text  # the agent had nothing left to wait for
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+def test_a_demo_process_that_dies_is_started_again_and_jobs_go_on(tmp_path):
+    with serving_demo(tmp_path) as serving:
+        for name, marker in (("agent", "automation agent"), ("web", "gunicorn")):
+            leader = next(
+                p
+                for p in processes_of(serving.state)
+                if marker in " ".join(p.info["cmdline"] or ()) and p.pid == os.getpgid(p.pid)
+            )
+            os.killpg(leader.pid, signal.SIGKILL)
+            wait_for_text(serving, f"{name} exited with code -9: started it again (1 of 3")
+        job = wait_for_answer(
+            lambda: requests.post(f"{serving.api}/jobs", json={"workflow": QUICK}, headers=serving.headers, timeout=5)
+        )
+        deadline = time.monotonic() + 60
+        while (
+            state := requests.get(f"{serving.api}/jobs/{job['job_id']}", headers=serving.headers, timeout=5).json()[
+                "state"
+            ]
+        ) != "completed":
+            assert state in ("pending", "queued", "running") and time.monotonic() < deadline, (state, serving.text())
+            time.sleep(0.3)
+        assert serving.demo.poll() is None, serving.text()
+        serving.demo.send_signal(signal.SIGINT)
+        assert serving.demo.wait(60) == 128 + signal.SIGINT, serving.text()
+
+
+def wait_for_text(serving: Serving, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in serving.text():
+        assert serving.demo.poll() is None and time.monotonic() < deadline, serving.text()
+        time.sleep(0.2)
+
+
+def wait_for_answer(send: Callable[[], requests.Response], timeout: float = 60) -> dict[str, Any]:
+    """The JSON of the first 201 ``send`` gets: the web may still be starting again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(requests.RequestException):
+            reply = send()
+            if reply.status_code == 201:
+                return dict(reply.json())
+        assert time.monotonic() < deadline, "the web never answered again"
+        time.sleep(0.3)
+
+
+def test_a_process_that_keeps_exiting_stops_the_demo_after_its_restarts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import demo_processes
+
+    procs = demo_processes.Processes(tmp_path)
+    procs.start("quitter", [sys.executable, "-c", "print('bye')"], dict(os.environ))
+    try:
+        for restart in range(1, demo_processes.RESTARTS + 1):
+            procs.running["quitter"].wait(10)
+            assert procs.revive() == [
+                f"quitter exited with code 0: started it again ({restart} of {demo_processes.RESTARTS} in 5 "
+                f"minutes); see {tmp_path / 'quitter.log'}"
+            ]
+        procs.running["quitter"].wait(10)
+        with pytest.raises(demo_processes.DemoError, match="quitter exited with code 0, started again 3 times"):
+            procs.revive()
+        assert (tmp_path / "quitter.log").read_text().count("\nbye\n") == demo_processes.RESTARTS + 1  # one log, kept
     finally:
-        if demo.poll() is None:
-            demo.kill()
-        for proc in processes_of(state):
-            proc.kill()
+        procs.stop_all()
 
 
 def test_stopping_the_demo_never_waits_for_a_rate_limited_or_silent_api(http_server, monkeypatch):
