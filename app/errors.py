@@ -33,6 +33,11 @@ NOT_FOUND = "{kind} '{id}' does not exist"
 ACCESS_DENIED = "role '{role}' may not {action}"
 INTERNAL_ERROR = "the server failed to handle the request; the incident was logged"
 DATABASE_UNAVAILABLE = "the database is unavailable; try again shortly"
+# MariaDB errors PyMySQL raises as OperationalError that refuse one statement, the server being fine: a value its
+# column or CHECK constraint refuses (4025 a failed CHECK, such as a JSON column's; 1366 an incorrect string value;
+# 1406 data too long; 1264 out of range; 1292 a truncated value; 3140 invalid JSON). Retrying cannot help: a bug
+# let the value through, and "the database is unavailable" would send the operator to look at the database.
+REFUSED_STATEMENT = frozenset({4025, 1366, 1406, 1264, 1292, 3140})
 
 
 class AppError(Exception):
@@ -143,6 +148,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(OperationalError)
     def _database_down(exc: OperationalError) -> Response:
+        if _refused_statement(exc):
+            return _unexpected(exc)
         log.warning("database unavailable: %s", exc)
         _rollback_quietly()
         return error_response(503, "database_unavailable", DATABASE_UNAVAILABLE)
@@ -155,6 +162,12 @@ def register_error_handlers(app: Flask) -> None:
         log.exception("unhandled error")
         _rollback_quietly()
         return error_response(500, "internal_error", INTERNAL_ERROR)
+
+
+def _refused_statement(exc: OperationalError) -> bool:
+    """Whether the database refused one statement for its values rather than being out of reach."""
+    code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    return isinstance(code, int) and code in REFUSED_STATEMENT
 
 
 def _rollback_quietly() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from flask import Flask
+from sqlalchemy import text
 
+from app.extensions import db
 from tests.app.support import Api, MakeApp, Tenant
 
 
@@ -41,3 +44,26 @@ def test_an_unreachable_database_is_a_json_503(make_app: MakeApp) -> None:
     assert response.status_code == 503 and response.json["error"] == "database_unavailable"
     health = app.test_client().get("/health")
     assert health.status_code == 503 and health.json["status"] == "unavailable"
+
+
+def test_a_value_the_database_refuses_is_a_500_not_database_unavailable(
+    make_app: MakeApp, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MariaDB refuses a value its CHECK constraint fails with error 4025, which PyMySQL raises as an
+    OperationalError, as it does for a server out of reach; SQLite raises an IntegrityError."""
+    app: Flask = make_app()
+
+    @app.get("/refused")
+    def refused() -> str:
+        check = "CHECK (json_valid(j))"
+        db.session.execute(text(f"CREATE TEMPORARY TABLE refused_values (j TEXT {check})"))
+        db.session.execute(text("INSERT INTO refused_values (j) VALUES ('not json')"))
+        return "stored"
+
+    app.config["TESTING"] = False
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    with caplog.at_level("ERROR", "app.errors"):
+        response = app.test_client().get("/refused")
+    assert response.status_code == 500 and response.json["error"] == "internal_error", (backend, response.json)
+    assert any(r.getMessage() == "unhandled error" and r.exc_info for r in caplog.records)  # logged as the bug it is
+    assert app.test_client().get("/health").status_code == 200
