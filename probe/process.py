@@ -8,6 +8,7 @@ guardian (``probe.guardian``) should this process die; on Windows it gets a new 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from probe import guardian
@@ -68,20 +69,45 @@ class ProcessResult:
 
 
 class Sink:
-    """Keeps the first ``limit`` bytes of a stream and counts the rest."""
+    """Keeps the first ``limit`` bytes of a stream and counts the rest; when given ``on_lines`` (a task context's
+    ``output`` for this stream), hands it each complete line of what it keeps as it comes, and the rest at ``close``.
+    """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_lines: Callable[..., None] | None = None) -> None:
         self.limit = limit
         self.chunks: list[bytes] = []
         self.kept = 0
         self.dropped = 0
+        self.on_lines = on_lines
+        self.line: list[bytes] = []  # what was kept after the last line break, while lines are handed over
 
     def feed(self, data: bytes) -> None:
         room = self.limit - self.kept
         if room > 0:
-            self.chunks.append(data[:room])
-            self.kept += min(room, len(data))
+            kept = data[:room]
+            self.chunks.append(kept)
+            self.kept += len(kept)
+            if self.on_lines is not None:
+                self._hand(kept, self.on_lines)
         self.dropped += max(0, len(data) - max(room, 0))
+
+    def _hand(self, kept: bytes, on_lines: Callable[..., None]) -> None:
+        end = kept.rfind(b"\n")
+        if end == -1:
+            self.line.append(kept)
+            return
+        complete = b"".join([*self.line, kept[:end]])
+        self.line = [kept[end + 1 :]]
+        # decoded as text() does: a line break is never part of a UTF-8 sequence, so lines decode alike alone
+        on_lines(complete.decode("utf-8", "replace").split("\n"))
+
+    def close(self) -> None:
+        """The stream ended (or is no longer read): hand over its last line, if it had no line break, and the count
+        of bytes not kept."""
+        on_lines, self.on_lines = self.on_lines, None
+        if on_lines is not None and (self.kept or self.dropped):  # a stream that said nothing has nothing to end
+            rest = b"".join(self.line)
+            on_lines([rest.decode("utf-8", "replace")] if rest else [], last=True, dropped=self.dropped)
 
     def text(self) -> str:
         return b"".join(self.chunks).decode("utf-8", "replace")
@@ -115,7 +141,8 @@ def run_process(
 
     Parameters:
         argv: the program and its arguments (no shell), or one command line when ``shell`` is true.
-        ctx: the running task's context; its abort kills the process tree.
+        ctx: the running task's context; its abort kills the process tree, and each line of output read is handed
+            to its ``output`` as it comes, when someone listens.
         shell: run ``argv`` through the system shell.
         env: variables added to the inherited environment.
         cwd: the working directory.
@@ -161,9 +188,13 @@ def run_process(
     if not WINDOWS:
         guardian.watch(proc.pid)  # its group dies with this process, however this process dies
     unregister = ctx.on_abort(lambda: kill_tree(proc))
-    out, err = Sink(limit), Sink(limit)
+    streaming = ctx.streaming
+    out = Sink(limit, functools.partial(ctx.output, "stdout") if streaming else None)
+    err = Sink(limit, functools.partial(ctx.output, "stderr") if streaming else None)
     try:
         leftovers = (_pump_threads if WINDOWS else _pump_poll)(proc, out, err)
+        out.close()
+        err.close()
         code = proc.wait()
     finally:
         unregister()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from probe.errors import TaskError, TaskStopped, WorkflowError
+from probe.outputlines import LiveOutput
 from probe.redact import Redactor
 from probe.results import DEFAULT_OUTPUT_LIMIT, Status, TaskResult, WorkflowResult, truncate, utcnow
 from probe.tasktype import Outcome, TaskContext
@@ -110,8 +112,10 @@ def run_workflow(
         variables: values given at run time; they win over the workflow's variables and the environment.
         secrets: values for ``{{.secrets.NAME}}``; each is replaced by ``***`` in everything returned.
         cancel: set it (from any thread) to stop the running task and cancel the rest.
-        on_event: called with a JSON-ready event when the workflow and each task starts and finishes,
-            and for each log line a task writes.
+        on_event: called with a JSON-ready event when the workflow and each task starts and finishes, for each
+            log line a task writes, and (``task_output``) for the lines of output a task reads as it runs, masked as
+            its result's; the ``task_finished`` of a task that sent any says how many (``streamed_lines``) and how
+            many bytes it read and did not send (``unstreamed_bytes``).
         env: the environment placeholders may read (default: the process environment).
         timeout: a limit for the whole run, shorter than the workflow's own.
         output_limit: bytes of output kept per task (default 64 KiB).
@@ -207,10 +211,18 @@ class _Run:
         """Run one task with its retries and return its (redacted) result."""
         started_at, start = utcnow(), time.monotonic()
         attempts = 0
+        live = None
+        if self.on_event is not None:
+            live = LiveOutput(
+                self.redactor,
+                lambda stream, lines, first: self.emit(
+                    "task_output", task=spec.name, stream=stream, lines=lines, first=first
+                ),
+            )
         while True:
             attempts += 1
             self.emit("task_started", task=spec.name, type=spec.type, index=spec.index, attempt=attempts)
-            outcome, status = self.attempt(spec)
+            outcome, status = self.attempt(spec, live)
             retry = status in FAILING and attempts <= spec.retries and not self._cancelled()
             if retry and status is Status.TIMED_OUT and time.monotonic() >= self.deadline:
                 retry = False
@@ -245,7 +257,8 @@ class _Run:
             finished_at=utcnow(),
             attempts=attempts,
         )
-        if self.on_event is not None:
+        if live is not None:
+            streamed = {"streamed_lines": live.lines, "unstreamed_bytes": live.unstreamed} if live.lines else {}
             self.emit(
                 "task_finished",
                 task=spec.name,
@@ -253,6 +266,7 @@ class _Run:
                 index=spec.index,
                 status=status.value,
                 result=result.to_dict(),
+                **streamed,
             )
         return result
 
@@ -270,8 +284,9 @@ class _Run:
                 time.sleep(left)
         return not self._cancelled()
 
-    def attempt(self, spec: TaskSpec) -> tuple[Outcome, Status]:
-        """Render the task's options, run it once under supervision, and classify the outcome."""
+    def attempt(self, spec: TaskSpec, live: LiveOutput | None = None) -> tuple[Outcome, Status]:
+        """Render the task's options, run it once under supervision (its output lines sent through ``live`` as they
+        come), and classify the outcome."""
         if self._cancelled():
             return Outcome(False, error="cancelled before it started"), Status.CANCELLED
         task_type = spec.task_type()
@@ -289,6 +304,7 @@ class _Run:
             deadline = min(deadline, now + spec.timeout)
         if isinstance(config.get("timeout"), (int, float)) and "timeout" in task_type.options:
             deadline = min(deadline, now + float(config["timeout"]))
+        output = live.attempt() if live is not None else None
         ctx = TaskContext(
             task=spec.name,
             deadline=deadline,
@@ -296,8 +312,10 @@ class _Run:
             emit_log=lambda level, message: self.emit(
                 "task_log", task=spec.name, level=level, message=self.redactor.text(message)
             ),
+            emit_output=output,
         )
-        return self.supervise(spec, instance.run, config, ctx)
+        with output if output is not None else contextlib.nullcontext():
+            return self.supervise(spec, instance.run, config, ctx)
 
     def prepare(self, spec: TaskSpec, options: Mapping[str, Any]) -> dict[str, Any]:
         """Return the task's options rendered, converted to their kinds, with defaults filled in."""

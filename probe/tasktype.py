@@ -145,7 +145,8 @@ class Outcome:
 
 
 class TaskContext:
-    """What a running task may ask of the engine: its deadline, whether to stop, a way to be stopped, a log.
+    """What a running task may ask of the engine: its deadline, whether to stop, a way to be stopped, a log, and
+    where to hand its output line by line as it reads it.
 
     The engine calls every callback given to ``on_abort`` when the task times out or is cancelled, from
     another thread; a task registers there whatever really stops its work (kill a process group, close a
@@ -159,6 +160,7 @@ class TaskContext:
         deadline: float,
         output_limit: int,
         emit_log: Callable[[str, str], None] | None = None,
+        emit_output: Callable[..., None] | None = None,
     ) -> None:
         self.task = task
         self.deadline = deadline
@@ -168,6 +170,12 @@ class TaskContext:
         self._aborts: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._emit_log = emit_log
+        self._emit_output = emit_output
+
+    @property
+    def streaming(self) -> bool:
+        """Whether someone listens to the output as it comes (without, a task need not cut its output into lines)."""
+        return self._emit_output is not None
 
     def remaining(self) -> float:
         """Seconds left before the task's deadline (never negative)."""
@@ -210,6 +218,17 @@ class TaskContext:
         """Emit a log line of the workflow (the platform streams and stores these)."""
         if self._emit_log is not None:
             self._emit_log(level, message)
+
+    def output(self, stream: str, lines: list[str], *, last: bool = False, dropped: int = 0) -> None:
+        """Hand over complete lines of output ``stream`` (``stdout``, ``stderr``) as the work reads them, without their
+        line breaks; the engine masks secrets in them as in the final output and sends them to its listener.
+
+        The call with ``last`` ends the stream: its ``lines`` may end with one that had no line break, ``dropped``
+        counts the bytes of the stream not kept (after the lines). A task that hands its output over this way returns
+        the same output, kept, in its Outcome: the platform's log shows the lines handed over, not that output again.
+        """
+        if self._emit_output is not None:
+            self._emit_output(stream, lines, last=last, dropped=dropped)
 
 
 def _call_quietly(callback: Callable[[], None]) -> None:

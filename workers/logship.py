@@ -2,7 +2,10 @@
 
 ``lines_from_event`` turns one ``on_event`` event of ``probe.run_workflow`` into lines ``{"ts", "task", "level",
 "message"}`` (issue 6, contract 3): a line when the workflow and each task start and finish, each line a task
-logs, each retry, and the task's output (already redacted by probe), cut to a number of lines per task.
+logs, each retry, and the task's output (already redacted by probe), cut to a number of lines per task. Output that
+probe reads line by line as the task runs (a process's) comes in ``task_output`` events, each line stamped with the
+time it was read; when such a task finishes, its output is not shipped again, only what says what the lines lack.
+Output given only at the end (ssh, http) is cut into lines then, all stamped with the task's end.
 
 ``LogBuffer`` collects them and calls ``send(lines)`` from a background thread when ``batch_lines`` lines
 are waiting or the oldest has waited ``max_delay`` seconds; ``drain()`` stops it and returns what is left,
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from probe.results import cut_by_probe
+from probe.results import TRUNCATION_MARKER, cut_by_probe
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +64,31 @@ def _output_lines(ts: str, task: str, output: str, limit: int) -> list[Line]:
         text.pop()
     lines = [_line(ts, task, "info", part) for part in text[:limit]]
     if len(text) > limit:
-        lines.append(_line(ts, task, "warning", _not_shipped(output, len(text) - limit)))
+        more = len(text) - limit
+        if cut_by_probe(output) is not None:
+            more -= 1  # probe's marker is the last of the lines not shipped
+        lines.append(_line(ts, task, "warning", _not_shipped(output, more)))
     return lines
 
 
+def _after_streamed(ts: str, task: str, output: str, streamed: int, unstreamed: int, limit: int) -> list[Line]:
+    """What the lines of a task's output shipped as it ran lack, said as it finishes: the lines over its budget, or
+    else the bytes probe read and did not keep (its result lacks them too)."""
+    if streamed > limit:
+        return [_line(ts, task, "warning", _not_shipped(output, streamed - limit))]
+    if unstreamed:
+        return [_line(ts, task, "info", TRUNCATION_MARKER.format(dropped=unstreamed).strip())]
+    return []
+
+
 def _not_shipped(output: str, more: int) -> str:
-    """The line that ends a task's output cut to its lines: how many more lines there were and, when probe had cut
-    the output already (its marker is the last of those lines), how many bytes it cut, which the result lacks too."""
+    """The line that ends a task's output cut to its lines: how many more lines of output there were and, when probe
+    had cut the output already, how many bytes it cut, which the result lacks too."""
     cut = cut_by_probe(output)
     if cut is None:
         return OUTPUT_CUT.format(more=more)
     kept = len(cut[0].encode("utf-8", "replace"))
-    return OUTPUT_TRUNCATED.format(more=more - 1, dropped=cut[1], kept=kept)
+    return OUTPUT_TRUNCATED.format(more=more, dropped=cut[1], kept=kept)
 
 
 def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_PER_TASK) -> list[Line]:
@@ -91,6 +107,9 @@ def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_
     if kind == "task_log":
         level = LEVELS.get(str(event.get("level", "info")).lower(), "info")
         return [_line(ts, task, level, part) for part in str(event.get("message", "")).splitlines() or [""]]
+    if kind == "task_output":  # numbered from 0 across the task's attempts: its budget counts them
+        room = max(0, output_lines - int(event.get("first") or 0))
+        return [_line(ts, task, "info", str(part)) for part in list(event.get("lines") or [])[:room]]
     if kind == "task_retrying":
         error = f": {event['error']}" if event.get("error") else ""
         message = f"attempt {event.get('attempt')} {event.get('status')}{error}; retrying"
@@ -98,7 +117,13 @@ def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_
     if kind == "task_finished":
         result = event.get("result") or {}
         status = str(event.get("status") or result.get("status"))
-        lines = _output_lines(ts, str(task), str(result.get("output") or ""), output_lines)
+        output = str(result.get("output") or "")
+        streamed = int(event.get("streamed_lines") or 0)
+        if streamed:
+            unstreamed = int(event.get("unstreamed_bytes") or 0)
+            lines = _after_streamed(ts, str(task), output, streamed, unstreamed, output_lines)
+        else:
+            lines = _output_lines(ts, str(task), output, output_lines)
         duration = (result.get("metrics") or {}).get("duration_ms")
         took = f" in {duration} ms" if duration is not None else ""
         lines.append(_line(ts, task, FINISH_LEVELS.get(status, "error"), f"task {status}{took}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from datetime import datetime
 
 import pytest
 
@@ -51,6 +52,33 @@ def test_a_jobs_log_is_followed_while_it_runs_and_complete_when_it_ends(platform
     stranger = platform.token("operator", other_tenant, other_project)
     assert platform.api("GET", "/logs?query=goodbye-from-bye", stranger).json()["lines"] == []
     assert platform.api("GET", f"/jobs/{job_id}/logs", stranger).status_code == 404
+
+
+def test_a_commands_output_is_followed_while_it_runs_each_line_once_with_the_time_it_was_printed(
+    platform: Platform,
+) -> None:
+    tenant, project = platform.tenant()
+    platform.start_agent(tenant, project, "l3")
+    operator = platform.token("operator", tenant, project)
+    workflow = (
+        "name: slow\ntasks:\n  - {name: backup, type: command,"
+        " config: {command: sh, args: ['-c', 'echo early-progress; sleep 6; echo late-progress']}}\n"
+    )
+    job_id = platform.submit(operator, workflow)["job_id"]
+
+    def early_output() -> list[dict]:
+        page = platform.api("GET", f"/jobs/{job_id}/logs?follow=true&wait=5", operator).json()
+        said = [line["message"] for line in page["lines"]]
+        return page["lines"] if "early-progress" in said and not page["finished"] else []
+
+    lines = wait_until(early_output, what="the command's first line shipped while it runs")
+    assert not any(line["message"].startswith("task succeeded") for line in lines)
+    assert platform.wait_for(operator, job_id)["state"] == "completed"
+    page = platform.api("GET", f"/jobs/{job_id}/logs?limit=1000", operator).json()
+    said = [(line["task"], line["message"]) for line in page["lines"]]
+    assert said.count(("backup", "early-progress")) == 1 and said.count(("backup", "late-progress")) == 1
+    stamps = {line["message"]: datetime.fromisoformat(line["ts"].replace("Z", "+00:00")) for line in page["lines"]}
+    assert (stamps["late-progress"] - stamps["early-progress"]).total_seconds() > 4
 
 
 def test_a_log_over_its_bound_ends_with_one_marker_counting_every_line_dropped(platform: Platform) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from datetime import datetime
@@ -69,11 +70,13 @@ def test_a_run_becomes_lines_for_the_workflow_each_task_its_output_and_its_retri
     assert said[4][2].startswith("task succeeded in ")
     flaky = [(level, message) for task, level, message in said if task == "flaky"]
     assert flaky[0] == ("info", "task started (command)")
-    assert flaky[1] == ("warning", "attempt 1 failed: exit code 3 (expected 0): broken ***; retrying")
-    assert flaky[2] == ("info", "task started (command, attempt 2)")
-    assert flaky[3] == ("info", "broken ***")
-    assert flaky[4][0] == "error" and flaky[4][1].startswith("task failed in ")
-    assert flaky[5] == ("error", "error: exit code 3 (expected 0): broken ***")
+    assert flaky[1] == ("info", "broken ***")  # each attempt's output, as it was read
+    assert flaky[2] == ("warning", "attempt 1 failed: exit code 3 (expected 0): broken ***; retrying")
+    assert flaky[3] == ("info", "task started (command, attempt 2)")
+    assert flaky[4] == ("info", "broken ***")
+    assert flaky[5][0] == "error" and flaky[5][1].startswith("task failed in ")
+    assert flaky[6] == ("error", "error: exit code 3 (expected 0): broken ***")
+    assert len(flaky) == 7
     assert not [s for s in said if s[0] == "never"]  # skipped without running: probe sends no event
     assert said[-1][0:2] == (None, "error") and said[-1][2].endswith(": task 'flaky' failed")
     assert not any(SECRET in message for _, _, message in said)
@@ -117,6 +120,102 @@ def test_output_probe_cut_ends_with_how_many_lines_and_bytes_are_missing_not_a_c
         f"[… {len(kept.splitlines()) - 10} more lines of output not shipped, and {printed - 65536} more bytes were"
         " cut from it: the task's result keeps only its first 65536 bytes]"
     )
+
+
+def task_says(lines: list[dict[str, Any]], task: str) -> list[str]:
+    return [line["message"] for line in lines if line["task"] == task]
+
+
+def when(line: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
+
+
+def python_task(code: str, *, timeout: str | None = None) -> str:
+    limit = f", timeout: {timeout}" if timeout else ""
+    return (
+        f"name: out\ntasks:\n  - {{name: talk, type: command{limit}, config: {{command: {sys.executable}, "
+        f"args: ['-u', '-c', {code!r}]}}}}\n"
+    )
+
+
+def test_output_is_shipped_while_the_command_runs_each_line_once_with_the_time_it_was_read() -> None:
+    """A command prints a line, sleeps, prints another: the buffer sends the first before the command ends."""
+    sent: list[tuple[float, dict[str, Any]]] = []
+
+    def send(batch: list[dict[str, Any]], first: int) -> None:
+        sent.extend((time.monotonic(), line) for line in batch)
+
+    buffer = LogBuffer(send, max_delay=0.1)
+    workflow = python_task("import time; print('first'); time.sleep(1.5); print('second')")
+    result = probe.run_workflow(
+        probe.load_workflow(workflow.encode(), name="t"), on_event=lambda event: buffer.add(lines_from_event(event))
+    )
+    ended = time.monotonic()
+    lines = [line for _, line in sent] + buffer.drain()
+    assert result.success
+    says = task_says(lines, "talk")
+    assert says[:3] == ["task started (command)", "first", "second"]
+    assert says[3].startswith("task succeeded in ") and len(says) == 4
+    first = next(line for line in lines if line["message"] == "first")
+    second = next(line for line in lines if line["message"] == "second")
+    done = next(line for line in lines if line["message"].startswith("task succeeded"))
+    assert next(at for at, line in sent if line is first) < ended - 1.0  # shipped while it ran
+    assert (when(second) - when(first)).total_seconds() > 1.0
+    assert (when(done) - when(first)).total_seconds() > 1.0
+
+
+def test_a_timed_out_command_keeps_the_lines_shipped_while_it_ran_and_ships_none_twice() -> None:
+    result, events = run(python_task("import time; print('before'); time.sleep(30)", timeout="1s"))
+    assert result.tasks[0].status is probe.Status.TIMED_OUT and result.tasks[0].output == "before\n"
+    lines = [line for line in shipped(events) if line["task"] == "talk"]
+    says = [line["message"] for line in lines]
+    assert says[:2] == ["task started (command)", "before"]
+    assert says[2].startswith("task timed_out in ") and says[3] == "error: timed out (its timeout)"
+    assert len(says) == 4
+    assert (when(lines[2]) - when(lines[1])).total_seconds() > 0.5
+
+
+def test_the_line_budget_holds_for_output_shipped_while_it_runs() -> None:
+    code = "import time; [print(n) for n in range(1, 31)]; time.sleep(0.5); [print(n) for n in range(31, 51)]"
+    _, events = run(python_task(code))
+    lines = [line for line in shipped(events, output_lines=10) if line["task"] == "talk"]
+    says = [line["message"] for line in lines]
+    assert says[1:11] == [str(n) for n in range(1, 11)]
+    assert says[11] == "[… 40 more lines of output not shipped; the task's result keeps its output]"
+    assert says[12].startswith("task succeeded") and len(says) == 13
+    assert (when(lines[12]) - when(lines[1])).total_seconds() > 0.4
+
+
+def test_output_probe_cut_shipped_while_it_ran_ends_with_how_many_lines_and_bytes_are_missing() -> None:
+    """``seq 1 1000`` is 3893 bytes: probe keeps 1000 of them, lines 1 to 277, of which 10 are shipped."""
+    result, events = run(
+        "name: big\ntasks:\n  - name: count\n    type: command\n    config:\n      command: seq\n"
+        "      args: ['1', '1000']\n",
+        output_limit=1000,
+    )
+    printed = sum(len(f"{n}\n") for n in range(1, 1001))
+    says = task_says(shipped(events, output_lines=10), "count")
+    assert says[1:11] == [str(n) for n in range(1, 11)]
+    assert says[11] == (
+        f"[… 267 more lines of output not shipped, and {printed - 1000} more bytes were cut from it: the task's result"
+        " keeps only its first 1000 bytes]"
+    )
+    within = task_says(shipped(events), "count")
+    assert within[1:-2] == [str(n) for n in range(1, 278)]
+    assert within[-2] == f"[... output truncated: {printed - 1000} more bytes not shown ...]"
+    assert within[-1].startswith("task succeeded") and result.tasks[0].output.endswith(within[-2])
+
+
+def test_a_task_type_that_does_not_stream_ships_its_output_when_it_ends_as_before(http_server: Any) -> None:
+    http_server.route("/health", body="all\ngood\n\n")
+    _, events = run(
+        'name: web\ntasks:\n  - {name: call, type: http, config: {url: "{{.BASE}}/health"}}\n',
+        variables={"BASE": http_server.url},
+    )
+    lines = [line for line in shipped(events) if line["task"] == "call"]
+    assert [line["message"] for line in lines[1:3]] == ["all", "good"]
+    assert lines[3]["message"].startswith("task succeeded") and len(lines) == 4
+    assert lines[1]["ts"] == lines[2]["ts"] == lines[3]["ts"]
 
 
 def test_an_unknown_event_says_nothing() -> None:
