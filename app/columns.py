@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,14 @@ def exact(length: int) -> String:
 
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ID_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit, at most 63"
+_ID = re.compile(SLUG_PATTERN.replace("$", r"\Z"))  # "$" would let a final line break through
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` is a tenant's, project's or agent's id as the platform writes them. MariaDB's default
+    collation compares text without case or trailing spaces, so an id in another spelling would find the row."""
+    return _ID.match(value) is not None
 
 
 def utcnow() -> datetime:

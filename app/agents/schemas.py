@@ -27,8 +27,8 @@ class AgentRegister(Request):
 class AgentListQuery(Page):
     """``GET /api/v1/agents`` filters."""
 
-    tenant_id: str | None = None
-    project_id: str | None = None
+    tenant_id: Slug | None = None
+    project_id: Slug | None = None
     platform: str | None = None
     status: Literal["online", "offline"] | None = None
 

@@ -39,6 +39,8 @@ UNKNOWN_PROJECT = "project '{project}' does not exist in this tenant"
 def scoped(caller: Principal, agent_id: str) -> Agent:
     """Return the agent if the caller may see it: 404 outside its tenant, 403 for another agent's token."""
     agent = db.session.get(Agent, (caller.tenant_id, agent_id))
+    if agent is not None and agent.id != agent_id:
+        agent = None  # found under another spelling (MariaDB compares without case): not the agent asked for
     if agent is None or (caller.project_id is not None and agent.project_id != caller.project_id):
         raise NotFound(NOT_FOUND.format(kind="agent", id=agent_id))
     if caller.role == "agent" and caller.agent_id != agent_id:
@@ -176,6 +178,8 @@ def record_refusal(*, caller: Principal, agent_id: str, report: RefusalReport) -
     db.session.commit()
     dead = DEAD_LETTER_ON_REFUSAL.get(report.reason)
     job = db.session.get(Job, report.job_id) if dead and report.job_id else None
+    if job is not None and job.id != report.job_id:
+        job = None  # another spelling of its id (MariaDB compares without case): not the job the agent named
     if (
         dead is not None
         and job is not None

@@ -7,13 +7,13 @@ from typing import Any
 
 from pydantic import Field
 
-from app.schemas import Moment, Page, Response
+from app.schemas import Moment, Page, Response, Slug
 
 
 class AuditQuery(Page):
     """``GET /api/v1/audit`` filters."""
 
-    tenant_id: str | None = None
+    tenant_id: Slug | None = None
     action: str | None = None
     outcome: str | None = None
     since: Moment | None = None

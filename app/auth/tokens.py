@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from typing import Any
 
 import jwt
 
-from app.columns import SLUG_PATTERN
+from app.columns import ID_RULE, is_id
 from app.errors import Unauthorized
 
 ALGORITHM = "HS256"
@@ -29,7 +28,7 @@ LONGEST = {"sub": 255, "tenant_id": 64, "project_id": 64, "agent_id": 64, "role"
 # one too: MariaDB's default collation compares text without case or trailing spaces, so a token for "ACME" or
 # "acme " would otherwise read and write tenant acme's rows.
 IDS = ("tenant_id", "project_id", "agent_id")
-NOT_AN_ID = "claim '{name}' is not an id: lower-case letters, digits, '-' and '_', starting with a letter or digit"
+NOT_AN_ID = "claim '{name}' is not an id: " + ID_RULE + " characters"
 
 
 class TokenError(Unauthorized):
@@ -152,12 +151,9 @@ def _text(claims: dict[str, Any], name: str, *, required: bool, message: str) ->
         raise TokenError(message.format(reason=f"claim '{name}' must be a non-empty string"))
     if len(value) > LONGEST[name]:
         raise TokenError(message.format(reason=TOO_LONG.format(name=name, most=LONGEST[name])))
-    if name in IDS and not _SLUG.match(value):
+    if name in IDS and not is_id(value):
         raise TokenError(message.format(reason=NOT_AN_ID.format(name=name)))
     return value
-
-
-_SLUG = re.compile(SLUG_PATTERN.replace("$", r"\Z"))  # "$" would let a final newline through
 
 
 def _all_text(claims: dict[str, Any], message: str) -> None:

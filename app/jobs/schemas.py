@@ -80,11 +80,11 @@ class JobUpdate(Change):
 class JobListQuery(Page):
     """``GET /api/v1/jobs`` filters."""
 
-    tenant_id: str | None = None
-    project_id: str | None = None
+    tenant_id: Slug | None = None
+    project_id: Slug | None = None
     state: JobState | None = None
-    agent_id: str | None = None  # the agent jobs are pinned to
-    ran_on: str | None = None  # the agent that claimed a job's current attempt
+    agent_id: Slug | None = None  # the agent jobs are pinned to
+    ran_on: Slug | None = None  # the agent that claimed a job's current attempt
     id_prefix: str | None = Field(None, min_length=4, max_length=36, pattern=r"^[0-9a-f-]+$")
 
 
@@ -94,10 +94,10 @@ DeadLetterReason = Literal["expired", "refused", "poison", "lost", "no_agent"]
 class DeadLetterQuery(Page):
     """``GET /api/v1/dead-letters`` filters."""
 
-    tenant_id: str | None = None
-    project_id: str | None = None
+    tenant_id: Slug | None = None
+    project_id: Slug | None = None
     reason: DeadLetterReason | None = None
-    ran_on: str | None = None  # the agent that claimed a job's last attempt
+    ran_on: Slug | None = None  # the agent that claimed a job's last attempt
 
 
 class RequeueRequest(Request):

@@ -46,6 +46,8 @@ def scoped(caller: Principal, job_id: str) -> Job:
 
 def visible(caller: Principal, job_id: str, job: Job | None) -> Job:
     """Return ``job`` (read by id ``job_id``) if the caller can see it; 404 exactly as if it did not exist."""
+    if job is not None and job.id != job_id:
+        job = None  # found under another spelling (MariaDB compares without case): not the job asked for
     seen = (
         job is not None
         and job.tenant_id == caller.tenant_id
@@ -86,7 +88,12 @@ def _ran_on(query: Select[Job], agent_id: str) -> Select[Job]:
     claimed = aliased(JobAttempt)  # the page joins JobAttempt too: this one is the filter's own
     current = (
         exists()
-        .where(claimed.job_id == Job.id, claimed.number == Job.attempt, claimed.agent_id == agent_id)
+        .where(
+            claimed.tenant_id == Job.tenant_id,  # the attempts' index by tenant and agent finds them
+            claimed.agent_id == agent_id,
+            claimed.job_id == Job.id,
+            claimed.number == Job.attempt,
+        )
         .correlate(Job)
     )
     return query.where(current)

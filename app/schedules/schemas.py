@@ -50,8 +50,8 @@ class ScheduleUpdate(Change):
 class ScheduleListQuery(Page):
     """``GET /api/v1/schedules`` filters."""
 
-    tenant_id: str | None = None
-    project_id: str | None = None
+    tenant_id: Slug | None = None
+    project_id: Slug | None = None
     paused: bool | None = None
 
 

@@ -35,6 +35,8 @@ RECENT_RUNS = 20
 def scoped(caller: Principal, schedule_id: str) -> Schedule:
     """Return the schedule if the caller's tenant (and project) can see it; 404 exactly as if it did not exist."""
     schedule = db.session.get(Schedule, schedule_id)
+    if schedule is not None and schedule.id != schedule_id:
+        schedule = None  # found under another spelling (MariaDB compares without case): not the one asked for
     visible = (
         schedule is not None
         and schedule.tenant_id == caller.tenant_id

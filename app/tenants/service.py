@@ -8,7 +8,8 @@ from sqlalchemy.exc import IntegrityError
 from app.audit import service as audit
 from app.auth.guard import deny
 from app.auth.tokens import Principal
-from app.errors import NOT_FOUND, Conflict, NotFound
+from app.columns import ID_RULE, is_id
+from app.errors import NOT_FOUND, BadRequest, Conflict, NotFound
 from app.extensions import db
 from app.schemas import Page
 from app.tenants.models import Project, Tenant
@@ -16,10 +17,12 @@ from app.tenants.models import Project, Tenant
 TENANT_EXISTS = "tenant '{id}' already exists"
 PROJECT_EXISTS = "project '{id}' already exists in tenant '{tenant}'"
 LIMITED_TO_PROJECT = "this token is limited to project '{project}': it cannot create projects"
+NOT_AN_ID = "{kind} id {id!r} is not an id: " + ID_RULE + " characters"
 
 
 def create_tenant(*, caller: Principal | None, tenant_id: str, name: str | None = None) -> Tenant:
     """Create a tenant; 409 if the id is taken. ``caller`` is None for the command line."""
+    _check_id("tenant", tenant_id)
     tenant = Tenant(id=tenant_id, name=name or tenant_id)
     db.session.add(tenant)
     audit.record(
@@ -38,10 +41,17 @@ def create_tenant(*, caller: Principal | None, tenant_id: str, name: str | None 
     return tenant
 
 
+def _check_id(kind: str, value: str) -> None:
+    """Refuse (400) an id not written as ids are: no token could name it (``app.auth.tokens``). The API's bodies
+    check it already; the command line comes here."""
+    if not is_id(value):
+        raise BadRequest(NOT_AN_ID.format(kind=kind, id=value))
+
+
 def visible_tenant(*, caller: Principal, tenant_id: str) -> Tenant:
     """Return a tenant the caller may see: any for a platform admin, its own for a tenant admin."""
     tenant = db.session.get(Tenant, tenant_id)
-    if tenant is None or (not caller.is_admin and tenant_id != caller.tenant_id):
+    if tenant is None or tenant.id != tenant_id or (not caller.is_admin and tenant_id != caller.tenant_id):
         raise NotFound(NOT_FOUND.format(kind="tenant", id=tenant_id))
     return tenant
 
@@ -65,6 +75,7 @@ def create_project(
 ) -> Project:
     """Create a project in a tenant the caller may see; 409 if its id is taken there, 403 for a caller limited to
     one project (the tenant's projects are its tenant admin's to make)."""
+    _check_id("project", project_id)
     if caller is not None:
         visible_tenant(caller=caller, tenant_id=tenant_id)
         if caller.project_id is not None:
@@ -93,7 +104,11 @@ def get_project(*, caller: Principal, tenant_id: str, project_id: str) -> Projec
     """Return one project of a tenant the caller may see."""
     visible_tenant(caller=caller, tenant_id=tenant_id)
     project = db.session.get(Project, (tenant_id, project_id))
-    if project is None or (caller.project_id is not None and project_id != caller.project_id):
+    if (
+        project is None
+        or project.id != project_id
+        or (caller.project_id is not None and project_id != caller.project_id)
+    ):
         raise NotFound(NOT_FOUND.format(kind="project", id=project_id))
     return project
 

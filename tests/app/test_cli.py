@@ -58,6 +58,20 @@ def test_the_command_line_refuses_unknown_tenants_and_duplicates(
 
 
 @pytest.mark.parametrize(
+    "made",
+    [["tenant", "create", "ACME"], ["tenant", "create", "acme "], ["project", "create", "Web", "--tenant", "acme"]],
+)
+def test_the_command_line_makes_no_tenant_or_project_whose_id_no_token_could_name(
+    environment: str, capsys: pytest.CaptureFixture[str], made: list[str]
+) -> None:
+    main(["tenant", "create", "acme"])
+    capsys.readouterr()
+    assert main(made) == 1
+    assert "is not an id: lower-case letters" in capsys.readouterr().err
+    assert main(["tenant", "create", "acme-2"]) == 0 and main(["project", "create", "web_1", "--tenant", "acme"]) == 0
+
+
+@pytest.mark.parametrize(
     ("option", "claim"),
     [("--subject", "sub"), ("--tenant", "tenant_id"), ("--project", "project_id"), ("--agent-id", "agent_id")],
 )

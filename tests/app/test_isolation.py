@@ -184,3 +184,24 @@ def test_nothing_of_the_other_tenant_shows_in_any_list(api: Api, world: dict[str
 def globex_ids(world: dict[str, Tenant]) -> set[str]:
     globex = world["globex"]
     return {globex.pending, globex.queued, globex.running, globex.completed, globex.agent}
+
+
+def test_an_id_in_another_spelling_finds_nothing_on_either_database(api: Api, world: dict[str, Tenant]) -> None:
+    """MariaDB compares ids without case or trailing spaces: within the tenant, ``GET /agents/A1`` found agent a1
+    there and nothing on SQLite. Every lookup by id now compares the id it found with the one asked for."""
+    acme = world["acme"]
+    for path, role in (
+        ("/api/v1/agents/A1", "viewer"),
+        ("/api/v1/agents/a1%20", "viewer"),
+        (f"/api/v1/jobs/{acme.running.upper()}", "viewer"),
+        (f"/api/v1/jobs/{acme.running.upper()}/logs", "viewer"),
+        ("/api/v1/tenants/ACME", "tenant_admin"),
+        ("/api/v1/tenants/acme/projects/WEB", "tenant_admin"),
+        ("/api/v1/tenants/ACME/projects/web", "admin"),
+        ("/api/v1/tenants/acme/projects/WEB/secrets", "tenant_admin"),
+    ):
+        response = api.get(path, acme.tokens[role])
+        assert (path, response.status_code) == (path, 404), response.json
+    claim = api.post(f"/api/v1/jobs/{acme.queued.upper()}/claim", acme.tokens["agent"], json={"attempt": 1})
+    assert claim.status_code == 404, claim.json
+    assert api.get(f"/api/v1/jobs/{acme.queued}", acme.tokens["viewer"]).json["state"] == "queued"
