@@ -95,7 +95,7 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _register_blueprints(app: Flask) -> None:
     from app.agents.views import bp as agents_bp
-    from app.api import refuse_non_json, refuse_unknown_query
+    from app.api import refuse_non_json
     from app.audit.views import bp as audit_bp
     from app.errors import register_error_handlers
     from app.jobs.views import bp as jobs_bp
@@ -126,7 +126,6 @@ def _register_blueprints(app: Flask) -> None:
     init_realtime(app)  # live events: the fan-out, its session hooks, tokens and the event stream
     init_rate_limit(app)  # before the JSON check: a flood of bad requests is counted too
     app.before_request(refuse_non_json)
-    app.before_request(refuse_unknown_query)
     register_error_handlers(app)
 
 

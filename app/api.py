@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from flask import Response, current_app, request
 from pydantic import BaseModel, ValidationError
@@ -36,11 +37,13 @@ BODY_REQUIRED = "this endpoint needs a JSON object as its body"
 MALFORMED_JSON = "the body is not valid JSON: {detail}"
 REPEATED = "invalid query: {names}: given more than once"
 NO_QUERY = "invalid query: {names}: this endpoint takes no query parameters"
-# A query's numbers and switches as a JSON body would give them: pydantic alone reads "5.0" and "+5" as 5 and
-# "yes", "on" or "1" as true.
-WHOLE = re.compile(r"[0-9]+")
+# A query's numbers and switches as a JSON body would give them: pydantic alone reads "5.0", "+5", "05" and "5_000"
+# as 5, and "yes", "on" or "1" as true.
+WHOLE = re.compile(r"-?(0|[1-9][0-9]*)")
+NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 SWITCH = ("true", "false")
-NOT_WHOLE = "expected a whole number written in digits"
+NOT_WHOLE = "expected a whole number as JSON writes it (5, not 5.0, +5, 05 or 5_000)"
+NOT_NUMBER = "expected a number as JSON writes it (2.5, not +2.5, .5 or 2_5)"
 NOT_SWITCH = "expected true or false"
 BODY_TOO_LARGE = "the body is larger than the {limit} bytes accepted"
 
@@ -98,7 +101,7 @@ def _refuse_longer() -> None:
 
 
 def refuse_unknown_query() -> None:
-    """Refuse (400) a query string sent to an endpoint that takes none; registered before every API request.
+    """Refuse (400) a query string sent to an endpoint that takes none; called once the caller is authenticated.
 
     Ignored, ``GET /api/v1/jobs/{id}?tenant_id=globex`` looks like a filter that was applied. Public endpoints
     (health, metrics, the OpenAPI document) ignore a query string: monitors and browsers add their own."""
@@ -133,12 +136,24 @@ def _not_as_written(model: type[BaseModel], args: dict[str, str]) -> list[dict[s
         field_info = model.model_fields.get(name)
         if field_info is None:
             continue  # the model refuses it as unknown
-        kinds = set(get_args(field_info.annotation)) or {field_info.annotation}
+        kinds = _kinds(field_info.annotation)
         if bool in kinds and value not in SWITCH:
             details.append({"field": name, "message": NOT_SWITCH})
         elif int in kinds and not WHOLE.fullmatch(value):
             details.append({"field": name, "message": NOT_WHOLE})
+        elif float in kinds and not NUMBER.fullmatch(value):
+            details.append({"field": name, "message": NOT_NUMBER})
     return details
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The scalar types a field's annotation allows, through ``Annotated`` (``PositiveInt``) and unions."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _kinds(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return set().union(*(_kinds(arg) for arg in get_args(annotation)))
+    return {annotation} if origin is None else set()  # list[int] and the like are no scalar
 
 
 def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -8,6 +8,7 @@ from typing import Any, TypeVar, cast
 
 from flask import current_app, g, request
 
+from app.api import refuse_unknown_query
 from app.audit import service as audit
 from app.auth.tokens import Principal, TokenError, verify_token
 from app.errors import ACCESS_DENIED, Forbidden, Unauthorized
@@ -56,6 +57,7 @@ def require(*roles: str, action: str) -> Callable[[F], F]:
             if principal.role not in roles:
                 raise deny(principal, ACCESS_DENIED.format(role=principal.role, action=action))
             g.principal = principal
+            refuse_unknown_query()  # after the token: a caller without one learns nothing of the endpoint
             return view(*args, **kwargs)
 
         wrapper.__roles__ = roles  # type: ignore[attr-defined]  # read by the OpenAPI document

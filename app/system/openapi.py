@@ -18,6 +18,7 @@ bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
 REF = "#/components/schemas/{model}"
 EVERYWHERE = {429: ("rate_limited",), 500: ("internal_error",), 503: ("database_unavailable",)}
+GUARDED = {400: ("invalid_request",)}  # every endpoint with a token refuses a query string it does not take
 _PARAMETER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
@@ -95,7 +96,10 @@ def _operation(path: str, endpoint: str, doc: Doc, roles: tuple[str, ...] | None
             media_type = doc.media_type if status < 300 else "application/json"
             entry["content"] = {media_type: {"schema": {"$ref": REF.format(model=model.__name__)}}}
         responses[str(status)] = entry
-    everywhere = {status: (*doc.errors.get(status, ()), *codes) for status, codes in EVERYWHERE.items()}
+    always = EVERYWHERE if doc.public else {**EVERYWHERE, **GUARDED}
+    everywhere = {
+        status: tuple(dict.fromkeys((*doc.errors.get(status, ()), *codes))) for status, codes in always.items()
+    }
     for status, codes in sorted({**doc.errors, **everywhere}.items()):
         responses.setdefault(str(status), _error_response(codes))
     operation["responses"] = responses

@@ -334,6 +334,9 @@ def test_a_query_parameter_given_twice_is_refused(
         ("/api/v1/jobs/{running}/logs?after=%201", "operator", "after", "whole number"),
         ("/api/v1/tenants/acme?tenant_id=globex", "tenant_admin", "tenant_id", "takes no query parameters"),
         ("/api/v1/schedules/x?project_id=web", "viewer", "project_id", "takes no query parameters"),
+        ("/api/v1/jobs?limit=007", "viewer", "limit", "whole number"),
+        ("/api/v1/jobs/{running}/logs?wait=1_0", "operator", "wait", "number as JSON writes it"),
+        ("/api/v1/jobs/{running}/logs?wait=%2B1", "operator", "wait", "number as JSON writes it"),
         ("/api/v1/jobs/{running}?fields=id&tenant_id=globex", "viewer", "fields, tenant_id", "takes no query"),
     ],
 )
@@ -349,3 +352,20 @@ def test_a_query_is_read_as_written_and_one_no_endpoint_takes_is_refused(
     if "limit" in path or "offset" in path:
         assert api.get(written, acme.tokens[role]).status_code == 200  # the same number in digits is taken
     assert api.get("/health?probe=lb", None).status_code == 200  # public endpoints ignore a monitor's query
+
+
+def test_a_query_string_is_judged_only_once_the_token_is(limited: tuple[Flask, Api, dict[str, Tenant]]) -> None:
+    _app, api, world = limited
+    running = world["acme"].running
+    assert api.get(f"/api/v1/jobs/{running}?tenant_id=globex").status_code == 401  # no token: nothing else said
+    assert api.get(f"/api/v1/jobs/{running}?tenant_id=globex", "not-a-token").json["error"] == "invalid_token"
+    assert api.get("/api/v1/jobs?limit=5.0").json["error"] == "missing_token"
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/jobs?ran_on=A1", "/api/v1/jobs?agent_id=a1%20", "/api/v1/agents?project_id=WEB"]
+)
+def test_an_id_filter_not_written_as_an_id_is_refused(limited: tuple[Flask, Api, dict[str, Tenant]], path: str) -> None:
+    _app, api, world = limited
+    response = api.get(path, world["acme"].tokens["viewer"])
+    assert response.status_code == 400 and response.json["error"] == "invalid_request", response.json

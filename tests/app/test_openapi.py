@@ -42,6 +42,7 @@ def test_every_operation_names_its_roles_errors_and_models(api: Api) -> None:
             if operation.get("security") != []:
                 assert operation["x-roles"], (method, path)
                 assert "401" in operation["responses"] and "403" in operation["responses"]
+                assert "invalid_request" in operation["responses"]["400"]["description"], (method, path)
     submit = document["paths"]["/api/v1/jobs"]["post"]
     assert "invalid_workflow" in submit["responses"]["422"]["description"]
     assert submit["requestBody"]["required"] is True
