@@ -12,6 +12,7 @@ from sqlalchemy import Executable, and_, bindparam, func, select
 import probe.results
 from app.agents.models import Agent
 from app.audit import service as audit
+from app.audit.models import AuditEvent
 from app.auth.guard import deny
 from app.auth.tokens import Principal
 from app.columns import utcnow
@@ -485,16 +486,33 @@ def claim_carrying(
 # message. The broker may redeliver one (a connection lost before the ack); anything else is a replay, such as a
 # message pushed onto the queue again after its agent restarted and forgot the envelopes it had taken.
 SECOND_DELIVERY = frozenset({"invalid_transition", "stale_attempt"})
+CLAIM_REFUSED = "job.claim_refused"
 
 
 def _audit_second_delivery(caller: Principal, job_id: str, attempt: int, refusal: AppError) -> None:
     """Audit a claim refused as a second delivery (``job.claim_refused``), nothing having run: the agent drops the
-    message. A claim refused for a cancel, a full project or a lost race is the normal course, and not audited."""
+    message. A claim refused for a cancel, a full project or a lost race is the normal course, and not audited.
+
+    Once per attempt and agent, and only for an attempt the job has had: a message can only be for one of those,
+    and an agent's token claiming the same job again and again (or attempts it never had) writes no more rows."""
     if refusal.code not in SECOND_DELIVERY:
+        return
+    db.session.rollback()  # the refused claim wrote nothing; the reports it carried are committed already
+    job = db.session.get(Job, job_id)
+    if job is None or job.id != job_id or not 1 <= attempt <= job.attempt:
+        return
+    earlier = db.session.scalars(
+        select(AuditEvent.details).where(
+            AuditEvent.action == CLAIM_REFUSED,
+            AuditEvent.tenant_id == caller.tenant_id,
+            AuditEvent.target_id == job_id,
+        )
+    )
+    if any(seen.get("attempt") == attempt and seen.get("agent_id") == caller.agent_id for seen in earlier):
         return
     details = {"agent_id": caller.agent_id, "attempt": attempt, "reason": refusal.code, "message": refusal.message}
     audit.record_refusal(
-        action="job.claim_refused",
+        action=CLAIM_REFUSED,
         principal=caller,
         outcome="refused",
         target_type="job",

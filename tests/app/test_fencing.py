@@ -500,7 +500,8 @@ def test_a_second_delivery_is_refused_at_its_claim_and_audited_as_one(
     api: Api, world: dict[str, Tenant], carrying: bool
 ) -> None:
     """An agent that restarted has forgot the envelopes it took: a message replayed to it then passes its own
-    check, and only the claim stops it. The refusal is in the audit log, as the agent's own refusal would be."""
+    check, and only the claim stops it. The refusal is in the audit log, as the agent's own refusal would be: once
+    per attempt and agent, and only for an attempt the job has had."""
     acme = world["acme"]
     url = f"/api/v1/jobs/{acme.queued}/claim"
     first = {"attempt": 1, "claim_id": "f" * 16}
@@ -511,16 +512,38 @@ def test_a_second_delivery_is_refused_at_its_claim_and_audited_as_one(
     replay = {"attempt": 1, "claim_id": "r" * 16, **carried}
     refused = api.post(url, acme.tokens["agent"], json=replay)
     assert refused.status_code == 409 and refused.json["error"] == "invalid_transition", refused.json
-    stale = api.post(url, acme.tokens["agent"], json={"attempt": 2, "claim_id": "s" * 16})
-    assert stale.status_code == 409 and stale.json["error"] == "stale_attempt", stale.json
+    for again in range(3):  # the same replay again, and claims of attempts the job never had: refused, not audited
+        assert api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": f"{again}" * 16}).status_code == 409
+        never = api.post(url, acme.tokens["agent"], json={"attempt": 2 + again, "claim_id": "s" * 16})
+        assert never.status_code == 409 and never.json["error"] == "stale_attempt", never.json
+    other = token("acme", "agent", agent="a2")
+    api.post("/api/v1/agents", other, json={"agent_id": "a2", "hostname": "a2", "platform": "linux"})
+    assert api.post(url, other, json={"attempt": 1, "claim_id": "o" * 16}).status_code == 409
     events = claims_refused(api, acme)
-    assert [(e["outcome"], e["target_id"], e["details"]["reason"]) for e in reversed(events)] == [
-        ("refused", acme.queued, "invalid_transition"),
-        ("refused", acme.queued, "stale_attempt"),
+    assert [
+        (e["outcome"], e["target_id"], e["details"]["reason"], e["details"]["agent_id"]) for e in reversed(events)
+    ] == [
+        ("refused", acme.queued, "invalid_transition", "a1"),
+        ("refused", acme.queued, "invalid_transition", "a2"),
     ]
-    assert events[-1]["details"]["agent_id"] == "a1" and events[-1]["details"]["attempt"] == 1
+    assert events[-1]["details"]["attempt"] == 1
     if carrying:  # the report it carried is recorded all the same
         assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["state"] == "completed"
     api.post(f"/api/v1/jobs/{acme.queued}/cancel", acme.tokens["operator"])
-    cancelled = api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": "c" * 16})
+    cancelled = api.post(url, other, json={"attempt": 1, "claim_id": "c" * 16})
     assert cancelled.status_code == 409 and len(claims_refused(api, acme)) == 2  # a cancel is the normal course
+
+
+def test_a_stale_attempts_message_is_audited_as_a_second_delivery(
+    api: Api, app: Flask, world: dict[str, Tenant]
+) -> None:
+    acme = world["acme"]
+    url = f"/api/v1/jobs/{acme.running}/claim"
+    with app.app_context():  # the running attempt is lost, and the job's next attempt queued
+        dispatching.reap(now=utcnow() + timedelta(seconds=app.config["LEASE_SECONDS"] + 1))
+    assert api.get(f"/api/v1/jobs/{acme.running}", acme.tokens["viewer"]).json["attempt"] == 2
+    stale = api.post(url, acme.tokens["agent"], json={"attempt": 1, "claim_id": "z" * 16})
+    assert stale.status_code == 409 and stale.json["error"] == "stale_attempt", stale.json
+    assert [(e["details"]["reason"], e["details"]["attempt"]) for e in claims_refused(api, acme)] == [
+        ("stale_attempt", 1)
+    ]
