@@ -217,13 +217,18 @@ def serve(api: Api, procs: Processes, known: set[str]) -> None:
             OUT.line(OUT.paint(line, "33"))
         try:
             reply = api.call("GET", "/jobs?limit=20")
-            reply.raise_for_status()
-        except requests.RequestException as exc:  # the web starting again: said once, then waited out
+        except (requests.ConnectionError, requests.Timeout) as exc:  # the web starting again: said once, waited out
+            reply = None
+            why = exc.__class__.__name__
+        else:
+            why = f"{reply.status_code}"
+        if reply is None or reply.status_code in (502, 503):
             if not unanswered:
-                OUT.line(f"the API does not answer ({exc.__class__.__name__}); waiting for it")
+                OUT.line(f"the API does not answer ({why}); waiting for it")
             unanswered = True
             time.sleep(1)
             continue
+        reply.raise_for_status()  # any other refusal stops the demo, with what it said
         if unanswered:
             OUT.line("the API answers again")
             unanswered = False

@@ -178,6 +178,8 @@ class Processes:
                     f"{name} exited with code {code}, started again {RESTARTS} times in the last "
                     f"{RESTART_WINDOW / 60:.0f} minutes already; {self.tail(name)}"
                 )
+            with contextlib.suppress(ProcessLookupError):  # what it left in its group (a job's command) goes too
+                os.killpg(process.pid, signal.SIGKILL)
             self.restarted[name] = [*recent, now]
             argv, env = self.commands[name]
             self.start(name, argv, env, again=True)

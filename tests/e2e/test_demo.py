@@ -186,11 +186,7 @@ def test_the_demo_stopped_while_a_job_runs_cancels_it_and_leaves_no_process_behi
 def test_a_demo_process_that_dies_is_started_again_and_jobs_go_on(tmp_path):
     with serving_demo(tmp_path) as serving:
         for name, marker in (("agent", "automation agent"), ("web", "gunicorn")):
-            leader = next(
-                p
-                for p in processes_of(serving.state)
-                if marker in " ".join(p.info["cmdline"] or ()) and p.pid == os.getpgid(p.pid)
-            )
+            leader = next(p for p in processes_of(serving.state) if leads(p, marker))
             os.killpg(leader.pid, signal.SIGKILL)
             wait_for_text(serving, f"{name} exited with code -9: started it again (1 of 3")
         job = wait_for_answer(
@@ -207,6 +203,14 @@ def test_a_demo_process_that_dies_is_started_again_and_jobs_go_on(tmp_path):
         assert serving.demo.poll() is None, serving.text()
         serving.demo.send_signal(signal.SIGINT)
         assert serving.demo.wait(60) == 128 + signal.SIGINT, serving.text()
+
+
+def leads(proc: psutil.Process, marker: str) -> bool:
+    """Whether ``proc`` runs ``marker`` and leads its process group (it may have exited meanwhile: then not)."""
+    try:
+        return marker in " ".join(proc.info["cmdline"] or ()) and proc.pid == os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return False
 
 
 def wait_for_text(serving: Serving, text: str, timeout: float = 30) -> None:
@@ -247,6 +251,38 @@ def test_a_process_that_keeps_exiting_stops_the_demo_after_its_restarts(tmp_path
         assert (tmp_path / "quitter.log").read_text().count("\nbye\n") == demo_processes.RESTARTS + 1  # one log, kept
     finally:
         procs.stop_all()
+
+
+def test_a_process_started_again_leaves_nothing_of_its_first_run_behind(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import demo_processes
+
+    procs = demo_processes.Processes(tmp_path)
+    leftover = f"sleep {3000 + os.getpid() % 1000}"  # what a crashed agent leaves: its job's command, in its group
+    procs.start("agent", ["sh", "-c", f"{leftover} & exec sleep 0.2"], dict(os.environ))
+    try:
+        first = procs.running["agent"]
+        first.wait(10)
+        assert [p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or ()) == leftover]
+        assert procs.revive()[0].startswith("agent exited with code 0: started it again")
+        assert not [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or ()) == leftover]
+    finally:
+        procs.stop_all()
+        for proc in psutil.process_iter(["cmdline"]):
+            if " ".join(proc.info["cmdline"] or ()) == leftover:
+                proc.kill()
+
+
+def test_the_serving_demo_stops_on_a_refusal_and_waits_only_for_an_api_out_of_reach(http_server, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import demo_platform
+    import demo_processes
+
+    http_server.route("/api/v1/jobs", status=401, body=b'{"error": "invalid_token", "message": "it has expired"}')
+    started = time.monotonic()
+    with pytest.raises(requests.HTTPError, match="401"):  # an expired token: said at once, not waited for
+        demo_platform.serve(demo_platform.Api(http_server.url, "token"), demo_processes.Processes(tmp_path), set())
+    assert time.monotonic() - started < 5
 
 
 def test_stopping_the_demo_never_waits_for_a_rate_limited_or_silent_api(http_server, monkeypatch):
