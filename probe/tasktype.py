@@ -69,8 +69,8 @@ class Option:
     def _item(self, index: int, item: Any) -> Any:
         try:
             return _coerce(str(self.items), item)
-        except ValueError:
-            raise ValueError(f"item {index} of the list: expected {self.items}, got {_kind_of(item)}") from None
+        except ValueError as exc:  # its own words: a duration's says what it could not read
+            raise ValueError(f"item {index} of the list: {exc}") from None
 
 
 def _kind_of(value: Any) -> str:

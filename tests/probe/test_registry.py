@@ -66,6 +66,8 @@ def test_a_list_with_a_wrong_item_names_the_item_not_the_list(value: object, say
     with pytest.raises(ValueError) as refused:
         Option("string|list", items="string").coerce(value)
     assert str(refused.value) == says
+    with pytest.raises(ValueError, match=r"^item 1 of the list: .*'soon'"):  # the item's own kind explains itself
+        Option("list", items="duration").coerce(["1m", "soon"])
 
 
 def test_a_third_party_type_plugs_in_through_the_entry_point_group(tmp_path: Path):
