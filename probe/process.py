@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import select
 import signal
 import subprocess
@@ -80,26 +81,36 @@ class Sink:
         self.dropped = 0
         self.on_lines = on_lines
         self.line: list[bytes] = []  # what was kept after the last line break, while lines are handed over
+        self.after_cr = False  # the last piece handed over ended in "\r": a "\n" first in the next ends no line
 
     def feed(self, data: bytes) -> None:
         room = self.limit - self.kept
+        kept = b""
         if room > 0:
             kept = data[:room]
+            if len(data) >= room:  # full now: end on a whole character, the rest of it counted as dropped
+                kept = _whole_characters(kept)
+                self.limit = self.kept + len(kept)
             self.chunks.append(kept)
             self.kept += len(kept)
-            if self.on_lines is not None:
-                self._hand(kept, self.on_lines)
-        self.dropped += max(0, len(data) - max(room, 0))
+            on_lines = self.on_lines  # read once: close() may take it from another thread (Windows' pumps)
+            if on_lines is not None:
+                self._hand(kept, on_lines)
+        self.dropped += len(data) - len(kept)
 
     def _hand(self, kept: bytes, on_lines: Callable[..., None]) -> None:
-        end = kept.rfind(b"\n")
+        if self.after_cr and kept.startswith(b"\n"):
+            kept = kept[1:]  # the "\n" of a "\r\n" that two reads cut apart
+        self.after_cr = False
+        end = max(kept.rfind(b"\n"), kept.rfind(b"\r"))  # "\r" too: a progress bar's line ends there
         if end == -1:
             self.line.append(kept)
             return
         complete = b"".join([*self.line, kept[:end]])
         self.line = [kept[end + 1 :]]
+        self.after_cr = end == len(kept) - 1 and kept.endswith(b"\r")
         # decoded as text() does: a line break is never part of a UTF-8 sequence, so lines decode alike alone
-        on_lines(complete.decode("utf-8", "replace").split("\n"))
+        on_lines(LINE_BREAK.split(complete.decode("utf-8", "replace")))
 
     def close(self) -> None:
         """The stream ended (or is no longer read): hand over its last line, if it had no line break, and the count
@@ -111,6 +122,21 @@ class Sink:
 
     def text(self) -> str:
         return b"".join(self.chunks).decode("utf-8", "replace")
+
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` without a UTF-8 character cut short at its end. Decoded, such a remnant would end the kept output in
+    U+FFFD, and a secret's beginning just before it would not be seen as the end of the cut output, and not masked."""
+    start = len(data) - 1
+    while start >= 0 and len(data) - start <= 4 and data[start] & 0xC0 == 0x80:
+        start -= 1  # back over continuation bytes to the character's first byte
+    if start < 0 or data[start] < 0xC0:
+        return data  # ASCII, or no lead byte where one would be
+    needs = 2 if data[start] < 0xE0 else 3 if data[start] < 0xF0 else 4
+    return data[:start] if len(data) - start < needs else data
 
 
 def kill_tree(proc: subprocess.Popen[bytes]) -> None:

@@ -235,6 +235,7 @@ class _Run:
                 attempt=attempts,
                 status=status.value,
                 error=self.redactor.text(outcome.error or ""),
+                **(live.sent() if live else {}),  # what this attempt's lines lack: the result holds the next one's
             )
             if not self._sleep(spec.retry_delay):
                 status, outcome = Status.CANCELLED, Outcome(False, outcome.output, "cancelled while waiting to retry")
@@ -258,7 +259,6 @@ class _Run:
             attempts=attempts,
         )
         if live is not None:
-            streamed = {"streamed_lines": live.lines, "unstreamed_bytes": live.unstreamed} if live.lines else {}
             self.emit(
                 "task_finished",
                 task=spec.name,
@@ -266,7 +266,7 @@ class _Run:
                 index=spec.index,
                 status=status.value,
                 result=result.to_dict(),
-                **streamed,
+                **live.sent(),
             )
         return result
 

@@ -220,12 +220,16 @@ class TaskContext:
             self._emit_log(level, message)
 
     def output(self, stream: str, lines: list[str], *, last: bool = False, dropped: int = 0) -> None:
-        """Hand over complete lines of output ``stream`` (``stdout``, ``stderr``) as the work reads them, without their
-        line breaks; the engine masks secrets in them as in the final output and sends them to its listener.
+        """Hand over complete lines of output ``stream`` as the work reads them; the engine masks secrets in them as
+        in the final output and sends them to its listener. A task that hands its output over this way returns the
+        same output, kept, in its Outcome: the platform's log shows the lines handed over, not that output again.
 
-        The call with ``last`` ends the stream: its ``lines`` may end with one that had no line break, ``dropped``
-        counts the bytes of the stream not kept (after the lines). A task that hands its output over this way returns
-        the same output, kept, in its Outcome: the platform's log shows the lines handed over, not that output again.
+        Parameters:
+            stream: ``stdout`` or ``stderr``.
+            lines: the lines, without their line breaks.
+            last: this call ends the stream: ``lines`` may end with one that had no line break, and later calls for
+                the stream are ignored.
+            dropped: with ``last``, the bytes of the stream not kept (after the lines).
         """
         if self._emit_output is not None:
             self._emit_output(stream, lines, last=last, dropped=dropped)

@@ -45,6 +45,7 @@ OUTPUT_TRUNCATED = (
     "[… {more} more lines of output not shipped, and {dropped} more bytes were cut from it: the task's result keeps"
     " only its first {kept} bytes]"
 )
+ATTEMPT_CUT = "[… {more} more lines of attempt {attempt}'s output not shipped]"
 LINE_CUT = " [… line cut: {dropped} more bytes]"
 AGENT_MARKER = "[log truncated on the agent: later lines are dropped; limit {lines} lines / {size} bytes per job]"
 AGENT_TOTAL = "[log truncated on the agent: {dropped} lines dropped in all]"
@@ -71,10 +72,15 @@ def _output_lines(ts: str, task: str, output: str, limit: int) -> list[Line]:
     return lines
 
 
-def _after_streamed(ts: str, task: str, output: str, streamed: int, unstreamed: int, limit: int) -> list[Line]:
-    """What the lines of a task's output shipped as it ran lack, said as it finishes: the lines over its budget, or
-    else the bytes probe read and did not keep (its result lacks them too)."""
+def _after_streamed(
+    ts: str, task: str, output: str, streamed: int, unstreamed: int, limit: int, *, attempt: object = None
+) -> list[Line]:
+    """What the lines of an attempt's output shipped as it ran lack, said as it ends: the lines over its budget, or
+    else the bytes probe read and did not keep (the result lacks them too). ``attempt`` names an attempt that is
+    retried, whose output the result will not hold."""
     if streamed > limit:
+        if attempt is not None:
+            return [_line(ts, task, "warning", ATTEMPT_CUT.format(more=streamed - limit, attempt=attempt))]
         return [_line(ts, task, "warning", _not_shipped(output, streamed - limit))]
     if unstreamed:
         return [_line(ts, task, "info", TRUNCATION_MARKER.format(dropped=unstreamed).strip())]
@@ -113,7 +119,10 @@ def lines_from_event(event: dict[str, Any], *, output_lines: int = OUTPUT_LINES_
     if kind == "task_retrying":
         error = f": {event['error']}" if event.get("error") else ""
         message = f"attempt {event.get('attempt')} {event.get('status')}{error}; retrying"
-        return [_line(ts, task, "warning", message)]
+        streamed = int(event.get("streamed_lines") or 0)
+        unstreamed = int(event.get("unstreamed_bytes") or 0)
+        lacking = _after_streamed(ts, str(task), "", streamed, unstreamed, output_lines, attempt=event.get("attempt"))
+        return [*lacking, _line(ts, task, "warning", message)]
     if kind == "task_finished":
         result = event.get("result") or {}
         status = str(event.get("status") or result.get("status"))

@@ -221,4 +221,60 @@ def test_an_abandoned_attempt_sends_no_line_once_it_has_ended_not_even_into_the_
         probe.registry.pop("test-late")
     assert result.tasks[0].status is Status.TIMED_OUT and result.tasks[0].attempts == 2
     assert events.output() == ["early", "early"]
-    assert [event["first"] for _, event in events.events if event["event"] == "task_output"] == [0, 1]
+    # each attempt's lines are numbered from 0: the log's budget of lines is an attempt's
+    assert [event["first"] for _, event in events.events if event["event"] == "task_output"] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("secret", "pad"),
+    [("pass§word-Zq9", 995), ("geheim-pässwort-ÄÖÜ", 991), ("hunter2-😀-tail", 990)],
+    ids=["cut-in-section-sign", "cut-in-umlaut", "cut-in-emoji"],
+)
+def test_a_secret_cut_at_the_limit_inside_a_character_is_masked_in_the_result_and_the_lines(
+    run_yaml: RunYaml, secret: str, pad: int
+) -> None:
+    """The cut falls inside a character of the secret: decoded alone, the kept bytes ended in U+FFFD, and the
+    secret's beginning before it was not seen as the end of the output, so not masked (the result leaked it too
+    when the character was an emoji)."""
+    events = Recorder()
+    code = f"import os, sys; sys.stdout.buffer.write(b'a' * {pad} + os.environ['S'].encode() + b'\\n')"
+    result = run_yaml(
+        python_task(code, env="{S: '{{.secrets.S}}'}"), secrets={"S": secret}, on_event=events, output_limit=1000
+    )
+    kept = secret.encode()[: 1000 - pad]
+    cut = kept.decode("utf-8", "ignore")
+    assert len(cut.encode()) < len(kept)  # the limit falls inside one of the secret's characters
+    for text in (result.tasks[0].output, *events.output()):
+        assert cut[:6] not in text and "\ufffd" not in text, text[-60:]
+
+
+def test_a_multi_line_secret_split_between_stdout_and_stderr_shows_none_of_its_lines(run_yaml: RunYaml) -> None:
+    """The result masks stdout and stderr together, the lines each stream alone: the key's short line "ab" must not
+    show on either side of the split."""
+    lines = KEY.split("\n")
+    for split in range(1, len(lines)):
+        events = Recorder()
+        head, tail = "\n".join(lines[:split]), "\n".join(lines[split:])
+        code = (
+            f"import sys, time; sys.stdout.write('start\\n' + {head!r} + '\\n'); sys.stdout.flush(); time.sleep(0.2); "
+            f"sys.stderr.write({tail!r} + '\\nend\\n')"
+        )
+        result = run_yaml(python_task(code), secrets={"K": KEY}, on_event=events)
+        shown = events.output()
+        assert "ab" not in shown and not [line for line in shown if "MIIEvQ" in line or "kq3rT8" in line], (
+            split,
+            shown,
+        )
+        assert "ab" not in result.tasks[0].output.splitlines(), split
+        assert shown[0] == "start" and "end" in shown and set(shown) <= {"start", "***", "end"}, (split, shown)
+
+
+def test_a_progress_bar_drawn_with_carriage_returns_is_sent_a_line_per_step_as_it_is_drawn(run_yaml: RunYaml) -> None:
+    events = Recorder()
+    code = (
+        "import sys, time; sys.stdout.write('10%\\r'); sys.stdout.flush(); time.sleep(1); "
+        "sys.stdout.write('20%\\r\\n30%\\r\\ndone\\n')"
+    )
+    result = run_yaml(python_task(code), on_event=events)
+    assert result.success and events.output() == ["10%", "20%", "30%", "done"]
+    assert events.at("task_output", "10%") < events.at("task_finished") - 0.8  # sent before any "\n" came

@@ -516,3 +516,19 @@ def test_batches_are_numbered_within_the_attempt_and_a_resend_keeps_its_numbers(
     assert receiver.batches[:2] == [[line(1), line(2)], [line(3), line(4)]]
     assert receiver.firsts[:2] == [1, 3] and receiver.tried[0] == receiver.tried[1] == 1
     assert buffer.drain() == [line(5)] and buffer.first_pending == 5
+
+
+def test_each_attempt_of_a_retried_task_has_its_own_line_budget_and_says_what_it_lacks() -> None:
+    """The result keeps the last attempt's output: its lines get the task's budget, and an earlier attempt over it
+    says so in its own words before its retry."""
+    workflow = (
+        "name: again\ntasks:\n  - name: count\n    type: command\n    retries: 1\n    retry_delay: 0s\n"
+        "    config:\n      command: 'seq 1 15; exit 3'\n      shell: true\n"
+    )
+    result, events = run(workflow)
+    assert result.tasks[0].attempts == 2
+    says = task_says(shipped(events, output_lines=10), "count")
+    tens = [str(n) for n in range(1, 11)]
+    assert says[1:12] == [*tens, "[… 5 more lines of attempt 1's output not shipped]"]
+    assert says[12].startswith("attempt 1 failed") and says[13] == "task started (command, attempt 2)"
+    assert says[14:25] == [*tens, "[… 5 more lines of output not shipped; the task's result keeps its output]"]
