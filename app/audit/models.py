@@ -25,6 +25,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_tenant_created", "tenant_id", "created_at"),
         Index("ix_audit_events_seq", "seq", unique=True),
         Index("ix_audit_events_action_tenant", "action", "tenant_id"),
+        Index("ix_audit_events_action_tenant_target", "action", "tenant_id", "target_id"),  # a job's refused claims
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
