@@ -178,8 +178,9 @@ class Processes:
                     f"{name} exited with code {code}, started again {RESTARTS} times in the last "
                     f"{RESTART_WINDOW / 60:.0f} minutes already; {self.tail(name)}"
                 )
-            with contextlib.suppress(ProcessLookupError):  # what it left in its group (a job's command) goes too
-                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # what it left in its group goes too
+                os.killpg(process.pid, signal.SIGKILL)  # (gunicorn's or celery's children; jobs' commands have
+                # sessions of their own, which probe's guardian ends)
             self.restarted[name] = [*recent, now]
             argv, env = self.commands[name]
             self.start(name, argv, env, again=True)

@@ -258,7 +258,7 @@ def test_a_process_started_again_leaves_nothing_of_its_first_run_behind(tmp_path
     import demo_processes
 
     procs = demo_processes.Processes(tmp_path)
-    leftover = f"sleep {3000 + os.getpid() % 1000}"  # what a crashed agent leaves: its job's command, in its group
+    leftover = f"sleep 3000.{os.getpid()}"  # what a crashed process left in its group (no other test has it)
     procs.start("agent", ["sh", "-c", f"{leftover} & exec sleep 0.2"], dict(os.environ))
     try:
         first = procs.running["agent"]
