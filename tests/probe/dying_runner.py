@@ -6,6 +6,9 @@
 - ``kill-guardian``: SIGKILL this process's guardian and wait until it has exited;
 - ``fork``: fork a child that writes its pid to ``DIR/forked`` and sleeps;
 - ``watched``: write the process groups the guardian watches to ``DIR/watched``.
+
+All along, ``DIR/watching`` holds the groups the guardian watches, written again every 20 ms: a test kills the
+runner once the command's group is there, not merely once the command runs (the runner registers it just after).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +51,18 @@ def fork(directory: Path) -> None:
         os._exit(0)
 
 
+def report_watching(directory: Path) -> None:
+    """Keep ``DIR/watching`` up to date (replaced whole, so that a reader never sees half of it)."""
+    from probe import guardian
+
+    while True:
+        (directory / "watching.new").write_text(json.dumps(sorted(guardian.watched())))
+        os.replace(directory / "watching.new", directory / "watching")
+        time.sleep(0.02)
+
+
 def main(directory: Path, steps: list[str]) -> None:
+    threading.Thread(target=report_watching, args=(directory,), daemon=True).start()
     for step in steps:
         if step.startswith("run:"):
             run(step.removeprefix("run:"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -65,6 +66,17 @@ def runner(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
                     kill_one(int(pid), signal.SIGKILL)
 
 
+def registered(directory: Path, pgid: int) -> None:
+    """Wait until the runner has told its guardian of the group ``pgid``: the command runs a moment before."""
+
+    def told() -> bool:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return pgid in json.loads((directory / "watching").read_text())
+        return False
+
+    assert wait_for(told, timeout=10), f"the runner never registered group {pgid}"
+
+
 def kill(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the runner, as the OOM killer would, and reap it."""
     proc.send_signal(signal.SIGKILL)
@@ -75,6 +87,7 @@ def test_a_command_and_its_background_child_die_with_the_process_that_ran_it(run
     proc = runner(f"run:{TWO_SLEEPS.format(dir=tmp_path)}")
     pids = pids_in(tmp_path / "pids", 2)
     assert all(alive(pid) for pid in pids)
+    registered(tmp_path, pids[0])
     kill(proc)
     assert wait_for(lambda: not any(alive(pid) for pid in pids), timeout=5), "the command outlived its runner"
 
@@ -82,6 +95,7 @@ def test_a_command_and_its_background_child_die_with_the_process_that_ran_it(run
 def test_a_command_started_after_the_guardian_was_killed_runs_and_dies_with_its_runner(runner, tmp_path):
     proc = runner("run:true", "kill-guardian", f"run:{TWO_SLEEPS.format(dir=tmp_path)}")
     pids = pids_in(tmp_path / "pids", 2)
+    registered(tmp_path, pids[0])
     kill(proc)
     assert wait_for(lambda: not any(alive(pid) for pid in pids), timeout=5), "no new guardian killed the command"
 
@@ -90,6 +104,7 @@ def test_a_forked_child_does_not_keep_the_guardian_from_seeing_its_parent_die(ru
     proc = runner("run:true", "fork", f"run:{TWO_SLEEPS.format(dir=tmp_path)}")
     (forked,) = pids_in(tmp_path / "forked", 1)
     pids = pids_in(tmp_path / "pids", 2)
+    registered(tmp_path, pids[0])
     kill(proc)
     assert alive(forked)
     assert wait_for(lambda: not any(alive(pid) for pid in pids), timeout=5), "the forked child kept the guardian's pipe"
