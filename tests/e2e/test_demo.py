@@ -20,7 +20,7 @@ import psutil
 import pytest
 import requests
 
-from tests.servers._util import free_port
+from tests.servers._util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO_TASKS = ("greet", "host", "disk", "recap")
@@ -205,6 +205,14 @@ def test_a_demo_process_that_dies_is_started_again_and_jobs_go_on(tmp_path):
         assert serving.demo.wait(60) == 128 + signal.SIGINT, serving.text()
 
 
+def alive(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs (a zombie does not)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def leads(proc: psutil.Process, marker: str) -> bool:
     """Whether ``proc`` runs ``marker`` and leads its process group (it may have exited meanwhile: then not)."""
     try:
@@ -263,9 +271,10 @@ def test_a_process_started_again_leaves_nothing_of_its_first_run_behind(tmp_path
     try:
         first = procs.running["agent"]
         first.wait(10)
-        assert [p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or ()) == leftover]
-        assert procs.revive()[0].startswith("agent exited with code 0: started it again")
-        assert not [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or ()) == leftover]
+        left = [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or ()) == leftover]
+        assert left
+        assert procs.revive()[0].startswith("agent exited with code 0: started it again")  # which leaves one anew
+        assert wait_for(lambda: not any(alive(p) for p in left), timeout=5), "the first run's leftover lives on"
     finally:
         procs.stop_all()
         for proc in psutil.process_iter(["cmdline"]):
