@@ -72,7 +72,11 @@ def _refuse(exc: ValidationError, where: str) -> BadRequest:
     if errors and errors[0]["type"] == "json_invalid":
         detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
         return BadRequest(MALFORMED_JSON.format(detail=detail), code="malformed_json")
-    details = describe_errors(exc)
+    return _invalid(where, describe_errors(exc))
+
+
+def _invalid(where: str, details: list[dict[str, str]]) -> BadRequest:
+    """The 400 that names each field refused and why."""
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
     return BadRequest(f"invalid {where}: {message}", details=details)
 
@@ -121,8 +125,7 @@ def query(model: type[M]) -> M:
     args = request.args.to_dict()
     details = _not_as_written(model, args)
     if details:
-        message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-        raise BadRequest(f"invalid query: {message}", details=details)
+        raise _invalid("query", details)
     try:
         return model.model_validate(args)
     except ValidationError as exc:
